@@ -1,0 +1,236 @@
+//! Records shared by the detector's kernel programs and its userspace.
+//!
+//! Every record is `#[repr(C)]`, built only from fixed-size integer fields and byte arrays laid
+//! out so that the compiler inserts no padding (checked at compile time below): the kernel
+//! writes them into the ring buffer byte for byte and userspace decodes them by length, never by
+//! transmuting into enums. Kinds and reasons are plain integers; userspace maps them to Rust
+//! enums with `TryFrom` and rejects unknown values.
+#![no_std]
+
+/// Version of the record layout. Bumped whenever a record changes shape.
+pub const RECORD_VERSION: u8 = 1;
+
+/// Record kinds (`EventHeader::kind`).
+pub mod kind {
+    /// A conntrack entry was confirmed (inserted into the kernel table).
+    pub const CT_NEW: u8 = 1;
+    /// A confirmed conntrack entry was destroyed.
+    pub const CT_DESTROY: u8 = 2;
+    /// Number of kinds; sizes the loss-counter array.
+    pub const COUNT: u32 = 8;
+}
+
+/// Which kernel hook produced a record (`CtEvent::source`), so a timeline can say how early or
+/// late each observation is relative to the kernel's own insert/destroy.
+pub mod source {
+    pub const NONE: u8 = 0;
+    /// tp_btf/net_dev_queue: first transmitted packet carrying the confirmed entry.
+    pub const TP_NET_DEV_QUEUE: u8 = 1;
+    /// tp_btf/consume_skb: a locally consumed packet carrying the confirmed entry.
+    pub const TP_CONSUME_SKB: u8 = 2;
+    /// tp_btf/kfree_skb: a dropped packet carrying the confirmed entry.
+    pub const TP_KFREE_SKB: u8 = 3;
+    /// tp_btf/kmem_cache_free on the nf_conntrack cache.
+    pub const TP_KMEM_CACHE_FREE: u8 = 4;
+    /// kretprobe on __nf_conntrack_confirm.
+    pub const KRETPROBE_CONFIRM: u8 = 5;
+    /// kprobe on nf_ct_destroy.
+    pub const KPROBE_DESTROY: u8 = 6;
+    /// fexit on __nf_conntrack_confirm.
+    pub const FEXIT_CONFIRM: u8 = 7;
+    /// fentry on nf_ct_destroy.
+    pub const FENTRY_DESTROY: u8 = 8;
+}
+
+/// Why a conntrack entry was destroyed (`CtEvent::reason`, DESTROY only).
+pub mod reason {
+    pub const NONE: u8 = 0;
+    /// Its timeout had passed when it was destroyed (gc_worker, a dump, or a lookup reaped it).
+    pub const EXPIRED: u8 = 1;
+    /// It was removed before its timeout (conntrack -D, flush, RST handling, netns exit...).
+    pub const KILLED: u8 = 2;
+}
+
+/// `ct->status` bits the detector relies on (include/uapi/linux/netfilter/nf_conntrack_common.h).
+pub mod ips {
+    pub const CONFIRMED: u64 = 1 << 3;
+    pub const DYING: u64 = 1 << 9;
+}
+
+/// Address families as the kernel stores them in `nf_conntrack_tuple.src.l3num`.
+pub const AF_INET: u8 = 2;
+pub const AF_INET6: u8 = 10;
+
+/// Common header of every ring-buffer record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    /// One of [`kind`].
+    pub kind: u8,
+    /// [`RECORD_VERSION`] of the writer.
+    pub version: u8,
+    /// Total size of the record in bytes, header included.
+    pub size: u16,
+    /// CPU the record was produced on.
+    pub cpu: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the probe fired.
+    pub ts_ns: u64,
+}
+
+/// One direction of a connection, as the kernel keeps it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Tuple {
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u8,
+    /// IP protocol number (6 TCP, 17 UDP, ...).
+    pub proto: u8,
+    /// Ports in host byte order (0 for protocols without ports).
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub _pad: u16,
+    /// Addresses in network byte order; IPv4 uses the first four bytes.
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+}
+
+/// The task in whose context a probe fired.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskInfo {
+    /// Thread-group id (what userspace calls the pid).
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    pub comm: [u8; 16],
+}
+
+/// Conntrack NEW or DESTROY.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEvent {
+    pub hdr: EventHeader,
+    /// Original direction (`tuplehash[IP_CT_DIR_ORIGINAL]`).
+    pub orig: Tuple,
+    /// Reply direction (`tuplehash[IP_CT_DIR_REPLY]`; differs from the inverted original under NAT).
+    pub reply: Tuple,
+    /// Kernel address of the `struct nf_conn`: unique among live entries, reused after free.
+    pub ct_addr: u64,
+    /// Kernel timestamp of this entry's NEW record, carried on DESTROY so that (ct_addr,
+    /// born_ns) names one lifetime; 0 when the entry predates the detector.
+    pub born_ns: u64,
+    /// `bpf_jiffies64()` at the probe.
+    pub jiffies: u64,
+    /// `ct->status` (IPS_* bits, low 32 bits).
+    pub status: u32,
+    /// Inode number of the entry's network namespace.
+    pub netns: u32,
+    /// `ct->timeout - jiffies` in jiffies: remaining lifetime, negative once expired.
+    pub timeout_left: i32,
+    /// One of [`reason`] (DESTROY).
+    pub reason: u8,
+    /// One of [`source`].
+    pub source: u8,
+    pub _pad: u16,
+    pub task: TaskInfo,
+}
+
+/// Kernel struct offsets and run-time settings, resolved by userspace from BTF and written into
+/// the object's read-only data before load (one global, like pwru's config). Every field is a
+/// `u32` so the struct has no padding; offsets are in bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeConfig {
+    /// `struct nf_conn`: `timeout` (u32 jiffies).
+    pub ct_timeout: u32,
+    /// `struct nf_conn`: `status` (unsigned long).
+    pub ct_status: u32,
+    /// `struct nf_conn`: `ct_net.net` (struct net *).
+    pub ct_net: u32,
+    /// `struct nf_conn`: `tuplehash[0].tuple` and `tuplehash[1].tuple`.
+    pub ct_tuple_orig: u32,
+    pub ct_tuple_reply: u32,
+    /// `struct nf_conntrack_tuple`: `src.u3`, `src.u.all`, `src.l3num`, `dst.u3`, `dst.u.all`,
+    /// `dst.protonum`.
+    pub tuple_src_addr: u32,
+    pub tuple_src_port: u32,
+    pub tuple_l3num: u32,
+    pub tuple_dst_addr: u32,
+    pub tuple_dst_port: u32,
+    pub tuple_protonum: u32,
+    /// `struct net`: `ns.inum`.
+    pub net_ns_inum: u32,
+    /// `struct sk_buff`: `_nfct` (unsigned long; low 3 bits are ctinfo).
+    pub skb_nfct: u32,
+    /// `struct kmem_cache`: `name` (const char *).
+    pub kmem_cache_name: u32,
+    /// Only report entries of this network namespace (inode); 0 reports all.
+    pub netns_filter: u32,
+    pub _reserved: u32,
+}
+
+impl ProbeConfig {
+    /// All offsets zero: the value compiled into the object, replaced by the loader.
+    pub const ZERO: Self = Self {
+        ct_timeout: 0,
+        ct_status: 0,
+        ct_net: 0,
+        ct_tuple_orig: 0,
+        ct_tuple_reply: 0,
+        tuple_src_addr: 0,
+        tuple_src_port: 0,
+        tuple_l3num: 0,
+        tuple_dst_addr: 0,
+        tuple_dst_port: 0,
+        tuple_protonum: 0,
+        net_ns_inum: 0,
+        skb_nfct: 0,
+        kmem_cache_name: 0,
+        netns_filter: 0,
+        _reserved: 0,
+    };
+}
+
+/// Per-CPU counters kept by the kernel programs (array map `COUNTERS`, index = kind for losses).
+pub mod counter {
+    /// Base index of "ring buffer full, record of kind K dropped": `LOST_BASE + K`.
+    pub const LOST_BASE: u32 = 0;
+    /// A confirmed entry that could not be remembered in the dedupe map (it may be reported twice).
+    pub const SEEN_FULL: u32 = 8;
+    /// A kernel read (bpf_probe_read_kernel) failed; the record was still emitted, fields zeroed.
+    pub const READ_FAILED: u32 = 9;
+    pub const COUNT: u32 = 16;
+}
+
+// Layout checks: any implicit padding changes a size and fails the build.
+const _: () = {
+    use core::mem::size_of;
+    assert!(size_of::<EventHeader>() == 1 + 1 + 2 + 4 + 8);
+    assert!(size_of::<Tuple>() == 1 + 1 + 2 + 2 + 2 + 16 + 16);
+    assert!(size_of::<TaskInfo>() == 4 + 4 + 16);
+    assert!(
+        size_of::<CtEvent>()
+            == size_of::<EventHeader>()
+                + 2 * size_of::<Tuple>()
+                + 8 * 3
+                + 4 * 3
+                + 1
+                + 1
+                + 2
+                + size_of::<TaskInfo>()
+    );
+    assert!(size_of::<CtEvent>() % 8 == 0);
+    assert!(size_of::<ProbeConfig>() == 16 * 4);
+    assert!(kind::COUNT <= counter::SEEN_FULL);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), contain only integers and byte arrays, and have no
+    // padding (checked above), so every bit pattern is valid and there are no uninit bytes.
+    unsafe impl aya::Pod for super::EventHeader {}
+    unsafe impl aya::Pod for super::Tuple {}
+    unsafe impl aya::Pod for super::TaskInfo {}
+    unsafe impl aya::Pod for super::CtEvent {}
+    unsafe impl aya::Pod for super::ProbeConfig {}
+}

@@ -1,0 +1,154 @@
+//! Kernel time: `bpf_ktime_get_ns()` is CLOCK_MONOTONIC (the clock of NPA's `last_seen`).
+//! Wall-clock time is derived with an offset measured at start and re-measured periodically,
+//! and the kernel's HZ converts conntrack's jiffies timeouts to time.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns()`.
+pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid clock id and a valid out pointer.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Maps kernel monotonic timestamps to wall-clock time.
+#[derive(Debug, Clone, Copy)]
+pub struct WallClock {
+    /// realtime - monotonic, in ns.
+    offset_ns: i128,
+}
+
+impl WallClock {
+    /// Measures the offset, bracketing the realtime read with two monotonic reads and taking
+    /// their midpoint, so the error is at most half the bracket (sub-microsecond).
+    pub fn measure() -> Self {
+        let m0 = clock_ns(libc::CLOCK_MONOTONIC);
+        let r = clock_ns(libc::CLOCK_REALTIME);
+        let m1 = clock_ns(libc::CLOCK_MONOTONIC);
+        Self {
+            offset_ns: r as i128 - ((m0 as i128 + m1 as i128) / 2),
+        }
+    }
+
+    pub fn from_offset(offset_ns: i128) -> Self {
+        Self { offset_ns }
+    }
+
+    pub fn wall_ns(&self, mono_ns: u64) -> i128 {
+        mono_ns as i128 + self.offset_ns
+    }
+
+    /// ISO-8601 UTC with microseconds, e.g. `2026-11-26T08:01:02.123456Z`.
+    pub fn iso(&self, mono_ns: u64) -> String {
+        iso8601(self.wall_ns(mono_ns))
+    }
+}
+
+/// Formats ns since the Unix epoch as ISO-8601 UTC (no time-zone database needed).
+pub fn iso8601(wall_ns: i128) -> String {
+    let secs = wall_ns.div_euclid(1_000_000_000) as i64;
+    let micros = (wall_ns.rem_euclid(1_000_000_000) / 1000) as u32;
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+pub fn now_iso() -> String {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    iso8601(d.as_nanos() as i128)
+}
+
+/// The kernel's tick rate (CONFIG_HZ), needed to turn `ct->timeout` jiffies into time.
+///
+/// Measured from `/proc/timer_list` ("now at N nsecs" and "jiffies: J") sampled twice, and
+/// snapped to the nearest value the kernel allows (100, 250, 300, 1000).
+pub fn kernel_hz() -> Option<u32> {
+    fn sample() -> Option<(u64, u64)> {
+        let text = std::fs::read_to_string("/proc/timer_list").ok()?;
+        let now = text
+            .lines()
+            .find_map(|l| l.strip_prefix("now at ")?.strip_suffix(" nsecs"))?
+            .trim()
+            .parse()
+            .ok()?;
+        let jiffies = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("jiffies: "))?
+            .trim()
+            .parse()
+            .ok()?;
+        Some((now, jiffies))
+    }
+    let (n0, j0) = sample()?;
+    std::thread::sleep(Duration::from_millis(120));
+    let (n1, j1) = sample()?;
+    if n1 <= n0 || j1 <= j0 {
+        return None;
+    }
+    let hz = (j1 - j0) as f64 * 1e9 / (n1 - n0) as f64;
+    [100u32, 250, 300, 1000]
+        .into_iter()
+        .min_by(|a, b| {
+            (*a as f64 - hz)
+                .abs()
+                .partial_cmp(&(*b as f64 - hz).abs())
+                .unwrap_or(std::cmp::Ordering::Equal)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iso_formatting() {
+        assert_eq!(iso8601(0), "1970-01-01T00:00:00.000000Z");
+        // 2026-11-26T07:33:25.5Z
+        assert_eq!(
+            iso8601(1_795_678_405_500_000_000),
+            "2026-11-26T07:33:25.500000Z"
+        );
+        assert_eq!(iso8601(951_782_400_000_000_000), "2000-02-29T00:00:00.000000Z");
+    }
+
+    #[test]
+    fn wall_clock_tracks_realtime() {
+        let w = WallClock::measure();
+        let wall = w.wall_ns(monotonic_ns());
+        let real = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as i128;
+        assert!((real - wall).abs() < 50_000_000, "{}", real - wall);
+    }
+}

@@ -1,0 +1,161 @@
+//! `detector doctor`: what this kernel supports, what `auto` picks and why, resolved offsets.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+use crate::clock;
+use crate::probe::{Backend, BackendSupport, Probe, ProbeSettings, caps, offsets};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DoctorArgs {
+    /// Directory with the kernel's BTF (`vmlinux` and module split BTF).
+    #[arg(long, default_value = "/sys/kernel/btf", value_name = "DIR")]
+    pub btf_dir: PathBuf,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn yes(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+/// Runs the checks. Exits non-zero (through the error) when no backend can run here.
+pub fn run(args: DoctorArgs) -> Result<()> {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let capeff = caps::effective_caps();
+    let privileged = caps::can_load_bpf(capeff);
+    let vmlinux = args.btf_dir.join("vmlinux");
+    let split: Vec<String> = std::fs::read_dir(&args.btf_dir)
+        .map(|d| {
+            let mut v: Vec<String> = d
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n != "vmlinux")
+                .collect();
+            v.sort();
+            v
+        })
+        .unwrap_or_default();
+    let hz = clock::kernel_hz();
+    let kprobe_pmu = caps::kprobe_pmu();
+    let ringbuf = aya::sys::is_map_supported(aya::maps::MapType::RingBuf).unwrap_or(false);
+
+    let mut lines: Vec<(String, String)> = vec![
+        ("kernel".into(), kernel.clone()),
+        (
+            "privileges".into(),
+            format!(
+                "{} (CapEff {capeff:#x}; needs CAP_BPF+CAP_PERFMON or CAP_SYS_ADMIN)",
+                if privileged { "ok" } else { "INSUFFICIENT" }
+            ),
+        ),
+        (
+            "BTF".into(),
+            format!("{}: {}", vmlinux.display(), yes(vmlinux.exists())),
+        ),
+        (
+            "split BTF".into(),
+            if split.is_empty() {
+                "none (no module BTF)".into()
+            } else {
+                format!("{} module(s), e.g. {}", split.len(), split.iter().take(5).cloned().collect::<Vec<_>>().join(", "))
+            },
+        ),
+        (
+            "nf_conntrack".into(),
+            format!(
+                "{}{}",
+                caps::conntrack_presence(&args.btf_dir),
+                if split.iter().any(|s| s == "nf_conntrack") {
+                    " (split BTF present)"
+                } else {
+                    ""
+                }
+            ),
+        ),
+        ("HZ".into(), hz.map_or("unknown".into(), |h| h.to_string())),
+        ("kprobe PMU".into(), yes(kprobe_pmu).into()),
+        ("ringbuf".into(), yes(ringbuf).into()),
+    ];
+
+    let mut report = serde_json::json!({
+        "kernel": kernel, "privileged": privileged, "capeff": format!("{capeff:#x}"),
+        "btf": vmlinux.exists(), "split_btf": split, "hz": hz, "kprobe_pmu": kprobe_pmu,
+        "ringbuf": ringbuf,
+    });
+
+    let settings = ProbeSettings {
+        btf_dir: args.btf_dir.clone(),
+        ..ProbeSettings::default()
+    };
+    let outcome = if privileged {
+        match Probe::open(&settings) {
+            Ok(mut probe) => {
+                let survey = probe.survey();
+                Ok((survey, probe.offsets.clone(), probe.kernel_btf().struct_home("nf_conn").map(str::to_string)))
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    } else {
+        Err("not privileged: programs cannot be test-loaded (run as root)".to_string())
+    };
+
+    let mut auto = None;
+    match &outcome {
+        Ok((survey, offs, home)) => {
+            let get = |b: Backend| survey.iter().find(|s| s.backend == b);
+            let tp = get(Backend::Tracepoint).is_some_and(|s| s.ok);
+            let fentry = get(Backend::Fentry).is_some_and(|s| s.ok);
+            lines.push(("tp_btf".into(), yes(tp).into()));
+            lines.push(("fentry".into(), yes(fentry).into()));
+            lines.push((
+                "nf_conn BTF in".into(),
+                home.clone().unwrap_or_else(|| "not found".into()),
+            ));
+            auto = survey.iter().find(|s| s.ok).map(|s| s.backend);
+            report["tp_btf"] = tp.into();
+            report["fentry"] = fentry.into();
+            report["backends"] = serde_json::to_value(survey)?;
+            report["offsets"] = serde_json::to_value(offs)?;
+        }
+        Err(e) => {
+            lines.push(("programs".into(), format!("not checked: {e}")));
+            report["error"] = e.clone().into();
+        }
+    }
+    report["auto"] = auto.map(|b| b.name()).into();
+
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for (k, v) in &lines {
+            println!("{k:<16}{v}");
+        }
+        if let Ok((survey, offs, _)) = &outcome {
+            println!("backends (most precise first):");
+            for BackendSupport { backend, ok, reason } in survey {
+                println!("  {:<12}{:<4}{reason}", backend.name(), if *ok { "yes" } else { "no" });
+            }
+            match auto {
+                Some(b) => println!(
+                    "auto picks      {b}: the most precise backend whose programs load here"
+                ),
+                None => println!("auto picks      nothing: no backend loads on this kernel"),
+            }
+            println!("offsets (bytes, from BTF):");
+            for o in offs {
+                println!("  {:<44}{:>5}", format!("{}.{}", o.strukt, o.path), o.offset);
+            }
+            let _ = offsets::BTF_MODULES;
+        }
+    }
+    match (&outcome, auto) {
+        (Ok(_), Some(_)) => Ok(()),
+        (Ok(_), None) => anyhow::bail!("no probe backend works on this kernel (see above)"),
+        (Err(e), _) => anyhow::bail!("{e}"),
+    }
+}

@@ -1,0 +1,45 @@
+//! The CLI's commands.
+
+pub mod doctor;
+pub mod trace;
+
+use std::path::PathBuf;
+
+use crate::probe::{BackendChoice, ProbeSettings};
+
+/// Options shared by every command that loads programs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProbeArgs {
+    /// Probe backend: `auto` picks the most precise one this kernel supports.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: BackendChoice,
+    /// Directory with the kernel's BTF (`vmlinux` and module split BTF).
+    #[arg(long, default_value = "/sys/kernel/btf", value_name = "DIR")]
+    pub btf_dir: PathBuf,
+    /// Ring buffer size in MiB (power of two).
+    #[arg(long, default_value_t = 8, value_name = "MIB", value_parser = parse_ring_mib)]
+    pub ring_mib: u32,
+    /// Capacity of the in-kernel table of live conntrack entries (size it to nf_conntrack_max).
+    #[arg(long, default_value_t = 262_144, value_name = "N")]
+    pub max_entries: u32,
+}
+
+fn parse_ring_mib(s: &str) -> Result<u32, String> {
+    let v: u32 = s.parse().map_err(|_| format!("`{s}` is not a number of MiB"))?;
+    if v == 0 || !v.is_power_of_two() || v > 1024 {
+        return Err(format!("ring buffer size must be a power of two from 1 to 1024 MiB, not {v}"));
+    }
+    Ok(v)
+}
+
+impl ProbeArgs {
+    pub fn settings(&self, netns_filter: u32) -> ProbeSettings {
+        ProbeSettings {
+            btf_dir: self.btf_dir.clone(),
+            backend: self.backend,
+            netns_filter,
+            ring_bytes: self.ring_mib << 20,
+            max_entries: self.max_entries,
+        }
+    }
+}

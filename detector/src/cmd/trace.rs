@@ -1,0 +1,216 @@
+//! `detector trace`: stream conntrack events live.
+
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::ProbeArgs;
+use crate::clock::{self, WallClock};
+use crate::event::{Event, Kind};
+use crate::output::{self, Units};
+use crate::probe::{CounterSnapshot, Probe};
+use crate::reorder::{Reorder, ReorderStats};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct TraceArgs {
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+    /// NDJSON output: one object per event, then a summary object.
+    #[arg(long)]
+    pub json: bool,
+    /// Only this network namespace: an inode number or a path such as /run/netns/NAME
+    /// (filtered in the kernel).
+    #[arg(long, value_name = "INODE|PATH")]
+    pub netns: Option<String>,
+    /// Only this protocol: tcp, udp, icmp, or a number.
+    #[arg(long, value_name = "PROTO", value_parser = parse_proto)]
+    pub proto: Option<u8>,
+    /// Stop after this many seconds (default: until Ctrl-C or SIGTERM).
+    #[arg(long, value_name = "SECS")]
+    pub duration: Option<f64>,
+    /// How long to hold events to put them in kernel-timestamp order, in ms.
+    #[arg(long, default_value_t = 20, value_name = "MS")]
+    pub watermark_ms: u64,
+}
+
+fn parse_proto(s: &str) -> Result<u8, String> {
+    match s {
+        "tcp" => Ok(6),
+        "udp" => Ok(17),
+        "icmp" => Ok(1),
+        "icmpv6" => Ok(58),
+        "sctp" => Ok(132),
+        n => n
+            .parse()
+            .map_err(|_| format!("unknown protocol `{n}`: use tcp, udp, icmp, icmpv6, sctp or a number")),
+    }
+}
+
+/// Resolves `--netns` to an inode number.
+pub fn netns_inode(spec: &str) -> Result<u32> {
+    if let Ok(n) = spec.parse::<u32>() {
+        return Ok(n);
+    }
+    let meta = std::fs::metadata(Path::new(spec)).with_context(|| {
+        format!("--netns {spec}: not an inode number and not a readable namespace file (e.g. /run/netns/NAME)")
+    })?;
+    u32::try_from(meta.ino()).with_context(|| format!("--netns {spec}: inode out of range"))
+}
+
+/// Totals printed at exit.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Summary {
+    pub ct_new: u64,
+    pub ct_destroy: u64,
+    pub kernel: CounterSnapshot,
+    pub undecodable: u64,
+    pub reorder: ReorderStats,
+}
+
+pub async fn run(args: TraceArgs) -> Result<()> {
+    let netns = match &args.netns {
+        Some(s) => netns_inode(s)?,
+        None => 0,
+    };
+    let settings = args.probe.settings(netns);
+    let mut probe = Probe::open(&settings)?;
+    let (backend, _) = probe.choose(settings.backend)?;
+    probe.attach(backend)?;
+    let mut reader = probe.take_reader()?;
+    let hz = clock::kernel_hz().unwrap_or_else(|| {
+        tracing::warn!("could not measure the kernel's HZ from /proc/timer_list; assuming 250");
+        250
+    });
+    let mut units = Units {
+        wall: WallClock::measure(),
+        hz,
+    };
+    eprintln!(
+        "detector: tracing conntrack with the {backend} backend (insert time {}){}; Ctrl-C to stop",
+        backend.insert_precision(),
+        if netns != 0 { format!(", netns {netns}") } else { String::new() }
+    );
+
+    let mut reorder: Reorder<Event> = Reorder::new(args.watermark_ms * 1_000_000, 1 << 20);
+    let mut summary = Summary::default();
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut incoming = Vec::new();
+    let mut ready = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let deadline = args
+        .duration
+        .map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s.max(0.0)));
+    let mut last_lost = 0u64;
+    let mut last_check = tokio::time::Instant::now();
+
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
+            r = reader.readable() => {
+                r.context("waiting on the ring buffer")?;
+                reader.drain(&mut incoming);
+                for ev in incoming.drain(..) {
+                    reorder.push(ev.ts_ns(), ev, &mut ready);
+                }
+            }
+            _ = tick.tick() => {
+                reorder.release(clock::monotonic_ns(), &mut ready);
+                if last_check.elapsed() >= Duration::from_secs(1) {
+                    last_check = tokio::time::Instant::now();
+                    let lost = reader.counters().lost_total();
+                    if lost > last_lost {
+                        tracing::warn!("{} records lost in the kernel (ring buffer full); total {lost}. Raise --ring-mib", lost - last_lost);
+                        last_lost = lost;
+                    }
+                    // Keep wall time true across NTP steps and suspend.
+                    units.wall = WallClock::measure();
+                }
+            }
+        }
+        if !write_ready(&mut out, &mut ready, &args, &units, &mut summary)? {
+            break;
+        }
+    }
+
+    // Drain what is left: in the ring buffer, then in the reorder buffer.
+    reader.drain(&mut incoming);
+    for ev in incoming.drain(..) {
+        reorder.push(ev.ts_ns(), ev, &mut ready);
+    }
+    reorder.drain(&mut ready);
+    write_ready(&mut out, &mut ready, &args, &units, &mut summary)?;
+
+    summary.kernel = reader.counters();
+    summary.undecodable = reader.undecodable;
+    summary.reorder = reorder.stats();
+    if args.json {
+        let mut v = serde_json::to_value(&summary)?;
+        v["type"] = "summary".into();
+        v["time"] = clock::now_iso().into();
+        v["backend"] = backend.name().into();
+        writeln!(out, "{v}").ok();
+    }
+    out.flush().ok();
+    eprintln!(
+        "detector: {} NEW, {} DESTROY; lost in kernel: {} (ring buffer full), dedupe table full: {}, \
+         kernel read failures: {}, undecodable: {}, late (out of order): {}",
+        summary.ct_new,
+        summary.ct_destroy,
+        summary.kernel.lost_total(),
+        summary.kernel.seen_full,
+        summary.kernel.read_failed,
+        summary.undecodable,
+        summary.reorder.late,
+    );
+    if let Some(e) = &reader.last_decode_error {
+        eprintln!("detector: last undecodable record: {e}");
+    }
+    Ok(())
+}
+
+/// Writes released events; returns false when stdout is gone (e.g. `| head`).
+fn write_ready(
+    out: &mut impl Write,
+    ready: &mut Vec<Event>,
+    args: &TraceArgs,
+    units: &Units,
+    summary: &mut Summary,
+) -> Result<bool> {
+    if ready.is_empty() {
+        return Ok(true);
+    }
+    for ev in ready.drain(..) {
+        match ev.kind() {
+            Kind::CtNew => summary.ct_new += 1,
+            Kind::CtDestroy => summary.ct_destroy += 1,
+        }
+        let Event::Ct(c) = &ev;
+        if args.proto.is_some_and(|p| p != c.orig.proto) {
+            continue;
+        }
+        let line = if args.json {
+            output::json_line(&ev, units)
+        } else {
+            output::text_line(&ev, units)
+        };
+        if let Err(e) = writeln!(out, "{line}") {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                return Ok(false);
+            }
+            bail!("writing output: {e}");
+        }
+    }
+    match out.flush() {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => bail!("writing output: {e}"),
+    }
+}

@@ -1,0 +1,56 @@
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use detector::cmd::{doctor, trace};
+
+/// eBPF detector for conntrack-cache cleanup races of the AWS network policy agent.
+#[derive(Debug, Parser)]
+#[command(name = "detector", version, about)]
+struct Cli {
+    /// Log filter (tracing env-filter syntax), e.g. `debug` or `detector=trace`.
+    #[arg(long, global = true, env = "DETECTOR_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// What this kernel supports, the backend `auto` would pick and why, and the BTF offsets.
+    Doctor(doctor::DoctorArgs),
+    /// Stream kernel conntrack inserts and destroys live.
+    Trace(trace::TraceArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let result = match cli.command {
+        Command::Doctor(a) => doctor::run(a),
+        Command::Trace(a) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(trace::run(a))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and its causes.
+            let mut msg = format!("error: {e}");
+            for cause in e.chain().skip(1) {
+                msg.push_str(&format!(": {cause}"));
+            }
+            eprintln!("{msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! Rendering events for people (one readable line each) and machines (NDJSON, stable names).
+
+use serde::Serialize;
+use serde_json::json;
+
+use crate::clock::WallClock;
+use crate::event::{CtRecord, DestroyReason, Event, FlowTuple, Kind, proto_name};
+
+/// Context that turns kernel units into time.
+#[derive(Debug, Clone, Copy)]
+pub struct Units {
+    pub wall: WallClock,
+    /// Kernel tick rate, for jiffies.
+    pub hz: u32,
+}
+
+impl Units {
+    pub fn jiffies_ms(&self, j: i64) -> i64 {
+        j * 1000 / self.hz.max(1) as i64
+    }
+}
+
+#[derive(Serialize)]
+struct Endpoint {
+    src: String,
+    sport: u16,
+    dst: String,
+    dport: u16,
+}
+
+impl From<&FlowTuple> for Endpoint {
+    fn from(t: &FlowTuple) -> Self {
+        Self {
+            src: t.src.to_string(),
+            sport: t.sport,
+            dst: t.dst.to_string(),
+            dport: t.dport,
+        }
+    }
+}
+
+fn ct_json(c: &CtRecord, u: &Units) -> serde_json::Value {
+    json!({
+        "type": c.kind.name(),
+        "ts_ns": c.ts_ns,
+        "time": u.wall.iso(c.ts_ns),
+        "cpu": c.cpu,
+        "netns": c.netns,
+        "id": format!("{:016x}", c.id),
+        "proto": proto_name(c.orig.proto),
+        "orig": Endpoint::from(&c.orig),
+        "reply": Endpoint::from(&c.reply),
+        "status": c.status,
+        "timeout_left_ms": u.jiffies_ms(c.timeout_left_jiffies as i64),
+        "reason": c.reason,
+        "born_ns": (c.born_ns != 0).then_some(c.born_ns),
+        "lifetime_ns": lifetime(c),
+        "source": c.source.name(),
+        "pid": c.task.pid,
+        "tid": c.task.tid,
+        "comm": c.task.comm,
+    })
+}
+
+fn lifetime(c: &CtRecord) -> Option<u64> {
+    (c.kind == Kind::CtDestroy && c.born_ns != 0).then(|| c.ts_ns.saturating_sub(c.born_ns))
+}
+
+pub fn json_line(ev: &Event, u: &Units) -> String {
+    match ev {
+        Event::Ct(c) => ct_json(c, u).to_string(),
+    }
+}
+
+fn secs(ns: i128) -> String {
+    format!("{:.3}s", ns as f64 / 1e9)
+}
+
+pub fn text_line(ev: &Event, u: &Units) -> String {
+    match ev {
+        Event::Ct(c) => {
+            let time = u.wall.iso(c.ts_ns);
+            let time = time.get(11..26).unwrap_or(&time); // HH:MM:SS.micros
+            let mut line = format!(
+                "{time} {:<7} {:<4} {}  netns {}  id {:016x}",
+                match c.kind {
+                    Kind::CtNew => "NEW",
+                    Kind::CtDestroy => "DESTROY",
+                },
+                proto_name(c.orig.proto),
+                c.orig,
+                c.netns,
+                c.id,
+            );
+            if c.reply != c.orig.reversed() {
+                line.push_str(&format!("  reply {}", c.reply));
+            }
+            let left_ms = u.jiffies_ms(c.timeout_left_jiffies as i64);
+            match (c.kind, c.reason) {
+                (Kind::CtNew, _) => line.push_str(&format!("  timeout {}", secs(left_ms as i128 * 1_000_000))),
+                (_, Some(DestroyReason::Expired)) => line.push_str(&format!(
+                    "  expired ({} past timeout)",
+                    secs(-(left_ms as i128) * 1_000_000)
+                )),
+                (_, Some(DestroyReason::Killed)) => line.push_str(&format!(
+                    "  killed ({} before timeout)",
+                    secs(left_ms as i128 * 1_000_000)
+                )),
+                (_, None) => {}
+            }
+            if let Some(l) = lifetime(c) {
+                line.push_str(&format!("  lived {}", secs(l as i128)));
+            }
+            line.push_str(&format!("  [{} {}/{}]", c.source.name(), c.task.comm, c.task.pid));
+            line
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{decode, tests::{bytes_of, raw_ct}};
+    use detector_common::kind;
+
+    fn units() -> Units {
+        Units {
+            wall: WallClock::from_offset(1_795_678_405_000_000_000),
+            hz: 250,
+        }
+    }
+
+    #[test]
+    fn destroy_renders_reason_and_lifetime() {
+        let ev = decode(&bytes_of(&raw_ct(kind::CT_DESTROY))).unwrap();
+        let line = text_line(&ev, &units());
+        assert!(line.contains("DESTROY tcp  10.77.0.2:40000 -> 10.77.0.1:5001"), "{line}");
+        assert!(line.contains("expired (0.012s past timeout)"), "{line}");
+        assert!(line.contains("lived 0.000s"), "{line}");
+        // reply == orig (not reversed) in the fixture: shown as NAT
+        assert!(line.contains("reply 10.77.0.2:40000"), "{line}");
+        let v: serde_json::Value = serde_json::from_str(&json_line(&ev, &units())).unwrap();
+        assert_eq!(v["type"], "ct_destroy");
+        assert_eq!(v["reason"], "expired");
+        assert_eq!(v["lifetime_ns"], 23);
+        assert_eq!(v["timeout_left_ms"], -12);
+        assert_eq!(v["orig"]["dport"], 5001);
+        assert_eq!(v["time"], "2026-11-26T07:33:25.000000Z");
+    }
+}

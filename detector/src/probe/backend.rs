@@ -1,0 +1,145 @@
+//! Backends: which programs of the one object are loaded, and where they attach.
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// fexit `__nf_conntrack_confirm` + fentry `nf_ct_destroy`: exact insert time, no per-packet
+    /// cost. Needs BPF trampolines and the functions in vmlinux BTF.
+    Fentry,
+    /// kprobe/kretprobe `__nf_conntrack_confirm` + kprobe `nf_ct_destroy`: exact insert time,
+    /// works for conntrack built as a module. Needs CONFIG_KPROBES.
+    Kprobe,
+    /// tp_btf skb tracepoints (insert seen on the entry's first transmitted/consumed packet,
+    /// tens of microseconds late) + tp_btf `kmem_cache_free` on the nf_conntrack cache.
+    Tracepoint,
+}
+
+/// The backend flag: a backend, or `auto` (the most precise one that loads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendChoice {
+    Auto,
+    Fentry,
+    Kprobe,
+    Tracepoint,
+}
+
+impl BackendChoice {
+    pub fn fixed(self) -> Option<Backend> {
+        match self {
+            BackendChoice::Auto => None,
+            BackendChoice::Fentry => Some(Backend::Fentry),
+            BackendChoice::Kprobe => Some(Backend::Kprobe),
+            BackendChoice::Tracepoint => Some(Backend::Tracepoint),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attach {
+    /// tp_btf on a tracepoint name.
+    TpBtf(&'static str),
+    /// kprobe or kretprobe (decided by the program's section) on a kernel function.
+    KProbe(&'static str),
+    FEntry(&'static str),
+    FExit(&'static str),
+}
+
+impl Attach {
+    pub fn describe(&self) -> String {
+        match self {
+            Attach::TpBtf(t) => format!("tp_btf/{t}"),
+            Attach::KProbe(f) => format!("kprobe/{f}"),
+            Attach::FEntry(f) => format!("fentry/{f}"),
+            Attach::FExit(f) => format!("fexit/{f}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ProgSpec {
+    /// Program (function) name in the object.
+    pub name: &'static str,
+    pub attach: Attach,
+}
+
+const TRACEPOINT: &[ProgSpec] = &[
+    ProgSpec {
+        name: "ct_destroy_kmem_cache_free",
+        attach: Attach::TpBtf("kmem_cache_free"),
+    },
+    ProgSpec {
+        name: "ct_new_net_dev_queue",
+        attach: Attach::TpBtf("net_dev_queue"),
+    },
+    ProgSpec {
+        name: "ct_new_consume_skb",
+        attach: Attach::TpBtf("consume_skb"),
+    },
+    ProgSpec {
+        name: "ct_new_kfree_skb",
+        attach: Attach::TpBtf("kfree_skb"),
+    },
+];
+
+const KPROBE: &[ProgSpec] = &[
+    ProgSpec {
+        name: "ct_destroy_kprobe",
+        attach: Attach::KProbe("nf_ct_destroy"),
+    },
+    ProgSpec {
+        name: "ct_confirm_kprobe",
+        attach: Attach::KProbe("__nf_conntrack_confirm"),
+    },
+    ProgSpec {
+        name: "ct_confirm_kretprobe",
+        attach: Attach::KProbe("__nf_conntrack_confirm"),
+    },
+];
+
+const FENTRY: &[ProgSpec] = &[
+    ProgSpec {
+        name: "ct_destroy_fentry",
+        attach: Attach::FEntry("nf_ct_destroy"),
+    },
+    ProgSpec {
+        name: "ct_confirm_fexit",
+        attach: Attach::FExit("__nf_conntrack_confirm"),
+    },
+];
+
+impl Backend {
+    /// Most precise first: the order `auto` tries them in.
+    pub const PREFERENCE: [Backend; 3] = [Backend::Fentry, Backend::Kprobe, Backend::Tracepoint];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Fentry => "fentry",
+            Backend::Kprobe => "kprobe",
+            Backend::Tracepoint => "tracepoint",
+        }
+    }
+
+    pub fn programs(self) -> &'static [ProgSpec] {
+        match self {
+            Backend::Fentry => FENTRY,
+            Backend::Kprobe => KPROBE,
+            Backend::Tracepoint => TRACEPOINT,
+        }
+    }
+
+    /// How far the NEW timestamp may trail the kernel's own insert.
+    pub fn insert_precision(self) -> &'static str {
+        match self {
+            Backend::Fentry | Backend::Kprobe => "exact (at confirm)",
+            Backend::Tracepoint => "first packet after confirm (typically < 100 us late)",
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}

@@ -1,0 +1,428 @@
+//! The probe layer: kernel facts, BTF offsets, loading and attaching one backend's programs,
+//! and reading the ring buffer and loss counters. Everything kernel-specific stays here.
+
+pub mod backend;
+pub mod btf;
+pub mod caps;
+pub mod offsets;
+pub mod reader;
+
+use std::path::{Path, PathBuf};
+
+use aya::{
+    Btf, Ebpf, EbpfLoader, Endianness,
+    maps::{MapData, PerCpuArray},
+    programs::{BtfTracePoint, FEntry, FExit, KProbe, ProgramError},
+};
+use detector_common::{ProbeConfig, counter};
+use thiserror::Error;
+
+pub use backend::{Attach, Backend, BackendChoice, ProgSpec};
+use btf::{BtfError, KernelBtf};
+use offsets::Resolved;
+
+/// The eBPF object, built by `detector/build.rs` (see `cargo xtask build-ebpf`).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/detector-ebpf.o"));
+
+#[derive(Debug, Error)]
+pub enum ProbeError {
+    #[error(
+        "not privileged: loading eBPF programs needs root, or CAP_BPF and CAP_PERFMON \
+         (CAP_SYS_ADMIN on kernels before 5.8). Run it with sudo, or grant those capabilities \
+         (the DaemonSet in deploy/ does)"
+    )]
+    NotPrivileged,
+    #[error(transparent)]
+    Btf(#[from] BtfError),
+    #[error("cannot parse {path} for the loader: {source}")]
+    AyaBtf {
+        path: PathBuf,
+        #[source]
+        source: aya::BtfError,
+    },
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error(
+        "backend `{backend}` is not supported by this kernel: {reason}. \
+         Use --backend auto (it would pick `{auto}` here); `detector doctor` explains"
+    )]
+    Unsupported {
+        backend: Backend,
+        reason: String,
+        auto: String,
+    },
+    #[error("no backend works on this kernel:\n{0}\nRun `detector doctor` for details")]
+    NoBackend(String),
+    #[error("attaching {what} failed: {source}")]
+    Attach {
+        what: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot poll the ring buffer: {0}")]
+    Poll(std::io::Error),
+    #[error("map {0} is missing from the eBPF object (stale build? run `cargo xtask build-ebpf`)")]
+    MissingMap(&'static str),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// What the user asked for.
+#[derive(Debug, Clone)]
+pub struct ProbeSettings {
+    /// Directory holding kernel BTF (`vmlinux` and module split BTF).
+    pub btf_dir: PathBuf,
+    pub backend: BackendChoice,
+    /// Only report this network namespace (inode); 0 = all.
+    pub netns_filter: u32,
+    /// Ring buffer size in bytes (power of two, multiple of the page size).
+    pub ring_bytes: u32,
+    /// Capacity of the in-kernel table of live entries (dedupe + birth times).
+    pub max_entries: u32,
+}
+
+impl Default for ProbeSettings {
+    fn default() -> Self {
+        Self {
+            btf_dir: PathBuf::from("/sys/kernel/btf"),
+            backend: BackendChoice::Auto,
+            netns_filter: 0,
+            ring_bytes: 8 << 20,
+            max_entries: 262_144,
+        }
+    }
+}
+
+/// A verdict on one backend: usable, or why not.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackendSupport {
+    pub backend: Backend,
+    pub ok: bool,
+    pub reason: String,
+}
+
+/// Loaded object, with the offsets it was given.
+pub struct Probe {
+    ebpf: Ebpf,
+    aya_btf: Btf,
+    kernel_btf: KernelBtf,
+    pub offsets: Vec<Resolved>,
+    pub config: ProbeConfig,
+}
+
+impl Probe {
+    /// Checks privileges, resolves offsets from BTF and loads the object's maps. No program is
+    /// loaded yet.
+    pub fn open(settings: &ProbeSettings) -> Result<Self, ProbeError> {
+        if !caps::can_load_bpf(caps::effective_caps()) {
+            return Err(ProbeError::NotPrivileged);
+        }
+        let kernel_btf = KernelBtf::load(&settings.btf_dir, offsets::BTF_MODULES)?;
+        let (mut config, offsets) = offsets::resolve(&kernel_btf)?;
+        config.netns_filter = settings.netns_filter;
+        let vmlinux = settings.btf_dir.join("vmlinux");
+        let aya_btf = Btf::parse_file(&vmlinux, Endianness::default()).map_err(|source| {
+            ProbeError::AyaBtf {
+                path: vmlinux.clone(),
+                source,
+            }
+        })?;
+        let ebpf = EbpfLoader::new()
+            .btf(&aya_btf)
+            .override_global("CONFIG", &config, true)
+            .map_max_entries("EVENTS", settings.ring_bytes)
+            .map_max_entries("SEEN", settings.max_entries)
+            .load(OBJECT)?;
+        Ok(Self {
+            ebpf,
+            aya_btf,
+            kernel_btf,
+            offsets,
+            config,
+        })
+    }
+
+    pub fn kernel_btf(&self) -> &KernelBtf {
+        &self.kernel_btf
+    }
+
+    /// Checks a backend without attaching it: kernel preconditions first (they give better
+    /// reasons than a failed load), then a real load of each program, unloaded again.
+    pub fn check(&mut self, backend: Backend) -> BackendSupport {
+        let reason = match self.preconditions(backend) {
+            Err(r) => Err(r),
+            Ok(()) => self.try_load(backend),
+        };
+        self.unload(backend);
+        match reason {
+            Ok(()) => BackendSupport {
+                backend,
+                ok: true,
+                reason: format!("programs load; insert time {}", backend.insert_precision()),
+            },
+            Err(reason) => BackendSupport {
+                backend,
+                ok: false,
+                reason,
+            },
+        }
+    }
+
+    fn preconditions(&self, backend: Backend) -> Result<(), String> {
+        let funcs: Vec<&str> = backend
+            .programs()
+            .iter()
+            .filter_map(|p| match p.attach {
+                Attach::KProbe(f) | Attach::FEntry(f) | Attach::FExit(f) => Some(f),
+                Attach::TpBtf(_) => None,
+            })
+            .collect();
+        match backend {
+            Backend::Kprobe => {
+                if !caps::kprobe_pmu() {
+                    return Err("the kernel has no kprobe PMU \
+                        (/sys/bus/event_source/devices/kprobe missing: CONFIG_KPROBES is off)"
+                        .into());
+                }
+                let present = caps::kallsyms_present(&funcs);
+                if let Some(f) = funcs.iter().find(|f| !present.contains(**f)) {
+                    return Err(format!(
+                        "{f} is not in /proc/kallsyms (nf_conntrack not loaded, or inlined)"
+                    ));
+                }
+            }
+            Backend::Fentry => {
+                for f in &funcs {
+                    if self.kernel_btf.vmlinux_has_func(f) {
+                        continue;
+                    }
+                    return Err(match self.kernel_btf.module_of_func(f) {
+                        Some(m) => format!(
+                            "{f} lives in module {m}; aya 0.16 attaches fentry only to vmlinux \
+                             functions (use the kprobe backend)"
+                        ),
+                        None => format!("{f} has no BTF on this kernel"),
+                    });
+                }
+            }
+            Backend::Tracepoint => {}
+        }
+        Ok(())
+    }
+
+    fn try_load(&mut self, backend: Backend) -> Result<(), String> {
+        for spec in backend.programs() {
+            self.load_one(spec).map_err(|e| {
+                format!(
+                    "{} ({}) does not load: {}",
+                    spec.name,
+                    spec.attach.describe(),
+                    explain(&e)
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    fn load_one(&mut self, spec: &ProgSpec) -> Result<(), ProgramError> {
+        let btf = &self.aya_btf;
+        let prog = self
+            .ebpf
+            .program_mut(spec.name)
+            .ok_or(ProgramError::NotLoaded)?;
+        match spec.attach {
+            Attach::TpBtf(tp) => {
+                let p: &mut BtfTracePoint = prog.try_into()?;
+                p.load(tp, btf)
+            }
+            Attach::KProbe(_) => {
+                let p: &mut KProbe = prog.try_into()?;
+                p.load()
+            }
+            Attach::FEntry(f) => {
+                let p: &mut FEntry = prog.try_into()?;
+                p.load(f, btf)
+            }
+            Attach::FExit(f) => {
+                let p: &mut FExit = prog.try_into()?;
+                p.load(f, btf)
+            }
+        }
+    }
+
+    fn unload(&mut self, backend: Backend) {
+        for spec in backend.programs() {
+            let Some(prog) = self.ebpf.program_mut(spec.name) else {
+                continue;
+            };
+            // Unloading a program that never loaded fails harmlessly.
+            let _ = match spec.attach {
+                Attach::TpBtf(_) => <&mut BtfTracePoint>::try_from(prog).and_then(|p| p.unload()),
+                Attach::KProbe(_) => <&mut KProbe>::try_from(prog).and_then(|p| p.unload()),
+                Attach::FEntry(_) => <&mut FEntry>::try_from(prog).and_then(|p| p.unload()),
+                Attach::FExit(_) => <&mut FExit>::try_from(prog).and_then(|p| p.unload()),
+            };
+        }
+    }
+
+    /// Checks every backend, most precise first.
+    pub fn survey(&mut self) -> Vec<BackendSupport> {
+        Backend::PREFERENCE.iter().map(|b| self.check(*b)).collect()
+    }
+
+    /// Picks the backend for `choice`: the fixed one if it works, else the first that works.
+    pub fn choose(&mut self, choice: BackendChoice) -> Result<(Backend, Vec<BackendSupport>), ProbeError> {
+        let survey = self.survey();
+        let auto = survey.iter().find(|s| s.ok).map(|s| s.backend);
+        match choice.fixed() {
+            Some(b) => {
+                let s = survey.iter().find(|s| s.backend == b).expect("every backend surveyed");
+                if s.ok {
+                    Ok((b, survey))
+                } else {
+                    Err(ProbeError::Unsupported {
+                        backend: b,
+                        reason: s.reason.clone(),
+                        auto: auto.map_or("none".into(), |a| a.to_string()),
+                    })
+                }
+            }
+            None => match auto {
+                Some(b) => Ok((b, survey)),
+                None => Err(ProbeError::NoBackend(
+                    survey
+                        .iter()
+                        .map(|s| format!("  {}: {}", s.backend, s.reason))
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                )),
+            },
+        }
+    }
+
+    /// Loads and attaches every program of `backend`. Links live as long as the `Probe`.
+    pub fn attach(&mut self, backend: Backend) -> Result<(), ProbeError> {
+        for spec in backend.programs() {
+            let what = || format!("{} to {}", spec.name, spec.attach.describe());
+            self.load_one(spec).map_err(|source| ProbeError::Attach {
+                what: what(),
+                source,
+            })?;
+            let prog = self
+                .ebpf
+                .program_mut(spec.name)
+                .ok_or(ProbeError::Attach {
+                    what: what(),
+                    source: ProgramError::NotLoaded,
+                })?;
+            let res = match spec.attach {
+                Attach::TpBtf(_) => {
+                    let p: Result<&mut BtfTracePoint, _> = prog.try_into();
+                    p.and_then(|p| p.attach().map(drop))
+                }
+                Attach::KProbe(f) => {
+                    let p: Result<&mut KProbe, _> = prog.try_into();
+                    p.and_then(|p| p.attach(f, 0).map(drop))
+                }
+                Attach::FEntry(_) => {
+                    let p: Result<&mut FEntry, _> = prog.try_into();
+                    p.and_then(|p| p.attach().map(drop))
+                }
+                Attach::FExit(_) => {
+                    let p: Result<&mut FExit, _> = prog.try_into();
+                    p.and_then(|p| p.attach().map(drop))
+                }
+            };
+            res.map_err(|source| ProbeError::Attach {
+                what: what(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Takes the ring buffer and the counters for the reader.
+    pub fn take_reader(&mut self) -> Result<reader::Reader, ProbeError> {
+        let events = self
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or(ProbeError::MissingMap("EVENTS"))?;
+        let counters = self
+            .ebpf
+            .take_map("COUNTERS")
+            .ok_or(ProbeError::MissingMap("COUNTERS"))?;
+        let ring = aya::maps::RingBuf::try_from(events).map_err(|source| ProbeError::Map {
+            name: "EVENTS",
+            source,
+        })?;
+        let counters: PerCpuArray<MapData, u64> =
+            PerCpuArray::try_from(counters).map_err(|source| ProbeError::Map {
+                name: "COUNTERS",
+                source,
+            })?;
+        reader::Reader::new(ring, Counters(counters)).map_err(ProbeError::Poll)
+    }
+}
+
+/// The kernel-side counters (per CPU, summed when read).
+pub struct Counters(PerCpuArray<MapData, u64>);
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct CounterSnapshot {
+    /// Records dropped because the ring buffer was full, by kind index.
+    pub lost: [u64; detector_common::kind::COUNT as usize],
+    pub seen_full: u64,
+    pub read_failed: u64,
+}
+
+impl CounterSnapshot {
+    pub fn lost_total(&self) -> u64 {
+        self.lost.iter().sum()
+    }
+}
+
+impl Counters {
+    pub fn read(&self) -> CounterSnapshot {
+        let sum = |i: u32| -> u64 {
+            self.0
+                .get(&i, 0)
+                .map(|v| v.iter().copied().sum())
+                .unwrap_or(0)
+        };
+        let mut s = CounterSnapshot::default();
+        for (k, slot) in s.lost.iter_mut().enumerate() {
+            *slot = sum(counter::LOST_BASE + k as u32);
+        }
+        s.seen_full = sum(counter::SEEN_FULL);
+        s.read_failed = sum(counter::READ_FAILED);
+        s
+    }
+}
+
+/// A short explanation of a program load failure (the verifier log is long; keep its end).
+fn explain(e: &ProgramError) -> String {
+    let text = match e {
+        ProgramError::LoadError { io_error, verifier_log } => {
+            let log = verifier_log.to_string();
+            let tail: Vec<&str> = log.lines().rev().take(3).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            if io_error.raw_os_error() == Some(libc::EPERM) && log.trim().is_empty() {
+                return "BPF_PROG_LOAD returned EPERM with an empty verifier log \
+                        (BPF trampolines are disabled on this kernel)"
+                    .into();
+            }
+            format!("{io_error}; verifier: {}", tail.join(" | "))
+        }
+        other => other.to_string(),
+    };
+    text
+}
+
+/// Path of the default kernel BTF directory.
+pub fn default_btf_dir() -> &'static Path {
+    Path::new("/sys/kernel/btf")
+}

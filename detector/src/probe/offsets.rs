@@ -1,0 +1,77 @@
+//! The kernel offsets the programs need, resolved from BTF into one `ProbeConfig`.
+
+use detector_common::ProbeConfig;
+
+use super::btf::{BtfError, KernelBtf};
+
+/// Modules whose split BTF may hold the types and functions we use.
+pub const BTF_MODULES: &[&str] = &["nf_conntrack"];
+
+/// (field of ProbeConfig, struct, member path, slot): the single table both the config and
+/// `detector doctor` are built from.
+type Slot = fn(&mut ProbeConfig) -> &mut u32;
+const FIELDS: &[(&str, &str, &str, Slot)] = &[
+    ("ct_timeout", "nf_conn", "timeout", |c| &mut c.ct_timeout),
+    ("ct_status", "nf_conn", "status", |c| &mut c.ct_status),
+    ("ct_net", "nf_conn", "ct_net.net", |c| &mut c.ct_net),
+    ("ct_tuple_orig", "nf_conn", "tuplehash[0].tuple", |c| &mut c.ct_tuple_orig),
+    ("ct_tuple_reply", "nf_conn", "tuplehash[1].tuple", |c| &mut c.ct_tuple_reply),
+    ("tuple_src_addr", "nf_conntrack_tuple", "src.u3", |c| &mut c.tuple_src_addr),
+    ("tuple_src_port", "nf_conntrack_tuple", "src.u.all", |c| &mut c.tuple_src_port),
+    ("tuple_l3num", "nf_conntrack_tuple", "src.l3num", |c| &mut c.tuple_l3num),
+    ("tuple_dst_addr", "nf_conntrack_tuple", "dst.u3", |c| &mut c.tuple_dst_addr),
+    ("tuple_dst_port", "nf_conntrack_tuple", "dst.u.all", |c| &mut c.tuple_dst_port),
+    ("tuple_protonum", "nf_conntrack_tuple", "dst.protonum", |c| &mut c.tuple_protonum),
+    ("net_ns_inum", "net", "ns.inum", |c| &mut c.net_ns_inum),
+    ("skb_nfct", "sk_buff", "_nfct", |c| &mut c.skb_nfct),
+    ("kmem_cache_name", "kmem_cache", "name", |c| &mut c.kmem_cache_name),
+];
+
+/// One resolved offset, for display.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Resolved {
+    pub field: &'static str,
+    pub strukt: &'static str,
+    pub path: &'static str,
+    pub offset: u32,
+}
+
+/// Resolves every offset; the first one missing is the error (it names struct and member).
+pub fn resolve(btf: &KernelBtf) -> Result<(ProbeConfig, Vec<Resolved>), BtfError> {
+    let mut cfg = ProbeConfig::ZERO;
+    let mut list = Vec::with_capacity(FIELDS.len());
+    for &(field, strukt, path, slot) in FIELDS {
+        let offset = btf.offset(strukt, path)?;
+        *slot(&mut cfg) = offset;
+        list.push(Resolved {
+            field,
+            strukt,
+            path,
+            offset,
+        });
+    }
+    Ok((cfg, list))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs against this machine's kernel BTF when it has one (every CI machine does).
+    #[test]
+    fn resolves_every_field_on_this_kernel() {
+        let dir = std::path::Path::new("/sys/kernel/btf");
+        if !dir.join("vmlinux").exists() {
+            eprintln!("skipped: no /sys/kernel/btf/vmlinux");
+            return;
+        }
+        let btf = KernelBtf::load(dir, BTF_MODULES).unwrap();
+        let (cfg, list) = resolve(&btf).unwrap();
+        assert_eq!(list.len(), FIELDS.len());
+        // Invariants that hold on every kernel: the reply tuple follows the original one, and
+        // inside a tuple the source precedes the destination.
+        assert!(cfg.ct_tuple_reply > cfg.ct_tuple_orig);
+        assert!(cfg.tuple_dst_addr > cfg.tuple_src_addr);
+        assert_eq!(cfg.tuple_src_addr, 0, "src.u3 starts nf_conntrack_tuple");
+    }
+}
