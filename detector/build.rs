@@ -23,7 +23,9 @@ fn main() {
     }
 
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"));
-    let root = manifest.parent().expect("detector/ lives in the workspace root");
+    let root = manifest
+        .parent()
+        .expect("detector/ lives in the workspace root");
     let ebpf = root.join("detector-ebpf");
     for watched in [
         ebpf.join("src"),

@@ -116,14 +116,12 @@ pub fn kernel_hz() -> Option<u32> {
         return None;
     }
     let hz = (j1 - j0) as f64 * 1e9 / (n1 - n0) as f64;
-    [100u32, 250, 300, 1000]
-        .into_iter()
-        .min_by(|a, b| {
-            (*a as f64 - hz)
-                .abs()
-                .partial_cmp(&(*b as f64 - hz).abs())
-                .unwrap_or(std::cmp::Ordering::Equal)
-        })
+    [100u32, 250, 300, 1000].into_iter().min_by(|a, b| {
+        (*a as f64 - hz)
+            .abs()
+            .partial_cmp(&(*b as f64 - hz).abs())
+            .unwrap_or(std::cmp::Ordering::Equal)
+    })
 }
 
 #[cfg(test)]
@@ -138,7 +136,10 @@ mod tests {
             iso8601(1_795_678_405_500_000_000),
             "2026-11-26T07:33:25.500000Z"
         );
-        assert_eq!(iso8601(951_782_400_000_000_000), "2000-02-29T00:00:00.000000Z");
+        assert_eq!(
+            iso8601(951_782_400_000_000_000),
+            "2000-02-29T00:00:00.000000Z"
+        );
     }
 
     #[test]

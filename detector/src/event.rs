@@ -237,7 +237,11 @@ pub struct CtRecord {
 /// birth time separates lifetimes that reuse the address. FNV-1a keeps it cheap and portable.
 pub fn entry_id(ct_addr: u64, born_ns: u64) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in ct_addr.to_le_bytes().into_iter().chain(born_ns.to_le_bytes()) {
+    for b in ct_addr
+        .to_le_bytes()
+        .into_iter()
+        .chain(born_ns.to_le_bytes())
+    {
         h ^= b as u64;
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
@@ -359,7 +363,11 @@ pub(crate) mod tests {
             status: 0x18e,
             netns: 4026532177,
             timeout_left: -3,
-            reason: if k == kind::CT_DESTROY { reason::EXPIRED } else { 0 },
+            reason: if k == kind::CT_DESTROY {
+                reason::EXPIRED
+            } else {
+                0
+            },
             source: source::TP_KMEM_CACHE_FREE,
             _pad: 0,
             task: TaskInfo {
@@ -372,8 +380,7 @@ pub(crate) mod tests {
 
     pub fn bytes_of<T: Copy>(v: &T) -> Vec<u8> {
         // SAFETY: test helper over padding-free repr(C) records.
-        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
-            .to_vec()
+        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
     }
 
     #[test]
@@ -432,13 +439,19 @@ pub(crate) mod tests {
         raw.reason = 42;
         assert!(matches!(
             decode(&bytes_of(&raw)),
-            Err(DecodeError::UnknownValue { what: "destroy reason", value: 42 })
+            Err(DecodeError::UnknownValue {
+                what: "destroy reason",
+                value: 42
+            })
         ));
         let mut raw = raw_ct(kind::CT_NEW);
         raw.orig.family = 3;
         assert!(matches!(
             decode(&bytes_of(&raw)),
-            Err(DecodeError::UnknownValue { what: "address family", .. })
+            Err(DecodeError::UnknownValue {
+                what: "address family",
+                ..
+            })
         ));
         let mut raw = raw_ct(kind::CT_NEW);
         raw.source = 200;

@@ -97,7 +97,9 @@ pub fn text_line(ev: &Event, u: &Units) -> String {
             }
             let left_ms = u.jiffies_ms(c.timeout_left_jiffies as i64);
             match (c.kind, c.reason) {
-                (Kind::CtNew, _) => line.push_str(&format!("  timeout {}", secs(left_ms as i128 * 1_000_000))),
+                (Kind::CtNew, _) => {
+                    line.push_str(&format!("  timeout {}", secs(left_ms as i128 * 1_000_000)))
+                }
                 (_, Some(DestroyReason::Expired)) => line.push_str(&format!(
                     "  expired ({} past timeout)",
                     secs(-(left_ms as i128) * 1_000_000)
@@ -111,7 +113,12 @@ pub fn text_line(ev: &Event, u: &Units) -> String {
             if let Some(l) = lifetime(c) {
                 line.push_str(&format!("  lived {}", secs(l as i128)));
             }
-            line.push_str(&format!("  [{} {}/{}]", c.source.name(), c.task.comm, c.task.pid));
+            line.push_str(&format!(
+                "  [{} {}/{}]",
+                c.source.name(),
+                c.task.comm,
+                c.task.pid
+            ));
             line
         }
     }
@@ -120,7 +127,10 @@ pub fn text_line(ev: &Event, u: &Units) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{decode, tests::{bytes_of, raw_ct}};
+    use crate::event::{
+        decode,
+        tests::{bytes_of, raw_ct},
+    };
     use detector_common::kind;
 
     fn units() -> Units {
@@ -134,7 +144,10 @@ mod tests {
     fn destroy_renders_reason_and_lifetime() {
         let ev = decode(&bytes_of(&raw_ct(kind::CT_DESTROY))).unwrap();
         let line = text_line(&ev, &units());
-        assert!(line.contains("DESTROY tcp  10.77.0.2:40000 -> 10.77.0.1:5001"), "{line}");
+        assert!(
+            line.contains("DESTROY tcp  10.77.0.2:40000 -> 10.77.0.1:5001"),
+            "{line}"
+        );
         assert!(line.contains("expired (0.012s past timeout)"), "{line}");
         assert!(line.contains("lived 0.000s"), "{line}");
         // reply == orig (not reversed) in the fixture: shown as NAT

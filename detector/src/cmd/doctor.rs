@@ -62,7 +62,11 @@ pub fn run(args: DoctorArgs) -> Result<()> {
             if split.is_empty() {
                 "none (no module BTF)".into()
             } else {
-                format!("{} module(s), e.g. {}", split.len(), split.iter().take(5).cloned().collect::<Vec<_>>().join(", "))
+                format!(
+                    "{} module(s), e.g. {}",
+                    split.len(),
+                    split.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+                )
             },
         ),
         (
@@ -96,7 +100,14 @@ pub fn run(args: DoctorArgs) -> Result<()> {
         match Probe::open(&settings) {
             Ok(mut probe) => {
                 let survey = probe.survey();
-                Ok((survey, probe.offsets.clone(), probe.kernel_btf().struct_home("nf_conn").map(str::to_string)))
+                Ok((
+                    survey,
+                    probe.offsets.clone(),
+                    probe
+                        .kernel_btf()
+                        .struct_home("nf_conn")
+                        .map(str::to_string),
+                ))
             }
             Err(e) => Err(e.to_string()),
         }
@@ -137,8 +148,17 @@ pub fn run(args: DoctorArgs) -> Result<()> {
         }
         if let Ok((survey, offs, _)) = &outcome {
             println!("backends (most precise first):");
-            for BackendSupport { backend, ok, reason } in survey {
-                println!("  {:<12}{:<4}{reason}", backend.name(), if *ok { "yes" } else { "no" });
+            for BackendSupport {
+                backend,
+                ok,
+                reason,
+            } in survey
+            {
+                println!(
+                    "  {:<12}{:<4}{reason}",
+                    backend.name(),
+                    if *ok { "yes" } else { "no" }
+                );
             }
             match auto {
                 Some(b) => println!(
@@ -148,7 +168,11 @@ pub fn run(args: DoctorArgs) -> Result<()> {
             }
             println!("offsets (bytes, from BTF):");
             for o in offs {
-                println!("  {:<44}{:>5}", format!("{}.{}", o.strukt, o.path), o.offset);
+                println!(
+                    "  {:<44}{:>5}",
+                    format!("{}.{}", o.strukt, o.path),
+                    o.offset
+                );
             }
             let _ = offsets::BTF_MODULES;
         }

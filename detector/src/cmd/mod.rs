@@ -25,9 +25,13 @@ pub struct ProbeArgs {
 }
 
 fn parse_ring_mib(s: &str) -> Result<u32, String> {
-    let v: u32 = s.parse().map_err(|_| format!("`{s}` is not a number of MiB"))?;
+    let v: u32 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of MiB"))?;
     if v == 0 || !v.is_power_of_two() || v > 1024 {
-        return Err(format!("ring buffer size must be a power of two from 1 to 1024 MiB, not {v}"));
+        return Err(format!(
+            "ring buffer size must be a power of two from 1 to 1024 MiB, not {v}"
+        ));
     }
     Ok(v)
 }

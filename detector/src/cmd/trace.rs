@@ -44,9 +44,9 @@ fn parse_proto(s: &str) -> Result<u8, String> {
         "icmp" => Ok(1),
         "icmpv6" => Ok(58),
         "sctp" => Ok(132),
-        n => n
-            .parse()
-            .map_err(|_| format!("unknown protocol `{n}`: use tcp, udp, icmp, icmpv6, sctp or a number")),
+        n => n.parse().map_err(|_| {
+            format!("unknown protocol `{n}`: use tcp, udp, icmp, icmpv6, sctp or a number")
+        }),
     }
 }
 
@@ -92,7 +92,11 @@ pub async fn run(args: TraceArgs) -> Result<()> {
     eprintln!(
         "detector: tracing conntrack with the {backend} backend (insert time {}){}; Ctrl-C to stop",
         backend.insert_precision(),
-        if netns != 0 { format!(", netns {netns}") } else { String::new() }
+        if netns != 0 {
+            format!(", netns {netns}")
+        } else {
+            String::new()
+        }
     );
 
     let mut reorder: Reorder<Event> = Reorder::new(args.watermark_ms * 1_000_000, 1 << 20);

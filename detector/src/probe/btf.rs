@@ -387,7 +387,13 @@ pub(crate) mod fixture {
             id
         }
 
-        fn aggregate(&mut self, kind: u32, name: &str, size: u32, members: &[(&str, u32, u32)]) -> u32 {
+        fn aggregate(
+            &mut self,
+            kind: u32,
+            name: &str,
+            size: u32,
+            members: &[(&str, u32, u32)],
+        ) -> u32 {
             let names: Vec<u32> = members.iter().map(|(n, _, _)| self.name(n)).collect();
             let n = self.name(name);
             for w in [n, (kind << 24) | members.len() as u32, size] {
@@ -470,10 +476,23 @@ mod tests {
         let dst = m.strukt(
             "",
             20,
-            &[("u3", addr, 0), ("u", port, 16), ("protonum", u8_, 18), ("dir", u8_, 19)],
+            &[
+                ("u3", addr, 0),
+                ("u", port, 16),
+                ("protonum", u8_, 18),
+                ("dir", u8_, 19),
+            ],
         );
-        let tuple = m.strukt("nf_conntrack_tuple", 40, &[("src", src, 0), ("dst", dst, 20)]);
-        let hash = m.strukt("nf_conntrack_tuple_hash", 56, &[("hnnode", u64_, 0), ("tuple", tuple, 16)]);
+        let tuple = m.strukt(
+            "nf_conntrack_tuple",
+            40,
+            &[("src", src, 0), ("dst", dst, 20)],
+        );
+        let hash = m.strukt(
+            "nf_conntrack_tuple_hash",
+            56,
+            &[("hnnode", u64_, 0), ("tuple", tuple, 16)],
+        );
         let arr = m.array(hash, u32_, 2);
         let _ct = m.strukt(
             "nf_conn",
@@ -495,14 +514,26 @@ mod tests {
         let (base, split) = fixture();
         let k = KernelBtf::from_bytes(&base, &[("nf_conntrack", &split)]).unwrap();
         assert_eq!(k.offset("net", "ns.inum").unwrap(), 24);
-        assert_eq!(k.offset("sk_buff", "_nfct").unwrap(), 104, "through an anonymous union");
+        assert_eq!(
+            k.offset("sk_buff", "_nfct").unwrap(),
+            104,
+            "through an anonymous union"
+        );
         assert_eq!(k.offset("nf_conn", "timeout").unwrap(), 8);
         assert_eq!(k.offset("nf_conn", "status").unwrap(), 128);
-        assert_eq!(k.offset("nf_conn", "ct_net.net").unwrap(), 136, "through a typedef");
-        assert_eq!(k.offset("nf_conn", "tuplehash[0].tuple").unwrap(), 16 + 16);
-        assert_eq!(k.offset("nf_conn", "tuplehash[1].tuple").unwrap(), 16 + 56 + 16);
         assert_eq!(
-            k.offset("nf_conn", "tuplehash[1].tuple.dst.protonum").unwrap(),
+            k.offset("nf_conn", "ct_net.net").unwrap(),
+            136,
+            "through a typedef"
+        );
+        assert_eq!(k.offset("nf_conn", "tuplehash[0].tuple").unwrap(), 16 + 16);
+        assert_eq!(
+            k.offset("nf_conn", "tuplehash[1].tuple").unwrap(),
+            16 + 56 + 16
+        );
+        assert_eq!(
+            k.offset("nf_conn", "tuplehash[1].tuple.dst.protonum")
+                .unwrap(),
             16 + 56 + 16 + 20 + 18
         );
         assert_eq!(k.offset("nf_conntrack_tuple", "src.u.all").unwrap(), 16);
@@ -519,7 +550,10 @@ mod tests {
     fn split_types_are_invisible_without_the_module() {
         let (base, _) = fixture();
         let k = KernelBtf::from_bytes(&base, &[]).unwrap();
-        assert!(matches!(k.offset("nf_conn", "timeout"), Err(BtfError::NoStruct(_))));
+        assert!(matches!(
+            k.offset("nf_conn", "timeout"),
+            Err(BtfError::NoStruct(_))
+        ));
     }
 
     #[test]
@@ -530,8 +564,14 @@ mod tests {
         assert!(matches!(e, BtfError::NoMember { .. }), "{e}");
         let e = k.offset("nf_conn", "nope").unwrap_err();
         assert!(e.to_string().contains("nf_conn") && e.to_string().contains("nope"));
-        assert!(matches!(k.offset("nf_conn", "a..b"), Err(BtfError::BadPath(_))));
-        assert!(matches!(k.offset("nf_conn", "x[y]"), Err(BtfError::BadPath(_))));
+        assert!(matches!(
+            k.offset("nf_conn", "a..b"),
+            Err(BtfError::BadPath(_))
+        ));
+        assert!(matches!(
+            k.offset("nf_conn", "x[y]"),
+            Err(BtfError::BadPath(_))
+        ));
     }
 
     #[test]

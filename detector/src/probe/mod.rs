@@ -275,12 +275,18 @@ impl Probe {
     }
 
     /// Picks the backend for `choice`: the fixed one if it works, else the first that works.
-    pub fn choose(&mut self, choice: BackendChoice) -> Result<(Backend, Vec<BackendSupport>), ProbeError> {
+    pub fn choose(
+        &mut self,
+        choice: BackendChoice,
+    ) -> Result<(Backend, Vec<BackendSupport>), ProbeError> {
         let survey = self.survey();
         let auto = survey.iter().find(|s| s.ok).map(|s| s.backend);
         match choice.fixed() {
             Some(b) => {
-                let s = survey.iter().find(|s| s.backend == b).expect("every backend surveyed");
+                let s = survey
+                    .iter()
+                    .find(|s| s.backend == b)
+                    .expect("every backend surveyed");
                 if s.ok {
                     Ok((b, survey))
                 } else {
@@ -312,13 +318,10 @@ impl Probe {
                 what: what(),
                 source,
             })?;
-            let prog = self
-                .ebpf
-                .program_mut(spec.name)
-                .ok_or(ProbeError::Attach {
-                    what: what(),
-                    source: ProgramError::NotLoaded,
-                })?;
+            let prog = self.ebpf.program_mut(spec.name).ok_or(ProbeError::Attach {
+                what: what(),
+                source: ProgramError::NotLoaded,
+            })?;
             let res = match spec.attach {
                 Attach::TpBtf(_) => {
                     let p: Result<&mut BtfTracePoint, _> = prog.try_into();
@@ -406,7 +409,10 @@ impl Counters {
 /// A short explanation of a program load failure (the verifier log is long; keep its end).
 fn explain(e: &ProgramError) -> String {
     let text = match e {
-        ProgramError::LoadError { io_error, verifier_log } => {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
             let log = verifier_log.to_string();
             let tail: Vec<&str> = log.lines().rev().take(3).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();

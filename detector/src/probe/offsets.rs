@@ -14,17 +14,38 @@ const FIELDS: &[(&str, &str, &str, Slot)] = &[
     ("ct_timeout", "nf_conn", "timeout", |c| &mut c.ct_timeout),
     ("ct_status", "nf_conn", "status", |c| &mut c.ct_status),
     ("ct_net", "nf_conn", "ct_net.net", |c| &mut c.ct_net),
-    ("ct_tuple_orig", "nf_conn", "tuplehash[0].tuple", |c| &mut c.ct_tuple_orig),
-    ("ct_tuple_reply", "nf_conn", "tuplehash[1].tuple", |c| &mut c.ct_tuple_reply),
-    ("tuple_src_addr", "nf_conntrack_tuple", "src.u3", |c| &mut c.tuple_src_addr),
-    ("tuple_src_port", "nf_conntrack_tuple", "src.u.all", |c| &mut c.tuple_src_port),
-    ("tuple_l3num", "nf_conntrack_tuple", "src.l3num", |c| &mut c.tuple_l3num),
-    ("tuple_dst_addr", "nf_conntrack_tuple", "dst.u3", |c| &mut c.tuple_dst_addr),
-    ("tuple_dst_port", "nf_conntrack_tuple", "dst.u.all", |c| &mut c.tuple_dst_port),
-    ("tuple_protonum", "nf_conntrack_tuple", "dst.protonum", |c| &mut c.tuple_protonum),
+    ("ct_tuple_orig", "nf_conn", "tuplehash[0].tuple", |c| {
+        &mut c.ct_tuple_orig
+    }),
+    ("ct_tuple_reply", "nf_conn", "tuplehash[1].tuple", |c| {
+        &mut c.ct_tuple_reply
+    }),
+    ("tuple_src_addr", "nf_conntrack_tuple", "src.u3", |c| {
+        &mut c.tuple_src_addr
+    }),
+    ("tuple_src_port", "nf_conntrack_tuple", "src.u.all", |c| {
+        &mut c.tuple_src_port
+    }),
+    ("tuple_l3num", "nf_conntrack_tuple", "src.l3num", |c| {
+        &mut c.tuple_l3num
+    }),
+    ("tuple_dst_addr", "nf_conntrack_tuple", "dst.u3", |c| {
+        &mut c.tuple_dst_addr
+    }),
+    ("tuple_dst_port", "nf_conntrack_tuple", "dst.u.all", |c| {
+        &mut c.tuple_dst_port
+    }),
+    (
+        "tuple_protonum",
+        "nf_conntrack_tuple",
+        "dst.protonum",
+        |c| &mut c.tuple_protonum,
+    ),
     ("net_ns_inum", "net", "ns.inum", |c| &mut c.net_ns_inum),
     ("skb_nfct", "sk_buff", "_nfct", |c| &mut c.skb_nfct),
-    ("kmem_cache_name", "kmem_cache", "name", |c| &mut c.kmem_cache_name),
+    ("kmem_cache_name", "kmem_cache", "name", |c| {
+        &mut c.kmem_cache_name
+    }),
 ];
 
 /// One resolved offset, for display.

@@ -1,0 +1,1 @@
+//! The agent (NPA) side: map layouts and key decoding (being written).

@@ -1,0 +1,1 @@
+//! Correlation engine: pure, events in, verdicts out (being written).

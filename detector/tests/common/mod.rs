@@ -1,0 +1,289 @@
+//! Helpers for privileged tests: network namespaces the test creates and removes, TCP in them,
+//! conntrack tools run inside them, and the detector binary run as a user would run it.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub const DETECTOR: &str = env!("CARGO_BIN_EXE_detector");
+
+/// True when running as root. Privileged tests return early (with a note) when not root,
+/// unless DETECTOR_REQUIRE_PRIVILEGED=1 (set by `cargo xtask test` and CI): then they fail.
+pub fn privileged() -> bool {
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        if std::env::var("DETECTOR_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
+            panic!("this test needs root (DETECTOR_REQUIRE_PRIVILEGED=1)");
+        }
+        eprintln!("skipped: needs root");
+    }
+    root
+}
+
+pub fn run(cmd: &str, args: &[&str]) -> Output {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| {
+        panic!("running {cmd}: {e} (is it installed? scripts/setup.sh installs it)")
+    });
+    out
+}
+
+pub fn run_ok(cmd: &str, args: &[&str]) -> String {
+    let out = run(cmd, args);
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Two namespaces joined by a veth pair: `server` (10.77.0.1, conntrack active through an nft
+/// ct rule, short established timeout) and `client` (10.77.0.2). Removed on drop.
+pub struct NetnsPair {
+    pub server: String,
+    pub client: String,
+    pub server_ip: &'static str,
+    pub client_ip: &'static str,
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+impl NetnsPair {
+    pub fn new(established_timeout_s: u32) -> Self {
+        let id = format!(
+            "{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        );
+        let pair = Self {
+            server: format!("dts-{id}"),
+            client: format!("dtc-{id}"),
+            server_ip: "10.77.0.1",
+            client_ip: "10.77.0.2",
+        };
+        run_ok("ip", &["netns", "add", &pair.server]);
+        run_ok("ip", &["netns", "add", &pair.client]);
+        run_ok(
+            "ip",
+            &[
+                "link",
+                "add",
+                "veth-s",
+                "netns",
+                &pair.server,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "veth-c",
+                "netns",
+                &pair.client,
+            ],
+        );
+        for (ns, dev, ip) in [
+            (&pair.server, "veth-s", "10.77.0.1/24"),
+            (&pair.client, "veth-c", "10.77.0.2/24"),
+        ] {
+            run_ok("ip", &["-n", ns, "addr", "add", ip, "dev", dev]);
+            run_ok("ip", &["-n", ns, "link", "set", dev, "up"]);
+            run_ok("ip", &["-n", ns, "link", "set", "lo", "up"]);
+        }
+        // Conntrack hooks register only when a rule needs them.
+        pair.exec_ok(
+            &pair.server,
+            "nft",
+            &["add table inet dt; \
+                 add chain inet dt in { type filter hook input priority 0; policy accept; }; \
+                 add rule inet dt in ct state new counter accept"],
+        );
+        pair.exec_ok(
+            &pair.server,
+            "sysctl",
+            &[
+                "-qw",
+                &format!(
+                    "net.netfilter.nf_conntrack_tcp_timeout_established={established_timeout_s}"
+                ),
+            ],
+        );
+        pair
+    }
+
+    pub fn path(ns: &str) -> String {
+        format!("/run/netns/{ns}")
+    }
+
+    pub fn inode(&self, ns: &str) -> u32 {
+        std::fs::metadata(Self::path(ns)).unwrap().ino() as u32
+    }
+
+    /// Runs a command inside `ns` (nsenter keeps /sys and bpffs, unlike `ip netns exec`).
+    pub fn exec(&self, ns: &str, cmd: &str, args: &[&str]) -> Output {
+        let net = format!("--net={}", Self::path(ns));
+        let mut all = vec![net.as_str(), cmd];
+        all.extend_from_slice(args);
+        run("nsenter", &all)
+    }
+
+    pub fn exec_ok(&self, ns: &str, cmd: &str, args: &[&str]) -> String {
+        let out = self.exec(ns, cmd, args);
+        assert!(
+            out.status.success(),
+            "{cmd} {args:?} in {ns} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn spawn_in(&self, ns: &str, cmd: &str, args: &[&str]) -> Child {
+        let net = format!("--net={}", Self::path(ns));
+        Command::new("nsenter")
+            .arg(net)
+            .arg(cmd)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {cmd} in {ns}: {e}"))
+    }
+}
+
+impl Drop for NetnsPair {
+    fn drop(&mut self) {
+        // Deleting a namespace removes its veth end, and with it the peer.
+        let _ = run("ip", &["netns", "del", &self.server]);
+        let _ = run("ip", &["netns", "del", &self.client]);
+    }
+}
+
+/// Runs `f` on a thread that has entered network namespace `ns`.
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = NetnsPair::path(ns);
+    thread::spawn(move || {
+        let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        // SAFETY: valid fd; setns affects only this thread.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("netns thread panicked")
+}
+
+/// A TCP server in a namespace that answers one byte per byte received and keeps every
+/// connection open until the process ends.
+pub fn start_echo_server(ns: &str, ip: &str) -> SocketAddr {
+    let (tx, rx) = mpsc::channel();
+    let path = NetnsPair::path(ns);
+    let ip = ip.to_string();
+    thread::spawn(move || {
+        let file = File::open(&path).unwrap();
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0);
+        let l = TcpListener::bind((ip.as_str(), 0)).unwrap();
+        tx.send(l.local_addr().unwrap()).unwrap();
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            thread::spawn(move || {
+                let mut b = [0u8; 1];
+                while let Ok(1) = s.read(&mut b) {
+                    if s.write_all(&b).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("server did not start")
+}
+
+/// Opens a connection from namespace `ns`, does one request/reply, and returns the open stream.
+pub fn connect_from(ns: &str, to: SocketAddr) -> TcpStream {
+    in_netns(ns, move || {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).expect("reply");
+        s
+    })
+}
+
+/// The detector running `trace --json`, as a user would run it.
+pub struct Detector {
+    child: Child,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Detector {
+    /// Starts `detector trace --json <args>` and waits until its programs are attached.
+    pub fn trace(args: &[&str]) -> Self {
+        let mut child = Command::new(DETECTOR)
+            .arg("trace")
+            .arg("--json")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn detector");
+        let stderr = child.stderr.take().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let log2 = log.clone();
+        thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("tracing conntrack") {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                let mut l = log2.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let start = Instant::now();
+        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            let _ = child.kill();
+            panic!(
+                "detector did not start within 30 s: {}",
+                log.lock().unwrap()
+            );
+        }
+        eprintln!("detector attached in {:?}", start.elapsed());
+        Self { child, stderr: log }
+    }
+
+    /// Stops it with SIGINT (Ctrl-C) and returns (NDJSON objects, stderr).
+    pub fn stop(mut self) -> (Vec<serde_json::Value>, String) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let mut stdout = String::new();
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut stdout)
+            .unwrap();
+        let status = self.child.wait().unwrap();
+        // Let the stderr thread finish reading.
+        thread::sleep(Duration::from_millis(100));
+        let stderr = self.stderr.lock().unwrap().clone();
+        assert!(status.success(), "detector exited with {status}: {stderr}");
+        let events = stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad NDJSON line {l}: {e}")))
+            .collect();
+        (events, stderr)
+    }
+}
