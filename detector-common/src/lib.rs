@@ -219,7 +219,7 @@ const _: () = {
                 + 2
                 + size_of::<TaskInfo>()
     );
-    assert!(size_of::<CtEvent>() % 8 == 0);
+    assert!(size_of::<CtEvent>().is_multiple_of(8));
     assert!(size_of::<ProbeConfig>() == 16 * 4);
     assert!(kind::COUNT <= counter::SEEN_FULL);
 };

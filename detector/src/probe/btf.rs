@@ -290,7 +290,7 @@ pub fn member_offset(btf: &Btf, strukt: &str, path: &str) -> Result<u32, BtfErro
             ty = elem;
         }
     }
-    if bits % 8 != 0 {
+    if !bits.is_multiple_of(8) {
         return Err(BtfError::BadPath(format!(
             "{strukt}.{path} is a bitfield (bit offset {bits})"
         )));

@@ -408,7 +408,7 @@ impl Counters {
 
 /// A short explanation of a program load failure (the verifier log is long; keep its end).
 fn explain(e: &ProgramError) -> String {
-    let text = match e {
+    match e {
         ProgramError::LoadError {
             io_error,
             verifier_log,
@@ -424,8 +424,7 @@ fn explain(e: &ProgramError) -> String {
             format!("{io_error}; verifier: {}", tail.join(" | "))
         }
         other => other.to_string(),
-    };
-    text
+    }
 }
 
 /// Path of the default kernel BTF directory.

@@ -29,10 +29,9 @@ pub fn privileged() -> bool {
 }
 
 pub fn run(cmd: &str, args: &[&str]) -> Output {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| {
+    Command::new(cmd).args(args).output().unwrap_or_else(|e| {
         panic!("running {cmd}: {e} (is it installed? scripts/setup.sh installs it)")
-    });
-    out
+    })
 }
 
 pub fn run_ok(cmd: &str, args: &[&str]) -> String {
@@ -243,10 +242,10 @@ impl Detector {
         thread::spawn(move || {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("tracing conntrack") {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(());
-                    }
+                if line.contains("tracing conntrack")
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(());
                 }
                 let mut l = log2.lock().unwrap();
                 l.push_str(&line);

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Installs what building and testing the detector needs on a Debian machine, as root:
+#   - Debian packages the tests drive (iproute2, nftables, conntrack, util-linux, procps);
+#   - the pinned stable toolchain (rust-toolchain.toml) and the pinned nightly with rust-src
+#     (detector-ebpf/rust-toolchain.toml), with rustup;
+#   - bpf-linker, built from crates.io against that nightly's own libLLVM.
+# Idempotent: each step checks first, so a second run takes about a second.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+toolchain_of() { sed -n 's/^channel *= *"\(.*\)"/\1/p' "$1"; }
+STABLE=$(toolchain_of "$root/rust-toolchain.toml")
+NIGHTLY=$(toolchain_of "$root/detector-ebpf/rust-toolchain.toml")
+BPF_LINKER_VERSION=0.13.0
+APT_PACKAGES=(iproute2 nftables conntrack util-linux procps)
+CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/detector
+CARGO_BIN=${CARGO_HOME:-$HOME/.cargo}/bin
+
+step() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'setup: %s\n' "$*" >&2; exit 1; }
+
+command -v rustup >/dev/null || die "rustup is not installed (https://rustup.rs); it installs the pinned toolchains"
+[ "$(id -u)" -eq 0 ] || step "not root: skipping apt packages (tests need root anyway)"
+
+# 1. Debian packages.
+if [ "$(id -u)" -eq 0 ]; then
+  missing=()
+  for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    step "apt: installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+fi
+
+# 2. Toolchains (RUSTUP_AUTO_INSTALL may be off: install explicitly).
+installed() { rustup toolchain list | grep -q "^$1"; }
+if ! installed "$STABLE"; then
+  step "rustup: installing $STABLE"
+  rustup toolchain install "$STABLE" --profile minimal --component rustfmt,clippy --no-self-update
+fi
+for c in rustfmt clippy; do
+  rustup component list --installed --toolchain "$STABLE" 2>/dev/null | grep -q "^$c" \
+    || rustup component add --toolchain "$STABLE" "$c" >/dev/null
+done
+if ! installed "$NIGHTLY"; then
+  step "rustup: installing $NIGHTLY with rust-src"
+  rustup toolchain install "$NIGHTLY" --profile minimal --component rust-src --no-self-update
+fi
+rustup component list --installed --toolchain "$NIGHTLY" 2>/dev/null | grep -q '^rust-src' \
+  || rustup component add --toolchain "$NIGHTLY" rust-src >/dev/null
+
+# 3. bpf-linker against the nightly's libLLVM. The stamp records which nightly it was built
+#    for, so changing the pinned nightly rebuilds it.
+sysroot=$(rustc +"$NIGHTLY" --print sysroot)
+lib=$(cd "$sysroot/lib" && ls libLLVM.so.* 2>/dev/null | head -n1) \
+  || die "$NIGHTLY has no libLLVM.so in $sysroot/lib"
+major=$(printf '%s' "$lib" | sed -E 's/^libLLVM\.so\.([0-9]+).*/\1/')
+stamp="$CACHE/bpf-linker.stamp"
+want="bpf-linker $BPF_LINKER_VERSION $NIGHTLY $lib"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$CARGO_BIN/bpf-linker" --version >/dev/null 2>&1; then
+  step "cargo install bpf-linker $BPF_LINKER_VERSION (llvm-$major, against $NIGHTLY; about a minute)"
+  llvm="$CACHE/llvm-$NIGHTLY"
+  mkdir -p "$llvm/lib"
+  ln -sf "$sysroot/lib/$lib" "$llvm/lib/libLLVM.so"
+  ln -sf "$sysroot/lib/$lib" "$llvm/lib/$lib"
+  LLVM_PREFIX="$llvm" cargo +"$NIGHTLY" install "bpf-linker@$BPF_LINKER_VERSION" --locked --force \
+    --no-default-features --features "llvm-$major" --root "${CARGO_HOME:-$HOME/.cargo}" >&2
+  mkdir -p "$CACHE"
+  printf '%s' "$want" > "$stamp"
+fi
+
+step "setup complete: $STABLE, $NIGHTLY + rust-src, $("$CARGO_BIN/bpf-linker" --version)"
