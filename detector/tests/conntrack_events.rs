@@ -218,7 +218,7 @@ fn lifetime_matches_conntrack_events() {
     ns.exec_ok(&ns.server, "taskset", &["-c", "0", "conntrack", "-L"]);
     sleep(Duration::from_millis(300));
     let (events, stderr) = det.stop();
-    unsafe { libc::kill(ev.id() as i32, libc::SIGINT) };
+    unsafe { libc::kill(ev.id() as i32, libc::SIGTERM) };
     let mut text = String::new();
     ev.stdout.take().unwrap().read_to_string(&mut text).unwrap();
     let _ = ev.wait();

@@ -1,1 +1,5 @@
-//! The agent (NPA) side: map layouts and key decoding (being written).
+//! The agent (NPA) side: conntrack-cache map layouts and key/value decoding. Pure, no I/O.
+
+pub mod layout;
+
+pub use layout::{CodecError, KeyLayout, Layout, LayoutError, NpaKey, NpaValue, ValueLayout};

@@ -106,6 +106,13 @@ pub async fn run(args: TraceArgs) -> Result<()> {
     let mut incoming = Vec::new();
     let mut ready = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(5));
+    // Streams created once, before the loop, so a signal that lands while the loop body runs
+    // is not missed. A shell starts background jobs with SIGINT ignored, and a handler is not
+    // installed over an inherited SIG_IGN by every runtime: restore the default first, so
+    // `kill -INT` stops a backgrounded detector as cleanly as Ctrl-C.
+    // SAFETY: resetting a signal disposition before any handler of ours exists.
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let deadline = args
         .duration
@@ -115,7 +122,7 @@ pub async fn run(args: TraceArgs) -> Result<()> {
 
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
+            _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
             r = reader.readable() => {

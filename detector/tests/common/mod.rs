@@ -221,6 +221,7 @@ pub fn connect_from(ns: &str, to: SocketAddr) -> TcpStream {
 /// The detector running `trace --json`, as a user would run it.
 pub struct Detector {
     child: Child,
+    stdout: thread::JoinHandle<String>,
     stderr: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
@@ -235,6 +236,12 @@ impl Detector {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn detector");
+        let mut out = child.stdout.take().unwrap();
+        let stdout = thread::spawn(move || {
+            let mut s = String::new();
+            let _ = out.read_to_string(&mut s);
+            s
+        });
         let stderr = child.stderr.take().unwrap();
         let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let (tx, rx) = mpsc::channel();
@@ -261,19 +268,29 @@ impl Detector {
             );
         }
         eprintln!("detector attached in {:?}", start.elapsed());
-        Self { child, stderr: log }
+        Self {
+            child,
+            stdout,
+            stderr: log,
+        }
     }
 
-    /// Stops it with SIGINT (Ctrl-C) and returns (NDJSON objects, stderr).
+    /// Stops it with SIGINT (Ctrl-C) and returns (NDJSON objects, stderr). Fails the test if it
+    /// does not exit within 15 s.
     pub fn stop(mut self) -> (Vec<serde_json::Value>, String) {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let mut stdout = String::new();
-        self.child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut stdout)
-            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "detector did not exit within 15 s of SIGINT: {}",
+                    self.stderr.lock().unwrap()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let stdout = self.stdout.join().unwrap();
         let status = self.child.wait().unwrap();
         // Let the stderr thread finish reading.
         thread::sleep(Duration::from_millis(100));

@@ -1,0 +1,239 @@
+//! What the engine produces: verdicts, traces and the timeline events they carry, plus the
+//! classification rule.
+
+use serde::Serialize;
+
+use super::input::{DeleteResult, KernelView};
+use crate::agent::{Layout, NpaKey};
+use crate::event::{DestroyReason, FlowTuple, Task};
+
+/// One output of [`super::Engine::push`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "output", rename_all = "snake_case")]
+pub enum Output {
+    /// Emitted at the harmful delete itself.
+    Verdict(Verdict),
+    /// Emitted once the after-window of a verdict has passed.
+    TraceReady(Trace),
+}
+
+/// The only verdict kind so far; a field of its own so consumers can tell kinds apart later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VerdictKind {
+    /// The agent deleted the key of a flow whose kernel entry was confirmed and unexpired.
+    LiveEntryDelete,
+}
+
+/// Why the agent's view was wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VerdictClass {
+    /// An earlier entry of the same flow was destroyed and a new one created since (#462).
+    PortReuse,
+    /// No predecessor; the live entry is younger than the snapshot-lag window (#246).
+    SnapshotLag,
+    /// The live entry is older than the window (or predates the detector): the agent's
+    /// matching of keys to kernel entries is wrong.
+    StaleMatch,
+}
+
+impl VerdictClass {
+    pub fn name(self) -> &'static str {
+        match self {
+            VerdictClass::PortReuse => "port-reuse",
+            VerdictClass::SnapshotLag => "snapshot-lag",
+            VerdictClass::StaleMatch => "stale-match",
+        }
+    }
+}
+
+/// Who decided the entry was live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecidedBy {
+    /// The kernel's own view at the delete ([`KernelView`]).
+    Kernel,
+    /// The engine's shadow of the conntrack table (cannot see per-packet timeout refreshes,
+    /// so it treats every confirmed, not yet destroyed entry as live).
+    Shadow,
+}
+
+/// The kernel entry that was live at the delete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct LiveEntry {
+    pub id: u64,
+    /// `None` when the entry predates the detector.
+    pub born_ns: Option<u64>,
+    /// Known when the shadow holds the entry (a kernel view alone carries only id and birth).
+    pub netns: Option<u32>,
+    pub orig: Option<FlowTuple>,
+    pub reply: Option<FlowTuple>,
+    /// Remaining timeout at the delete, from the kernel view.
+    pub timeout_left_ns: Option<i64>,
+}
+
+/// The last destroyed entry of a flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct OldEntry {
+    pub id: u64,
+    pub born_ns: Option<u64>,
+    pub netns: u32,
+    pub destroyed_ns: u64,
+    /// `None` when no destroy record was seen and the engine inferred the end from a new entry
+    /// taking the same tuple in the same netns (the record was lost).
+    pub reason: Option<DestroyReason>,
+}
+
+/// The first dropped packet of the flow after the delete.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeniedPacket {
+    pub ts_ns: u64,
+    pub netns: u32,
+    pub tuple: FlowTuple,
+    pub reason: String,
+}
+
+/// A harmful delete, explained.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Verdict {
+    pub kind: VerdictKind,
+    pub class: VerdictClass,
+    pub decided_by: DecidedBy,
+    pub key: NpaKey,
+    pub layout: Layout,
+    pub map_id: u32,
+    /// The deleting task.
+    pub agent: Task,
+    pub delete_ts_ns: u64,
+    pub live: LiveEntry,
+    /// The predecessor whose end the agent mistook for this flow's end (port-reuse only).
+    pub old: Option<OldEntry>,
+    /// When the datapath last inserted the key, if the backend reports datapath writes.
+    pub key_inserted_ns: Option<u64>,
+    /// Old entry's destroy -> live entry's birth. Signed: probes that see a destroy late
+    /// (e.g. a slab free after an RCU grace period) can put it after the new birth.
+    pub reuse_gap_ns: Option<i64>,
+    /// Live entry's birth -> the delete.
+    pub delete_lag_ns: Option<u64>,
+    /// The delete -> the first packet of the flow dropped after it (traces only; the verdict
+    /// is emitted before any such drop can be seen).
+    pub delete_to_denied_ns: Option<u64>,
+    pub first_denied: Option<DeniedPacket>,
+    /// Records were lost between the start of the story (old entry's birth, or the
+    /// before-window) and the delete, so a piece of it may be missing.
+    pub maybe_incomplete: bool,
+    /// Oddities worth a human's attention (owner not an end of the key, several live
+    /// entries, kernel view contradicting the shadow...).
+    pub notes: Vec<String>,
+    /// Every retained event touching the flow up to and including the delete, by time.
+    pub timeline: Vec<TimelineEvent>,
+}
+
+/// A verdict with the flow's flight-recorder timeline around it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Trace {
+    pub verdict: Verdict,
+    pub window_start_ns: u64,
+    pub window_end_ns: u64,
+    /// Events of the flow (and global markers: lost records, map re-creations) inside
+    /// `[window_start_ns, window_end_ns]`, by time.
+    pub timeline: Vec<TimelineEvent>,
+    /// Records were lost after the delete within the window (a denial may be missing).
+    pub after_window_incomplete: bool,
+}
+
+/// One entry of a flow's timeline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TimelineEvent {
+    /// Arrival order in the engine; ties on `ts_ns` keep it, and it de-duplicates events
+    /// recorded under several flow ids.
+    pub seq: u64,
+    pub ts_ns: u64,
+    #[serde(flatten)]
+    pub what: TimelineKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum TimelineKind {
+    CtNew {
+        id: u64,
+        netns: u32,
+        orig: FlowTuple,
+        reply: FlowTuple,
+    },
+    CtDestroy {
+        id: u64,
+        netns: u32,
+        born_ns: Option<u64>,
+        reason: DestroyReason,
+    },
+    /// Snapshot entry; `ts_ns` is when the engine learnt of it.
+    CtExisting {
+        id: u64,
+        netns: u32,
+        orig: FlowTuple,
+        reply: FlowTuple,
+    },
+    MapExisting {
+        map_id: u32,
+        key: NpaKey,
+    },
+    AgentInsert {
+        map_id: u32,
+        key: NpaKey,
+    },
+    AgentDelete {
+        task: Task,
+        map_id: u32,
+        key: NpaKey,
+        result: DeleteResult,
+        kernel_view: Option<KernelView>,
+    },
+    PacketDrop {
+        netns: u32,
+        tuple: FlowTuple,
+        reason: String,
+    },
+    Lost {
+        count: u64,
+    },
+    MapRecreated {
+        old_id: u32,
+        new_id: u32,
+    },
+}
+
+/// Classifies a live-entry delete.
+///
+/// An entry older than `window_ns` (or of unknown birth, i.e. present when the detector
+/// started) outlived at least one full cleanup period, so the agent's dump must have shown
+/// it: the agent's matching is wrong whatever happened before (stale-match). A younger entry
+/// with a destroyed predecessor is the port-reuse race; without one it is snapshot lag.
+/// Returns the predecessor when it explains the verdict.
+pub(crate) fn classify(
+    delete_ts: u64,
+    live_id: u64,
+    live_born: Option<u64>,
+    last_destroyed: Option<&OldEntry>,
+    window_ns: u64,
+) -> (VerdictClass, Option<OldEntry>) {
+    let Some(born) = live_born else {
+        return (VerdictClass::StaleMatch, None);
+    };
+    if delete_ts.saturating_sub(born) > window_ns {
+        return (VerdictClass::StaleMatch, None);
+    }
+    // A predecessor counts when it is another lifetime that began no later than the live
+    // one and ended before the delete. Its destroy time is not compared with the new birth:
+    // two entries with one tuple cannot coexist in a netns, and late destroy probes would
+    // otherwise hide real reuse.
+    let old = last_destroyed.filter(|o| {
+        o.id != live_id && o.born_ns.is_none_or(|ob| ob <= born) && o.destroyed_ns <= delete_ts
+    });
+    match old {
+        Some(o) => (VerdictClass::PortReuse, Some(*o)),
+        None => (VerdictClass::SnapshotLag, None),
+    }
+}
