@@ -106,16 +106,52 @@ fn test(args: &[String]) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
-    run(Command::new("cargo")
-        .current_dir(&root)
-        .env("DETECTOR_REQUIRE_PRIVILEGED", "1")
-        .args(["test", "--workspace", "--"])
-        .args(args))?;
-    println!(
-        "xtask test: all green in {:.0} s",
-        t0.elapsed().as_secs_f64()
-    );
+    let (passed, failed) = cargo_test(&root, args)?;
+    println!("xtask test: {:.0} s", t0.elapsed().as_secs_f64());
+    // One closing line for the whole run, whatever the number of test binaries.
+    println!("{passed} passed, {failed} failed");
+    if failed > 0 {
+        bail!("{failed} test(s) failed");
+    }
     Ok(())
+}
+
+/// Runs `cargo test --workspace`, echoing its output, and sums its per-binary results.
+fn cargo_test(root: &Path, args: &[String]) -> Result<(u64, u64)> {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new("cargo")
+        .current_dir(root)
+        .env("DETECTOR_REQUIRE_PRIVILEGED", "1")
+        .args(["test", "--workspace", "--no-fail-fast", "--"])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        // test result: ok. 64 passed; 0 failed; 0 ignored; ...
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let mut words = part.split_whitespace().rev();
+                let (Some(label), Some(n)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                match (label, n.parse::<u64>()) {
+                    ("passed", Ok(n)) => passed += n,
+                    ("failed", Ok(n)) => failed += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() && failed == 0 {
+        bail!("cargo test failed with {status} (a build error?)");
+    }
+    Ok((passed, failed))
 }
 
 unsafe extern "C" {
