@@ -16,6 +16,9 @@ pub mod kind {
     pub const CT_NEW: u8 = 1;
     /// A confirmed conntrack entry was destroyed.
     pub const CT_DESTROY: u8 = 2;
+    /// A userspace bpf(2) delete on a watched (agent) map, with the kernel's view of the key's
+    /// conntrack entry at that instant.
+    pub const MAP_DELETE: u8 = 3;
     /// Number of kinds; sizes the loss-counter array.
     pub const COUNT: u32 = 8;
 }
@@ -50,6 +53,30 @@ pub mod reason {
     /// It was removed before its timeout (conntrack -D, flush, RST handling, netns exit...).
     pub const KILLED: u8 = 2;
 }
+
+/// The kernel's view of a deleted key's conntrack entry at the instant of the delete
+/// (`MapDeleteEvent::view`).
+pub mod view {
+    /// The key did not decode into a flow (unknown layout): no view taken.
+    pub const UNKNOWN: u8 = 0;
+    /// No entry for the key's flow (either direction, or its DNAT form).
+    pub const ABSENT: u8 = 1;
+    /// A confirmed, not dying entry whose timeout has not passed.
+    pub const LIVE: u8 = 2;
+    /// An entry whose timeout has passed (or that is dying) but that is not freed yet.
+    pub const EXPIRED: u8 = 3;
+}
+
+/// bpf(2) commands the detector watches (include/uapi/linux/bpf.h).
+pub mod bpf_cmd {
+    pub const MAP_DELETE_ELEM: u32 = 3;
+    pub const MAP_LOOKUP_AND_DELETE_ELEM: u32 = 21;
+    pub const MAP_LOOKUP_AND_DELETE_BATCH: u32 = 25;
+    pub const MAP_DELETE_BATCH: u32 = 27;
+}
+
+/// Longest map key captured (NPA's largest, IPv6 with ifindex, is 60 bytes).
+pub const MAX_KEY: usize = 64;
 
 /// `ct->status` bits the detector relies on (include/uapi/linux/netfilter/nf_conntrack_common.h).
 pub mod ips {
@@ -135,6 +162,82 @@ pub struct CtEvent {
     pub task: TaskInfo,
 }
 
+/// A userspace delete on a watched map. Timestamped at syscall entry; emitted at syscall exit
+/// with the result.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapDeleteEvent {
+    pub hdr: EventHeader,
+    pub task: TaskInfo,
+    /// Id of the map the fd referred to.
+    pub map_id: u32,
+    /// One of [`bpf_cmd`].
+    pub cmd: u32,
+    /// Return value of the syscall (0, or a negative errno).
+    pub ret: i64,
+    /// `bpf_ktime_get_ns()` at syscall exit.
+    pub exit_ns: u64,
+    /// Bytes of `key` that hold the key (the map's key size, at most [`MAX_KEY`]).
+    pub key_size: u32,
+    /// One of [`view`]: the key's conntrack entry, read in the kernel at the delete.
+    pub view: u8,
+    /// 1 when the entry was found through the reversed key (reply direction).
+    pub view_reversed: u8,
+    pub _pad: u16,
+    /// The entry (when found): kernel address, birth ts (0 unknown), remaining timeout in
+    /// jiffies, status.
+    pub ct_addr: u64,
+    pub ct_born_ns: u64,
+    pub ct_timeout_left: i32,
+    pub ct_status: u32,
+    pub key: [u8; MAX_KEY],
+}
+
+impl MapDeleteEvent {
+    pub const ZERO: Self = Self {
+        hdr: EventHeader {
+            kind: 0,
+            version: 0,
+            size: 0,
+            cpu: 0,
+            ts_ns: 0,
+        },
+        task: TaskInfo {
+            pid: 0,
+            tid: 0,
+            comm: [0; 16],
+        },
+        map_id: 0,
+        cmd: 0,
+        ret: 0,
+        exit_ns: 0,
+        key_size: 0,
+        view: 0,
+        view_reversed: 0,
+        _pad: 0,
+        ct_addr: 0,
+        ct_born_ns: 0,
+        ct_timeout_left: 0,
+        ct_status: 0,
+        key: [0; MAX_KEY],
+    };
+}
+
+/// A watched map, as the kernel programs need to know it (map `TARGETS`, keyed by map id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TargetMap {
+    /// Address family of the keys ([`AF_INET`] or [`AF_INET6`]); 0 = do not decode keys.
+    pub family: u32,
+    /// Offsets inside a key: source address, source port (u16, host order), destination
+    /// address, destination port, protocol (u8).
+    pub off_src: u32,
+    pub off_sport: u32,
+    pub off_dst: u32,
+    pub off_dport: u32,
+    pub off_proto: u32,
+}
+
 /// Kernel struct offsets and run-time settings, resolved by userspace from BTF and written into
 /// the object's read-only data before load (one global, like pwru's config). Every field is a
 /// `u32` so the struct has no padding; offsets are in bytes.
@@ -166,6 +269,19 @@ pub struct ProbeConfig {
     pub kmem_cache_name: u32,
     /// Only report entries of this network namespace (inode); 0 reports all.
     pub netns_filter: u32,
+    /// syscalls:sys_enter_bpf / sys_exit_bpf field offsets (from the tracefs format files).
+    pub sys_enter_bpf_cmd: u32,
+    pub sys_enter_bpf_uattr: u32,
+    pub sys_exit_bpf_ret: u32,
+    /// `struct task_struct`: `files`; `struct files_struct`: `fdt`; `struct fdtable`: `fd`,
+    /// `max_fds`; `struct file`: `private_data`; `struct bpf_map`: `id`, `key_size`.
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_fd: u32,
+    pub fdtable_max_fds: u32,
+    pub file_private_data: u32,
+    pub bpf_map_id: u32,
+    pub bpf_map_key_size: u32,
     pub _reserved: u32,
 }
 
@@ -187,6 +303,16 @@ impl ProbeConfig {
         skb_nfct: 0,
         kmem_cache_name: 0,
         netns_filter: 0,
+        sys_enter_bpf_cmd: 0,
+        sys_enter_bpf_uattr: 0,
+        sys_exit_bpf_ret: 0,
+        task_files: 0,
+        files_fdt: 0,
+        fdtable_fd: 0,
+        fdtable_max_fds: 0,
+        file_private_data: 0,
+        bpf_map_id: 0,
+        bpf_map_key_size: 0,
         _reserved: 0,
     };
 }
@@ -199,6 +325,12 @@ pub mod counter {
     pub const SEEN_FULL: u32 = 8;
     /// A kernel read (bpf_probe_read_kernel) failed; the record was still emitted, fields zeroed.
     pub const READ_FAILED: u32 = 9;
+    /// A delete's syscall entry could not be remembered until its exit (table full): lost.
+    pub const PENDING_FULL: u32 = 10;
+    /// A batch delete on a watched map (not decoded key by key yet): counted, not reported.
+    pub const BATCH_DELETE: u32 = 11;
+    /// The flow index (tuple -> entry) was full: a later delete may see its entry as absent.
+    pub const FLOWS_FULL: u32 = 12;
     pub const COUNT: u32 = 16;
 }
 
@@ -220,7 +352,27 @@ const _: () = {
                 + size_of::<TaskInfo>()
     );
     assert!(size_of::<CtEvent>().is_multiple_of(8));
-    assert!(size_of::<ProbeConfig>() == 16 * 4);
+    assert!(size_of::<ProbeConfig>() == 26 * 4);
+    assert!(
+        size_of::<MapDeleteEvent>()
+            == size_of::<EventHeader>()
+                + size_of::<TaskInfo>()
+                + 4
+                + 4
+                + 8
+                + 8
+                + 4
+                + 1
+                + 1
+                + 2
+                + 8
+                + 8
+                + 4
+                + 4
+                + MAX_KEY
+    );
+    assert!(size_of::<MapDeleteEvent>().is_multiple_of(8));
+    assert!(size_of::<TargetMap>() == 6 * 4);
     assert!(kind::COUNT <= counter::SEEN_FULL);
 };
 
@@ -233,4 +385,6 @@ mod pod {
     unsafe impl aya::Pod for super::TaskInfo {}
     unsafe impl aya::Pod for super::CtEvent {}
     unsafe impl aya::Pod for super::ProbeConfig {}
+    unsafe impl aya::Pod for super::MapDeleteEvent {}
+    unsafe impl aya::Pod for super::TargetMap {}
 }

@@ -30,12 +30,19 @@ use crate::emit::{bump, config, header, output, task};
 /// skb-based insert probe, and gives DESTROY the birth time so (address, born) names one
 /// lifetime. Removed on destroy. Userspace sizes it to the conntrack table before load.
 #[map]
-static SEEN: LruHashMap<u64, u64> = LruHashMap::with_max_entries(262_144, 0);
+pub static SEEN: LruHashMap<u64, u64> = LruHashMap::with_max_entries(262_144, 0);
 
 /// Address of the `nf_conntrack` kmem_cache, found by name on the first conntrack free and
 /// compared by pointer from then on (kmem_cache_free fires for every slab free on the machine).
 #[map]
 static CT_CACHE: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Flow index for the delete-time liveness check: a tuple the agent may key the flow by ->
+/// the entry's kernel address. Holds each entry's original tuple and, when the reply comes
+/// from another address (DNAT), `orig.src:sport -> reply.src:sport`, as NPA's cleanup builds
+/// them. Written at NEW, removed at DESTROY (only if it still names that entry).
+#[map]
+pub static FLOWS: LruHashMap<Tuple, u64> = LruHashMap::with_max_entries(524_288, 0);
 
 /// kprobe backend: the skb passed to `__nf_conntrack_confirm`, by thread, for the kretprobe.
 #[map]
@@ -48,7 +55,7 @@ const BPF_NOEXIST: u64 = 1;
 const EEXIST: i32 = 17;
 
 #[inline(always)]
-fn read<T: Copy + Default>(base: u64, off: u32) -> T {
+pub fn read<T: Copy + Default>(base: u64, off: u32) -> T {
     match unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) } {
         Ok(v) => v,
         Err(_) => {
@@ -82,15 +89,57 @@ fn netns_of(ct: u64, cfg: &ProbeConfig) -> u32 {
 }
 
 #[inline(always)]
-fn status_of(ct: u64, cfg: &ProbeConfig) -> u64 {
+pub fn status_of(ct: u64, cfg: &ProbeConfig) -> u64 {
     read(ct, cfg.ct_status)
 }
 
 /// Builds and emits one record for entry `ct`.
+/// The tuple NPA's cleanup derives for a DNAT'd flow, if the entry is one.
 #[inline(always)]
+fn dnat_form(orig: &Tuple, reply: &Tuple) -> Option<Tuple> {
+    if reply.src_addr == orig.dst_addr {
+        return None;
+    }
+    Some(Tuple {
+        dst_addr: reply.src_addr,
+        dst_port: reply.src_port,
+        ..*orig
+    })
+}
+
+#[inline(always)]
+fn index_flow(ct: u64, orig: &Tuple, reply: &Tuple) {
+    if FLOWS.insert(orig, &ct, 0).is_err() {
+        bump(counter::FLOWS_FULL);
+    }
+    if let Some(d) = dnat_form(orig, reply)
+        && FLOWS.insert(&d, &ct, 0).is_err()
+    {
+        bump(counter::FLOWS_FULL);
+    }
+}
+
+#[inline(always)]
+fn unindex_flow(ct: u64, orig: &Tuple, reply: &Tuple) {
+    // A newer entry may already own the tuple (port reuse: the old entry can be freed after
+    // its successor was confirmed); only remove mappings that still name this entry.
+    if unsafe { FLOWS.get(orig) }.copied() == Some(ct) {
+        let _ = FLOWS.remove(orig);
+    }
+    if let Some(d) = dnat_form(orig, reply)
+        && unsafe { FLOWS.get(&d) }.copied() == Some(ct)
+    {
+        let _ = FLOWS.remove(&d);
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn emit_ct(
     k: u8,
     ct: u64,
+    orig: &Tuple,
+    reply: &Tuple,
     netns: u32,
     status: u64,
     born_ns: u64,
@@ -111,8 +160,8 @@ fn emit_ct(
     };
     let ev = CtEvent {
         hdr: header(k, core::mem::size_of::<CtEvent>(), ts_ns),
-        orig: read_tuple(ct + cfg.ct_tuple_orig as u64, cfg),
-        reply: read_tuple(ct + cfg.ct_tuple_reply as u64, cfg),
+        orig: *orig,
+        reply: *reply,
         ct_addr: ct,
         born_ns,
         jiffies,
@@ -153,7 +202,10 @@ fn report_new(ct: u64, src: u8) {
         Err(e) if e == -EEXIST => return,
         Err(_) => bump(counter::SEEN_FULL),
     }
-    emit_ct(kind::CT_NEW, ct, netns, status, now, now, src, &cfg);
+    let orig = read_tuple(ct + cfg.ct_tuple_orig as u64, &cfg);
+    let reply = read_tuple(ct + cfg.ct_tuple_reply as u64, &cfg);
+    index_flow(ct, &orig, &reply);
+    emit_ct(kind::CT_NEW, ct, &orig, &reply, netns, status, now, now, src, &cfg);
 }
 
 /// A confirmed entry is being destroyed: emit DESTROY with its birth time, forget it.
@@ -178,7 +230,10 @@ fn report_destroy(ct: u64, src: u8) {
         return;
     }
     let now = unsafe { bpf_ktime_get_ns() };
-    emit_ct(kind::CT_DESTROY, ct, netns, status, born, now, src, &cfg);
+    let orig = read_tuple(ct + cfg.ct_tuple_orig as u64, &cfg);
+    let reply = read_tuple(ct + cfg.ct_tuple_reply as u64, &cfg);
+    unindex_flow(ct, &orig, &reply);
+    emit_ct(kind::CT_DESTROY, ct, &orig, &reply, netns, status, born, now, src, &cfg);
 }
 
 #[inline(always)]

@@ -5,7 +5,9 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use detector_common::{self as common, AF_INET, AF_INET6, CtEvent, EventHeader, RECORD_VERSION};
+use detector_common::{
+    self as common, AF_INET, AF_INET6, CtEvent, EventHeader, MapDeleteEvent, RECORD_VERSION,
+};
 use serde::Serialize;
 use thiserror::Error;
 
@@ -32,6 +34,7 @@ pub enum DecodeError {
 pub enum Kind {
     CtNew,
     CtDestroy,
+    MapDelete,
 }
 
 impl TryFrom<u8> for Kind {
@@ -40,18 +43,20 @@ impl TryFrom<u8> for Kind {
         match v {
             common::kind::CT_NEW => Ok(Kind::CtNew),
             common::kind::CT_DESTROY => Ok(Kind::CtDestroy),
+            common::kind::MAP_DELETE => Ok(Kind::MapDelete),
             other => Err(DecodeError::UnknownKind(other)),
         }
     }
 }
 
 impl Kind {
-    pub const ALL: [Kind; 2] = [Kind::CtNew, Kind::CtDestroy];
+    pub const ALL: [Kind; 3] = [Kind::CtNew, Kind::CtDestroy, Kind::MapDelete];
 
     pub fn raw(self) -> u8 {
         match self {
             Kind::CtNew => common::kind::CT_NEW,
             Kind::CtDestroy => common::kind::CT_DESTROY,
+            Kind::MapDelete => common::kind::MAP_DELETE,
         }
     }
 
@@ -59,7 +64,29 @@ impl Kind {
         match self {
             Kind::CtNew => "ct_new",
             Kind::CtDestroy => "ct_destroy",
+            Kind::MapDelete => "map_delete",
         }
+    }
+}
+
+/// The two conntrack record kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CtKind {
+    New,
+    Destroy,
+}
+
+impl CtKind {
+    pub fn kind(self) -> Kind {
+        match self {
+            CtKind::New => Kind::CtNew,
+            CtKind::Destroy => Kind::CtDestroy,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        self.kind().name()
     }
 }
 
@@ -214,7 +241,7 @@ impl From<&common::TaskInfo> for Task {
 /// A conntrack NEW or DESTROY.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CtRecord {
-    pub kind: Kind,
+    pub kind: CtKind,
     pub ts_ns: u64,
     pub cpu: u32,
     pub orig: FlowTuple,
@@ -248,21 +275,66 @@ pub fn entry_id(ct_addr: u64, born_ns: u64) -> u64 {
     h
 }
 
+/// The kernel's view, at the delete, of the conntrack entry for the deleted key's flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeleteView {
+    /// The key did not decode into a flow in the kernel (layout without a family).
+    Unknown,
+    Absent,
+    Live,
+    /// Timeout passed (or dying) but not freed yet.
+    Expired,
+}
+
+/// A userspace delete on a watched map.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MapDeleteRecord {
+    /// Syscall entry.
+    pub ts_ns: u64,
+    pub exit_ns: u64,
+    pub cpu: u32,
+    pub task: Task,
+    pub map_id: u32,
+    pub cmd: u32,
+    /// 0 or a negative errno.
+    pub ret: i64,
+    pub key: Vec<u8>,
+    pub view: DeleteView,
+    /// The entry was found through the reversed key.
+    pub view_reversed: bool,
+    pub ct_addr: u64,
+    /// 0 when unknown.
+    pub ct_born_ns: u64,
+    pub ct_timeout_left_jiffies: i32,
+    pub ct_status: u32,
+}
+
+impl MapDeleteRecord {
+    /// Id of the entry the kernel found, in the same form as `CtRecord::id`.
+    pub fn entry_id(&self) -> Option<u64> {
+        (self.ct_addr != 0).then(|| entry_id(self.ct_addr, self.ct_born_ns))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Ct(CtRecord),
+    MapDelete(MapDeleteRecord),
 }
 
 impl Event {
     pub fn ts_ns(&self) -> u64 {
         match self {
             Event::Ct(c) => c.ts_ns,
+            Event::MapDelete(d) => d.ts_ns,
         }
     }
 
     pub fn kind(&self) -> Kind {
         match self {
-            Event::Ct(c) => c.kind,
+            Event::Ct(c) => c.kind.kind(),
+            Event::MapDelete(_) => Kind::MapDelete,
         }
     }
 }
@@ -287,6 +359,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     let kind = Kind::try_from(hdr.kind)?;
     let expect = match kind {
         Kind::CtNew | Kind::CtDestroy => size_of::<CtEvent>(),
+        Kind::MapDelete => size_of::<MapDeleteEvent>(),
     };
     if hdr.size as usize != expect || bytes.len() < expect {
         return Err(DecodeError::Length {
@@ -298,8 +371,13 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     match kind {
         Kind::CtNew | Kind::CtDestroy => {
             let raw: CtEvent = read_record(bytes);
-            let reason = match (kind, raw.reason) {
-                (Kind::CtNew, _) => None,
+            let ct_kind = if kind == Kind::CtNew {
+                CtKind::New
+            } else {
+                CtKind::Destroy
+            };
+            let reason = match (ct_kind, raw.reason) {
+                (CtKind::New, _) => None,
                 (_, common::reason::EXPIRED) => Some(DestroyReason::Expired),
                 (_, common::reason::KILLED) => Some(DestroyReason::Killed),
                 (_, value) => {
@@ -310,7 +388,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 }
             };
             Ok(Event::Ct(CtRecord {
-                kind,
+                kind: ct_kind,
                 ts_ns: raw.hdr.ts_ns,
                 cpu: raw.hdr.cpu,
                 orig: FlowTuple::from_raw(&raw.orig)?,
@@ -325,6 +403,38 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 reason,
                 source: Source::try_from(raw.source)?,
                 task: Task::from(&raw.task),
+            }))
+        }
+        Kind::MapDelete => {
+            let raw: MapDeleteEvent = read_record(bytes);
+            let view = match raw.view {
+                common::view::UNKNOWN => DeleteView::Unknown,
+                common::view::ABSENT => DeleteView::Absent,
+                common::view::LIVE => DeleteView::Live,
+                common::view::EXPIRED => DeleteView::Expired,
+                value => {
+                    return Err(DecodeError::UnknownValue {
+                        what: "delete view",
+                        value,
+                    });
+                }
+            };
+            let n = (raw.key_size as usize).min(common::MAX_KEY);
+            Ok(Event::MapDelete(MapDeleteRecord {
+                ts_ns: raw.hdr.ts_ns,
+                exit_ns: raw.exit_ns,
+                cpu: raw.hdr.cpu,
+                task: Task::from(&raw.task),
+                map_id: raw.map_id,
+                cmd: raw.cmd,
+                ret: raw.ret,
+                key: raw.key[..n].to_vec(),
+                view,
+                view_reversed: raw.view_reversed != 0,
+                ct_addr: raw.ct_addr,
+                ct_born_ns: raw.ct_born_ns,
+                ct_timeout_left_jiffies: raw.ct_timeout_left,
+                ct_status: raw.ct_status,
             }))
         }
     }
@@ -386,14 +496,44 @@ pub(crate) mod tests {
     #[test]
     fn decodes_a_destroy() {
         let raw = raw_ct(kind::CT_DESTROY);
-        let Event::Ct(c) = decode(&bytes_of(&raw)).unwrap();
-        assert_eq!(c.kind, Kind::CtDestroy);
+        let Event::Ct(c) = decode(&bytes_of(&raw)).unwrap() else {
+            panic!("not a ct record")
+        };
+        assert_eq!(c.kind, CtKind::Destroy);
         assert_eq!(c.reason, Some(DestroyReason::Expired));
         assert_eq!(c.orig.to_string(), "10.77.0.2:40000 -> 10.77.0.1:5001");
         assert_eq!(c.task.comm, "curl");
         assert_eq!(c.source, Source::KmemCacheFree);
         assert_eq!(c.id, entry_id(raw.ct_addr, raw.born_ns));
         assert_eq!(c.netns, 4026532177);
+    }
+
+    #[test]
+    fn decodes_a_map_delete() {
+        let mut raw = MapDeleteEvent::ZERO;
+        raw.hdr = EventHeader {
+            kind: kind::MAP_DELETE,
+            version: RECORD_VERSION,
+            size: size_of::<MapDeleteEvent>() as u16,
+            cpu: 0,
+            ts_ns: 10,
+        };
+        raw.map_id = 42;
+        raw.ret = -2;
+        raw.key_size = 24;
+        raw.key[0] = 10;
+        raw.view = detector_common::view::LIVE;
+        raw.ct_addr = 0x1000;
+        raw.ct_born_ns = 5;
+        let Event::MapDelete(d) = decode(&bytes_of(&raw)).unwrap() else {
+            panic!("not a map delete");
+        };
+        assert_eq!(d.key.len(), 24);
+        assert_eq!(d.key[0], 10);
+        assert_eq!(d.view, DeleteView::Live);
+        assert_eq!(d.entry_id(), Some(entry_id(0x1000, 5)));
+        raw.view = 9;
+        assert!(decode(&bytes_of(&raw)).is_err());
     }
 
     #[test]
@@ -408,7 +548,9 @@ pub(crate) mod tests {
         raw.orig.family = AF_INET6;
         raw.orig.src_addr = "fd00::2".parse::<Ipv6Addr>().unwrap().octets();
         raw.orig.dst_addr = "fd00::1".parse::<Ipv6Addr>().unwrap().octets();
-        let Event::Ct(c) = decode(&bytes_of(&raw)).unwrap();
+        let Event::Ct(c) = decode(&bytes_of(&raw)).unwrap() else {
+            panic!("not a ct record")
+        };
         assert_eq!(c.orig.to_string(), "[fd00::2]:40000 -> [fd00::1]:5001");
         assert_eq!(c.reason, None);
     }

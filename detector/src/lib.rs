@@ -11,3 +11,4 @@ pub mod event;
 pub mod output;
 pub mod probe;
 pub mod reorder;
+pub mod sinks;

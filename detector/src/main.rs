@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use detector::cmd::{doctor, trace};
+use detector::cmd::{doctor, run, trace};
 
 /// eBPF detector for conntrack-cache cleanup races of the AWS network policy agent.
 #[derive(Debug, Parser)]
@@ -20,6 +20,9 @@ enum Command {
     Doctor(doctor::DoctorArgs),
     /// Stream kernel conntrack inserts and destroys live.
     Trace(trace::TraceArgs),
+    /// Detect races: watch conntrack and the agent's map deletes, report each delete of a
+    /// live flow's key with its timeline, and write trace files.
+    Run(run::RunArgs),
 }
 
 fn main() -> ExitCode {
@@ -32,14 +35,17 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
 
-    let result = match cli.command {
-        Command::Doctor(a) => doctor::run(a),
-        Command::Trace(a) => tokio::runtime::Builder::new_multi_thread()
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(trace::run(a))),
+    };
+    let result = match cli.command {
+        Command::Doctor(a) => doctor::run(a),
+        Command::Trace(a) => runtime().and_then(|rt| rt.block_on(trace::run(a))),
+        Command::Run(a) => runtime().and_then(|rt| rt.block_on(run::run(a))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

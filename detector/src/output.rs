@@ -3,8 +3,11 @@
 use serde::Serialize;
 use serde_json::json;
 
+use crate::agent::NpaKey;
 use crate::clock::WallClock;
-use crate::event::{CtRecord, DestroyReason, Event, FlowTuple, Kind, proto_name};
+use crate::event::{
+    CtKind, CtRecord, DeleteView, DestroyReason, Event, FlowTuple, MapDeleteRecord, proto_name,
+};
 
 /// Context that turns kernel units into time.
 #[derive(Debug, Clone, Copy)]
@@ -63,13 +66,67 @@ fn ct_json(c: &CtRecord, u: &Units) -> serde_json::Value {
 }
 
 fn lifetime(c: &CtRecord) -> Option<u64> {
-    (c.kind == Kind::CtDestroy && c.born_ns != 0).then(|| c.ts_ns.saturating_sub(c.born_ns))
+    (c.kind == CtKind::Destroy && c.born_ns != 0).then(|| c.ts_ns.saturating_sub(c.born_ns))
 }
 
 pub fn json_line(ev: &Event, u: &Units) -> String {
     match ev {
         Event::Ct(c) => ct_json(c, u).to_string(),
+        Event::MapDelete(d) => delete_json(d, None, u).to_string(),
     }
+}
+
+/// A userspace delete on the agent's map; `key` is its decoded form when the layout is known.
+pub fn delete_json(d: &MapDeleteRecord, key: Option<&NpaKey>, u: &Units) -> serde_json::Value {
+    json!({
+        "type": "agent_delete",
+        "ts_ns": d.ts_ns,
+        "time": u.wall.iso(d.ts_ns),
+        "exit_ns": d.exit_ns,
+        "cpu": d.cpu,
+        "map_id": d.map_id,
+        "cmd": d.cmd,
+        "ret": d.ret,
+        "key_hex": hex(&d.key),
+        "key": key,
+        "kernel_view": d.view,
+        "entry_id": d.entry_id().map(|id| format!("{id:016x}")),
+        "entry_born_ns": (d.ct_born_ns != 0).then_some(d.ct_born_ns),
+        "entry_timeout_left_ms": (d.ct_addr != 0).then(|| u.jiffies_ms(d.ct_timeout_left_jiffies as i64)),
+        "pid": d.task.pid,
+        "tid": d.task.tid,
+        "comm": d.task.comm,
+    })
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+pub fn delete_text(d: &MapDeleteRecord, key: Option<&NpaKey>, u: &Units) -> String {
+    let time = u.wall.iso(d.ts_ns);
+    let time = time.get(11..26).unwrap_or(&time);
+    let result = match d.ret {
+        0 => "deleted".to_string(),
+        r if r == -(libc::ENOENT as i64) => "not found".to_string(),
+        r => format!("error {r}"),
+    };
+    let what = key.map_or_else(|| hex(&d.key), |k| k.to_string());
+    format!(
+        "{time} DELETE  map {} {what}  {result}  kernel entry: {}  [{}/{}]",
+        d.map_id,
+        match d.view {
+            DeleteView::Live => format!(
+                "LIVE ({} left)",
+                secs(u.jiffies_ms(d.ct_timeout_left_jiffies as i64) as i128 * 1_000_000)
+            ),
+            DeleteView::Expired => "expired, not reaped".into(),
+            DeleteView::Absent => "none".into(),
+            DeleteView::Unknown => "not checked".into(),
+        },
+        d.task.comm,
+        d.task.pid
+    )
 }
 
 fn secs(ns: i128) -> String {
@@ -84,8 +141,8 @@ pub fn text_line(ev: &Event, u: &Units) -> String {
             let mut line = format!(
                 "{time} {:<7} {:<4} {}  netns {}  id {:016x}",
                 match c.kind {
-                    Kind::CtNew => "NEW",
-                    Kind::CtDestroy => "DESTROY",
+                    CtKind::New => "NEW",
+                    CtKind::Destroy => "DESTROY",
                 },
                 proto_name(c.orig.proto),
                 c.orig,
@@ -97,7 +154,7 @@ pub fn text_line(ev: &Event, u: &Units) -> String {
             }
             let left_ms = u.jiffies_ms(c.timeout_left_jiffies as i64);
             match (c.kind, c.reason) {
-                (Kind::CtNew, _) => {
+                (CtKind::New, _) => {
                     line.push_str(&format!("  timeout {}", secs(left_ms as i128 * 1_000_000)))
                 }
                 (_, Some(DestroyReason::Expired)) => line.push_str(&format!(
@@ -121,6 +178,7 @@ pub fn text_line(ev: &Event, u: &Units) -> String {
             ));
             line
         }
+        Event::MapDelete(d) => delete_text(d, None, u),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The CLI's commands.
 
 pub mod doctor;
+pub mod run;
 pub mod trace;
 
 use std::path::PathBuf;
@@ -37,13 +38,14 @@ fn parse_ring_mib(s: &str) -> Result<u32, String> {
 }
 
 impl ProbeArgs {
-    pub fn settings(&self, netns_filter: u32) -> ProbeSettings {
+    pub fn settings(&self, netns_filter: u32, watch_agent: bool) -> ProbeSettings {
         ProbeSettings {
             btf_dir: self.btf_dir.clone(),
             backend: self.backend,
             netns_filter,
             ring_bytes: self.ring_mib << 20,
             max_entries: self.max_entries,
+            watch_agent,
         }
     }
 }

@@ -76,7 +76,7 @@ pub async fn run(args: TraceArgs) -> Result<()> {
         Some(s) => netns_inode(s)?,
         None => 0,
     };
-    let settings = args.probe.settings(netns);
+    let settings = args.probe.settings(netns, false);
     let mut probe = Probe::open(&settings)?;
     let (backend, _) = probe.choose(settings.backend)?;
     probe.attach(backend)?;
@@ -202,9 +202,12 @@ fn write_ready(
         match ev.kind() {
             Kind::CtNew => summary.ct_new += 1,
             Kind::CtDestroy => summary.ct_destroy += 1,
+            // `trace` does not attach the agent-map programs.
+            Kind::MapDelete => continue,
         }
-        let Event::Ct(c) = &ev;
-        if args.proto.is_some_and(|p| p != c.orig.proto) {
+        if let Event::Ct(c) = &ev
+            && args.proto.is_some_and(|p| p != c.orig.proto)
+        {
             continue;
         }
         let line = if args.json {

@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 use crate::agent::{Layout, NpaKey};
-use crate::event::{CtRecord, DestroyReason, Event, FlowTuple, Kind, Task};
+use crate::event::{CtKind, CtRecord, DestroyReason, FlowTuple, Task};
 
 /// One observation. Kernel conntrack inputs carry the entry's original and reply tuples;
 /// agent inputs carry the decoded map key.
@@ -158,14 +158,14 @@ impl Input {
 impl From<&CtRecord> for Input {
     fn from(c: &CtRecord) -> Self {
         match c.kind {
-            Kind::CtNew => Input::CtNew {
+            CtKind::New => Input::CtNew {
                 ts_ns: c.ts_ns,
                 id: c.id,
                 netns: c.netns,
                 orig: c.orig,
                 reply: c.reply,
             },
-            Kind::CtDestroy => Input::CtDestroy {
+            CtKind::Destroy => Input::CtDestroy {
                 ts_ns: c.ts_ns,
                 id: c.id,
                 netns: c.netns,
@@ -181,14 +181,6 @@ impl From<&CtRecord> for Input {
                     DestroyReason::Killed
                 }),
             },
-        }
-    }
-}
-
-impl From<&Event> for Input {
-    fn from(e: &Event) -> Self {
-        match e {
-            Event::Ct(c) => Input::from(c),
         }
     }
 }

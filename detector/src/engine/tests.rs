@@ -900,14 +900,21 @@ fn adapts_decoded_kernel_records() {
     use crate::event::tests::{bytes_of, raw_ct};
     use detector_common::kind;
 
-    let ev = crate::event::decode(&bytes_of(&raw_ct(kind::CT_NEW))).unwrap();
+    let crate::event::Event::Ct(ev) =
+        crate::event::decode(&bytes_of(&raw_ct(kind::CT_NEW))).unwrap()
+    else {
+        panic!("not a ct record");
+    };
     let Input::CtNew { ts_ns, netns, .. } = Input::from(&ev) else {
         panic!("not a CtNew");
     };
     assert_eq!((ts_ns, netns), (123, 4026532177));
 
     let crate::event::Event::Ct(rec) =
-        crate::event::decode(&bytes_of(&raw_ct(kind::CT_DESTROY))).unwrap();
+        crate::event::decode(&bytes_of(&raw_ct(kind::CT_DESTROY))).unwrap()
+    else {
+        panic!("not a ct record");
+    };
     let Input::CtDestroy {
         id,
         born_ns,

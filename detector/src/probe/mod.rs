@@ -6,15 +6,16 @@ pub mod btf;
 pub mod caps;
 pub mod offsets;
 pub mod reader;
+pub mod tracefs;
 
 use std::path::{Path, PathBuf};
 
 use aya::{
     Btf, Ebpf, EbpfLoader, Endianness,
     maps::{MapData, PerCpuArray},
-    programs::{BtfTracePoint, FEntry, FExit, KProbe, ProgramError},
+    programs::{BtfTracePoint, FEntry, FExit, KProbe, ProgramError, TracePoint},
 };
-use detector_common::{ProbeConfig, counter};
+use detector_common::{ProbeConfig, TargetMap, counter};
 use thiserror::Error;
 
 pub use backend::{Attach, Backend, BackendChoice, ProgSpec};
@@ -63,6 +64,10 @@ pub enum ProbeError {
     Poll(std::io::Error),
     #[error("map {0} is missing from the eBPF object (stale build? run `cargo xtask build-ebpf`)")]
     MissingMap(&'static str),
+    #[error(transparent)]
+    Tracefs(#[from] tracefs::TracefsError),
+    #[error("watching agent maps was not requested when the probe was opened")]
+    AgentNotRequested,
     #[error("map {name}: {source}")]
     Map {
         name: &'static str,
@@ -83,6 +88,8 @@ pub struct ProbeSettings {
     pub ring_bytes: u32,
     /// Capacity of the in-kernel table of live entries (dedupe + birth times).
     pub max_entries: u32,
+    /// Also load the agent-map delete programs (needs tracefs; mounted when missing).
+    pub watch_agent: bool,
 }
 
 impl Default for ProbeSettings {
@@ -93,6 +100,7 @@ impl Default for ProbeSettings {
             netns_filter: 0,
             ring_bytes: 8 << 20,
             max_entries: 262_144,
+            watch_agent: false,
         }
     }
 }
@@ -112,6 +120,7 @@ pub struct Probe {
     kernel_btf: KernelBtf,
     pub offsets: Vec<Resolved>,
     pub config: ProbeConfig,
+    watch_agent: bool,
 }
 
 impl Probe {
@@ -124,6 +133,15 @@ impl Probe {
         let kernel_btf = KernelBtf::load(&settings.btf_dir, offsets::BTF_MODULES)?;
         let (mut config, offsets) = offsets::resolve(&kernel_btf)?;
         config.netns_filter = settings.netns_filter;
+        if settings.watch_agent {
+            let root = tracefs::ensure()?;
+            config.sys_enter_bpf_cmd =
+                tracefs::field_offset(&root, "syscalls", "sys_enter_bpf", "cmd")?;
+            config.sys_enter_bpf_uattr =
+                tracefs::field_offset(&root, "syscalls", "sys_enter_bpf", "uattr")?;
+            config.sys_exit_bpf_ret =
+                tracefs::field_offset(&root, "syscalls", "sys_exit_bpf", "ret")?;
+        }
         let vmlinux = settings.btf_dir.join("vmlinux");
         let aya_btf = Btf::parse_file(&vmlinux, Endianness::default()).map_err(|source| {
             ProbeError::AyaBtf {
@@ -136,6 +154,7 @@ impl Probe {
             .override_global("CONFIG", &config, true)
             .map_max_entries("EVENTS", settings.ring_bytes)
             .map_max_entries("SEEN", settings.max_entries)
+            .map_max_entries("FLOWS", settings.max_entries.saturating_mul(2))
             .load(OBJECT)?;
         Ok(Self {
             ebpf,
@@ -143,6 +162,7 @@ impl Probe {
             kernel_btf,
             offsets,
             config,
+            watch_agent: settings.watch_agent,
         })
     }
 
@@ -348,6 +368,68 @@ impl Probe {
         Ok(())
     }
 
+    /// Loads and attaches the agent-map delete programs (bpf(2) syscall tracepoints). They are
+    /// the same on every backend.
+    pub fn attach_agent(&mut self) -> Result<(), ProbeError> {
+        if !self.watch_agent {
+            return Err(ProbeError::AgentNotRequested);
+        }
+        for (name, tp) in [
+            ("agent_delete_enter", "sys_enter_bpf"),
+            ("agent_delete_exit", "sys_exit_bpf"),
+        ] {
+            let what = || format!("{name} to tracepoint syscalls/{tp}");
+            let prog = self.ebpf.program_mut(name).ok_or(ProbeError::Attach {
+                what: what(),
+                source: ProgramError::NotLoaded,
+            })?;
+            let p: &mut TracePoint = prog.try_into().map_err(|source| ProbeError::Attach {
+                what: what(),
+                source,
+            })?;
+            p.load()
+                .and_then(|()| p.attach("syscalls", tp).map(drop))
+                .map_err(|source| ProbeError::Attach {
+                    what: what(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Tells the kernel programs to watch map `id` (with the key layout in `target`).
+    pub fn set_target(&mut self, id: u32, target: TargetMap) -> Result<(), ProbeError> {
+        let mut map = self.targets()?;
+        map.insert(&id, &target, 0)
+            .map_err(|source| ProbeError::Map {
+                name: "TARGETS",
+                source,
+            })
+    }
+
+    /// Stops watching map `id` (it was re-created under a new id).
+    pub fn remove_target(&mut self, id: u32) -> Result<(), ProbeError> {
+        let mut map = self.targets()?;
+        match map.remove(&id) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(ProbeError::Map {
+                name: "TARGETS",
+                source,
+            }),
+        }
+    }
+
+    fn targets(&mut self) -> Result<aya::maps::HashMap<&mut MapData, u32, TargetMap>, ProbeError> {
+        let map = self
+            .ebpf
+            .map_mut("TARGETS")
+            .ok_or(ProbeError::MissingMap("TARGETS"))?;
+        aya::maps::HashMap::try_from(map).map_err(|source| ProbeError::Map {
+            name: "TARGETS",
+            source,
+        })
+    }
+
     /// Takes the ring buffer and the counters for the reader.
     pub fn take_reader(&mut self) -> Result<reader::Reader, ProbeError> {
         let events = self
@@ -380,6 +462,12 @@ pub struct CounterSnapshot {
     pub lost: [u64; detector_common::kind::COUNT as usize],
     pub seen_full: u64,
     pub read_failed: u64,
+    /// Agent deletes lost between syscall entry and exit (table full).
+    pub pending_full: u64,
+    /// Batch deletes on a watched map (counted, not decoded key by key).
+    pub batch_deletes: u64,
+    /// Flow index full: a later delete may have seen its entry as absent.
+    pub flows_full: u64,
 }
 
 impl CounterSnapshot {
@@ -402,6 +490,9 @@ impl Counters {
         }
         s.seen_full = sum(counter::SEEN_FULL);
         s.read_failed = sum(counter::READ_FAILED);
+        s.pending_full = sum(counter::PENDING_FULL);
+        s.batch_deletes = sum(counter::BATCH_DELETE);
+        s.flows_full = sum(counter::FLOWS_FULL);
         s
     }
 }

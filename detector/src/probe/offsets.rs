@@ -46,6 +46,19 @@ const FIELDS: &[(&str, &str, &str, Slot)] = &[
     ("kmem_cache_name", "kmem_cache", "name", |c| {
         &mut c.kmem_cache_name
     }),
+    ("task_files", "task_struct", "files", |c| &mut c.task_files),
+    ("files_fdt", "files_struct", "fdt", |c| &mut c.files_fdt),
+    ("fdtable_fd", "fdtable", "fd", |c| &mut c.fdtable_fd),
+    ("fdtable_max_fds", "fdtable", "max_fds", |c| {
+        &mut c.fdtable_max_fds
+    }),
+    ("file_private_data", "file", "private_data", |c| {
+        &mut c.file_private_data
+    }),
+    ("bpf_map_id", "bpf_map", "id", |c| &mut c.bpf_map_id),
+    ("bpf_map_key_size", "bpf_map", "key_size", |c| {
+        &mut c.bpf_map_key_size
+    }),
 ];
 
 /// One resolved offset, for display.

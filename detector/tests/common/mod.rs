@@ -2,6 +2,8 @@
 //! conntrack tools run inside them, and the detector binary run as a user would run it.
 #![allow(dead_code)]
 
+pub mod bpfmap;
+
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -218,6 +220,89 @@ pub fn connect_from(ns: &str, to: SocketAddr) -> TcpStream {
     })
 }
 
+/// Opens a connection from `ns` bound to `local:port` (SO_REUSEADDR, so a port whose previous
+/// connection was reset can be taken again at once), does one request/reply, returns it.
+pub fn connect_from_port(ns: &str, local: &str, port: u16, to: SocketAddr) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    let local: std::net::Ipv4Addr = local.parse().unwrap();
+    in_netns(ns, move || {
+        // SAFETY: plain socket calls on a new fd; the fd is handed to TcpStream at the end.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            assert!(fd >= 0);
+            let one: libc::c_int = 1;
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_REUSEADDR,
+                (&one as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as u32,
+            );
+            let sin = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: port.to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(ip.octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            let me = sin(local, port);
+            let rc = libc::bind(
+                fd,
+                (&me as *const libc::sockaddr_in).cast(),
+                size_of::<libc::sockaddr_in>() as u32,
+            );
+            assert_eq!(
+                rc,
+                0,
+                "bind {local}:{port}: {}",
+                std::io::Error::last_os_error()
+            );
+            let SocketAddr::V4(to4) = to else {
+                panic!("IPv4 only")
+            };
+            let them = sin(*to4.ip(), to4.port());
+            let rc = libc::connect(
+                fd,
+                (&them as *const libc::sockaddr_in).cast(),
+                size_of::<libc::sockaddr_in>() as u32,
+            );
+            assert_eq!(
+                rc,
+                0,
+                "connect from {port}: {}",
+                std::io::Error::last_os_error()
+            );
+            let mut s = TcpStream::from_raw_fd(fd);
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(b"x").unwrap();
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).expect("reply");
+            s
+        }
+    })
+}
+
+/// Closes a connection with a RST (SO_LINGER 0): no FIN exchange, no TIME_WAIT, and no
+/// conntrack entry created for the closing packet.
+pub fn reset(s: TcpStream) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid socket fd and option buffer.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            size_of::<libc::linger>() as u32,
+        )
+    };
+    drop(s);
+}
+
 /// The detector running `trace --json`, as a user would run it.
 pub struct Detector {
     child: Child,
@@ -228,9 +313,17 @@ pub struct Detector {
 impl Detector {
     /// Starts `detector trace --json <args>` and waits until its programs are attached.
     pub fn trace(args: &[&str]) -> Self {
+        Self::start(&["trace", "--json"], args, "tracing conntrack")
+    }
+
+    /// Starts `detector run --json <args>` and waits until it watches the map.
+    pub fn run(args: &[&str]) -> Self {
+        Self::start(&["run", "--json"], args, "detector: watching map")
+    }
+
+    fn start(command: &[&str], args: &[&str], ready: &'static str) -> Self {
         let mut child = Command::new(DETECTOR)
-            .arg("trace")
-            .arg("--json")
+            .args(command)
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -249,7 +342,7 @@ impl Detector {
         thread::spawn(move || {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("tracing conntrack")
+                if line.contains(ready)
                     && let Some(tx) = tx.take()
                 {
                     let _ = tx.send(());

@@ -1,0 +1,243 @@
+//! Finding the agent's conntrack map: by id, by pin path, or by name; reading its layout and
+//! contents; and the key offsets the kernel programs need to decode its keys.
+
+use std::path::PathBuf;
+
+use aya::maps::{MapInfo, MapType};
+use detector_common::{AF_INET, AF_INET6, TargetMap};
+use thiserror::Error;
+
+use super::layout::{KeyLayout, Layout, LayoutError};
+
+/// NPA's defaults.
+pub const NPA_PIN: &str = "/sys/fs/bpf/globals/aws/maps/global_aws_conntrack_map";
+pub const NPA_NAME: &str = "aws_conntrack_map";
+/// The kernel keeps map names to BPF_OBJ_NAME_LEN - 1 bytes.
+const KERNEL_NAME_LEN: usize = 15;
+
+#[derive(Debug, Error)]
+pub enum TargetError {
+    #[error(
+        "no agent conntrack map found: {pin} does not exist and no loaded map is named \
+         `{name}`. Is the network policy agent running on this node? Point --map-pin, --map-id \
+         or --map-name at its map"
+    )]
+    NotFound { pin: String, name: String },
+    #[error("map id {id}: {source}. List maps with `bpftool map list`")]
+    Id {
+        id: u32,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("cannot open pinned map {path}: {source}. Is bpffs mounted at /sys/fs/bpf?")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("map {id} ({name}) is a {kind:?} map, not a hash map: wrong map selected")]
+    WrongType { id: u32, name: String, kind: String },
+    #[error("map {id} ({name}): {source}")]
+    Layout {
+        id: u32,
+        name: String,
+        #[source]
+        source: LayoutError,
+    },
+    #[error("reading map {id}: {source}")]
+    Read {
+        id: u32,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// How the user named the map. The first that is set wins: id, then pin, then name.
+#[derive(Debug, Clone)]
+pub struct MapSpec {
+    pub id: Option<u32>,
+    pub pin: PathBuf,
+    pub name: String,
+    /// Overrides the layout detected from the key and value sizes.
+    pub layout: Option<Layout>,
+}
+
+/// The map found, with its layout.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AgentMap {
+    pub id: u32,
+    pub name: String,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub layout: Layout,
+    /// "id", "pin <path>" or "name".
+    pub found_by: String,
+}
+
+fn info_by_name(name: &str) -> Option<MapInfo> {
+    let short = &name[..name.len().min(KERNEL_NAME_LEN)];
+    // Several maps of that name (an agent restart leaves the old one until its users close
+    // it): the newest has the highest id.
+    aya::maps::loaded_maps()
+        .filter_map(Result::ok)
+        .filter(|m| m.name_as_str() == Some(short))
+        .max_by_key(|m| m.id())
+}
+
+/// Finds the map and checks it.
+pub fn resolve(spec: &MapSpec) -> Result<AgentMap, TargetError> {
+    let (info, found_by) = if let Some(id) = spec.id {
+        (
+            MapInfo::from_id(id).map_err(|source| TargetError::Id { id, source })?,
+            "id".to_string(),
+        )
+    } else if spec.pin.exists() {
+        (
+            MapInfo::from_pin(&spec.pin).map_err(|source| TargetError::Pin {
+                path: spec.pin.clone(),
+                source,
+            })?,
+            format!("pin {}", spec.pin.display()),
+        )
+    } else if let Some(info) = info_by_name(&spec.name) {
+        (info, "name".to_string())
+    } else {
+        return Err(TargetError::NotFound {
+            pin: spec.pin.display().to_string(),
+            name: spec.name.clone(),
+        });
+    };
+    let id = info.id();
+    let name = info.name_as_str().unwrap_or("").to_string();
+    match info.map_type() {
+        Ok(MapType::LruHash | MapType::Hash | MapType::LruPerCpuHash | MapType::PerCpuHash) => {}
+        other => {
+            return Err(TargetError::WrongType {
+                id,
+                name,
+                kind: format!("{other:?}"),
+            });
+        }
+    }
+    let layout = match spec.layout {
+        Some(l) => l,
+        None => Layout::detect(info.key_size(), info.value_size()).map_err(|source| {
+            TargetError::Layout {
+                id,
+                name: name.clone(),
+                source,
+            }
+        })?,
+    };
+    Ok(AgentMap {
+        id,
+        name,
+        key_size: info.key_size(),
+        value_size: info.value_size(),
+        max_entries: info.max_entries(),
+        layout,
+        found_by,
+    })
+}
+
+/// Where the flow fields sit in a key of `layout`, for the kernel programs.
+pub fn target_map(layout: KeyLayout) -> TargetMap {
+    if layout.is_ipv6() {
+        TargetMap {
+            family: AF_INET6 as u32,
+            off_src: 0,
+            off_sport: 16,
+            off_dst: 20,
+            off_dport: 36,
+            off_proto: 38,
+        }
+    } else {
+        TargetMap {
+            family: AF_INET as u32,
+            off_src: 0,
+            off_sport: 4,
+            off_dst: 8,
+            off_dport: 12,
+            off_proto: 14,
+        }
+    }
+}
+
+/// Every key currently in the map (start-up snapshot), as raw bytes.
+pub fn keys(map: &AgentMap) -> Result<Vec<Vec<u8>>, TargetError> {
+    let data = aya::maps::MapData::from_id(map.id)
+        .map_err(|source| TargetError::Read { id: map.id, source })?;
+    let m = aya::maps::Map::HashMap(data);
+    // Keys and values are fixed-size byte arrays; pick the types by the map's sizes (aya
+    // checks them against the map).
+    fn collect<const K: usize, const V: usize>(
+        m: aya::maps::Map,
+        id: u32,
+    ) -> Result<Vec<Vec<u8>>, TargetError> {
+        let h: aya::maps::HashMap<_, [u8; K], [u8; V]> =
+            aya::maps::HashMap::try_from(m).map_err(|source| TargetError::Read { id, source })?;
+        Ok(h.keys()
+            .filter_map(Result::ok)
+            .map(|k| k.to_vec())
+            .collect())
+    }
+    match (map.key_size, map.value_size) {
+        (20, 1) => collect::<20, 1>(m, map.id),
+        (20, 16) => collect::<20, 16>(m, map.id),
+        (24, 1) => collect::<24, 1>(m, map.id),
+        (24, 16) => collect::<24, 16>(m, map.id),
+        (56, 1) => collect::<56, 1>(m, map.id),
+        (56, 16) => collect::<56, 16>(m, map.id),
+        (60, 1) => collect::<60, 1>(m, map.id),
+        (60, 16) => collect::<60, 16>(m, map.id),
+        // A --layout override on a map of other sizes: no snapshot, deletes still decode.
+        _ => Ok(Vec::new()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::NpaKey;
+
+    #[test]
+    fn kernel_offsets_match_the_codec() {
+        for layout in KeyLayout::ALL {
+            let t = target_map(layout);
+            let key = if layout.is_ipv6() {
+                NpaKey {
+                    src: "fd00::2".parse().unwrap(),
+                    sport: 0x1234,
+                    dst: "fd00::1".parse().unwrap(),
+                    dport: 0x5678,
+                    proto: 6,
+                    owner: "fd00::1".parse().unwrap(),
+                    ifindex: layout.has_ifindex().then_some(7),
+                }
+            } else {
+                NpaKey {
+                    src: "10.0.0.2".parse().unwrap(),
+                    sport: 0x1234,
+                    dst: "10.0.0.1".parse().unwrap(),
+                    dport: 0x5678,
+                    proto: 6,
+                    owner: "10.0.0.1".parse().unwrap(),
+                    ifindex: layout.has_ifindex().then_some(7),
+                }
+            };
+            let b = key.encode(layout).unwrap();
+            let at = |o: u32, n: usize| b[o as usize..o as usize + n].to_vec();
+            let alen = if layout.is_ipv6() { 16 } else { 4 };
+            let ip = |a: std::net::IpAddr| match a {
+                std::net::IpAddr::V4(v) => v.octets().to_vec(),
+                std::net::IpAddr::V6(v) => v.octets().to_vec(),
+            };
+            assert_eq!(at(t.off_src, alen), ip(key.src), "{layout:?}");
+            assert_eq!(at(t.off_dst, alen), ip(key.dst), "{layout:?}");
+            assert_eq!(at(t.off_sport, 2), 0x1234u16.to_ne_bytes().to_vec());
+            assert_eq!(at(t.off_dport, 2), 0x5678u16.to_ne_bytes().to_vec());
+            assert_eq!(b[t.off_proto as usize], 6);
+        }
+    }
+}

@@ -1,0 +1,469 @@
+//! `detector run`: the detector proper. Kernel conntrack events and the agent's map deletes go
+//! through the reorder buffer into the correlation engine; races are printed live and written
+//! as trace files; a summary is written at exit.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::ProbeArgs;
+use crate::agent::target::{self, AgentMap, MapSpec, NPA_NAME, NPA_PIN};
+use crate::agent::{Layout, NpaKey};
+use crate::clock::{self, WallClock};
+use crate::engine::{
+    AgentDelete, DeleteResult, Engine, EngineConfig, Input, KernelView, Output, Verdict,
+};
+use crate::event::{DeleteView, Event, MapDeleteRecord};
+use crate::output::{self, Units};
+use crate::probe::{CounterSnapshot, Probe};
+use crate::reorder::Reorder;
+use crate::sinks::{self, TraceDir, add_wall_times};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+    /// The agent's conntrack map by pin path (used when it exists).
+    #[arg(long, default_value = NPA_PIN, value_name = "PATH")]
+    pub map_pin: PathBuf,
+    /// The agent's conntrack map by id (overrides --map-pin and --map-name; not followed
+    /// across agent restarts).
+    #[arg(long, value_name = "ID")]
+    pub map_id: Option<u32>,
+    /// The agent's conntrack map by name, when the pin path does not exist.
+    #[arg(long, default_value = NPA_NAME, value_name = "NAME")]
+    pub map_name: String,
+    /// Key/value layout instead of detecting it from the map's sizes: `<key>/<value>` with key
+    /// v4-20, v4-24, v6-56 or v6-60 and value 1 or 16 (e.g. v4-24/16).
+    #[arg(long, value_name = "LAYOUT")]
+    pub layout: Option<Layout>,
+    /// NDJSON: one object per event and per verdict, then a summary.
+    #[arg(long)]
+    pub json: bool,
+    /// Directory for per-race trace files and the run summary.
+    #[arg(long, default_value = "detector-traces", value_name = "DIR")]
+    pub trace_dir: PathBuf,
+    /// Flight-recorder window before each delete in a trace file, in seconds.
+    #[arg(long, default_value_t = 30.0, value_name = "SECS")]
+    pub trace_before: f64,
+    /// Window after each delete (to catch the denied reply), in seconds.
+    #[arg(long, default_value_t = 5.0, value_name = "SECS")]
+    pub trace_after: f64,
+    /// A live entry born at most this long before the delete, with no predecessor, is
+    /// `snapshot-lag`; older ones are `stale-match` (seconds; NPA's cleanup period is 300 s).
+    #[arg(long, default_value_t = 300.0, value_name = "SECS")]
+    pub snapshot_lag_window: f64,
+    /// Flows and keys each tracked at most (NPA's map holds 524288).
+    #[arg(long, default_value_t = 524_288, value_name = "N")]
+    pub max_flows: usize,
+    /// Only conntrack entries of this network namespace (inode or path; the agent's).
+    #[arg(long, value_name = "INODE|PATH")]
+    pub netns: Option<String>,
+    /// Stop after this many seconds (default: until Ctrl-C or SIGTERM).
+    #[arg(long, value_name = "SECS")]
+    pub duration: Option<f64>,
+    /// How long to hold events to put them in kernel-timestamp order, in ms.
+    #[arg(long, default_value_t = 20, value_name = "MS")]
+    pub watermark_ms: u64,
+}
+
+fn secs_ns(s: f64) -> u64 {
+    (s.max(0.0) * 1e9) as u64
+}
+
+/// Everything the loop mutates, so helpers can take it whole.
+struct State {
+    engine: Engine,
+    units: Units,
+    map: AgentMap,
+    traces: TraceDir,
+    host: String,
+    json: bool,
+    verdicts: u64,
+    undecodable_keys: u64,
+    last_trace: Option<PathBuf>,
+}
+
+impl State {
+    /// Converts one reordered event into engine input, and prints it in JSON mode.
+    fn input(&mut self, ev: Event, out: &mut impl Write) -> Result<()> {
+        match ev {
+            Event::Ct(c) => {
+                if self.json {
+                    writeln!(
+                        out,
+                        "{}",
+                        output::json_line(&Event::Ct(c.clone()), &self.units)
+                    )?;
+                }
+                let input = Input::from(&c);
+                self.push(input, out)
+            }
+            Event::MapDelete(d) => {
+                let key = NpaKey::decode(self.map.layout.key, &d.key);
+                if self.json {
+                    writeln!(
+                        out,
+                        "{}",
+                        output::delete_json(&d, key.as_ref().ok(), &self.units)
+                    )?;
+                }
+                match key {
+                    Ok(key) => {
+                        let input = Input::AgentDelete(self.agent_delete(&d, key));
+                        self.push(input, out)
+                    }
+                    Err(e) => {
+                        self.undecodable_keys += 1;
+                        tracing::warn!(
+                            "map {} delete of an undecodable key {} ({e}); wrong --layout?",
+                            d.map_id,
+                            output::hex(&d.key)
+                        );
+                        Ok(())
+                    }
+                }
+            }
+        }
+    }
+
+    fn agent_delete(&self, d: &MapDeleteRecord, key: NpaKey) -> AgentDelete {
+        let ns = |j: i32| self.units.jiffies_ms(j as i64) * 1_000_000;
+        let kernel_view = match d.view {
+            DeleteView::Unknown => None,
+            DeleteView::Absent => Some(KernelView::Absent),
+            DeleteView::Live => Some(KernelView::Live {
+                entry_id: d.entry_id().unwrap_or(0),
+                born_ns: d.ct_born_ns,
+                timeout_left_ns: ns(d.ct_timeout_left_jiffies),
+            }),
+            DeleteView::Expired => Some(KernelView::ExpiredNotReaped {
+                entry_id: d.entry_id().unwrap_or(0),
+                born_ns: d.ct_born_ns,
+                expired_for_ns: (-ns(d.ct_timeout_left_jiffies)).max(0) as u64,
+            }),
+        };
+        AgentDelete {
+            ts_ns: d.ts_ns,
+            task: d.task.clone(),
+            map_id: d.map_id,
+            key,
+            layout: self.map.layout,
+            result: DeleteResult::from_ret(d.ret),
+            kernel_view,
+        }
+    }
+
+    fn push(&mut self, input: Input, out: &mut impl Write) -> Result<()> {
+        for o in self.engine.push(input) {
+            self.output(o, out)?;
+        }
+        Ok(())
+    }
+
+    fn output(&mut self, o: Output, out: &mut impl Write) -> Result<()> {
+        match o {
+            Output::Verdict(v) => {
+                self.verdicts += 1;
+                if self.json {
+                    let mut body = serde_json::to_value(&v)?;
+                    add_wall_times(&mut body, &self.units.wall);
+                    let line = json!({
+                        "type": "verdict",
+                        "ts_ns": v.delete_ts_ns,
+                        "time": self.units.wall.iso(v.delete_ts_ns),
+                        "trace_file": self.traces.path_for(v.delete_ts_ns, v.class.name()),
+                        "verdict": body,
+                    });
+                    writeln!(out, "{line}")?;
+                } else {
+                    writeln!(out, "{}", race_line(&v, &self.units))?;
+                }
+            }
+            Output::TraceReady(t) => {
+                let path = self.traces.write(&t, &self.units.wall, &self.host)?;
+                if self.json {
+                    writeln!(
+                        out,
+                        "{}",
+                        json!({"type": "trace_written", "ts_ns": t.verdict.delete_ts_ns,
+                               "time": self.units.wall.iso(t.verdict.delete_ts_ns),
+                               "path": path})
+                    )?;
+                } else {
+                    eprintln!("detector: trace written: {}", path.display());
+                }
+                self.last_trace = Some(path);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One readable line per race.
+pub fn race_line(v: &Verdict, u: &Units) -> String {
+    let time = u.wall.iso(v.delete_ts_ns);
+    let ms = |ns: i128| format!("{:.3} ms", ns as f64 / 1e6);
+    let mut s = format!(
+        "{} RACE {}  {} {}  owner {}  deleted by {}/{} while entry {:016x} was live",
+        time.get(11..26).unwrap_or(&time),
+        v.class.name(),
+        crate::event::proto_name(v.key.proto),
+        crate::event::FlowTuple {
+            proto: v.key.proto,
+            src: v.key.src,
+            sport: v.key.sport,
+            dst: v.key.dst,
+            dport: v.key.dport,
+        },
+        v.key.owner,
+        v.agent.comm,
+        v.agent.pid,
+        v.live.id,
+    );
+    if let Some(left) = v.live.timeout_left_ns {
+        s.push_str(&format!(" ({:.1} s left)", left as f64 / 1e9));
+    }
+    if let Some(lag) = v.delete_lag_ns {
+        s.push_str(&format!("; born {} before the delete", ms(lag as i128)));
+    }
+    if let Some(gap) = v.reuse_gap_ns {
+        s.push_str(&format!(
+            "; previous entry ended {} before it",
+            ms(gap as i128)
+        ));
+    }
+    if v.maybe_incomplete {
+        s.push_str("; MAY BE INCOMPLETE (events lost)");
+    }
+    s.push_str(&format!(" [decided by {:?}]", v.decided_by).to_lowercase());
+    s
+}
+
+pub async fn run(args: RunArgs) -> Result<()> {
+    let spec = MapSpec {
+        id: args.map_id,
+        pin: args.map_pin.clone(),
+        name: args.map_name.clone(),
+        layout: args.layout,
+    };
+    let map = target::resolve(&spec)?;
+    let netns = match &args.netns {
+        Some(s) => super::trace::netns_inode(s)?,
+        None => 0,
+    };
+    let traces = TraceDir::create(&args.trace_dir)?;
+    let settings = args.probe.settings(netns, true);
+    let mut probe = Probe::open(&settings)?;
+    let (backend, _) = probe.choose(settings.backend)?;
+    probe.set_target(map.id, target::target_map(map.layout.key))?;
+    probe.attach(backend)?;
+    probe.attach_agent()?;
+    let mut reader = probe.take_reader()?;
+    let hz = clock::kernel_hz().unwrap_or_else(|| {
+        tracing::warn!("could not measure the kernel's HZ from /proc/timer_list; assuming 250");
+        250
+    });
+    let started = clock::now_iso();
+    let mut st = State {
+        engine: Engine::new(EngineConfig {
+            max_flows: args.max_flows,
+            snapshot_lag_window_ns: secs_ns(args.snapshot_lag_window),
+            before_window_ns: secs_ns(args.trace_before),
+            after_window_ns: secs_ns(args.trace_after),
+            ..EngineConfig::default()
+        }),
+        units: Units {
+            wall: WallClock::measure(),
+            hz,
+        },
+        map: map.clone(),
+        traces,
+        host: sinks::hostname(),
+        json: args.json,
+        verdicts: 0,
+        undecodable_keys: 0,
+        last_trace: None,
+    };
+    // Start-up snapshot of the map, so deletes of keys inserted before we started are known.
+    let snapshot = target::keys(&map)?;
+    for k in &snapshot {
+        if let Ok(key) = NpaKey::decode(map.layout.key, k) {
+            st.engine.push(Input::MapExisting {
+                map_id: map.id,
+                key,
+            });
+        }
+    }
+    eprintln!(
+        "detector: watching map {} `{}` (found by {}, layout {}, {} keys now) and conntrack \
+         with the {backend} backend; traces in {}; Ctrl-C to stop",
+        map.id,
+        map.name,
+        map.found_by,
+        map.layout,
+        snapshot.len(),
+        st.traces.dir().display()
+    );
+    if backend == crate::probe::Backend::Tracepoint {
+        eprintln!(
+            "detector: the tracepoint backend cannot see datapath map writes; deletes are judged \
+             by the kernel's conntrack entry at the delete"
+        );
+    }
+
+    let watermark = args.watermark_ms * 1_000_000;
+    let mut reorder: Reorder<Event> = Reorder::new(watermark, 1 << 20);
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut incoming = Vec::new();
+    let mut ready = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    // See trace.rs: signal streams made once; SIGINT's disposition reset first.
+    // SAFETY: resetting a signal disposition before any handler of ours exists.
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let deadline = args
+        .duration
+        .map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s.max(0.0)));
+    let mut last_lost = 0u64;
+    let mut last_check = tokio::time::Instant::now();
+
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
+            r = reader.readable() => {
+                r.context("waiting on the ring buffer")?;
+                reader.drain(&mut incoming);
+                for ev in incoming.drain(..) {
+                    reorder.push(ev.ts_ns(), ev, &mut ready);
+                }
+            }
+            _ = tick.tick() => {
+                let now = clock::monotonic_ns();
+                reorder.release(now, &mut ready);
+                for ev in ready.drain(..) {
+                    st.input(ev, &mut out)?;
+                }
+                st.push(Input::Tick { now_ns: now.saturating_sub(watermark) }, &mut out)?;
+                if last_check.elapsed() >= Duration::from_secs(1) {
+                    last_check = tokio::time::Instant::now();
+                    let lost = reader.counters().lost_total();
+                    if lost > last_lost {
+                        tracing::warn!("{} records lost in the kernel (ring buffer full); total {lost}. Raise --ring-mib", lost - last_lost);
+                        st.push(Input::Lost { ts_ns: now.saturating_sub(watermark), count: lost - last_lost }, &mut out)?;
+                        last_lost = lost;
+                    }
+                    follow_map(&spec, &mut st, &mut probe, now.saturating_sub(watermark), &mut out)?;
+                    st.units.wall = WallClock::measure();
+                }
+            }
+        }
+        for ev in ready.drain(..) {
+            st.input(ev, &mut out)?;
+        }
+        out.flush().ok();
+    }
+
+    reader.drain(&mut incoming);
+    for ev in incoming.drain(..) {
+        reorder.push(ev.ts_ns(), ev, &mut ready);
+    }
+    reorder.drain(&mut ready);
+    for ev in ready.drain(..) {
+        st.input(ev, &mut out)?;
+    }
+    for o in st.engine.finish() {
+        st.output(o, &mut out)?;
+    }
+    let kernel = reader.counters();
+    let summary = summary(&st, &kernel, &reorder.stats(), &started, backend.name());
+    if args.json {
+        writeln!(out, "{summary}")?;
+    }
+    out.flush().ok();
+    let path = st
+        .traces
+        .dir()
+        .join(format!("summary-{}.json", started.replace([':', '.'], "")));
+    sinks::write_atomic(&path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    let stats = st.engine.stats();
+    eprintln!(
+        "detector: {} race(s) ({} traces written), {} rightful deletes, {} deletes of unknown \
+         keys; events lost in kernel: {}; summary: {}",
+        st.verdicts,
+        st.traces.written(),
+        stats.deletes.rightful,
+        stats.deletes.unseen,
+        kernel.lost_total(),
+        path.display()
+    );
+    Ok(())
+}
+
+/// Re-resolves the map by pin or name; when the agent re-created it, watch the new one.
+fn follow_map(
+    spec: &MapSpec,
+    st: &mut State,
+    probe: &mut Probe,
+    now_ns: u64,
+    out: &mut impl Write,
+) -> Result<()> {
+    if spec.id.is_some() {
+        return Ok(());
+    }
+    let Ok(new) = target::resolve(spec) else {
+        return Ok(()); // the agent is restarting; keep the old target until a new map shows
+    };
+    if new.id == st.map.id {
+        return Ok(());
+    }
+    let old = std::mem::replace(&mut st.map, new.clone());
+    tracing::info!(
+        "agent map re-created: id {} -> {} (layout {})",
+        old.id,
+        new.id,
+        new.layout
+    );
+    probe.set_target(new.id, target::target_map(new.layout.key))?;
+    probe.remove_target(old.id)?;
+    st.push(
+        Input::MapRecreated {
+            ts_ns: now_ns,
+            old_id: old.id,
+            new_id: new.id,
+        },
+        out,
+    )
+}
+
+fn summary(
+    st: &State,
+    kernel: &CounterSnapshot,
+    reorder: &crate::reorder::ReorderStats,
+    started: &str,
+    backend: &str,
+) -> serde_json::Value {
+    json!({
+        "type": "summary",
+        "schema_version": sinks::TRACE_SCHEMA_VERSION,
+        "started_at": started,
+        "ended_at": clock::now_iso(),
+        "host": st.host,
+        "backend": backend,
+        "map": st.map,
+        "races": st.verdicts,
+        "traces_written": st.traces.written(),
+        "undecodable_keys": st.undecodable_keys,
+        "engine": st.engine.stats(),
+        "kernel": kernel,
+        "reorder": reorder,
+    })
+}

@@ -1,0 +1,168 @@
+//! Where verdicts go besides the terminal: post-mortem trace files (one JSON document per race,
+//! written atomically) and the run summary.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+
+use crate::clock::WallClock;
+use crate::engine::Trace;
+
+/// Version of the trace-file schema (see docs/trace-schema.md).
+pub const TRACE_SCHEMA_VERSION: u32 = 1;
+
+/// Adds `"time"` (ISO-8601 UTC) next to every `"ts_ns"` and every `*_ts_ns`/`*_ns` timestamp
+/// field that names an instant, so each record carries both clocks.
+pub fn add_wall_times(v: &mut Value, wall: &WallClock) {
+    match v {
+        Value::Object(map) => {
+            let mut extra = Vec::new();
+            for (k, val) in map.iter() {
+                let Some(ns) = val.as_u64() else { continue };
+                let name = if k == "ts_ns" {
+                    "time".to_string()
+                } else if let Some(stem) = k.strip_suffix("_ts_ns") {
+                    format!("{stem}_time")
+                } else if matches!(
+                    k.as_str(),
+                    "born_ns"
+                        | "destroyed_ns"
+                        | "window_start_ns"
+                        | "window_end_ns"
+                        | "inserted_ns"
+                ) {
+                    format!("{}_time", k.trim_end_matches("_ns"))
+                } else {
+                    continue;
+                };
+                if !map.contains_key(&name) {
+                    extra.push((name, Value::from(wall.iso(ns))));
+                }
+            }
+            for (k, val) in extra {
+                map.insert(k, val);
+            }
+            for val in map.values_mut() {
+                add_wall_times(val, wall);
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| add_wall_times(x, wall)),
+        _ => {}
+    }
+}
+
+/// Writes `contents` to `path` atomically: a temporary file in the same directory, synced,
+/// then renamed over the target, so a reader never sees half a file.
+pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("trace"),
+        std::process::id()
+    ));
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(contents)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+/// Trace files in one directory.
+pub struct TraceDir {
+    dir: PathBuf,
+    written: u64,
+}
+
+impl TraceDir {
+    pub fn create(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| {
+            format!(
+                "creating the trace directory {} (set --trace-dir)",
+                dir.display()
+            )
+        })?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            written: 0,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// File name a trace of a delete at `delete_ts_ns` will get.
+    pub fn path_for(&self, delete_ts_ns: u64, class: &str) -> PathBuf {
+        self.dir.join(format!("race-{delete_ts_ns}-{class}.json"))
+    }
+
+    /// Writes one race's trace document; returns its path.
+    pub fn write(&mut self, trace: &Trace, wall: &WallClock, host: &str) -> Result<PathBuf> {
+        let v = &trace.verdict;
+        let mut body = serde_json::to_value(trace)?;
+        add_wall_times(&mut body, wall);
+        let doc = json!({
+            "schema_version": TRACE_SCHEMA_VERSION,
+            "kind": "race_trace",
+            "host": host,
+            "written_at": crate::clock::now_iso(),
+            "clock": "kernel CLOCK_MONOTONIC ns (bpf_ktime_get_ns, the clock of NPA's last_seen); *time fields are UTC",
+            "trace": body,
+        });
+        let path = self.path_for(v.delete_ts_ns, v.class.name());
+        write_atomic(&path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
+        self.written += 1;
+        Ok(path)
+    }
+
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+}
+
+/// This machine's name, for trace documents.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wall_times_are_added_next_to_kernel_times() {
+        let wall = WallClock::from_offset(1_795_678_405_000_000_000);
+        let mut v = json!({"ts_ns": 1_000_000, "x": {"delete_ts_ns": 0, "born_ns": 5, "lag_ns": 9}, "a": [{"ts_ns": 0}]});
+        add_wall_times(&mut v, &wall);
+        assert_eq!(v["time"], "2026-11-26T07:33:25.001000Z");
+        assert_eq!(v["x"]["delete_time"], "2026-11-26T07:33:25.000000Z");
+        assert!(v["x"]["born_time"].is_string());
+        assert!(
+            v["x"].get("lag_time").is_none(),
+            "durations get no wall time"
+        );
+        assert!(v["a"][0]["time"].is_string());
+    }
+
+    #[test]
+    fn atomic_write_leaves_no_temporary_file() {
+        let dir = std::env::temp_dir().join(format!("detector-sinks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("x.json");
+        write_atomic(&p, b"{}").unwrap();
+        write_atomic(&p, b"{\"a\":1}").unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "{\"a\":1}");
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

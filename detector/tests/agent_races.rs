@@ -1,0 +1,219 @@
+//! Privileged: an NPA-layout LRU map, pinned in a bpffs the test mounts, holds keys for real
+//! TCP connections in namespaces the test creates; the test deletes keys as NPA's cleanup
+//! would, some rightfully (the flow expired and was reaped), some wrongfully (the flow is live,
+//! including a genuine port reuse). `detector run` must report exactly the wrongful ones, with
+//! the right class, and write trace files that parse and match.
+
+mod common;
+
+use std::thread::sleep;
+use std::time::Duration;
+
+use common::bpfmap::{AgentMap, Bpffs};
+use common::{
+    Detector, NetnsPair, connect_from, connect_from_port, privileged, reset, start_echo_server,
+};
+use detector::agent::{Layout, NpaKey};
+use serde_json::Value;
+
+fn key(sport: u16, server: std::net::SocketAddr, layout: Layout) -> NpaKey {
+    NpaKey {
+        src: "10.77.0.2".parse().unwrap(),
+        sport,
+        dst: server.ip(),
+        dport: server.port(),
+        proto: 6,
+        // The server pod owns the ingress flow, as NPA keys it.
+        owner: server.ip(),
+        ifindex: layout.key.has_ifindex().then_some(5),
+    }
+}
+
+fn verdicts(events: &[Value]) -> Vec<&Value> {
+    events.iter().filter(|e| e["type"] == "verdict").collect()
+}
+
+fn run_scenario(layout: &str) {
+    let layout: Layout = layout.parse().unwrap();
+    let ns = NetnsPair::new(2);
+    let fs = Bpffs::mount();
+    let map = AgentMap::create(layout, &fs.dir.join("aws_conntrack_map"));
+    let server = start_echo_server(&ns.server, ns.server_ip);
+    let traces = fs.dir.with_extension("traces");
+    let det = Detector::run(&[
+        "--map-pin",
+        map.pin.to_str().unwrap(),
+        "--netns",
+        &NetnsPair::path(&ns.server),
+        "--trace-dir",
+        traces.to_str().unwrap(),
+        "--trace-after",
+        "0.5",
+        "--watermark-ms",
+        "5",
+    ]);
+
+    // B: a flow that ends (expires, and a dump reaps it) before the cleanup deletes its key.
+    let b = connect_from(&ns.client, server);
+    let kb = key(b.local_addr().unwrap().port(), server, layout);
+    map.insert(&kb, 1);
+    // D: a flow from a fixed port whose entry expires, then the port is reused.
+    let port_d = 41_000 + (std::process::id() % 1000) as u16;
+    let d1 = connect_from_port(&ns.client, ns.client_ip, port_d, server);
+    let kd = key(port_d, server, layout);
+    map.insert(&kd, 1);
+
+    sleep(Duration::from_millis(3000)); // past the 2 s established timeout
+    ns.exec_ok(&ns.server, "conntrack", &["-L"]); // reaps B's and D's expired entries
+
+    // Rightful: B is gone from the kernel.
+    assert_eq!(map.delete(&kb), 0);
+    // Port reuse: D's port is taken again by a new connection (same 5-tuple) before the
+    // cleanup, working from its stale copy, deletes D's key.
+    reset(d1);
+    let d2 = connect_from_port(&ns.client, ns.client_ip, port_d, server);
+    map.insert(&kd, 2);
+    assert_eq!(map.delete(&kd), 0);
+    // A: a live flow whose key is deleted shortly after it started (snapshot lag).
+    let a = connect_from(&ns.client, server);
+    let ka = key(a.local_addr().unwrap().port(), server, layout);
+    map.insert(&ka, 3);
+    sleep(Duration::from_millis(50));
+    assert_eq!(map.delete(&ka), 0);
+    // A delete of a key that is not there: ENOENT, not a race.
+    assert_eq!(map.delete(&ka), -(libc::ENOENT as i64));
+
+    sleep(Duration::from_millis(1500)); // trace windows close
+    let (events, stderr) = det.stop();
+
+    let v = verdicts(&events);
+    assert_eq!(
+        v.len(),
+        2,
+        "exactly the two wrongful deletes: {v:#?}\n{stderr}"
+    );
+    let by_port = |p: u16| {
+        v.iter()
+            .find(|x| x["verdict"]["key"]["sport"] == p)
+            .unwrap_or_else(|| panic!("no verdict for sport {p}: {v:#?}"))
+    };
+    let va = by_port(ka.sport);
+    assert_eq!(va["verdict"]["class"], "snapshot-lag", "{va:#}");
+    assert_eq!(va["verdict"]["decided_by"], "kernel");
+    let vd = by_port(port_d);
+    assert_eq!(vd["verdict"]["class"], "port-reuse", "{vd:#}");
+    assert!(vd["verdict"]["old"]["reason"] == "expired", "{vd:#}");
+    assert!(vd["verdict"]["reuse_gap_ns"].is_i64() || vd["verdict"]["reuse_gap_ns"].is_u64());
+    assert!(
+        v.iter().all(|x| x["verdict"]["key"]["sport"] != kb.sport),
+        "rightful delete reported"
+    );
+    for x in &v {
+        assert!(x["time"].is_string() && x["ts_ns"].is_u64());
+        assert_eq!(x["verdict"]["agent"]["pid"], std::process::id());
+    }
+
+    // The agent_delete events carry the kernel's view at the delete.
+    let deletes: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["type"] == "agent_delete")
+        .collect();
+    assert_eq!(deletes.len(), 4, "{deletes:#?}");
+    let view = |p: u16, ret: i64| {
+        deletes
+            .iter()
+            .find(|d| d["key"]["sport"] == p && d["ret"] == ret)
+            .map(|d| d["kernel_view"].clone())
+    };
+    assert_eq!(view(kb.sport, 0), Some(Value::from("absent")));
+    assert_eq!(view(port_d, 0), Some(Value::from("live")));
+    assert_eq!(view(ka.sport, 0), Some(Value::from("live")));
+
+    // Trace files: one per race, parseable, matching the verdicts.
+    let mut files: Vec<_> = std::fs::read_dir(&traces)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("race-")
+        })
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 2, "{files:?}");
+    for f in &files {
+        let doc: Value = serde_json::from_str(&std::fs::read_to_string(f).unwrap()).unwrap();
+        assert_eq!(doc["schema_version"], 1);
+        let t = &doc["trace"];
+        let sport = t["verdict"]["key"]["sport"].as_u64().unwrap() as u16;
+        let live = by_port(sport);
+        assert_eq!(t["verdict"]["class"], live["verdict"]["class"]);
+        assert_eq!(
+            t["verdict"]["delete_ts_ns"],
+            live["verdict"]["delete_ts_ns"]
+        );
+        let kinds: Vec<&str> = t["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["event"].as_str().unwrap())
+            .collect();
+        assert!(
+            kinds.contains(&"ct_new") && kinds.contains(&"agent_delete"),
+            "{kinds:?}"
+        );
+        if sport == port_d {
+            assert!(
+                kinds.contains(&"ct_destroy"),
+                "port reuse shows the old entry's end: {kinds:?}"
+            );
+        }
+        assert!(
+            t["verdict"]["delete_time"].is_string(),
+            "wall time next to kernel time"
+        );
+    }
+    let summary = events
+        .iter()
+        .find(|e| e["type"] == "summary")
+        .expect("summary");
+    assert_eq!(summary["races"], 2);
+    assert!(
+        summary["engine"]["deletes"]["rightful"].as_u64().unwrap() >= 1,
+        "{summary:#}"
+    );
+    let lost: u64 = summary["kernel"]["lost"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .sum();
+    assert_eq!(lost, 0);
+    drop((a, b, d2));
+    // Kept for inspection when DETECTOR_KEEP_TRACES is set (the closing note quotes one).
+    if std::env::var_os("DETECTOR_KEEP_TRACES").is_some() {
+        eprintln!("traces kept in {}", traces.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&traces);
+    }
+}
+
+/// NPA v1.3.7+ with the #610 value: 24-byte keys, 16-byte values.
+#[test]
+fn wrongful_deletes_are_races_v4_24() {
+    if !privileged() {
+        return;
+    }
+    run_scenario("v4-24/16");
+}
+
+/// NPA before v1.3.7: 20-byte keys, 1-byte values.
+#[test]
+fn wrongful_deletes_are_races_v4_20() {
+    if !privileged() {
+        return;
+    }
+    run_scenario("v4-20/1");
+}
