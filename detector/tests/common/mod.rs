@@ -262,17 +262,29 @@ pub fn connect_from_port(ns: &str, local: &str, port: u16, to: SocketAddr) -> Tc
                 panic!("IPv4 only")
             };
             let them = sin(*to4.ip(), to4.port());
-            let rc = libc::connect(
-                fd,
-                (&them as *const libc::sockaddr_in).cast(),
-                size_of::<libc::sockaddr_in>() as u32,
-            );
-            assert_eq!(
-                rc,
-                0,
-                "connect from {port}: {}",
-                std::io::Error::last_os_error()
-            );
+            // Right after the previous connection on this port was reset, the kernel can
+            // still hold its 4-tuple for a moment (EADDRNOTAVAIL): retry briefly.
+            let mut tries = 0;
+            loop {
+                let rc = libc::connect(
+                    fd,
+                    (&them as *const libc::sockaddr_in).cast(),
+                    size_of::<libc::sockaddr_in>() as u32,
+                );
+                let err = std::io::Error::last_os_error();
+                if rc == 0 {
+                    break;
+                }
+                tries += 1;
+                assert!(
+                    err.raw_os_error() == Some(libc::EADDRNOTAVAIL) && tries < 100,
+                    "connect from {port} (try {tries}): {err}"
+                );
+                thread::sleep(Duration::from_millis(20));
+            }
+            if tries > 0 {
+                eprintln!("connect from {port}: took {tries} retries");
+            }
             let mut s = TcpStream::from_raw_fd(fd);
             s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
             s.write_all(b"x").unwrap();
