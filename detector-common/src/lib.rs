@@ -19,6 +19,8 @@ pub mod kind {
     /// A userspace bpf(2) delete on a watched (agent) map, with the kernel's view of the key's
     /// conntrack entry at that instant.
     pub const MAP_DELETE: u8 = 3;
+    /// A dropped packet of a flow whose agent key was deleted while the flow was live.
+    pub const PACKET_DROP: u8 = 4;
     /// Number of kinds; sizes the loss-counter array.
     pub const COUNT: u32 = 8;
 }
@@ -223,6 +225,31 @@ impl MapDeleteEvent {
     };
 }
 
+/// A dropped packet (tp_btf kfree_skb) of a flow on the drop watch list.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PacketDropEvent {
+    pub hdr: EventHeader,
+    /// The packet's own direction.
+    pub tuple: Tuple,
+    /// `enum skb_drop_reason` value (names come from BTF in userspace).
+    pub reason: u32,
+    pub _pad: u32,
+    /// Kernel ts of the agent delete that put the flow on the watch list.
+    pub delete_ns: u64,
+}
+
+/// A flow on the drop watch list (map `DROP_WATCH`, keyed by the packet tuple).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropWatch {
+    /// Kernel ts of the delete.
+    pub delete_ns: u64,
+    /// Drops reported so far (capped by the program).
+    pub reported: u32,
+    pub _pad: u32,
+}
+
 /// A watched map, as the kernel programs need to know it (map `TARGETS`, keyed by map id).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -282,6 +309,10 @@ pub struct ProbeConfig {
     pub file_private_data: u32,
     pub bpf_map_id: u32,
     pub bpf_map_key_size: u32,
+    /// `struct sk_buff`: `head`, `network_header`, `protocol`.
+    pub skb_head: u32,
+    pub skb_network_header: u32,
+    pub skb_protocol: u32,
     pub _reserved: u32,
 }
 
@@ -313,6 +344,9 @@ impl ProbeConfig {
         file_private_data: 0,
         bpf_map_id: 0,
         bpf_map_key_size: 0,
+        skb_head: 0,
+        skb_network_header: 0,
+        skb_protocol: 0,
         _reserved: 0,
     };
 }
@@ -331,6 +365,8 @@ pub mod counter {
     pub const BATCH_DELETE: u32 = 11;
     /// The flow index (tuple -> entry) was full: a later delete may see its entry as absent.
     pub const FLOWS_FULL: u32 = 12;
+    /// A batch delete had more keys than one record pass reads; the rest were not reported.
+    pub const BATCH_TRUNCATED: u32 = 13;
     pub const COUNT: u32 = 16;
 }
 
@@ -352,7 +388,11 @@ const _: () = {
                 + size_of::<TaskInfo>()
     );
     assert!(size_of::<CtEvent>().is_multiple_of(8));
-    assert!(size_of::<ProbeConfig>() == 26 * 4);
+    assert!(size_of::<ProbeConfig>() == 29 * 4);
+    assert!(
+        size_of::<PacketDropEvent>() == size_of::<EventHeader>() + size_of::<Tuple>() + 4 + 4 + 8
+    );
+    assert!(size_of::<DropWatch>() == 16);
     assert!(
         size_of::<MapDeleteEvent>()
             == size_of::<EventHeader>()
@@ -387,4 +427,6 @@ mod pod {
     unsafe impl aya::Pod for super::ProbeConfig {}
     unsafe impl aya::Pod for super::MapDeleteEvent {}
     unsafe impl aya::Pod for super::TargetMap {}
+    unsafe impl aya::Pod for super::PacketDropEvent {}
+    unsafe impl aya::Pod for super::DropWatch {}
 }

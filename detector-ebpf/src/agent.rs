@@ -12,12 +12,13 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_jiffies64, bpf_ktime_get_ns,
         bpf_probe_read_user, bpf_probe_read_user_buf,
     },
-    macros::{map, tracepoint},
-    maps::HashMap,
-    programs::TracePointContext,
+    macros::{btf_tracepoint, map, tracepoint},
+    maps::{Array, HashMap, LruHashMap},
+    programs::{BtfTracePointContext, TracePointContext},
 };
 use detector_common::{
-    MAX_KEY, MapDeleteEvent, ProbeConfig, TargetMap, Tuple, bpf_cmd, counter, ips, kind, view,
+    DropWatch, MAX_KEY, MapDeleteEvent, PacketDropEvent, ProbeConfig, TargetMap, Tuple, bpf_cmd,
+    counter, ips, kind, view,
 };
 
 use crate::conntrack::{FLOWS, SEEN, read, status_of};
@@ -189,6 +190,9 @@ pub fn agent_delete_enter(ctx: TracePointContext) -> u32 {
         let _ = unsafe { bpf_probe_read_user_buf(key_ptr as *const u8, &mut ev.key[..n]) };
     }
     take_view(&mut ev, &target, &cfg);
+    if ev.view == view::LIVE {
+        watch_drops(&ev, &target);
+    }
     if PENDING
         .insert(&bpf_get_current_pid_tgid(), &ev, 0)
         .is_err()
@@ -211,5 +215,124 @@ pub fn agent_delete_exit(ctx: TracePointContext) -> u32 {
     ev.exit_ns = unsafe { bpf_ktime_get_ns() };
     output(kind::MAP_DELETE, ev);
     let _ = PENDING.remove(&key);
+    0
+}
+
+// ------------------------------------------------------------------ victim packets
+
+/// Flows whose agent key was deleted while their conntrack entry was live (both directions),
+/// so the first replies the policy then drops can be named. Written at such a delete.
+#[map]
+static DROP_WATCH: LruHashMap<Tuple, DropWatch> = LruHashMap::with_max_entries(4096, 0);
+
+/// Number of inserts into DROP_WATCH: while it is 0 (no race yet), kfree_skb returns at once.
+#[map]
+static DROP_WATCH_USED: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Drops reported per watched flow (the first few tell the story; a retransmission storm
+/// would only fill the ring buffer).
+const DROPS_PER_FLOW: u32 = 4;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+
+fn watch_drops(ev: &MapDeleteEvent, t: &TargetMap) {
+    let Some(tuple) = key_tuple(&ev.key, t) else {
+        return;
+    };
+    let w = DropWatch {
+        delete_ns: ev.hdr.ts_ns,
+        reported: 0,
+        _pad: 0,
+    };
+    let _ = DROP_WATCH.insert(&tuple, &w, 0);
+    let _ = DROP_WATCH.insert(&reverse(&tuple), &w, 0);
+    if let Some(n) = DROP_WATCH_USED.get_ptr_mut(0) {
+        unsafe { *n += 1 };
+    }
+}
+
+#[inline(always)]
+fn reverse(t: &Tuple) -> Tuple {
+    Tuple {
+        src_addr: t.dst_addr,
+        dst_addr: t.src_addr,
+        src_port: t.dst_port,
+        dst_port: t.src_port,
+        ..*t
+    }
+}
+
+/// The packet's tuple, read from its network header (IPv4 or IPv6 without extension headers).
+#[inline(always)]
+fn skb_tuple(skb: u64, cfg: &ProbeConfig) -> Option<Tuple> {
+    let head: u64 = read(skb, cfg.skb_head);
+    let nh: u16 = read(skb, cfg.skb_network_header);
+    if head == 0 || nh == 0xffff {
+        return None;
+    }
+    let ip = head + nh as u64;
+    let proto = u16::from_be(read::<u16>(skb, cfg.skb_protocol));
+    let mut t = Tuple::default();
+    let l4 = match proto {
+        ETH_P_IP => {
+            let vihl: u8 = read(ip, 0);
+            if vihl >> 4 != 4 {
+                return None;
+            }
+            t.family = detector_common::AF_INET;
+            t.proto = read(ip, 9);
+            let s: [u8; 4] = read(ip, 12);
+            let d: [u8; 4] = read(ip, 16);
+            t.src_addr[..4].copy_from_slice(&s);
+            t.dst_addr[..4].copy_from_slice(&d);
+            ip + ((vihl & 0x0f) as u64) * 4
+        }
+        ETH_P_IPV6 => {
+            t.family = detector_common::AF_INET6;
+            t.proto = read(ip, 6);
+            t.src_addr = read(ip, 8);
+            t.dst_addr = read(ip, 24);
+            ip + 40
+        }
+        _ => return None,
+    };
+    if t.proto == 6 || t.proto == 17 || t.proto == 132 {
+        t.src_port = u16::from_be(read::<u16>(l4, 0));
+        t.dst_port = u16::from_be(read::<u16>(l4, 2));
+    }
+    Some(t)
+}
+
+// kfree_skb(struct sk_buff *skb, void *location, enum skb_drop_reason reason, ...)
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn packet_drop_kfree_skb(ctx: BtfTracePointContext) -> u32 {
+    if DROP_WATCH_USED.get(0).copied().unwrap_or(0) == 0 {
+        return 0;
+    }
+    let cfg = config();
+    let Some(tuple) = skb_tuple(ctx.arg::<u64>(0), &cfg) else {
+        return 0;
+    };
+    let Some(w) = DROP_WATCH.get_ptr_mut(&tuple) else {
+        return 0;
+    };
+    // SAFETY: a map value; a racing CPU can at worst report one drop more than the cap.
+    let w = unsafe { &mut *w };
+    if w.reported >= DROPS_PER_FLOW {
+        return 0;
+    }
+    w.reported += 1;
+    let ev = PacketDropEvent {
+        hdr: header(
+            kind::PACKET_DROP,
+            core::mem::size_of::<PacketDropEvent>(),
+            unsafe { bpf_ktime_get_ns() },
+        ),
+        tuple,
+        reason: ctx.arg::<u32>(2),
+        _pad: 0,
+        delete_ns: w.delete_ns,
+    };
+    output(kind::PACKET_DROP, &ev);
     0
 }

@@ -6,7 +6,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use detector_common::{
-    self as common, AF_INET, AF_INET6, CtEvent, EventHeader, MapDeleteEvent, RECORD_VERSION,
+    self as common, AF_INET, AF_INET6, CtEvent, EventHeader, MapDeleteEvent, PacketDropEvent,
+    RECORD_VERSION,
 };
 use serde::Serialize;
 use thiserror::Error;
@@ -35,6 +36,7 @@ pub enum Kind {
     CtNew,
     CtDestroy,
     MapDelete,
+    PacketDrop,
 }
 
 impl TryFrom<u8> for Kind {
@@ -44,19 +46,26 @@ impl TryFrom<u8> for Kind {
             common::kind::CT_NEW => Ok(Kind::CtNew),
             common::kind::CT_DESTROY => Ok(Kind::CtDestroy),
             common::kind::MAP_DELETE => Ok(Kind::MapDelete),
+            common::kind::PACKET_DROP => Ok(Kind::PacketDrop),
             other => Err(DecodeError::UnknownKind(other)),
         }
     }
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::CtNew, Kind::CtDestroy, Kind::MapDelete];
+    pub const ALL: [Kind; 4] = [
+        Kind::CtNew,
+        Kind::CtDestroy,
+        Kind::MapDelete,
+        Kind::PacketDrop,
+    ];
 
     pub fn raw(self) -> u8 {
         match self {
             Kind::CtNew => common::kind::CT_NEW,
             Kind::CtDestroy => common::kind::CT_DESTROY,
             Kind::MapDelete => common::kind::MAP_DELETE,
+            Kind::PacketDrop => common::kind::PACKET_DROP,
         }
     }
 
@@ -65,6 +74,7 @@ impl Kind {
             Kind::CtNew => "ct_new",
             Kind::CtDestroy => "ct_destroy",
             Kind::MapDelete => "map_delete",
+            Kind::PacketDrop => "packet_drop",
         }
     }
 }
@@ -317,10 +327,24 @@ impl MapDeleteRecord {
     }
 }
 
+/// A dropped packet of a flow whose key was deleted while the flow was live.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PacketDropRecord {
+    pub ts_ns: u64,
+    pub cpu: u32,
+    /// The packet's own direction.
+    pub tuple: FlowTuple,
+    /// `enum skb_drop_reason` value.
+    pub reason: u32,
+    /// The delete that put the flow on the watch list.
+    pub delete_ns: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Ct(CtRecord),
     MapDelete(MapDeleteRecord),
+    PacketDrop(PacketDropRecord),
 }
 
 impl Event {
@@ -328,6 +352,7 @@ impl Event {
         match self {
             Event::Ct(c) => c.ts_ns,
             Event::MapDelete(d) => d.ts_ns,
+            Event::PacketDrop(p) => p.ts_ns,
         }
     }
 
@@ -335,6 +360,7 @@ impl Event {
         match self {
             Event::Ct(c) => c.kind.kind(),
             Event::MapDelete(_) => Kind::MapDelete,
+            Event::PacketDrop(_) => Kind::PacketDrop,
         }
     }
 }
@@ -360,6 +386,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     let expect = match kind {
         Kind::CtNew | Kind::CtDestroy => size_of::<CtEvent>(),
         Kind::MapDelete => size_of::<MapDeleteEvent>(),
+        Kind::PacketDrop => size_of::<PacketDropEvent>(),
     };
     if hdr.size as usize != expect || bytes.len() < expect {
         return Err(DecodeError::Length {
@@ -435,6 +462,16 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 ct_born_ns: raw.ct_born_ns,
                 ct_timeout_left_jiffies: raw.ct_timeout_left,
                 ct_status: raw.ct_status,
+            }))
+        }
+        Kind::PacketDrop => {
+            let raw: PacketDropEvent = read_record(bytes);
+            Ok(Event::PacketDrop(PacketDropRecord {
+                ts_ns: raw.hdr.ts_ns,
+                cpu: raw.hdr.cpu,
+                tuple: FlowTuple::from_raw(&raw.tuple)?,
+                reason: raw.reason,
+                delete_ns: raw.delete_ns,
             }))
         }
     }

@@ -6,7 +6,8 @@ use serde_json::json;
 use crate::agent::NpaKey;
 use crate::clock::WallClock;
 use crate::event::{
-    CtKind, CtRecord, DeleteView, DestroyReason, Event, FlowTuple, MapDeleteRecord, proto_name,
+    CtKind, CtRecord, DeleteView, DestroyReason, Event, FlowTuple, MapDeleteRecord,
+    PacketDropRecord, proto_name,
 };
 
 /// Context that turns kernel units into time.
@@ -73,7 +74,35 @@ pub fn json_line(ev: &Event, u: &Units) -> String {
     match ev {
         Event::Ct(c) => ct_json(c, u).to_string(),
         Event::MapDelete(d) => delete_json(d, None, u).to_string(),
+        Event::PacketDrop(p) => drop_json(p, None, u).to_string(),
     }
+}
+
+/// A dropped packet; `reason` is the drop reason's name when BTF gave one.
+pub fn drop_json(p: &PacketDropRecord, reason: Option<&str>, u: &Units) -> serde_json::Value {
+    json!({
+        "type": "packet_drop",
+        "ts_ns": p.ts_ns,
+        "time": u.wall.iso(p.ts_ns),
+        "cpu": p.cpu,
+        "proto": proto_name(p.tuple.proto),
+        "tuple": Endpoint::from(&p.tuple),
+        "reason": reason,
+        "reason_code": p.reason,
+        "after_delete_ns": p.ts_ns.saturating_sub(p.delete_ns),
+    })
+}
+
+pub fn drop_text(p: &PacketDropRecord, reason: Option<&str>, u: &Units) -> String {
+    let time = u.wall.iso(p.ts_ns);
+    format!(
+        "{} DROP    {} {}  {} ({} after the delete)",
+        time.get(11..26).unwrap_or(&time),
+        proto_name(p.tuple.proto),
+        p.tuple,
+        reason.map_or_else(|| format!("reason {}", p.reason), str::to_string),
+        secs(p.ts_ns.saturating_sub(p.delete_ns) as i128)
+    )
 }
 
 /// A userspace delete on the agent's map; `key` is its decoded form when the layout is known.
@@ -179,6 +208,7 @@ pub fn text_line(ev: &Event, u: &Units) -> String {
             line
         }
         Event::MapDelete(d) => delete_text(d, None, u),
+        Event::PacketDrop(p) => drop_text(p, None, u),
     }
 }
 

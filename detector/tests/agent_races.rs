@@ -82,6 +82,22 @@ fn run_scenario(layout: &str) {
     assert_eq!(map.delete(&ka), 0);
     // A delete of a key that is not there: ENOENT, not a race.
     assert_eq!(map.delete(&ka), -(libc::ENOENT as i64));
+    // The policy now denies A's replies (here an nft drop in the server's output path stands
+    // in for NPA's TC program): the next reply is the race's victim.
+    ns.exec_ok(
+        &ns.server,
+        "nft",
+        &[&format!(
+            "add chain inet dt out {{ type filter hook output priority 0; policy accept; }}; \
+             add rule inet dt out tcp sport {} tcp dport {} drop",
+            server.port(),
+            ka.sport
+        )],
+    );
+    {
+        use std::io::Write;
+        (&a).write_all(b"y").unwrap();
+    }
 
     sleep(Duration::from_millis(1500)); // trace windows close
     let (events, stderr) = det.stop();
@@ -100,6 +116,25 @@ fn run_scenario(layout: &str) {
     let va = by_port(ka.sport);
     assert_eq!(va["verdict"]["class"], "snapshot-lag", "{va:#}");
     assert_eq!(va["verdict"]["decided_by"], "kernel");
+    // The denied reply is reported and named in A's trace.
+    let drops: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["type"] == "packet_drop")
+        .collect();
+    assert!(
+        !drops.is_empty(),
+        "the dropped reply was reported: {stderr}"
+    );
+    assert!(
+        drops.iter().all(|d| {
+            let (s, p) = (&d["tuple"]["sport"], &d["tuple"]["dport"]);
+            (*s == server.port() && *p == ka.sport) || (*s == ka.sport && *p == server.port())
+        }),
+        "only the watched flow's drops (either direction): {drops:#?}"
+    );
+    // The first is the denied reply (server -> client).
+    assert_eq!(drops[0]["tuple"]["sport"], server.port());
+    assert_eq!(drops[0]["reason"], "NETFILTER_DROP", "{:#}", drops[0]);
     let vd = by_port(port_d);
     assert_eq!(vd["verdict"]["class"], "port-reuse", "{vd:#}");
     assert!(vd["verdict"]["old"]["reason"] == "expired", "{vd:#}");

@@ -86,6 +86,8 @@ struct State {
     verdicts: u64,
     undecodable_keys: u64,
     last_trace: Option<PathBuf>,
+    /// `enum skb_drop_reason` names from BTF, without the SKB_DROP_REASON_ prefix.
+    drop_reasons: std::collections::HashMap<u32, String>,
 }
 
 impl State {
@@ -101,6 +103,31 @@ impl State {
                     )?;
                 }
                 let input = Input::from(&c);
+                self.push(input, out)
+            }
+            Event::PacketDrop(p) => {
+                let reason = self.drop_reasons.get(&p.reason).cloned();
+                if self.json {
+                    writeln!(
+                        out,
+                        "{}",
+                        output::drop_json(&p, reason.as_deref(), &self.units)
+                    )?;
+                } else {
+                    writeln!(
+                        out,
+                        "{}",
+                        output::drop_text(&p, reason.as_deref(), &self.units)
+                    )?;
+                }
+                let input = Input::PacketDrop {
+                    ts_ns: p.ts_ns,
+                    // The drop probe does not read the packet's namespace; the engine matches
+                    // drops by tuple.
+                    netns: 0,
+                    tuple: p.tuple,
+                    reason: reason.unwrap_or_else(|| format!("reason {}", p.reason)),
+                };
                 self.push(input, out)
             }
             Event::MapDelete(d) => {
@@ -288,6 +315,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
         verdicts: 0,
         undecodable_keys: 0,
         last_trace: None,
+        drop_reasons: probe
+            .kernel_btf()
+            .enum_values("skb_drop_reason")
+            .into_iter()
+            .map(|(v, n)| (v, n.trim_start_matches("SKB_DROP_REASON_").to_string()))
+            .collect(),
     };
     // Start-up snapshot of the map, so deletes of keys inserted before we started are known.
     let snapshot = target::keys(&map)?;

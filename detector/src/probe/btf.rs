@@ -129,6 +129,25 @@ impl KernelBtf {
             .map(|(n, _)| n.as_str())
     }
 
+    /// Values and names of enum `name` (vmlinux), e.g. `skb_drop_reason`; empty if absent.
+    pub fn enum_values(&self, name: &str) -> Vec<(u32, String)> {
+        let Ok(types) = self.vmlinux.resolve_types_by_name(name) else {
+            return Vec::new();
+        };
+        types
+            .into_iter()
+            .find_map(|t| match t {
+                Type::Enum(e) => Some(
+                    e.members
+                        .iter()
+                        .map(|m| (m.val(), self.vmlinux.resolve_name(m).unwrap_or_default()))
+                        .collect(),
+                ),
+                _ => None,
+            })
+            .unwrap_or_default()
+    }
+
     /// Byte offset of `path` (e.g. `tuplehash[1].tuple.dst.u.all`) inside `struct strukt`,
     /// looked up in vmlinux first, then in each module's split BTF.
     pub fn offset(&self, strukt: &str, path: &str) -> Result<u32, BtfError> {

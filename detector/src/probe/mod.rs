@@ -394,6 +394,24 @@ impl Probe {
                     source,
                 })?;
         }
+        // Victim packets: drops of flows whose key was deleted while live.
+        let name = "packet_drop_kfree_skb";
+        let what = || format!("{name} to tp_btf/kfree_skb");
+        let btf = &self.aya_btf;
+        let prog = self.ebpf.program_mut(name).ok_or(ProbeError::Attach {
+            what: what(),
+            source: ProgramError::NotLoaded,
+        })?;
+        let p: &mut BtfTracePoint = prog.try_into().map_err(|source| ProbeError::Attach {
+            what: what(),
+            source,
+        })?;
+        p.load("kfree_skb", btf)
+            .and_then(|()| p.attach().map(drop))
+            .map_err(|source| ProbeError::Attach {
+                what: what(),
+                source,
+            })?;
         Ok(())
     }
 

@@ -59,6 +59,13 @@ const FIELDS: &[(&str, &str, &str, Slot)] = &[
     ("bpf_map_key_size", "bpf_map", "key_size", |c| {
         &mut c.bpf_map_key_size
     }),
+    ("skb_head", "sk_buff", "head", |c| &mut c.skb_head),
+    ("skb_network_header", "sk_buff", "network_header", |c| {
+        &mut c.skb_network_header
+    }),
+    ("skb_protocol", "sk_buff", "protocol", |c| {
+        &mut c.skb_protocol
+    }),
 ];
 
 /// One resolved offset, for display.
