@@ -361,7 +361,7 @@ pub mod counter {
     pub const READ_FAILED: u32 = 9;
     /// A delete's syscall entry could not be remembered until its exit (table full): lost.
     pub const PENDING_FULL: u32 = 10;
-    /// A batch delete on a watched map (not decoded key by key yet): counted, not reported.
+    /// Batch delete syscalls on a watched map (their keys are reported one record each).
     pub const BATCH_DELETE: u32 = 11;
     /// The flow index (tuple -> entry) was full: a later delete may see its entry as absent.
     pub const FLOWS_FULL: u32 = 12;

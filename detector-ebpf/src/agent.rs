@@ -7,8 +7,11 @@
 //! layout and looked up in the flow index; the record waits in `PENDING` until sys_exit_bpf
 //! adds the syscall's result and emits it.
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
     helpers::{
+        generated::bpf_loop,
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_jiffies64, bpf_ktime_get_ns,
         bpf_probe_read_user, bpf_probe_read_user_buf,
     },
@@ -22,7 +25,7 @@ use detector_common::{
 };
 
 use crate::conntrack::{FLOWS, SEEN, read, status_of};
-use crate::emit::{bump, config, header, output, task};
+use crate::emit::{EVENTS, bump, bump_by, config, header, output, task};
 
 /// Watched maps by id, written by userspace (and rewritten when the agent re-creates its map).
 #[map]
@@ -31,6 +34,26 @@ static TARGETS: HashMap<u32, TargetMap> = HashMap::with_max_entries(16, 0);
 /// Deletes between syscall entry and exit, by thread.
 #[map]
 static PENDING: HashMap<u64, MapDeleteEvent> = HashMap::with_max_entries(1024, 0);
+
+/// A batch delete between syscall entry and exit: the keys are read at exit, when the kernel
+/// has written back how many it processed.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct BatchPending {
+    ts_ns: u64,
+    attr: u64,
+    map_id: u32,
+    key_size: u32,
+    cmd: u32,
+    _pad: u32,
+    task: detector_common::TaskInfo,
+}
+
+#[map]
+static PENDING_BATCH: HashMap<u64, BatchPending> = HashMap::with_max_entries(256, 0);
+
+/// Keys of one batch reported key by key; more are counted in BATCH_TRUNCATED.
+const MAX_BATCH: u32 = 32;
 
 /// Resolves a file descriptor of the current task to the id of the BPF map it refers to.
 #[inline(always)]
@@ -84,13 +107,14 @@ fn key_tuple(key: &[u8; MAX_KEY], t: &TargetMap) -> Option<Tuple> {
     {
         return None;
     }
-    let mut i = 0;
-    while i < 16 {
-        if i < alen {
-            tuple.src_addr[i] = key[s + i];
-            tuple.dst_addr[i] = key[d + i];
-        }
-        i += 1;
+    // Fixed-size copies (no per-byte loop): cheap for the verifier, which sees every index
+    // bounded by the check above.
+    if alen == 4 {
+        tuple.src_addr[..4].copy_from_slice(&key[s..s + 4]);
+        tuple.dst_addr[..4].copy_from_slice(&key[d..d + 4]);
+    } else {
+        tuple.src_addr.copy_from_slice(&key[s..s + 16]);
+        tuple.dst_addr.copy_from_slice(&key[d..d + 16]);
     }
     tuple.src_port = u16::from_le_bytes([key[sp], key[sp + 1]]);
     tuple.dst_port = u16::from_le_bytes([key[dp], key[dp + 1]]);
@@ -166,6 +190,21 @@ pub fn agent_delete_enter(ctx: TracePointContext) -> u32 {
     };
     if batch {
         bump(counter::BATCH_DELETE);
+        let b = BatchPending {
+            ts_ns: unsafe { bpf_ktime_get_ns() },
+            attr,
+            map_id,
+            key_size,
+            cmd,
+            _pad: 0,
+            task: task(),
+        };
+        if PENDING_BATCH
+            .insert(&bpf_get_current_pid_tgid(), &b, 0)
+            .is_err()
+        {
+            bump(counter::PENDING_FULL);
+        }
         return 0;
     }
     let Ok(key_ptr) = (unsafe { bpf_probe_read_user((attr + 8) as *const u64) }) else {
@@ -205,6 +244,11 @@ pub fn agent_delete_enter(ctx: TracePointContext) -> u32 {
 #[tracepoint(category = "syscalls", name = "sys_exit_bpf")]
 pub fn agent_delete_exit(ctx: TracePointContext) -> u32 {
     let key = bpf_get_current_pid_tgid();
+    if let Some(b) = unsafe { PENDING_BATCH.get(&key) }.copied() {
+        let _ = PENDING_BATCH.remove(&key);
+        batch_exit(&ctx, &b);
+        return 0;
+    }
     let Some(pending) = PENDING.get_ptr_mut(&key) else {
         return 0;
     };
@@ -215,6 +259,96 @@ pub fn agent_delete_exit(ctx: TracePointContext) -> u32 {
     ev.exit_ns = unsafe { bpf_ktime_get_ns() };
     output(kind::MAP_DELETE, ev);
     let _ = PENDING.remove(&key);
+    0
+}
+
+/// What the per-key callback of a batch needs.
+#[repr(C)]
+struct BatchLoop {
+    b: BatchPending,
+    target: TargetMap,
+    keys: u64,
+    exit_ns: u64,
+    ret: i64,
+    key_size: u32,
+    _pad: u32,
+}
+
+/// Reports the keys a batch delete processed, one record each (view taken at exit: the map
+/// delete does not change the conntrack entry). bpf_loop has the verifier check the per-key
+/// body once instead of once per unrolled iteration.
+#[inline(always)]
+fn batch_exit(ctx: &TracePointContext, b: &BatchPending) {
+    let cfg = config();
+    let ret = unsafe { ctx.read_at::<i64>(cfg.sys_exit_bpf_ret as usize) }.unwrap_or(i64::MIN);
+    let Some(target) = (unsafe { TARGETS.get(&b.map_id) }).copied() else {
+        return;
+    };
+    // struct { in_batch, out_batch, keys, values (u64 each); count (u32) ... } batch;
+    let keys = unsafe { bpf_probe_read_user((b.attr + 16) as *const u64) }.unwrap_or(0);
+    let count = unsafe { bpf_probe_read_user((b.attr + 32) as *const u32) }.unwrap_or(0);
+    if keys == 0 || count == 0 {
+        return;
+    }
+    if count > MAX_BATCH {
+        bump_by(counter::BATCH_TRUNCATED, (count - MAX_BATCH) as u64);
+    }
+    let mut l = BatchLoop {
+        b: *b,
+        target,
+        keys,
+        exit_ns: unsafe { bpf_ktime_get_ns() },
+        // Keys [0, count) were processed (deleted); the syscall's own error, if any, concerns
+        // the key after them.
+        ret: if ret == 0 || ret == -2 { 0 } else { ret },
+        key_size: b.key_size,
+        _pad: 0,
+    };
+    let n = if count > MAX_BATCH { MAX_BATCH } else { count };
+    unsafe {
+        bpf_loop(
+            n,
+            batch_key as *mut c_void,
+            (&mut l as *mut BatchLoop).cast(),
+            0,
+        )
+    };
+}
+
+extern "C" fn batch_key(index: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the pointer batch_exit gave it, to its live stack frame.
+    let l = unsafe { &*(ctx as *const BatchLoop) };
+    let cfg = config();
+    let n = if l.key_size as usize > MAX_KEY {
+        MAX_KEY
+    } else {
+        l.key_size as usize
+    };
+    if n == 0 {
+        return 1;
+    }
+    // Built in place in the ring buffer: the record does not fit the callback's stack.
+    let Some(mut entry) = EVENTS.reserve::<MapDeleteEvent>(0) else {
+        bump(counter::LOST_BASE + kind::MAP_DELETE as u32);
+        return 0;
+    };
+    // SAFETY: a fresh, exclusive, aligned reservation of the right size.
+    let ev = unsafe { &mut *entry.as_mut_ptr() };
+    *ev = MapDeleteEvent::ZERO;
+    ev.hdr = header(kind::MAP_DELETE, core::mem::size_of::<MapDeleteEvent>(), l.b.ts_ns);
+    ev.task = l.b.task;
+    ev.map_id = l.b.map_id;
+    ev.cmd = l.b.cmd;
+    ev.ret = l.ret;
+    ev.exit_ns = l.exit_ns;
+    ev.key_size = n as u32;
+    let at = l.keys + index * l.key_size as u64;
+    let _ = unsafe { bpf_probe_read_user_buf(at as *const u8, &mut ev.key[..n]) };
+    take_view(ev, &l.target, &cfg);
+    if ev.view == view::LIVE {
+        watch_drops(ev, &l.target);
+    }
+    entry.submit(0);
     0
 }
 

@@ -35,6 +35,13 @@ pub fn bump(index: u32) {
 }
 
 #[inline(always)]
+pub fn bump_by(index: u32, n: u64) {
+    if let Some(p) = COUNTERS.get_ptr_mut(index) {
+        unsafe { *p += n };
+    }
+}
+
+#[inline(always)]
 pub fn header(kind: u8, size: usize, ts_ns: u64) -> EventHeader {
     EventHeader {
         kind,

@@ -12,3 +12,4 @@ pub mod output;
 pub mod probe;
 pub mod reorder;
 pub mod sinks;
+pub mod snapshot;

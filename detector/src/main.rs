@@ -52,8 +52,12 @@ fn main() -> ExitCode {
         Err(e) => {
             // One line: the error and its causes.
             let mut msg = format!("error: {e}");
+            // Our error texts already quote their source; add only causes not yet shown.
             for cause in e.chain().skip(1) {
-                msg.push_str(&format!(": {cause}"));
+                let c = cause.to_string();
+                if !msg.contains(&c) {
+                    msg.push_str(&format!(": {c}"));
+                }
             }
             eprintln!("{msg}");
             ExitCode::FAILURE

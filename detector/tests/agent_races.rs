@@ -252,3 +252,58 @@ fn wrongful_deletes_are_races_v4_20() {
     }
     run_scenario("v4-20/1");
 }
+
+/// A batch delete is judged key by key: the key of a live flow is a race, the key of a flow
+/// the kernel never had is not.
+#[test]
+fn batch_deletes_are_judged_key_by_key() {
+    if !privileged() {
+        return;
+    }
+    let layout: Layout = "v4-24/16".parse().unwrap();
+    let ns = NetnsPair::new(30);
+    let fs = Bpffs::mount();
+    let map = AgentMap::create(layout, &fs.dir.join("aws_conntrack_map"));
+    let server = start_echo_server(&ns.server, ns.server_ip);
+    let traces = fs.dir.with_extension("traces");
+    let det = Detector::run(&[
+        "--map-pin",
+        map.pin.to_str().unwrap(),
+        "--netns",
+        &NetnsPair::path(&ns.server),
+        "--trace-dir",
+        traces.to_str().unwrap(),
+        "--trace-after",
+        "0.2",
+        "--watermark-ms",
+        "5",
+    ]);
+    let e = connect_from(&ns.client, server);
+    let ke = key(e.local_addr().unwrap().port(), server, layout);
+    let ghost = key(9, server, layout); // no such connection
+    map.insert(&ke, 1);
+    map.insert(&ghost, 1);
+    let (rc, count) = map.delete_batch(&[ghost.clone(), ke.clone()]);
+    assert_eq!((rc, count), (0, 2), "BPF_MAP_DELETE_BATCH");
+    sleep(Duration::from_millis(500));
+    let (events, stderr) = det.stop();
+    let deletes: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["type"] == "agent_delete")
+        .collect();
+    assert_eq!(
+        deletes.len(),
+        2,
+        "one record per key: {deletes:#?}\n{stderr}"
+    );
+    assert!(deletes.iter().all(|d| d["cmd"] == 27));
+    let v = verdicts(&events);
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(v[0]["verdict"]["key"]["sport"], ke.sport);
+    assert_eq!(v[0]["verdict"]["class"], "snapshot-lag");
+    let summary = events.iter().find(|e| e["type"] == "summary").unwrap();
+    assert_eq!(summary["kernel"]["batch_deletes"], 1);
+    assert_eq!(summary["kernel"]["batch_truncated"], 0);
+    drop(e);
+    let _ = std::fs::remove_dir_all(&traces);
+}

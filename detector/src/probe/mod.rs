@@ -482,8 +482,10 @@ pub struct CounterSnapshot {
     pub read_failed: u64,
     /// Agent deletes lost between syscall entry and exit (table full).
     pub pending_full: u64,
-    /// Batch deletes on a watched map (counted, not decoded key by key).
+    /// Batch delete syscalls on a watched map (their keys are reported one by one).
     pub batch_deletes: u64,
+    /// Keys of batch deletes beyond the 32 per syscall that are reported: not reported.
+    pub batch_truncated: u64,
     /// Flow index full: a later delete may have seen its entry as absent.
     pub flows_full: u64,
 }
@@ -511,6 +513,7 @@ impl Counters {
         s.pending_full = sum(counter::PENDING_FULL);
         s.batch_deletes = sum(counter::BATCH_DELETE);
         s.flows_full = sum(counter::FLOWS_FULL);
+        s.batch_truncated = sum(counter::BATCH_TRUNCATED);
         s
     }
 }

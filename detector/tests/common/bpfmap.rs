@@ -12,6 +12,7 @@ const BPF_MAP_CREATE: i64 = 0;
 const BPF_MAP_UPDATE_ELEM: i64 = 2;
 const BPF_MAP_DELETE_ELEM: i64 = 3;
 const BPF_OBJ_PIN: i64 = 6;
+const BPF_MAP_DELETE_BATCH: i64 = 27;
 const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 
 fn bpf(cmd: i64, attr: &mut [u8; 128]) -> i64 {
@@ -118,6 +119,26 @@ impl AgentMap {
             "BPF_MAP_UPDATE_ELEM: {}",
             std::io::Error::last_os_error()
         );
+    }
+
+    /// BPF_MAP_DELETE_BATCH of `keys`; returns (result, keys processed).
+    pub fn delete_batch(&self, keys: &[NpaKey]) -> (i64, u32) {
+        let mut buf = Vec::new();
+        for k in keys {
+            buf.extend(k.encode(self.layout.key).unwrap());
+        }
+        let mut a = [0u8; 128];
+        put(&mut a, 16, &(buf.as_ptr() as u64).to_ne_bytes());
+        put(&mut a, 32, &(keys.len() as u32).to_ne_bytes());
+        put(&mut a, 36, &(self.fd.as_raw_fd() as u32).to_ne_bytes());
+        let rc = bpf(BPF_MAP_DELETE_BATCH, &mut a);
+        let count = u32::from_ne_bytes(a[32..36].try_into().unwrap());
+        if rc < 0 {
+            let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0) as i64;
+            (-e, count)
+        } else {
+            (rc, count)
+        }
     }
 
     /// What NPA's cleanup does; returns the syscall's result (0 or -errno).

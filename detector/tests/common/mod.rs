@@ -228,7 +228,9 @@ pub fn connect_from_port(ns: &str, local: &str, port: u16, to: SocketAddr) -> Tc
     in_netns(ns, move || {
         // SAFETY: plain socket calls on a new fd; the fd is handed to TcpStream at the end.
         unsafe {
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            // CLOEXEC: a child spawned meanwhile (by this or a parallel test) must not inherit
+            // the socket and keep it open after we reset it.
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
             assert!(fd >= 0);
             let one: libc::c_int = 1;
             libc::setsockopt(
@@ -365,12 +367,24 @@ impl Detector {
             }
         });
         let start = Instant::now();
-        if rx.recv_timeout(Duration::from_secs(30)).is_err() {
-            let _ = child.kill();
-            panic!(
-                "detector did not start within 30 s: {}",
-                log.lock().unwrap()
-            );
+        loop {
+            if rx.recv_timeout(Duration::from_millis(100)).is_ok() {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                thread::sleep(Duration::from_millis(100));
+                panic!(
+                    "detector exited with {status} before it was ready: {}",
+                    log.lock().unwrap()
+                );
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                panic!(
+                    "detector did not start within 30 s: {}",
+                    log.lock().unwrap()
+                );
+            }
         }
         eprintln!("detector attached in {:?}", start.elapsed());
         Self {
