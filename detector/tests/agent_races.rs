@@ -307,3 +307,67 @@ fn batch_deletes_are_judged_key_by_key() {
     drop(e);
     let _ = std::fs::remove_dir_all(&traces);
 }
+
+/// Flows that existed before the detector started are known from the ctnetlink snapshot: a
+/// delete of an idle one (never seen by the kernel probes) and of one that has sent a packet
+/// since (first seen then) are both races of class stale-match, and the latter is not taken
+/// for a new entry.
+#[test]
+fn flows_from_before_the_start_are_known() {
+    if !privileged() {
+        return;
+    }
+    let layout: Layout = "v4-24/16".parse().unwrap();
+    let ns = NetnsPair::new(60);
+    let fs = Bpffs::mount();
+    let map = AgentMap::create(layout, &fs.dir.join("aws_conntrack_map"));
+    let server = start_echo_server(&ns.server, ns.server_ip);
+    let traces = fs.dir.with_extension("traces");
+    let idle = connect_from(&ns.client, server);
+    let busy = connect_from(&ns.client, server);
+    let k_idle = key(idle.local_addr().unwrap().port(), server, layout);
+    let k_busy = key(busy.local_addr().unwrap().port(), server, layout);
+    map.insert(&k_idle, 1);
+    map.insert(&k_busy, 1);
+    let det = Detector::run(&[
+        "--map-pin",
+        map.pin.to_str().unwrap(),
+        "--netns",
+        &NetnsPair::path(&ns.server),
+        "--trace-dir",
+        traces.to_str().unwrap(),
+        "--trace-after",
+        "0.2",
+        "--watermark-ms",
+        "5",
+    ]);
+    {
+        use std::io::{Read, Write};
+        (&busy).write_all(b"z").unwrap();
+        let mut b = [0u8; 1];
+        (&busy).read_exact(&mut b).unwrap();
+    }
+    sleep(Duration::from_millis(100));
+    assert_eq!(map.delete(&k_idle), 0);
+    assert_eq!(map.delete(&k_busy), 0);
+    sleep(Duration::from_millis(500));
+    let (events, stderr) = det.stop();
+    assert!(stderr.contains("2 keys now"), "map snapshot: {stderr}");
+    assert!(
+        stderr.contains("(2 entries now)"),
+        "conntrack snapshot: {stderr}"
+    );
+    let v = verdicts(&events);
+    assert_eq!(v.len(), 2, "{v:#?}\n{stderr}");
+    for (k, by) in [(&k_idle, "shadow"), (&k_busy, "kernel")] {
+        let x = v
+            .iter()
+            .find(|x| x["verdict"]["key"]["sport"] == k.sport)
+            .unwrap_or_else(|| panic!("no verdict for {k}: {v:#?}"));
+        assert_eq!(x["verdict"]["class"], "stale-match", "{x:#}");
+        assert_eq!(x["verdict"]["decided_by"], by, "{x:#}");
+        assert!(x["verdict"]["old"].is_null(), "not a port reuse: {x:#}");
+    }
+    drop((idle, busy));
+    let _ = std::fs::remove_dir_all(&traces);
+}

@@ -88,19 +88,73 @@ struct State {
     last_trace: Option<PathBuf>,
     /// `enum skb_drop_reason` names from BTF, without the SKB_DROP_REASON_ prefix.
     drop_reasons: std::collections::HashMap<u32, String>,
+    /// Entries of the start-up snapshot still believed alive.
+    pre: Preexisting,
+}
+
+/// Conntrack entries that existed when the detector started (ctnetlink snapshot).
+///
+/// The kernel side only learns an entry at its NEW, so for these it knows no birth, and the
+/// tracepoint backend reports each one as NEW when it first sees a packet of it. Both are
+/// reconciled here: that first NEW is recognised as the pre-existing entry (its id aliased to
+/// the snapshot's, so the engine sees one entry), and a delete the kernel judged `absent`
+/// because it never indexed the entry is left to the engine's shadow while the snapshot's
+/// timeout says the entry is still alive.
+#[derive(Default)]
+struct Preexisting {
+    /// (netns, original tuple) -> (engine id, monotonic ns its snapshot timeout runs out).
+    live: std::collections::HashMap<(u32, crate::event::FlowTuple), (u64, u64)>,
+    /// Kernel entry id -> engine id of the same pre-existing entry.
+    alias: std::collections::HashMap<u64, u64>,
+}
+
+impl Preexisting {
+    fn key_matches(&self, key: &NpaKey, now_ns: u64) -> bool {
+        let t = crate::event::FlowTuple {
+            proto: key.proto,
+            src: key.src,
+            sport: key.sport,
+            dst: key.dst,
+            dport: key.dport,
+        };
+        self.live
+            .iter()
+            .any(|((_, orig), (_, until))| (*orig == t || orig.reversed() == t) && now_ns < *until)
+    }
 }
 
 impl State {
     /// Converts one reordered event into engine input, and prints it in JSON mode.
     fn input(&mut self, ev: Event, out: &mut impl Write) -> Result<()> {
         match ev {
-            Event::Ct(c) => {
+            Event::Ct(mut c) => {
                 if self.json {
                     writeln!(
                         out,
                         "{}",
                         output::json_line(&Event::Ct(c.clone()), &self.units)
                     )?;
+                }
+                let slot = (c.netns, c.orig);
+                match c.kind {
+                    crate::event::CtKind::New => {
+                        if let Some(&(id, _)) = self.pre.live.get(&slot) {
+                            // First packet of an entry from the snapshot, not a new entry.
+                            self.pre.alias.insert(c.id, id);
+                            return Ok(());
+                        }
+                    }
+                    crate::event::CtKind::Destroy => {
+                        if let Some(id) = self.pre.alias.remove(&c.id) {
+                            c.id = id;
+                            self.pre.live.remove(&slot);
+                        } else if c.born_ns == 0
+                            && let Some((id, _)) = self.pre.live.remove(&slot)
+                        {
+                            // Destroyed before any packet of it was seen.
+                            c.id = id;
+                        }
+                    }
                 }
                 let input = Input::from(&c);
                 self.push(input, out)
@@ -160,17 +214,24 @@ impl State {
 
     fn agent_delete(&self, d: &MapDeleteRecord, key: NpaKey) -> AgentDelete {
         let ns = |j: i32| self.units.jiffies_ms(j as i64) * 1_000_000;
+        let kernel_id = d.entry_id();
+        let aliased = kernel_id.and_then(|id| self.pre.alias.get(&id).copied());
+        let entry_id = aliased.or(kernel_id).unwrap_or(0);
+        // For an entry from the snapshot the kernel's "birth" is only when it first saw it.
+        let born_ns = if aliased.is_some() { 0 } else { d.ct_born_ns };
         let kernel_view = match d.view {
             DeleteView::Unknown => None,
+            // Never indexed in the kernel, but alive per the snapshot: the shadow decides.
+            DeleteView::Absent if self.pre.key_matches(&key, d.ts_ns) => None,
             DeleteView::Absent => Some(KernelView::Absent),
             DeleteView::Live => Some(KernelView::Live {
-                entry_id: d.entry_id().unwrap_or(0),
-                born_ns: d.ct_born_ns,
+                entry_id,
+                born_ns,
                 timeout_left_ns: ns(d.ct_timeout_left_jiffies),
             }),
             DeleteView::Expired => Some(KernelView::ExpiredNotReaped {
-                entry_id: d.entry_id().unwrap_or(0),
-                born_ns: d.ct_born_ns,
+                entry_id,
+                born_ns,
                 expired_for_ns: (-ns(d.ct_timeout_left_jiffies)).max(0) as u64,
             }),
         };
@@ -321,7 +382,30 @@ pub async fn run(args: RunArgs) -> Result<()> {
             .into_iter()
             .map(|(v, n)| (v, n.trim_start_matches("SKB_DROP_REASON_").to_string()))
             .collect(),
+        pre: Preexisting::default(),
     };
+    // Start-up snapshot of the kernel table, taken after the probes are attached so that no
+    // entry slips between the dump and the first event. (A dump also evicts entries that have
+    // already expired: those come through as DESTROY events.)
+    let netns_path = args.netns.as_ref().filter(|s| s.parse::<u32>().is_err());
+    let dump_ns = clock::monotonic_ns();
+    let table = crate::snapshot::dump(netns_path.map(std::path::Path::new))
+        .context("start-up snapshot of the kernel conntrack table")?;
+    let table_netns =
+        super::trace::netns_inode(netns_path.map_or("/proc/self/ns/net", |s| s.as_str()))?;
+    for e in &table {
+        let id = (1 << 63) | u64::from(e.id);
+        st.pre.live.insert(
+            (table_netns, e.orig),
+            (id, dump_ns + u64::from(e.timeout_s) * 1_000_000_000),
+        );
+        st.engine.push(Input::CtExisting {
+            id,
+            netns: table_netns,
+            orig: e.orig,
+            reply: e.reply,
+        });
+    }
     // Start-up snapshot of the map, so deletes of keys inserted before we started are known.
     let snapshot = target::keys(&map)?;
     for k in &snapshot {
@@ -334,12 +418,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     eprintln!(
         "detector: watching map {} `{}` (found by {}, layout {}, {} keys now) and conntrack \
-         with the {backend} backend; traces in {}; Ctrl-C to stop",
+         ({} entries now) with the {backend} backend; traces in {}; Ctrl-C to stop",
         map.id,
         map.name,
         map.found_by,
         map.layout,
         snapshot.len(),
+        table.len(),
         st.traces.dir().display()
     );
     if backend == crate::probe::Backend::Tracepoint {
