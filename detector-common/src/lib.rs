@@ -21,6 +21,9 @@ pub mod kind {
     pub const MAP_DELETE: u8 = 3;
     /// A dropped packet of a flow whose agent key was deleted while the flow was live.
     pub const PACKET_DROP: u8 = 4;
+    /// An insert/update or delete on a watched map seen inside the kernel's hash-map code
+    /// (kprobe/fentry backends): the datapath's writes, and the agent's own.
+    pub const MAP_WRITE: u8 = 5;
     /// Number of kinds; sizes the loss-counter array.
     pub const COUNT: u32 = 8;
 }
@@ -250,6 +253,30 @@ pub struct DropWatch {
     pub _pad: u32,
 }
 
+/// `MapWriteEvent::op`.
+pub mod map_op {
+    pub const UPDATE: u8 = 1;
+    pub const DELETE: u8 = 2;
+}
+
+/// An update or delete on a watched map, seen in `htab_lru_map_update_elem` /
+/// `htab_lru_map_delete_elem`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapWriteEvent {
+    pub hdr: EventHeader,
+    pub task: TaskInfo,
+    pub map_id: u32,
+    pub key_size: u32,
+    /// One of [`map_op`].
+    pub op: u8,
+    /// 1 when the write is the kernel half of a bpf(2) call of the current task (userspace),
+    /// 0 when a BPF program (the datapath) made it.
+    pub from_syscall: u8,
+    pub _pad: [u8; 6],
+    pub key: [u8; MAX_KEY],
+}
+
 /// A watched map, as the kernel programs need to know it (map `TARGETS`, keyed by map id).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -394,6 +421,10 @@ const _: () = {
     );
     assert!(size_of::<DropWatch>() == 16);
     assert!(
+        size_of::<MapWriteEvent>()
+            == size_of::<EventHeader>() + size_of::<TaskInfo>() + 4 + 4 + 1 + 1 + 6 + MAX_KEY
+    );
+    assert!(
         size_of::<MapDeleteEvent>()
             == size_of::<EventHeader>()
                 + size_of::<TaskInfo>()
@@ -429,4 +460,5 @@ mod pod {
     unsafe impl aya::Pod for super::TargetMap {}
     unsafe impl aya::Pod for super::PacketDropEvent {}
     unsafe impl aya::Pod for super::DropWatch {}
+    unsafe impl aya::Pod for super::MapWriteEvent {}
 }

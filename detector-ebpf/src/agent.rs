@@ -13,15 +13,15 @@ use aya_ebpf::{
     helpers::{
         generated::bpf_loop,
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_jiffies64, bpf_ktime_get_ns,
-        bpf_probe_read_user, bpf_probe_read_user_buf,
+        bpf_probe_read_kernel_buf, bpf_probe_read_user, bpf_probe_read_user_buf,
     },
-    macros::{btf_tracepoint, map, tracepoint},
+    macros::{btf_tracepoint, fentry, kprobe, map, tracepoint},
     maps::{Array, HashMap, LruHashMap},
-    programs::{BtfTracePointContext, TracePointContext},
+    programs::{BtfTracePointContext, FEntryContext, ProbeContext, TracePointContext},
 };
 use detector_common::{
-    DropWatch, MAX_KEY, MapDeleteEvent, PacketDropEvent, ProbeConfig, TargetMap, Tuple, bpf_cmd,
-    counter, ips, kind, view,
+    DropWatch, MAX_KEY, MapDeleteEvent, MapWriteEvent, PacketDropEvent, ProbeConfig, TargetMap,
+    Tuple, bpf_cmd, counter, ips, kind, map_op, view,
 };
 
 use crate::conntrack::{FLOWS, SEEN, read, status_of};
@@ -468,5 +468,79 @@ pub fn packet_drop_kfree_skb(ctx: BtfTracePointContext) -> u32 {
         delete_ns: w.delete_ns,
     };
     output(kind::PACKET_DROP, &ev);
+    0
+}
+
+// ------------------------------------------------------------------ datapath writes
+// (kprobe and fentry backends: the tracepoint backend has no hook inside the hash map code)
+
+/// Reports a write to a watched map; `map` and `key` are kernel pointers.
+#[inline(always)]
+fn map_write(map: u64, key: u64, op: u8) {
+    let cfg = config();
+    let map_id: u32 = read(map, cfg.bpf_map_id);
+    if unsafe { TARGETS.get(&map_id) }.is_none() {
+        return;
+    }
+    let key_size: u32 = read(map, cfg.bpf_map_key_size);
+    let Some(mut entry) = EVENTS.reserve::<MapWriteEvent>(0) else {
+        bump(counter::LOST_BASE + kind::MAP_WRITE as u32);
+        return;
+    };
+    // SAFETY: a fresh, exclusive, aligned reservation of the right size.
+    let ev = unsafe { &mut *entry.as_mut_ptr() };
+    ev.hdr = header(
+        kind::MAP_WRITE,
+        core::mem::size_of::<MapWriteEvent>(),
+        unsafe { bpf_ktime_get_ns() },
+    );
+    ev.task = task();
+    ev.map_id = map_id;
+    ev.op = op;
+    let me = bpf_get_current_pid_tgid();
+    ev.from_syscall = u8::from(
+        unsafe { PENDING.get(&me) }.is_some() || unsafe { PENDING_BATCH.get(&me) }.is_some(),
+    );
+    ev._pad = [0; 6];
+    ev.key = [0; MAX_KEY];
+    let n = if key_size as usize > MAX_KEY {
+        MAX_KEY
+    } else {
+        key_size as usize
+    };
+    ev.key_size = n as u32;
+    if n > 0 {
+        let _ = unsafe { bpf_probe_read_kernel_buf(key as *const u8, &mut ev.key[..n]) };
+    }
+    entry.submit(0);
+}
+
+// long htab_lru_map_update_elem(struct bpf_map *map, void *key, void *value, u64 map_flags)
+#[kprobe]
+pub fn map_update_kprobe(ctx: ProbeContext) -> u32 {
+    if let (Some(map), Some(key)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) {
+        map_write(map, key, map_op::UPDATE);
+    }
+    0
+}
+
+// long htab_lru_map_delete_elem(struct bpf_map *map, void *key)
+#[kprobe]
+pub fn map_delete_kprobe(ctx: ProbeContext) -> u32 {
+    if let (Some(map), Some(key)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) {
+        map_write(map, key, map_op::DELETE);
+    }
+    0
+}
+
+#[fentry(function = "htab_lru_map_update_elem")]
+pub fn map_update_fentry(ctx: FEntryContext) -> u32 {
+    map_write(ctx.arg::<u64>(0), ctx.arg::<u64>(1), map_op::UPDATE);
+    0
+}
+
+#[fentry(function = "htab_lru_map_delete_elem")]
+pub fn map_delete_fentry(ctx: FEntryContext) -> u32 {
+    map_write(ctx.arg::<u64>(0), ctx.arg::<u64>(1), map_op::DELETE);
     0
 }

@@ -6,8 +6,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use detector_common::{
-    self as common, AF_INET, AF_INET6, CtEvent, EventHeader, MapDeleteEvent, PacketDropEvent,
-    RECORD_VERSION,
+    self as common, AF_INET, AF_INET6, CtEvent, EventHeader, MapDeleteEvent, MapWriteEvent,
+    PacketDropEvent, RECORD_VERSION,
 };
 use serde::Serialize;
 use thiserror::Error;
@@ -37,6 +37,7 @@ pub enum Kind {
     CtDestroy,
     MapDelete,
     PacketDrop,
+    MapWrite,
 }
 
 impl TryFrom<u8> for Kind {
@@ -47,17 +48,19 @@ impl TryFrom<u8> for Kind {
             common::kind::CT_DESTROY => Ok(Kind::CtDestroy),
             common::kind::MAP_DELETE => Ok(Kind::MapDelete),
             common::kind::PACKET_DROP => Ok(Kind::PacketDrop),
+            common::kind::MAP_WRITE => Ok(Kind::MapWrite),
             other => Err(DecodeError::UnknownKind(other)),
         }
     }
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [
+    pub const ALL: [Kind; 5] = [
         Kind::CtNew,
         Kind::CtDestroy,
         Kind::MapDelete,
         Kind::PacketDrop,
+        Kind::MapWrite,
     ];
 
     pub fn raw(self) -> u8 {
@@ -66,6 +69,7 @@ impl Kind {
             Kind::CtDestroy => common::kind::CT_DESTROY,
             Kind::MapDelete => common::kind::MAP_DELETE,
             Kind::PacketDrop => common::kind::PACKET_DROP,
+            Kind::MapWrite => common::kind::MAP_WRITE,
         }
     }
 
@@ -75,6 +79,7 @@ impl Kind {
             Kind::CtDestroy => "ct_destroy",
             Kind::MapDelete => "map_delete",
             Kind::PacketDrop => "packet_drop",
+            Kind::MapWrite => "map_write",
         }
     }
 }
@@ -340,11 +345,32 @@ pub struct PacketDropRecord {
     pub delete_ns: u64,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MapOp {
+    Update,
+    Delete,
+}
+
+/// A write to a watched map seen in the kernel's hash-map code (kprobe/fentry backends).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MapWriteRecord {
+    pub ts_ns: u64,
+    pub cpu: u32,
+    pub task: Task,
+    pub map_id: u32,
+    pub op: MapOp,
+    /// Part of a bpf(2) call (userspace) rather than a BPF program (the datapath).
+    pub from_syscall: bool,
+    pub key: Vec<u8>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Ct(CtRecord),
     MapDelete(MapDeleteRecord),
     PacketDrop(PacketDropRecord),
+    MapWrite(MapWriteRecord),
 }
 
 impl Event {
@@ -353,6 +379,7 @@ impl Event {
             Event::Ct(c) => c.ts_ns,
             Event::MapDelete(d) => d.ts_ns,
             Event::PacketDrop(p) => p.ts_ns,
+            Event::MapWrite(w) => w.ts_ns,
         }
     }
 
@@ -361,6 +388,7 @@ impl Event {
             Event::Ct(c) => c.kind.kind(),
             Event::MapDelete(_) => Kind::MapDelete,
             Event::PacketDrop(_) => Kind::PacketDrop,
+            Event::MapWrite(_) => Kind::MapWrite,
         }
     }
 }
@@ -387,6 +415,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         Kind::CtNew | Kind::CtDestroy => size_of::<CtEvent>(),
         Kind::MapDelete => size_of::<MapDeleteEvent>(),
         Kind::PacketDrop => size_of::<PacketDropEvent>(),
+        Kind::MapWrite => size_of::<MapWriteEvent>(),
     };
     if hdr.size as usize != expect || bytes.len() < expect {
         return Err(DecodeError::Length {
@@ -472,6 +501,29 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 tuple: FlowTuple::from_raw(&raw.tuple)?,
                 reason: raw.reason,
                 delete_ns: raw.delete_ns,
+            }))
+        }
+        Kind::MapWrite => {
+            let raw: MapWriteEvent = read_record(bytes);
+            let op = match raw.op {
+                common::map_op::UPDATE => MapOp::Update,
+                common::map_op::DELETE => MapOp::Delete,
+                value => {
+                    return Err(DecodeError::UnknownValue {
+                        what: "map op",
+                        value,
+                    });
+                }
+            };
+            let n = (raw.key_size as usize).min(common::MAX_KEY);
+            Ok(Event::MapWrite(MapWriteRecord {
+                ts_ns: raw.hdr.ts_ns,
+                cpu: raw.hdr.cpu,
+                task: Task::from(&raw.task),
+                map_id: raw.map_id,
+                op,
+                from_syscall: raw.from_syscall != 0,
+                key: raw.key[..n].to_vec(),
             }))
         }
     }
@@ -571,6 +623,36 @@ pub(crate) mod tests {
         assert_eq!(d.entry_id(), Some(entry_id(0x1000, 5)));
         raw.view = 9;
         assert!(decode(&bytes_of(&raw)).is_err());
+    }
+
+    #[test]
+    fn decodes_a_map_write() {
+        let raw = detector_common::MapWriteEvent {
+            hdr: EventHeader {
+                kind: kind::MAP_WRITE,
+                version: RECORD_VERSION,
+                size: size_of::<detector_common::MapWriteEvent>() as u16,
+                cpu: 1,
+                ts_ns: 9,
+            },
+            task: TaskInfo::default(),
+            map_id: 7,
+            key_size: 20,
+            op: detector_common::map_op::UPDATE,
+            from_syscall: 0,
+            _pad: [0; 6],
+            key: [1; detector_common::MAX_KEY],
+        };
+        let Event::MapWrite(w) = decode(&bytes_of(&raw)).unwrap() else {
+            panic!("not a map write");
+        };
+        assert_eq!(
+            (w.op, w.from_syscall, w.key.len()),
+            (MapOp::Update, false, 20)
+        );
+        let mut bad = raw;
+        bad.op = 3;
+        assert!(decode(&bytes_of(&bad)).is_err());
     }
 
     #[test]

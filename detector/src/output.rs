@@ -6,7 +6,7 @@ use serde_json::json;
 use crate::agent::NpaKey;
 use crate::clock::WallClock;
 use crate::event::{
-    CtKind, CtRecord, DeleteView, DestroyReason, Event, FlowTuple, MapDeleteRecord,
+    CtKind, CtRecord, DeleteView, DestroyReason, Event, FlowTuple, MapDeleteRecord, MapWriteRecord,
     PacketDropRecord, proto_name,
 };
 
@@ -75,7 +75,25 @@ pub fn json_line(ev: &Event, u: &Units) -> String {
         Event::Ct(c) => ct_json(c, u).to_string(),
         Event::MapDelete(d) => delete_json(d, None, u).to_string(),
         Event::PacketDrop(p) => drop_json(p, None, u).to_string(),
+        Event::MapWrite(w) => write_json(w, None, u).to_string(),
     }
+}
+
+/// A write to the agent's map seen inside the kernel; `key` decoded when the layout is known.
+pub fn write_json(w: &MapWriteRecord, key: Option<&NpaKey>, u: &Units) -> serde_json::Value {
+    json!({
+        "type": "map_write",
+        "ts_ns": w.ts_ns,
+        "time": u.wall.iso(w.ts_ns),
+        "cpu": w.cpu,
+        "map_id": w.map_id,
+        "op": w.op,
+        "by": if w.from_syscall { "userspace" } else { "datapath" },
+        "key_hex": hex(&w.key),
+        "key": key,
+        "pid": w.task.pid,
+        "comm": w.task.comm,
+    })
 }
 
 /// A dropped packet; `reason` is the drop reason's name when BTF gave one.
@@ -209,6 +227,21 @@ pub fn text_line(ev: &Event, u: &Units) -> String {
         }
         Event::MapDelete(d) => delete_text(d, None, u),
         Event::PacketDrop(p) => drop_text(p, None, u),
+        Event::MapWrite(w) => {
+            let time = u.wall.iso(w.ts_ns);
+            format!(
+                "{} WRITE   map {} {:?} {} by {}",
+                time.get(11..26).unwrap_or(&time),
+                w.map_id,
+                w.op,
+                hex(&w.key),
+                if w.from_syscall {
+                    "userspace"
+                } else {
+                    "datapath"
+                }
+            )
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use crate::clock::{self, WallClock};
 use crate::engine::{
     AgentDelete, DeleteResult, Engine, EngineConfig, Input, KernelView, Output, Verdict,
 };
-use crate::event::{DeleteView, Event, MapDeleteRecord};
+use crate::event::{DeleteView, Event, MapDeleteRecord, MapOp};
 use crate::output::{self, Units};
 use crate::probe::{CounterSnapshot, Probe};
 use crate::reorder::Reorder;
@@ -158,6 +158,29 @@ impl State {
                 }
                 let input = Input::from(&c);
                 self.push(input, out)
+            }
+            Event::MapWrite(w) => {
+                let key = NpaKey::decode(self.map.layout.key, &w.key);
+                if self.json {
+                    writeln!(
+                        out,
+                        "{}",
+                        output::write_json(&w, key.as_ref().ok(), &self.units)
+                    )?;
+                }
+                // The datapath's inserts/updates date the key; the agent's own writes (through
+                // bpf(2)) and deletes are already covered by the syscall probes.
+                match key {
+                    Ok(key) if w.op == MapOp::Update && !w.from_syscall => self.push(
+                        Input::AgentInsert {
+                            ts_ns: w.ts_ns,
+                            map_id: w.map_id,
+                            key,
+                        },
+                        out,
+                    ),
+                    _ => Ok(()),
+                }
             }
             Event::PacketDrop(p) => {
                 let reason = self.drop_reasons.get(&p.reason).cloned();
@@ -350,7 +373,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let (backend, _) = probe.choose(settings.backend)?;
     probe.set_target(map.id, target::target_map(map.layout.key))?;
     probe.attach(backend)?;
-    probe.attach_agent()?;
+    let no_writes = probe.attach_agent(backend)?;
     let mut reader = probe.take_reader()?;
     let hz = clock::kernel_hz().unwrap_or_else(|| {
         tracing::warn!("could not measure the kernel's HZ from /proc/timer_list; assuming 250");
@@ -427,11 +450,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
         table.len(),
         st.traces.dir().display()
     );
-    if backend == crate::probe::Backend::Tracepoint {
-        eprintln!(
-            "detector: the tracepoint backend cannot see datapath map writes; deletes are judged \
-             by the kernel's conntrack entry at the delete"
-        );
+    match &no_writes {
+        Some(why) => eprintln!(
+            "detector: datapath writes to the map are not observable ({why}); deletes are \
+             judged by the kernel's conntrack entry at the delete"
+        ),
+        None => eprintln!("detector: datapath writes to the map are observed"),
     }
 
     let watermark = args.watermark_ms * 1_000_000;

@@ -203,7 +203,7 @@ fn write_ready(
             Kind::CtNew => summary.ct_new += 1,
             Kind::CtDestroy => summary.ct_destroy += 1,
             // `trace` does not attach the agent-map programs.
-            Kind::MapDelete | Kind::PacketDrop => continue,
+            Kind::MapDelete | Kind::PacketDrop | Kind::MapWrite => continue,
         }
         if let Event::Ct(c) = &ev
             && args.proto.is_some_and(|p| p != c.orig.proto)

@@ -40,6 +40,8 @@ impl BackendChoice {
 pub enum Attach {
     /// tp_btf on a tracepoint name.
     TpBtf(&'static str),
+    /// A classic (perf) tracepoint: category and name.
+    Tracepoint(&'static str, &'static str),
     /// kprobe or kretprobe (decided by the program's section) on a kernel function.
     KProbe(&'static str),
     FEntry(&'static str),
@@ -50,6 +52,7 @@ impl Attach {
     pub fn describe(&self) -> String {
         match self {
             Attach::TpBtf(t) => format!("tp_btf/{t}"),
+            Attach::Tracepoint(c, n) => format!("tracepoint/{c}/{n}"),
             Attach::KProbe(f) => format!("kprobe/{f}"),
             Attach::FEntry(f) => format!("fentry/{f}"),
             Attach::FExit(f) => format!("fexit/{f}"),
@@ -109,7 +112,56 @@ const FENTRY: &[ProgSpec] = &[
     },
 ];
 
+/// Agent-side programs every backend loads: the agent's bpf(2) deletes (syscalls:sys_*_bpf
+/// fire only for bpf(2), so other syscalls pay nothing) and drops of victim flows.
+pub const AGENT: &[ProgSpec] = &[
+    ProgSpec {
+        name: "agent_delete_enter",
+        attach: Attach::Tracepoint("syscalls", "sys_enter_bpf"),
+    },
+    ProgSpec {
+        name: "agent_delete_exit",
+        attach: Attach::Tracepoint("syscalls", "sys_exit_bpf"),
+    },
+    ProgSpec {
+        name: "packet_drop_kfree_skb",
+        attach: Attach::TpBtf("kfree_skb"),
+    },
+];
+
+const KPROBE_WRITES: &[ProgSpec] = &[
+    ProgSpec {
+        name: "map_update_kprobe",
+        attach: Attach::KProbe("htab_lru_map_update_elem"),
+    },
+    ProgSpec {
+        name: "map_delete_kprobe",
+        attach: Attach::KProbe("htab_lru_map_delete_elem"),
+    },
+];
+
+const FENTRY_WRITES: &[ProgSpec] = &[
+    ProgSpec {
+        name: "map_update_fentry",
+        attach: Attach::FEntry("htab_lru_map_update_elem"),
+    },
+    ProgSpec {
+        name: "map_delete_fentry",
+        attach: Attach::FEntry("htab_lru_map_delete_elem"),
+    },
+];
+
 impl Backend {
+    /// Programs that see the agent map's writes inside the kernel (the datapath's inserts and
+    /// updates); none on the tracepoint backend.
+    pub fn datapath_programs(self) -> &'static [ProgSpec] {
+        match self {
+            Backend::Fentry => FENTRY_WRITES,
+            Backend::Kprobe => KPROBE_WRITES,
+            Backend::Tracepoint => &[],
+        }
+    }
+
     /// Most precise first: the order `auto` tries them in.
     pub const PREFERENCE: [Backend; 3] = [Backend::Fentry, Backend::Kprobe, Backend::Tracepoint];
 

@@ -198,7 +198,7 @@ impl Probe {
             .iter()
             .filter_map(|p| match p.attach {
                 Attach::KProbe(f) | Attach::FEntry(f) | Attach::FExit(f) => Some(f),
-                Attach::TpBtf(_) => None,
+                Attach::TpBtf(_) | Attach::Tracepoint(..) => None,
             })
             .collect();
         match backend {
@@ -259,6 +259,10 @@ impl Probe {
                 let p: &mut BtfTracePoint = prog.try_into()?;
                 p.load(tp, btf)
             }
+            Attach::Tracepoint(..) => {
+                let p: &mut TracePoint = prog.try_into()?;
+                p.load()
+            }
             Attach::KProbe(_) => {
                 let p: &mut KProbe = prog.try_into()?;
                 p.load()
@@ -285,6 +289,9 @@ impl Probe {
                 Attach::KProbe(_) => <&mut KProbe>::try_from(prog).and_then(|p| p.unload()),
                 Attach::FEntry(_) => <&mut FEntry>::try_from(prog).and_then(|p| p.unload()),
                 Attach::FExit(_) => <&mut FExit>::try_from(prog).and_then(|p| p.unload()),
+                Attach::Tracepoint(..) => {
+                    <&mut TracePoint>::try_from(prog).and_then(|p| p.unload())
+                }
             };
         }
     }
@@ -333,86 +340,60 @@ impl Probe {
     /// Loads and attaches every program of `backend`. Links live as long as the `Probe`.
     pub fn attach(&mut self, backend: Backend) -> Result<(), ProbeError> {
         for spec in backend.programs() {
-            let what = || format!("{} to {}", spec.name, spec.attach.describe());
-            self.load_one(spec).map_err(|source| ProbeError::Attach {
-                what: what(),
-                source,
-            })?;
-            let prog = self.ebpf.program_mut(spec.name).ok_or(ProbeError::Attach {
-                what: what(),
-                source: ProgramError::NotLoaded,
-            })?;
-            let res = match spec.attach {
-                Attach::TpBtf(_) => {
-                    let p: Result<&mut BtfTracePoint, _> = prog.try_into();
-                    p.and_then(|p| p.attach().map(drop))
-                }
-                Attach::KProbe(f) => {
-                    let p: Result<&mut KProbe, _> = prog.try_into();
-                    p.and_then(|p| p.attach(f, 0).map(drop))
-                }
-                Attach::FEntry(_) => {
-                    let p: Result<&mut FEntry, _> = prog.try_into();
-                    p.and_then(|p| p.attach().map(drop))
-                }
-                Attach::FExit(_) => {
-                    let p: Result<&mut FExit, _> = prog.try_into();
-                    p.and_then(|p| p.attach().map(drop))
-                }
-            };
-            res.map_err(|source| ProbeError::Attach {
-                what: what(),
-                source,
-            })?;
+            self.load_and_attach(spec)?;
         }
         Ok(())
     }
 
-    /// Loads and attaches the agent-map delete programs (bpf(2) syscall tracepoints). They are
-    /// the same on every backend.
-    pub fn attach_agent(&mut self) -> Result<(), ProbeError> {
+    fn load_and_attach(&mut self, spec: &ProgSpec) -> Result<(), ProbeError> {
+        let err = |source| ProbeError::Attach {
+            what: format!("{} to {}", spec.name, spec.attach.describe()),
+            source,
+        };
+        self.load_one(spec).map_err(err)?;
+        let prog = self
+            .ebpf
+            .program_mut(spec.name)
+            .ok_or(err(ProgramError::NotLoaded))?;
+        let res = match spec.attach {
+            Attach::TpBtf(_) => {
+                <&mut BtfTracePoint>::try_from(prog).and_then(|p| p.attach().map(drop))
+            }
+            Attach::Tracepoint(category, name) => {
+                <&mut TracePoint>::try_from(prog).and_then(|p| p.attach(category, name).map(drop))
+            }
+            Attach::KProbe(f) => {
+                <&mut KProbe>::try_from(prog).and_then(|p| p.attach(f, 0).map(drop))
+            }
+            Attach::FEntry(_) => <&mut FEntry>::try_from(prog).and_then(|p| p.attach().map(drop)),
+            Attach::FExit(_) => <&mut FExit>::try_from(prog).and_then(|p| p.attach().map(drop)),
+        };
+        res.map_err(err)
+    }
+
+    /// Loads and attaches the agent-side programs: bpf(2) deletes and victim drops (every
+    /// backend), and the map's in-kernel writes where `backend` can see them. Returns why
+    /// datapath writes are not observable, if they are not (not an error: deletes are still
+    /// judged by the kernel's conntrack entry).
+    pub fn attach_agent(&mut self, backend: Backend) -> Result<Option<String>, ProbeError> {
         if !self.watch_agent {
             return Err(ProbeError::AgentNotRequested);
         }
-        for (name, tp) in [
-            ("agent_delete_enter", "sys_enter_bpf"),
-            ("agent_delete_exit", "sys_exit_bpf"),
-        ] {
-            let what = || format!("{name} to tracepoint syscalls/{tp}");
-            let prog = self.ebpf.program_mut(name).ok_or(ProbeError::Attach {
-                what: what(),
-                source: ProgramError::NotLoaded,
-            })?;
-            let p: &mut TracePoint = prog.try_into().map_err(|source| ProbeError::Attach {
-                what: what(),
-                source,
-            })?;
-            p.load()
-                .and_then(|()| p.attach("syscalls", tp).map(drop))
-                .map_err(|source| ProbeError::Attach {
-                    what: what(),
-                    source,
-                })?;
+        for spec in backend::AGENT {
+            self.load_and_attach(spec)?;
         }
-        // Victim packets: drops of flows whose key was deleted while live.
-        let name = "packet_drop_kfree_skb";
-        let what = || format!("{name} to tp_btf/kfree_skb");
-        let btf = &self.aya_btf;
-        let prog = self.ebpf.program_mut(name).ok_or(ProbeError::Attach {
-            what: what(),
-            source: ProgramError::NotLoaded,
-        })?;
-        let p: &mut BtfTracePoint = prog.try_into().map_err(|source| ProbeError::Attach {
-            what: what(),
-            source,
-        })?;
-        p.load("kfree_skb", btf)
-            .and_then(|()| p.attach().map(drop))
-            .map_err(|source| ProbeError::Attach {
-                what: what(),
-                source,
-            })?;
-        Ok(())
+        let writes = backend.datapath_programs();
+        if writes.is_empty() {
+            return Ok(Some(format!(
+                "the {backend} backend has no hook in the hash-map code"
+            )));
+        }
+        for spec in writes {
+            if let Err(e) = self.load_and_attach(spec) {
+                return Ok(Some(e.to_string()));
+            }
+        }
+        Ok(None)
     }
 
     /// Tells the kernel programs to watch map `id` (with the key layout in `target`).
