@@ -371,3 +371,52 @@ fn flows_from_before_the_start_are_known() {
     drop((idle, busy));
     let _ = std::fs::remove_dir_all(&traces);
 }
+
+/// When the agent restarts and re-creates its map (a new id at the same pin), the detector
+/// follows it without a restart.
+#[test]
+fn follows_a_recreated_map() {
+    if !privileged() {
+        return;
+    }
+    let layout: Layout = "v4-24/16".parse().unwrap();
+    let ns = NetnsPair::new(60);
+    let fs = Bpffs::mount();
+    let pin = fs.dir.join("aws_conntrack_map");
+    let first = AgentMap::create(layout, &pin);
+    let server = start_echo_server(&ns.server, ns.server_ip);
+    let traces = fs.dir.with_extension("traces");
+    let det = Detector::run(&[
+        "--map-pin",
+        pin.to_str().unwrap(),
+        "--netns",
+        &NetnsPair::path(&ns.server),
+        "--trace-dir",
+        traces.to_str().unwrap(),
+        "--trace-after",
+        "0.2",
+        "--watermark-ms",
+        "5",
+    ]);
+    // The agent restarts: its old map goes away, a new one is pinned in its place.
+    std::fs::remove_file(&pin).unwrap();
+    drop(first);
+    let second = AgentMap::create(layout, &pin);
+    sleep(Duration::from_millis(2500)); // the detector re-resolves the pin every second
+    let c = connect_from(&ns.client, server);
+    let k = key(c.local_addr().unwrap().port(), server, layout);
+    second.insert(&k, 1);
+    assert_eq!(second.delete(&k), 0);
+    sleep(Duration::from_millis(500));
+    let (events, stderr) = det.stop();
+    let moved = events
+        .iter()
+        .find(|e| e["type"] == "map_recreated")
+        .unwrap_or_else(|| panic!("no map_recreated event: {stderr}"));
+    let v = verdicts(&events);
+    assert_eq!(v.len(), 1, "{v:#?}\n{stderr}");
+    assert_eq!(v[0]["verdict"]["map_id"], moved["new_id"]);
+    assert_ne!(moved["new_id"], moved["old_id"]);
+    drop(c);
+    let _ = std::fs::remove_dir_all(&traces);
+}

@@ -141,6 +141,45 @@ pub fn resolve(spec: &MapSpec) -> Result<AgentMap, TargetError> {
     })
 }
 
+/// A process holding the map open.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Holder {
+    pub pid: u32,
+    pub fd: u32,
+    pub comm: String,
+}
+
+/// The (pid, fd) pairs that refer to map `id`, from /proc/*/fdinfo (`map_id:` lines). This is
+/// for display: the kernel programs resolve each delete's fd to a map id themselves, so an fd
+/// opened later is still recognised.
+pub fn holders(id: u32) -> Vec<Holder> {
+    let want = format!("map_id:\t{id}");
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.filter_map(Result::ok) {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(p.path().join("fdinfo")) else {
+            continue;
+        };
+        for f in fds.filter_map(Result::ok) {
+            let Some(fd) = f.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            if std::fs::read_to_string(f.path()).is_ok_and(|t| t.lines().any(|l| l == want)) {
+                let comm = std::fs::read_to_string(p.path().join("comm"))
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_default();
+                out.push(Holder { pid, fd, comm });
+            }
+        }
+    }
+    out
+}
+
 /// Where the flow fields sit in a key of `layout`, for the kernel programs.
 pub fn target_map(layout: KeyLayout) -> TargetMap {
     if layout.is_ipv6() {

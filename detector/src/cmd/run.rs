@@ -90,6 +90,8 @@ struct State {
     drop_reasons: std::collections::HashMap<u32, String>,
     /// Entries of the start-up snapshot still believed alive.
     pre: Preexisting,
+    /// Drop records of socket teardown (not network denials), not reported.
+    drops_ignored: u64,
 }
 
 /// Conntrack entries that existed when the detector started (ctnetlink snapshot).
@@ -184,6 +186,11 @@ impl State {
             }
             Event::PacketDrop(p) => {
                 let reason = self.drop_reasons.get(&p.reason).cloned();
+                // Buffers freed because a socket closed are not packets the network denied.
+                if matches!(reason.as_deref(), Some("QUEUE_PURGE" | "SOCKET_CLOSE")) {
+                    self.drops_ignored += 1;
+                    return Ok(());
+                }
                 if self.json {
                     writeln!(
                         out,
@@ -406,6 +413,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             .map(|(v, n)| (v, n.trim_start_matches("SKB_DROP_REASON_").to_string()))
             .collect(),
         pre: Preexisting::default(),
+        drops_ignored: 0,
     };
     // Start-up snapshot of the kernel table, taken after the probes are attached so that no
     // entry slips between the dump and the first event. (A dump also evicts entries that have
@@ -449,6 +457,20 @@ pub async fn run(args: RunArgs) -> Result<()> {
         snapshot.len(),
         table.len(),
         st.traces.dir().display()
+    );
+    let holders = target::holders(map.id);
+    eprintln!(
+        "detector: map {} is open in {}",
+        map.id,
+        if holders.is_empty() {
+            "no process (only pinned)".to_string()
+        } else {
+            holders
+                .iter()
+                .map(|h| format!("{}/{} fd {}", h.comm, h.pid, h.fd))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
     );
     match &no_writes {
         Some(why) => eprintln!(
@@ -576,6 +598,19 @@ fn follow_map(
     );
     probe.set_target(new.id, target::target_map(new.layout.key))?;
     probe.remove_target(old.id)?;
+    if st.json {
+        writeln!(
+            out,
+            "{}",
+            json!({"type": "map_recreated", "ts_ns": now_ns, "time": st.units.wall.iso(now_ns),
+                   "old_id": old.id, "new_id": new.id, "map": new})
+        )?;
+    } else {
+        eprintln!(
+            "detector: the agent re-created its map: now watching map {} (was {})",
+            new.id, old.id
+        );
+    }
     st.push(
         Input::MapRecreated {
             ts_ns: now_ns,
@@ -604,6 +639,7 @@ fn summary(
         "races": st.verdicts,
         "traces_written": st.traces.written(),
         "undecodable_keys": st.undecodable_keys,
+        "socket_teardown_drops_ignored": st.drops_ignored,
         "engine": st.engine.stats(),
         "kernel": kernel,
         "reorder": reorder,
