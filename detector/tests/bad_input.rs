@@ -84,23 +84,26 @@ fn unprivileged_user_is_told_to_use_root() {
     if !privileged() {
         return;
     }
-    // Drop to nobody: no capabilities survive the uid change.
+    // Drop to nobody: no capabilities survive the uid change. The build directory may not be
+    // reachable for nobody (a checkout under /root), so run a copy from a world-readable place.
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("detector-unpriv-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin = dir.join("detector");
+    std::fs::copy(DETECTOR, &bin).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
     let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            DETECTOR,
-            "trace",
-            "--duration",
-            "1",
-        ])
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&bin)
+        .args(["trace", "--duration", "1"])
         .output()
         .expect("setpriv (util-linux)");
     assert_eq!(out.status.code(), Some(1));
     let err = one_line_error(&out);
     assert!(err.contains("not privileged"), "{err}");
     assert!(err.contains("sudo") && err.contains("CAP_BPF"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
