@@ -83,6 +83,16 @@ fn map_of_fd(fd: u32, cfg: &ProbeConfig) -> Option<(u32, u32)> {
     Some((read(map, cfg.bpf_map_id), read(map, cfg.bpf_map_key_size)))
 }
 
+/// Bytes of a key to capture: the map's key size, at most MAX_KEY.
+#[inline(always)]
+fn key_len(size: u32) -> usize {
+    if size as usize > MAX_KEY {
+        MAX_KEY
+    } else {
+        size as usize
+    }
+}
+
 /// The flow a key names, in the kernel's tuple form (ports in host order, as NPA stores them).
 #[inline(always)]
 fn key_tuple(key: &[u8; MAX_KEY], t: &TargetMap) -> Option<Tuple> {
@@ -219,11 +229,7 @@ pub fn agent_delete_enter(ctx: TracePointContext) -> u32 {
     ev.task = task();
     ev.map_id = map_id;
     ev.cmd = cmd;
-    let n = if key_size as usize > MAX_KEY {
-        MAX_KEY
-    } else {
-        key_size as usize
-    };
+    let n = key_len(key_size);
     ev.key_size = n as u32;
     if n > 0 {
         let _ = unsafe { bpf_probe_read_user_buf(key_ptr as *const u8, &mut ev.key[..n]) };
@@ -319,11 +325,7 @@ extern "C" fn batch_key(index: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: bpf_loop passes back the pointer batch_exit gave it, to its live stack frame.
     let l = unsafe { &*(ctx as *const BatchLoop) };
     let cfg = config();
-    let n = if l.key_size as usize > MAX_KEY {
-        MAX_KEY
-    } else {
-        l.key_size as usize
-    };
+    let n = key_len(l.key_size);
     if n == 0 {
         return 1;
     }
@@ -503,11 +505,7 @@ fn map_write(map: u64, key: u64, op: u8) {
     );
     ev._pad = [0; 6];
     ev.key = [0; MAX_KEY];
-    let n = if key_size as usize > MAX_KEY {
-        MAX_KEY
-    } else {
-        key_size as usize
-    };
+    let n = key_len(key_size);
     ev.key_size = n as u32;
     if n > 0 {
         let _ = unsafe { bpf_probe_read_kernel_buf(key as *const u8, &mut ev.key[..n]) };

@@ -29,6 +29,22 @@ fn key(sport: u16, server: std::net::SocketAddr, layout: Layout) -> NpaKey {
     }
 }
 
+/// `detector run` on the test's map and server namespace.
+fn start(pin: &std::path::Path, ns: &NetnsPair, traces: &std::path::Path, after: &str) -> Detector {
+    Detector::run(&[
+        "--map-pin",
+        pin.to_str().unwrap(),
+        "--netns",
+        &NetnsPair::path(&ns.server),
+        "--trace-dir",
+        traces.to_str().unwrap(),
+        "--trace-after",
+        after,
+        "--watermark-ms",
+        "5",
+    ])
+}
+
 fn verdicts(events: &[Value]) -> Vec<&Value> {
     events.iter().filter(|e| e["type"] == "verdict").collect()
 }
@@ -40,18 +56,7 @@ fn run_scenario(layout: &str) {
     let map = AgentMap::create(layout, &fs.dir.join("aws_conntrack_map"));
     let server = start_echo_server(&ns.server, ns.server_ip);
     let traces = fs.dir.with_extension("traces");
-    let det = Detector::run(&[
-        "--map-pin",
-        map.pin.to_str().unwrap(),
-        "--netns",
-        &NetnsPair::path(&ns.server),
-        "--trace-dir",
-        traces.to_str().unwrap(),
-        "--trace-after",
-        "0.5",
-        "--watermark-ms",
-        "5",
-    ]);
+    let det = start(&map.pin, &ns, &traces, "0.5");
 
     // B: a flow that ends (expires, and a dump reaps it) before the cleanup deletes its key.
     let b = connect_from(&ns.client, server);
@@ -266,18 +271,7 @@ fn batch_deletes_are_judged_key_by_key() {
     let map = AgentMap::create(layout, &fs.dir.join("aws_conntrack_map"));
     let server = start_echo_server(&ns.server, ns.server_ip);
     let traces = fs.dir.with_extension("traces");
-    let det = Detector::run(&[
-        "--map-pin",
-        map.pin.to_str().unwrap(),
-        "--netns",
-        &NetnsPair::path(&ns.server),
-        "--trace-dir",
-        traces.to_str().unwrap(),
-        "--trace-after",
-        "0.2",
-        "--watermark-ms",
-        "5",
-    ]);
+    let det = start(&map.pin, &ns, &traces, "0.2");
     let e = connect_from(&ns.client, server);
     let ke = key(e.local_addr().unwrap().port(), server, layout);
     let ghost = key(9, server, layout); // no such connection
@@ -329,18 +323,7 @@ fn flows_from_before_the_start_are_known() {
     let k_busy = key(busy.local_addr().unwrap().port(), server, layout);
     map.insert(&k_idle, 1);
     map.insert(&k_busy, 1);
-    let det = Detector::run(&[
-        "--map-pin",
-        map.pin.to_str().unwrap(),
-        "--netns",
-        &NetnsPair::path(&ns.server),
-        "--trace-dir",
-        traces.to_str().unwrap(),
-        "--trace-after",
-        "0.2",
-        "--watermark-ms",
-        "5",
-    ]);
+    let det = start(&map.pin, &ns, &traces, "0.2");
     {
         use std::io::{Read, Write};
         (&busy).write_all(b"z").unwrap();
@@ -386,18 +369,7 @@ fn follows_a_recreated_map() {
     let first = AgentMap::create(layout, &pin);
     let server = start_echo_server(&ns.server, ns.server_ip);
     let traces = fs.dir.with_extension("traces");
-    let det = Detector::run(&[
-        "--map-pin",
-        pin.to_str().unwrap(),
-        "--netns",
-        &NetnsPair::path(&ns.server),
-        "--trace-dir",
-        traces.to_str().unwrap(),
-        "--trace-after",
-        "0.2",
-        "--watermark-ms",
-        "5",
-    ]);
+    let det = start(&pin, &ns, &traces, "0.2");
     // The agent restarts: its old map goes away, a new one is pinned in its place.
     std::fs::remove_file(&pin).unwrap();
     drop(first);

@@ -2,6 +2,7 @@
 
 pub mod doctor;
 pub mod run;
+pub mod stream;
 pub mod trace;
 
 use std::path::PathBuf;

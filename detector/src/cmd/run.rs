@@ -4,13 +4,12 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde_json::json;
-use tokio::signal::unix::{SignalKind, signal};
 
 use super::ProbeArgs;
+use super::stream::{Step, Stream};
 use crate::agent::target::{self, AgentMap, MapSpec, NPA_NAME, NPA_PIN};
 use crate::agent::{Layout, NpaKey};
 use crate::clock::{self, WallClock};
@@ -20,7 +19,6 @@ use crate::engine::{
 use crate::event::{DeleteView, Event, MapDeleteRecord, MapOp};
 use crate::output::{self, Units};
 use crate::probe::{CounterSnapshot, Probe};
-use crate::reorder::Reorder;
 use crate::sinks::{self, TraceDir, add_wall_times};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -381,7 +379,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     probe.set_target(map.id, target::target_map(map.layout.key))?;
     probe.attach(backend)?;
     let no_writes = probe.attach_agent(backend)?;
-    let mut reader = probe.take_reader()?;
+    let reader = probe.take_reader()?;
     let hz = clock::kernel_hz().unwrap_or_else(|| {
         tracing::warn!("could not measure the kernel's HZ from /proc/timer_list; assuming 250");
         250
@@ -480,75 +478,59 @@ pub async fn run(args: RunArgs) -> Result<()> {
         None => eprintln!("detector: datapath writes to the map are observed"),
     }
 
-    let watermark = args.watermark_ms * 1_000_000;
-    let mut reorder: Reorder<Event> = Reorder::new(watermark, 1 << 20);
+    let mut stream = Stream::new(reader, args.watermark_ms, args.duration)?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    let mut incoming = Vec::new();
     let mut ready = Vec::new();
-    let mut tick = tokio::time::interval(Duration::from_millis(5));
-    // See trace.rs: signal streams made once; SIGINT's disposition reset first.
-    // SAFETY: resetting a signal disposition before any handler of ours exists.
-    unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let deadline = args
-        .duration
-        .map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s.max(0.0)));
-    let mut last_lost = 0u64;
-    let mut last_check = tokio::time::Instant::now();
-
     loop {
-        tokio::select! {
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
-            r = reader.readable() => {
-                r.context("waiting on the ring buffer")?;
-                reader.drain(&mut incoming);
-                for ev in incoming.drain(..) {
-                    reorder.push(ev.ts_ns(), ev, &mut ready);
+        let step = stream.next(&mut ready).await?;
+        // Released records first: the tick's time is after all of them.
+        for ev in ready.drain(..) {
+            st.input(ev, &mut out)?;
+        }
+        match step {
+            Step::Stop => break,
+            Step::Events => {}
+            Step::Tick {
+                now_ns,
+                second,
+                new_losses,
+            } => {
+                st.push(Input::Tick { now_ns }, &mut out)?;
+                if new_losses > 0 {
+                    st.push(
+                        Input::Lost {
+                            ts_ns: now_ns,
+                            count: new_losses,
+                        },
+                        &mut out,
+                    )?;
                 }
-            }
-            _ = tick.tick() => {
-                let now = clock::monotonic_ns();
-                reorder.release(now, &mut ready);
-                for ev in ready.drain(..) {
-                    st.input(ev, &mut out)?;
-                }
-                st.push(Input::Tick { now_ns: now.saturating_sub(watermark) }, &mut out)?;
-                if last_check.elapsed() >= Duration::from_secs(1) {
-                    last_check = tokio::time::Instant::now();
-                    let lost = reader.counters().lost_total();
-                    if lost > last_lost {
-                        tracing::warn!("{} records lost in the kernel (ring buffer full); total {lost}. Raise --ring-mib", lost - last_lost);
-                        st.push(Input::Lost { ts_ns: now.saturating_sub(watermark), count: lost - last_lost }, &mut out)?;
-                        last_lost = lost;
-                    }
-                    follow_map(&spec, &mut st, &mut probe, now.saturating_sub(watermark), &mut out)?;
+                if second {
+                    follow_map(&spec, &mut st, &mut probe, now_ns, &mut out)?;
+                    // Keep wall time true across NTP steps and suspend.
                     st.units.wall = WallClock::measure();
                 }
             }
         }
-        for ev in ready.drain(..) {
-            st.input(ev, &mut out)?;
-        }
         out.flush().ok();
     }
-
-    reader.drain(&mut incoming);
-    for ev in incoming.drain(..) {
-        reorder.push(ev.ts_ns(), ev, &mut ready);
-    }
-    reorder.drain(&mut ready);
+    stream.finish(&mut ready);
     for ev in ready.drain(..) {
         st.input(ev, &mut out)?;
     }
     for o in st.engine.finish() {
         st.output(o, &mut out)?;
     }
+    let reader = &stream.reader;
     let kernel = reader.counters();
-    let summary = summary(&st, &kernel, &reorder.stats(), &started, backend.name());
+    let summary = summary(
+        &st,
+        &kernel,
+        &stream.reorder_stats(),
+        &started,
+        backend.name(),
+    );
     if args.json {
         writeln!(out, "{summary}")?;
     }

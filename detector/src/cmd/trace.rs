@@ -3,17 +3,16 @@
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use tokio::signal::unix::{SignalKind, signal};
 
 use super::ProbeArgs;
+use super::stream::{Step, Stream};
 use crate::clock::{self, WallClock};
 use crate::event::{Event, Kind};
 use crate::output::{self, Units};
 use crate::probe::{CounterSnapshot, Probe};
-use crate::reorder::{Reorder, ReorderStats};
+use crate::reorder::ReorderStats;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct TraceArgs {
@@ -80,7 +79,7 @@ pub async fn run(args: TraceArgs) -> Result<()> {
     let mut probe = Probe::open(&settings)?;
     let (backend, _) = probe.choose(settings.backend)?;
     probe.attach(backend)?;
-    let mut reader = probe.take_reader()?;
+    let reader = probe.take_reader()?;
     let hz = clock::kernel_hz().unwrap_or_else(|| {
         tracing::warn!("could not measure the kernel's HZ from /proc/timer_list; assuming 250");
         250
@@ -99,69 +98,30 @@ pub async fn run(args: TraceArgs) -> Result<()> {
         }
     );
 
-    let mut reorder: Reorder<Event> = Reorder::new(args.watermark_ms * 1_000_000, 1 << 20);
+    let mut stream = Stream::new(reader, args.watermark_ms, args.duration)?;
     let mut summary = Summary::default();
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    let mut incoming = Vec::new();
     let mut ready = Vec::new();
-    let mut tick = tokio::time::interval(Duration::from_millis(5));
-    // Streams created once, before the loop, so a signal that lands while the loop body runs
-    // is not missed. A shell starts background jobs with SIGINT ignored, and a handler is not
-    // installed over an inherited SIG_IGN by every runtime: restore the default first, so
-    // `kill -INT` stops a backgrounded detector as cleanly as Ctrl-C.
-    // SAFETY: resetting a signal disposition before any handler of ours exists.
-    unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let deadline = args
-        .duration
-        .map(|s| tokio::time::Instant::now() + Duration::from_secs_f64(s.max(0.0)));
-    let mut last_lost = 0u64;
-    let mut last_check = tokio::time::Instant::now();
-
     loop {
-        tokio::select! {
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
-            r = reader.readable() => {
-                r.context("waiting on the ring buffer")?;
-                reader.drain(&mut incoming);
-                for ev in incoming.drain(..) {
-                    reorder.push(ev.ts_ns(), ev, &mut ready);
-                }
-            }
-            _ = tick.tick() => {
-                reorder.release(clock::monotonic_ns(), &mut ready);
-                if last_check.elapsed() >= Duration::from_secs(1) {
-                    last_check = tokio::time::Instant::now();
-                    let lost = reader.counters().lost_total();
-                    if lost > last_lost {
-                        tracing::warn!("{} records lost in the kernel (ring buffer full); total {lost}. Raise --ring-mib", lost - last_lost);
-                        last_lost = lost;
-                    }
-                    // Keep wall time true across NTP steps and suspend.
-                    units.wall = WallClock::measure();
-                }
-            }
+        match stream.next(&mut ready).await? {
+            Step::Stop => break,
+            Step::Events => {}
+            // Keep wall time true across NTP steps and suspend.
+            Step::Tick { second: true, .. } => units.wall = WallClock::measure(),
+            Step::Tick { .. } => {}
         }
         if !write_ready(&mut out, &mut ready, &args, &units, &mut summary)? {
             break;
         }
     }
-
-    // Drain what is left: in the ring buffer, then in the reorder buffer.
-    reader.drain(&mut incoming);
-    for ev in incoming.drain(..) {
-        reorder.push(ev.ts_ns(), ev, &mut ready);
-    }
-    reorder.drain(&mut ready);
+    stream.finish(&mut ready);
     write_ready(&mut out, &mut ready, &args, &units, &mut summary)?;
 
+    let reader = &stream.reader;
     summary.kernel = reader.counters();
     summary.undecodable = reader.undecodable;
-    summary.reorder = reorder.stats();
+    summary.reorder = stream.reorder_stats();
     if args.json {
         let mut v = serde_json::to_value(&summary)?;
         v["type"] = "summary".into();

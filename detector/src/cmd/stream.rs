@@ -1,0 +1,124 @@
+//! The event loop shared by `trace` and `run`: ring buffer -> decode -> reorder by kernel
+//! timestamp, a periodic tick, loss checks, and a clean stop on SIGINT, SIGTERM or a deadline.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::time::{Instant, Interval};
+
+use crate::clock;
+use crate::event::Event;
+use crate::probe::reader::Reader;
+use crate::reorder::{Reorder, ReorderStats};
+
+/// What one turn of the loop produced (released events are appended to the caller's vector).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Records arrived (some may have been released).
+    Events,
+    /// Time passed. `now_ns` is kernel monotonic time minus the watermark: every record older
+    /// than it has been released. `second` is set about once a second, with the number of
+    /// records the kernel reported lost since the previous such tick.
+    Tick {
+        now_ns: u64,
+        second: bool,
+        new_losses: u64,
+    },
+    /// Ctrl-C, SIGTERM or the deadline.
+    Stop,
+}
+
+pub struct Stream {
+    pub reader: Reader,
+    reorder: Reorder<Event>,
+    incoming: Vec<Event>,
+    tick: Interval,
+    sigint: Signal,
+    sigterm: Signal,
+    deadline: Option<Instant>,
+    watermark_ns: u64,
+    last_lost: u64,
+    last_second: Instant,
+}
+
+impl Stream {
+    /// Must be called inside the tokio runtime.
+    pub fn new(reader: Reader, watermark_ms: u64, duration_s: Option<f64>) -> Result<Self> {
+        // Streams are created once, before the loop, so a signal that lands while the caller
+        // works is not missed. A shell starts background jobs with SIGINT ignored, and a
+        // handler is not installed over an inherited SIG_IGN by every runtime: restore the
+        // default first, so `kill -INT` stops a backgrounded detector as cleanly as Ctrl-C.
+        // SAFETY: resetting a signal disposition before any handler of ours exists.
+        unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
+        let watermark_ns = watermark_ms.saturating_mul(1_000_000);
+        Ok(Self {
+            reader,
+            reorder: Reorder::new(watermark_ns, 1 << 20),
+            incoming: Vec::new(),
+            tick: tokio::time::interval(Duration::from_millis(5)),
+            sigint: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            sigterm: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            deadline: duration_s.map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0))),
+            watermark_ns,
+            last_lost: 0,
+            last_second: Instant::now(),
+        })
+    }
+
+    /// Waits for the next thing to do.
+    pub async fn next(&mut self, ready: &mut Vec<Event>) -> Result<Step> {
+        let deadline = self.deadline;
+        tokio::select! {
+            _ = self.sigint.recv() => Ok(Step::Stop),
+            _ = self.sigterm.recv() => Ok(Step::Stop),
+            _ = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            } => Ok(Step::Stop),
+            r = self.reader.readable() => {
+                r.context("waiting on the ring buffer")?;
+                self.take_incoming(ready);
+                Ok(Step::Events)
+            }
+            _ = self.tick.tick() => {
+                let now = clock::monotonic_ns();
+                self.reorder.release(now, ready);
+                let second = self.last_second.elapsed() >= Duration::from_secs(1);
+                let mut new_losses = 0;
+                if second {
+                    self.last_second = Instant::now();
+                    let lost = self.reader.counters().lost_total();
+                    if lost > self.last_lost {
+                        new_losses = lost - self.last_lost;
+                        tracing::warn!(
+                            "{new_losses} records lost in the kernel (ring buffer full); total \
+                             {lost}. Raise --ring-mib"
+                        );
+                        self.last_lost = lost;
+                    }
+                }
+                Ok(Step::Tick { now_ns: now.saturating_sub(self.watermark_ns), second, new_losses })
+            }
+        }
+    }
+
+    fn take_incoming(&mut self, ready: &mut Vec<Event>) {
+        self.reader.drain(&mut self.incoming);
+        for ev in self.incoming.drain(..) {
+            self.reorder.push(ev.ts_ns(), ev, ready);
+        }
+    }
+
+    /// At shutdown: what is left in the ring buffer, then the reorder buffer, in order.
+    pub fn finish(&mut self, ready: &mut Vec<Event>) {
+        self.take_incoming(ready);
+        self.reorder.drain(ready);
+    }
+
+    pub fn reorder_stats(&self) -> ReorderStats {
+        self.reorder.stats()
+    }
+}
