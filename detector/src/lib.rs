@@ -1,7 +1,9 @@
 //! detector: finds conntrack-cache cleanup races of the AWS network policy agent with eBPF.
 //!
 //! Layers: `probe` (kernel: BTF offsets, backends, ring buffer), `event` (decoding),
-//! `reorder` (kernel-timestamp order), `output` (text/NDJSON), `cmd` (the CLI's commands).
+//! `reorder` (kernel-timestamp order), `engine` (pure correlation: events in, verdicts out),
+//! `agent` (NPA map layouts, finding the map), `snapshot` (ctnetlink dump), `output`
+//! (text/NDJSON), `sinks` (trace files), `cmd` (the CLI's commands).
 
 pub mod agent;
 pub mod clock;
@@ -13,3 +15,5 @@ pub mod probe;
 pub mod reorder;
 pub mod sinks;
 pub mod snapshot;
+#[cfg(test)]
+mod testutil;

@@ -11,30 +11,7 @@ use super::*;
 use crate::agent::{KeyLayout, Layout, NpaKey, ValueLayout};
 use crate::event::{DestroyReason, FlowTuple, Task};
 
-/// splitmix64: tiny, deterministic, good enough to shuffle test cases.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-
-    fn index(&mut self, len: usize) -> usize {
-        self.below(len as u64) as usize
-    }
-}
+use crate::testutil::Rng;
 
 const S: u64 = 1_000_000_000;
 
@@ -155,7 +132,7 @@ impl Model {
 fn key_for(rng: &mut Rng, tpl: &Template) -> (NpaKey, Layout) {
     let fs = forms(tpl);
     let mut f = fs[rng.index(fs.len())];
-    if rng.chance(30) {
+    if rng.percent(30) {
         f = f.reversed();
     }
     let owner: IpAddr = match rng.below(10) {
@@ -168,7 +145,7 @@ fn key_for(rng: &mut Rng, tpl: &Template) -> (NpaKey, Layout) {
     } else {
         owner
     };
-    let ifindex = rng.chance(50).then(|| rng.below(64) as u32);
+    let ifindex = rng.percent(50).then(|| rng.below(64) as u32);
     let key = match (f.src.is_ipv6(), ifindex.is_some()) {
         (false, false) => KeyLayout::V4,
         (false, true) => KeyLayout::V4Ifindex,
@@ -211,7 +188,7 @@ fn run_one(seed: u64, cfg: EngineConfig, exact: bool) -> Stats {
 
     // Start-up snapshot.
     for tpl in 0..model.tpls.len() {
-        if rng.chance(30) {
+        if rng.percent(30) {
             let ns = netns[rng.index(2)];
             let clash = model
                 .entries
@@ -323,7 +300,7 @@ fn run_one(seed: u64, cfg: EngineConfig, exact: bool) -> Stats {
                     1 => DeleteResult::Error(-1),
                     _ => DeleteResult::Deleted,
                 };
-                let kernel_view = (!expired.is_empty() || rng.chance(50)).then(|| {
+                let kernel_view = (!expired.is_empty() || rng.percent(50)).then(|| {
                     if let Some(e) = live.iter().max_by_key(|e| e.born) {
                         KernelView::Live {
                             entry_id: e.id,

@@ -637,34 +637,14 @@ fn snapshot_accepts_unpadded_last_message() {
 
 // --- fuzzing --------------------------------------------------------------------------------
 
-/// splitmix64: small, fast, deterministic.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in 0..n (n > 0).
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn chance(&mut self, one_in: usize) -> bool {
-        self.below(one_in) == 0
-    }
-}
+use crate::testutil::Rng;
 
 fn random_entry(r: &mut Rng) -> CtSnapshotEntry {
-    let proto = [6u8, 17, 1, 58, 132][r.below(5)];
+    let proto = [6u8, 17, 1, 58, 132][r.index(5)];
     let v6 = match proto {
         1 => false,
         58 => true,
-        _ => r.chance(2),
+        _ => r.one_in(2),
     };
     let addr = |r: &mut Rng| -> IpAddr {
         if v6 {
@@ -690,8 +670,8 @@ fn random_entry(r: &mut Rng) -> CtSnapshotEntry {
         id: r.next() as u32,
         status: r.next() as u32 & 0x3fff,
         timeout_s: r.next() as u32 % 500_000,
-        zone: if r.chance(4) { r.next() as u16 } else { 0 },
-        mark: if r.chance(4) { r.next() as u32 } else { 0 },
+        zone: if r.one_in(4) { r.next() as u16 } else { 0 },
+        mark: if r.one_in(4) { r.next() as u32 } else { 0 },
     }
 }
 
@@ -699,7 +679,7 @@ fn random_entry(r: &mut Rng) -> CtSnapshotEntry {
 fn corpus(r: &mut Rng) -> Vec<(Vec<u8>, Vec<CtSnapshotEntry>)> {
     let mut out = Vec::new();
     for i in 0..24 {
-        let n = 1 + r.below(4);
+        let n = 1 + r.index(4);
         let entries: Vec<_> = (0..n).map(|_| random_entry(r)).collect();
         let o = Opts {
             unknown: i % 3 == 0,
@@ -751,24 +731,24 @@ fn length_fields(buf: &[u8]) -> Vec<(usize, usize)> {
 }
 
 fn mutate(r: &mut Rng, buf: &mut Vec<u8>, fields: &[(usize, usize)]) {
-    let rounds = 1 + r.below(3);
+    let rounds = 1 + r.index(3);
     for _ in 0..rounds {
-        match r.below(7) {
+        match r.index(7) {
             // Bit flips.
             0 | 1 if !buf.is_empty() => {
-                for _ in 0..1 + r.below(4) {
-                    let i = r.below(buf.len());
-                    buf[i] ^= 1 << r.below(8);
+                for _ in 0..1 + r.index(4) {
+                    let i = r.index(buf.len());
+                    buf[i] ^= 1 << r.index(8);
                 }
             }
             // Truncation.
             2 if !buf.is_empty() => {
-                let n = r.below(buf.len());
+                let n = r.index(buf.len());
                 buf.truncate(n);
             }
             // Length-field corruption, with the values that break naive parsers.
             3 | 4 if !fields.is_empty() => {
-                let (at, width) = fields[r.below(fields.len())];
+                let (at, width) = fields[r.index(fields.len())];
                 if at + width > buf.len() {
                     continue;
                 }
@@ -777,12 +757,12 @@ fn mutate(r: &mut Rng, buf: &mut Vec<u8>, fields: &[(usize, usize)]) {
                 } else {
                     u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap()) as u64
                 };
-                let v = match r.below(10) {
+                let v = match r.index(10) {
                     0 => 0,
-                    1 => 1 + r.below(3) as u64,
+                    1 => 1 + r.index(3) as u64,
                     2 => 4,
-                    3 => old.wrapping_sub(1 + r.below(8) as u64),
-                    4 => old + 1 + r.below(8) as u64,
+                    3 => old.wrapping_sub(1 + r.index(8) as u64),
+                    4 => old + 1 + r.index(8) as u64,
                     5 => old.wrapping_sub(4),
                     6 => old + 4,
                     7 => u64::MAX,
@@ -797,13 +777,13 @@ fn mutate(r: &mut Rng, buf: &mut Vec<u8>, fields: &[(usize, usize)]) {
             }
             // Remove or duplicate a range.
             5 if !buf.is_empty() => {
-                let a = r.below(buf.len());
-                let b = (a + 1 + r.below(32)).min(buf.len());
-                if r.chance(2) {
+                let a = r.index(buf.len());
+                let b = (a + 1 + r.index(32)).min(buf.len());
+                if r.one_in(2) {
                     buf.drain(a..b);
                 } else {
                     let chunk = buf[a..b].to_vec();
-                    let at = r.below(buf.len() + 1);
+                    let at = r.index(buf.len() + 1);
                     buf.splice(at..at, chunk);
                 }
             }
@@ -812,9 +792,9 @@ fn mutate(r: &mut Rng, buf: &mut Vec<u8>, fields: &[(usize, usize)]) {
                 let at = if buf.is_empty() {
                     0
                 } else {
-                    r.below(buf.len() + 1)
+                    r.index(buf.len() + 1)
                 };
-                let junk: Vec<u8> = (0..1 + r.below(24)).map(|_| r.next() as u8).collect();
+                let junk: Vec<u8> = (0..1 + r.index(24)).map(|_| r.next() as u8).collect();
                 buf.splice(at..at, junk);
             }
         }
@@ -847,17 +827,17 @@ fn fuzz(seed: u64) -> FuzzReport {
     let (mut ok, mut err) = (0, 0);
     let mut kinds = HashSet::new();
     for case in 0..FUZZ_CASES {
-        let input = if r.chance(32) {
+        let input = if r.one_in(32) {
             // Pure noise, sometimes starting with a plausible header.
-            let mut b: Vec<u8> = (0..r.below(256)).map(|_| r.next() as u8).collect();
-            if b.len() >= 8 && r.chance(2) {
-                let n = r.below(b.len() + 8) as u32;
+            let mut b: Vec<u8> = (0..r.index(256)).map(|_| r.next() as u8).collect();
+            if b.len() >= 8 && r.one_in(2) {
+                let n = r.index(b.len() + 8) as u32;
                 b[0..4].copy_from_slice(&n.to_ne_bytes());
                 b[4..6].copy_from_slice(&ctnetlink_type(IPCTNL_MSG_CT_GET).to_ne_bytes());
             }
             b
         } else {
-            let k = r.below(corpus.len());
+            let k = r.index(corpus.len());
             let mut b = corpus[k].0.clone();
             mutate(&mut r, &mut b, &fields[k]);
             b
