@@ -101,7 +101,14 @@ impl TraceDir {
     }
 
     /// Writes one race's trace document; returns its path.
-    pub fn write(&mut self, trace: &Trace, wall: &WallClock, host: &str) -> Result<PathBuf> {
+    /// `detection_latency_ns`: the delete to the live verdict, when known.
+    pub fn write(
+        &mut self,
+        trace: &Trace,
+        detection_latency_ns: Option<u64>,
+        wall: &WallClock,
+        host: &str,
+    ) -> Result<PathBuf> {
         let v = &trace.verdict;
         let mut body = serde_json::to_value(trace)?;
         add_wall_times(&mut body, wall);
@@ -111,6 +118,7 @@ impl TraceDir {
             "host": host,
             "written_at": crate::clock::now_iso(),
             "clock": "kernel CLOCK_MONOTONIC ns (bpf_ktime_get_ns, the clock of NPA's last_seen); *time fields are UTC",
+            "detection_latency_ns": detection_latency_ns,
             "trace": body,
         });
         let path = self.path_for(v.delete_ts_ns, v.class.name());

@@ -150,6 +150,7 @@ fn run_scenario(layout: &str) {
     );
     for x in &v {
         assert!(x["time"].is_string() && x["ts_ns"].is_u64());
+        assert!(x["detection_latency_ns"].as_u64().unwrap() > 0);
         assert_eq!(x["verdict"]["agent"]["pid"], std::process::id());
     }
 

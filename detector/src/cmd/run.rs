@@ -90,6 +90,8 @@ struct State {
     pre: Preexisting,
     /// Drop records of socket teardown (not network denials), not reported.
     drops_ignored: u64,
+    /// Detection latency of each verdict whose trace is not written yet, by delete time.
+    latencies: std::collections::HashMap<u64, u64>,
 }
 
 /// Conntrack entries that existed when the detector started (ctnetlink snapshot).
@@ -285,6 +287,9 @@ impl State {
         match o {
             Output::Verdict(v) => {
                 self.verdicts += 1;
+                // The delete (kernel time) to this verdict: what a live watcher waits.
+                let latency = clock::monotonic_ns().saturating_sub(v.delete_ts_ns);
+                self.latencies.insert(v.delete_ts_ns, latency);
                 if self.json {
                     let mut body = serde_json::to_value(&v)?;
                     add_wall_times(&mut body, &self.units.wall);
@@ -293,15 +298,24 @@ impl State {
                         "ts_ns": v.delete_ts_ns,
                         "time": self.units.wall.iso(v.delete_ts_ns),
                         "trace_file": self.traces.path_for(v.delete_ts_ns, v.class.name()),
+                        "detection_latency_ns": latency,
                         "verdict": body,
                     });
                     writeln!(out, "{line}")?;
                 } else {
-                    writeln!(out, "{}", race_line(&v, &self.units))?;
+                    writeln!(
+                        out,
+                        "{} (detected {:.1} ms after the delete)",
+                        race_line(&v, &self.units),
+                        latency as f64 / 1e6
+                    )?;
                 }
             }
             Output::TraceReady(t) => {
-                let path = self.traces.write(&t, &self.units.wall, &self.host)?;
+                let latency = self.latencies.remove(&t.verdict.delete_ts_ns);
+                let path = self
+                    .traces
+                    .write(&t, latency, &self.units.wall, &self.host)?;
                 if self.json {
                     writeln!(
                         out,
@@ -412,6 +426,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             .collect(),
         pre: Preexisting::default(),
         drops_ignored: 0,
+        latencies: std::collections::HashMap::new(),
     };
     // Start-up snapshot of the kernel table, taken after the probes are attached so that no
     // entry slips between the dump and the first event. (A dump also evicts entries that have
