@@ -12,7 +12,9 @@ toolchain_of() { sed -n 's/^channel *= *"\(.*\)"/\1/p' "$1"; }
 STABLE=$(toolchain_of "$root/rust-toolchain.toml")
 NIGHTLY=$(toolchain_of "$root/detector-ebpf/rust-toolchain.toml")
 BPF_LINKER_VERSION=0.13.0
-APT_PACKAGES=(iproute2 nftables conntrack util-linux procps)
+# gcc/libc6-dev link build scripts and test binaries; kmod lets the kernel load
+# nf_conntrack and nf_conntrack_netlink where they are modules.
+APT_PACKAGES=(iproute2 nftables conntrack util-linux procps kmod gcc libc6-dev)
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/detector
 CARGO_BIN=${CARGO_HOME:-$HOME/.cargo}/bin
 

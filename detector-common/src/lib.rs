@@ -126,6 +126,16 @@ pub struct Tuple {
     pub dst_addr: [u8; 16],
 }
 
+/// Key of the kernel's flow index: a tuple in one network namespace (the same flow usually
+/// has an entry in the pod's namespace and one in the node's).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub tuple: Tuple,
+    pub netns: u32,
+    pub _pad: u32,
+}
+
 /// The task in whose context a probe fired.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -290,6 +300,9 @@ pub struct TargetMap {
     pub off_dst: u32,
     pub off_dport: u32,
     pub off_proto: u32,
+    /// Network namespace (inode) whose conntrack entries judge this map's deletes: the
+    /// agent's (the node's, for NPA).
+    pub netns: u32,
 }
 
 /// Kernel struct offsets and run-time settings, resolved by userspace from BTF and written into
@@ -340,7 +353,8 @@ pub struct ProbeConfig {
     pub skb_head: u32,
     pub skb_network_header: u32,
     pub skb_protocol: u32,
-    pub _reserved: u32,
+    /// How long after a race the flow's dropped packets are reported, in ms.
+    pub drop_watch_ms: u32,
 }
 
 impl ProbeConfig {
@@ -374,7 +388,7 @@ impl ProbeConfig {
         skb_head: 0,
         skb_network_header: 0,
         skb_protocol: 0,
-        _reserved: 0,
+        drop_watch_ms: 0,
     };
 }
 
@@ -382,7 +396,8 @@ impl ProbeConfig {
 pub mod counter {
     /// Base index of "ring buffer full, record of kind K dropped": `LOST_BASE + K`.
     pub const LOST_BASE: u32 = 0;
-    /// A confirmed entry that could not be remembered in the dedupe map (it may be reported twice).
+    /// A confirmed entry that could not be remembered (table of live entries full): its NEW
+    /// was not reported and its flow is not indexed.
     pub const SEEN_FULL: u32 = 8;
     /// A kernel read (bpf_probe_read_kernel) failed; the record was still emitted, fields zeroed.
     pub const READ_FAILED: u32 = 9;
@@ -394,6 +409,8 @@ pub mod counter {
     pub const FLOWS_FULL: u32 = 12;
     /// A batch delete had more keys than one record pass reads; the rest were not reported.
     pub const BATCH_TRUNCATED: u32 = 13;
+    /// kprobe backend: a confirm's entry could not be remembered for its return (NEW lost).
+    pub const CONFIRM_FULL: u32 = 14;
     pub const COUNT: u32 = 16;
 }
 
@@ -443,7 +460,8 @@ const _: () = {
                 + MAX_KEY
     );
     assert!(size_of::<MapDeleteEvent>().is_multiple_of(8));
-    assert!(size_of::<TargetMap>() == 6 * 4);
+    assert!(size_of::<TargetMap>() == 7 * 4);
+    assert!(size_of::<FlowKey>() == size_of::<Tuple>() + 8);
     assert!(kind::COUNT <= counter::SEEN_FULL);
 };
 
@@ -458,6 +476,7 @@ mod pod {
     unsafe impl aya::Pod for super::ProbeConfig {}
     unsafe impl aya::Pod for super::MapDeleteEvent {}
     unsafe impl aya::Pod for super::TargetMap {}
+    unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::PacketDropEvent {}
     unsafe impl aya::Pod for super::DropWatch {}
     unsafe impl aya::Pod for super::MapWriteEvent {}

@@ -20,8 +20,8 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, FEntryContext, ProbeContext, TracePointContext},
 };
 use detector_common::{
-    DropWatch, MAX_KEY, MapDeleteEvent, MapWriteEvent, PacketDropEvent, ProbeConfig, TargetMap,
-    Tuple, bpf_cmd, counter, ips, kind, map_op, view,
+    DropWatch, FlowKey, MAX_KEY, MapDeleteEvent, MapWriteEvent, PacketDropEvent, ProbeConfig,
+    TargetMap, Tuple, bpf_cmd, counter, ips, kind, map_op, view,
 };
 
 use crate::conntrack::{FLOWS, SEEN, read, status_of};
@@ -51,6 +51,13 @@ struct BatchPending {
 
 #[map]
 static PENDING_BATCH: HashMap<u64, BatchPending> = HashMap::with_max_entries(256, 0);
+
+/// Threads inside a bpf(2) update on a watched map, so the map-write probes can tell the
+/// agent's own writes from the datapath's.
+#[map]
+static IN_BPF_UPDATE: HashMap<u64, u8> = HashMap::with_max_entries(1024, 0);
+
+const BPF_MAP_UPDATE_ELEM: u32 = 2;
 
 /// Keys of one batch reported key by key; more are counted in BATCH_TRUNCATED.
 const MAX_BATCH: u32 = 32;
@@ -139,14 +146,16 @@ fn take_view(ev: &mut MapDeleteEvent, t: &TargetMap, cfg: &ProbeConfig) {
         ev.view = view::UNKNOWN;
         return;
     };
-    let reversed = Tuple {
-        src_addr: tuple.dst_addr,
-        dst_addr: tuple.src_addr,
-        src_port: tuple.dst_port,
-        dst_port: tuple.src_port,
-        ..tuple
+    let key = FlowKey {
+        tuple,
+        netns: t.netns,
+        _pad: 0,
     };
-    let (ct, rev) = match unsafe { FLOWS.get(&tuple) } {
+    let reversed = FlowKey {
+        tuple: reverse(&tuple),
+        ..key
+    };
+    let (ct, rev) = match unsafe { FLOWS.get(&key) } {
         Some(ct) => (*ct, 0),
         None => match unsafe { FLOWS.get(&reversed) } {
             Some(ct) => (*ct, 1),
@@ -180,7 +189,12 @@ pub fn agent_delete_enter(ctx: TracePointContext) -> u32 {
     };
     let cmd = cmd as u32;
     let batch = cmd == bpf_cmd::MAP_DELETE_BATCH || cmd == bpf_cmd::MAP_LOOKUP_AND_DELETE_BATCH;
-    if cmd != bpf_cmd::MAP_DELETE_ELEM && cmd != bpf_cmd::MAP_LOOKUP_AND_DELETE_ELEM && !batch {
+    let update = cmd == BPF_MAP_UPDATE_ELEM;
+    if cmd != bpf_cmd::MAP_DELETE_ELEM
+        && cmd != bpf_cmd::MAP_LOOKUP_AND_DELETE_ELEM
+        && !batch
+        && !update
+    {
         return 0;
     }
     let Ok(attr) = (unsafe { ctx.read_at::<u64>(cfg.sys_enter_bpf_uattr as usize) }) else {
@@ -198,6 +212,10 @@ pub fn agent_delete_enter(ctx: TracePointContext) -> u32 {
     let Some(target) = (unsafe { TARGETS.get(&map_id) }).copied() else {
         return 0;
     };
+    if update {
+        let _ = IN_BPF_UPDATE.insert(&bpf_get_current_pid_tgid(), &1, 0);
+        return 0;
+    }
     if batch {
         bump(counter::BATCH_DELETE);
         let b = BatchPending {
@@ -250,9 +268,13 @@ pub fn agent_delete_enter(ctx: TracePointContext) -> u32 {
 #[tracepoint(category = "syscalls", name = "sys_exit_bpf")]
 pub fn agent_delete_exit(ctx: TracePointContext) -> u32 {
     let key = bpf_get_current_pid_tgid();
+    if unsafe { IN_BPF_UPDATE.get(&key) }.is_some() {
+        let _ = IN_BPF_UPDATE.remove(&key);
+        return 0;
+    }
     if let Some(b) = unsafe { PENDING_BATCH.get(&key) }.copied() {
         let _ = PENDING_BATCH.remove(&key);
-        batch_exit(&ctx, &b);
+        batch_exit(&b);
         return 0;
     }
     let Some(pending) = PENDING.get_ptr_mut(&key) else {
@@ -275,7 +297,6 @@ struct BatchLoop {
     target: TargetMap,
     keys: u64,
     exit_ns: u64,
-    ret: i64,
     key_size: u32,
     _pad: u32,
 }
@@ -284,9 +305,7 @@ struct BatchLoop {
 /// delete does not change the conntrack entry). bpf_loop has the verifier check the per-key
 /// body once instead of once per unrolled iteration.
 #[inline(always)]
-fn batch_exit(ctx: &TracePointContext, b: &BatchPending) {
-    let cfg = config();
-    let ret = unsafe { ctx.read_at::<i64>(cfg.sys_exit_bpf_ret as usize) }.unwrap_or(i64::MIN);
+fn batch_exit(b: &BatchPending) {
     let Some(target) = (unsafe { TARGETS.get(&b.map_id) }).copied() else {
         return;
     };
@@ -304,9 +323,6 @@ fn batch_exit(ctx: &TracePointContext, b: &BatchPending) {
         target,
         keys,
         exit_ns: unsafe { bpf_ktime_get_ns() },
-        // Keys [0, count) were processed (deleted); the syscall's own error, if any, concerns
-        // the key after them.
-        ret: if ret == 0 || ret == -2 { 0 } else { ret },
         key_size: b.key_size,
         _pad: 0,
     };
@@ -341,7 +357,9 @@ extern "C" fn batch_key(index: u64, ctx: *mut c_void) -> i64 {
     ev.task = l.b.task;
     ev.map_id = l.b.map_id;
     ev.cmd = l.b.cmd;
-    ev.ret = l.ret;
+    // Keys [0, count) were processed (deleted); the syscall's own error, if any, concerns the
+    // key after them.
+    ev.ret = 0;
     ev.exit_ns = l.exit_ns;
     ev.key_size = n as u32;
     let at = l.keys + index * l.key_size as u64;
@@ -454,16 +472,18 @@ pub fn packet_drop_kfree_skb(ctx: BtfTracePointContext) -> u32 {
     };
     // SAFETY: a map value; a racing CPU can at worst report one drop more than the cap.
     let w = unsafe { &mut *w };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.saturating_sub(w.delete_ns) > cfg.drop_watch_ms as u64 * 1_000_000 {
+        // Past the story's window: a later flow on the tuple is not this race's victim.
+        let _ = DROP_WATCH.remove(&tuple);
+        return 0;
+    }
     if w.reported >= DROPS_PER_FLOW {
         return 0;
     }
     w.reported += 1;
     let ev = PacketDropEvent {
-        hdr: header(
-            kind::PACKET_DROP,
-            core::mem::size_of::<PacketDropEvent>(),
-            unsafe { bpf_ktime_get_ns() },
-        ),
+        hdr: header(kind::PACKET_DROP, core::mem::size_of::<PacketDropEvent>(), now),
         tuple,
         reason: ctx.arg::<u32>(2),
         _pad: 0,
@@ -501,7 +521,9 @@ fn map_write(map: u64, key: u64, op: u8) {
     ev.op = op;
     let me = bpf_get_current_pid_tgid();
     ev.from_syscall = u8::from(
-        unsafe { PENDING.get(&me) }.is_some() || unsafe { PENDING_BATCH.get(&me) }.is_some(),
+        unsafe { PENDING.get(&me) }.is_some()
+            || unsafe { PENDING_BATCH.get(&me) }.is_some()
+            || unsafe { IN_BPF_UPDATE.get(&me) }.is_some(),
     );
     ev._pad = [0; 6];
     ev.key = [0; MAX_KEY];

@@ -10,17 +10,17 @@
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_pid_tgid, bpf_jiffies64, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_kernel_str_bytes,
     },
     macros::{btf_tracepoint, fentry, fexit, kprobe, kretprobe, map},
-    maps::{Array, HashMap, LruHashMap},
+    maps::{Array, HashMap},
     programs::{
         BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RetProbeContext,
     },
 };
 use detector_common::{
-    CtEvent, ProbeConfig, Tuple, counter, ips, kind, reason,
+    CtEvent, FlowKey, ProbeConfig, Tuple, counter, ips, kind, reason,
     source::*,
 };
 
@@ -28,9 +28,11 @@ use crate::emit::{bump, config, header, output, task};
 
 /// Confirmed entries already reported (nf_conn address -> kernel ts of their NEW). Dedupes the
 /// skb-based insert probe, and gives DESTROY the birth time so (address, born) names one
-/// lifetime. Removed on destroy. Userspace sizes it to the conntrack table before load.
+/// lifetime. Removed on destroy. Userspace sizes it to the conntrack table before load. A
+/// plain hash, not an LRU: a full table must fail (and be counted), not silently forget a
+/// live entry and report it again as new.
 #[map]
-pub static SEEN: LruHashMap<u64, u64> = LruHashMap::with_max_entries(262_144, 0);
+pub static SEEN: HashMap<u64, u64> = HashMap::with_max_entries(262_144, 0);
 
 /// Address of the `nf_conntrack` kmem_cache, found by name on the first conntrack free and
 /// compared by pointer from then on (kmem_cache_free fires for every slab free on the machine).
@@ -40,13 +42,21 @@ static CT_CACHE: Array<u64> = Array::with_max_entries(1, 0);
 /// Flow index for the delete-time liveness check: a tuple the agent may key the flow by ->
 /// the entry's kernel address. Holds each entry's original tuple and, when the reply comes
 /// from another address (DNAT), `orig.src:sport -> reply.src:sport`, as NPA's cleanup builds
-/// them. Written at NEW, removed at DESTROY (only if it still names that entry).
+/// them, per network namespace. Written at NEW, removed at DESTROY (only if it still names that
+/// entry). A plain hash for the same reason as SEEN.
 #[map]
-pub static FLOWS: LruHashMap<Tuple, u64> = LruHashMap::with_max_entries(524_288, 0);
+pub static FLOWS: HashMap<FlowKey, u64> = HashMap::with_max_entries(524_288, 0);
 
-/// kprobe backend: the skb passed to `__nf_conntrack_confirm`, by thread, for the kretprobe.
+/// kprobe backend: the skb passed to `__nf_conntrack_confirm`, for the kretprobe. Keyed by
+/// task and CPU: confirms in softirq run in whatever task was interrupted (the idle task, pid
+/// 0, on every idle CPU), and entry and return happen on one CPU.
 #[map]
 static CONFIRM_SKB: HashMap<u64, u64> = HashMap::with_max_entries(4096, 0);
+
+#[inline(always)]
+fn confirm_key() -> u64 {
+    bpf_get_current_pid_tgid() | (u64::from(unsafe { bpf_get_smp_processor_id() }) << 56)
+}
 
 const NF_ACCEPT: i32 = 1;
 /// `_nfct` keeps `enum ip_conntrack_info` in its low three bits (NFCT_INFOMASK).
@@ -108,28 +118,39 @@ fn dnat_form(orig: &Tuple, reply: &Tuple) -> Option<Tuple> {
 }
 
 #[inline(always)]
-fn index_flow(ct: u64, orig: &Tuple, reply: &Tuple) {
-    if FLOWS.insert(orig, &ct, 0).is_err() {
+fn flow_key(tuple: &Tuple, netns: u32) -> FlowKey {
+    FlowKey {
+        tuple: *tuple,
+        netns,
+        _pad: 0,
+    }
+}
+
+#[inline(always)]
+fn index_flow(ct: u64, orig: &Tuple, reply: &Tuple, netns: u32) {
+    if FLOWS.insert(&flow_key(orig, netns), &ct, 0).is_err() {
         bump(counter::FLOWS_FULL);
     }
     if let Some(d) = dnat_form(orig, reply)
-        && FLOWS.insert(&d, &ct, 0).is_err()
+        && FLOWS.insert(&flow_key(&d, netns), &ct, 0).is_err()
     {
         bump(counter::FLOWS_FULL);
     }
 }
 
 #[inline(always)]
-fn unindex_flow(ct: u64, orig: &Tuple, reply: &Tuple) {
+fn unindex_flow(ct: u64, orig: &Tuple, reply: &Tuple, netns: u32) {
     // A newer entry may already own the tuple (port reuse: the old entry can be freed after
     // its successor was confirmed); only remove mappings that still name this entry.
-    if unsafe { FLOWS.get(orig) }.copied() == Some(ct) {
-        let _ = FLOWS.remove(orig);
+    let k = flow_key(orig, netns);
+    if unsafe { FLOWS.get(&k) }.copied() == Some(ct) {
+        let _ = FLOWS.remove(&k);
     }
-    if let Some(d) = dnat_form(orig, reply)
-        && unsafe { FLOWS.get(&d) }.copied() == Some(ct)
-    {
-        let _ = FLOWS.remove(&d);
+    if let Some(d) = dnat_form(orig, reply) {
+        let k = flow_key(&d, netns);
+        if unsafe { FLOWS.get(&k) }.copied() == Some(ct) {
+            let _ = FLOWS.remove(&k);
+        }
     }
 }
 
@@ -200,11 +221,16 @@ fn report_new(ct: u64, src: u8) {
         Ok(()) => {}
         // Another CPU reported it between our lookup and insert.
         Err(e) if e == -EEXIST => return,
-        Err(_) => bump(counter::SEEN_FULL),
+        // Table full: reporting it anyway would report it again on every packet. Counted,
+        // and userspace treats the count as lost records.
+        Err(_) => {
+            bump(counter::SEEN_FULL);
+            return;
+        }
     }
     let orig = read_tuple(ct + cfg.ct_tuple_orig as u64, &cfg);
     let reply = read_tuple(ct + cfg.ct_tuple_reply as u64, &cfg);
-    index_flow(ct, &orig, &reply);
+    index_flow(ct, &orig, &reply, netns);
     emit_ct(kind::CT_NEW, ct, &orig, &reply, netns, status, now, now, src, &cfg);
 }
 
@@ -232,7 +258,7 @@ fn report_destroy(ct: u64, src: u8) {
     let now = unsafe { bpf_ktime_get_ns() };
     let orig = read_tuple(ct + cfg.ct_tuple_orig as u64, &cfg);
     let reply = read_tuple(ct + cfg.ct_tuple_reply as u64, &cfg);
-    unindex_flow(ct, &orig, &reply);
+    unindex_flow(ct, &orig, &reply, netns);
     emit_ct(kind::CT_DESTROY, ct, &orig, &reply, netns, status, born, now, src, &cfg);
 }
 
@@ -304,14 +330,16 @@ pub fn ct_destroy_kmem_cache_free(ctx: BtfTracePointContext) -> u32 {
 #[kprobe]
 pub fn ct_confirm_kprobe(ctx: ProbeContext) -> u32 {
     if let Some(skb) = ctx.arg::<u64>(0) {
-        let _ = CONFIRM_SKB.insert(&bpf_get_current_pid_tgid(), &skb, 0);
+        if CONFIRM_SKB.insert(&confirm_key(), &skb, 0).is_err() {
+            bump(counter::CONFIRM_FULL);
+        }
     }
     0
 }
 
 #[kretprobe]
 pub fn ct_confirm_kretprobe(ctx: RetProbeContext) -> u32 {
-    let key = bpf_get_current_pid_tgid();
+    let key = confirm_key();
     let Some(skb) = (unsafe { CONFIRM_SKB.get(&key) }).copied() else {
         return 0;
     };

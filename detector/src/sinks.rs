@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
+use crate::agent::NpaKey;
 use crate::clock::WallClock;
 use crate::engine::Trace;
 
@@ -20,7 +21,10 @@ pub fn add_wall_times(v: &mut Value, wall: &WallClock) {
         Value::Object(map) => {
             let mut extra = Vec::new();
             for (k, val) in map.iter() {
-                let Some(ns) = val.as_u64() else { continue };
+                // 0 means "unknown" for kernel times (e.g. a birth before the detector).
+                let Some(ns) = val.as_u64().filter(|ns| *ns != 0) else {
+                    continue;
+                };
                 let name = if k == "ts_ns" {
                     "time".to_string()
                 } else if let Some(stem) = k.strip_suffix("_ts_ns") {
@@ -31,7 +35,8 @@ pub fn add_wall_times(v: &mut Value, wall: &WallClock) {
                         | "destroyed_ns"
                         | "window_start_ns"
                         | "window_end_ns"
-                        | "inserted_ns"
+                        | "key_inserted_ns"
+                        | "exit_ns"
                 ) {
                     format!("{}_time", k.trim_end_matches("_ns"))
                 } else {
@@ -95,9 +100,13 @@ impl TraceDir {
         &self.dir
     }
 
-    /// File name a trace of a delete at `delete_ts_ns` will get.
-    pub fn path_for(&self, delete_ts_ns: u64, class: &str) -> PathBuf {
-        self.dir.join(format!("race-{delete_ts_ns}-{class}.json"))
+    /// File name a trace of a delete at `delete_ts_ns` will get. The key tells apart races of
+    /// one batch delete, which share a timestamp.
+    pub fn path_for(&self, delete_ts_ns: u64, class: &str, key: &NpaKey) -> PathBuf {
+        let who = format!("{}.{}-{}.{}", key.src, key.sport, key.dst, key.dport)
+            .replace([':', '[', ']'], "_");
+        self.dir
+            .join(format!("race-{delete_ts_ns}-{class}-{who}.json"))
     }
 
     /// Writes one race's trace document; returns its path.
@@ -121,7 +130,7 @@ impl TraceDir {
             "detection_latency_ns": detection_latency_ns,
             "trace": body,
         });
-        let path = self.path_for(v.delete_ts_ns, v.class.name());
+        let path = self.path_for(v.delete_ts_ns, v.class.name(), &v.key);
         write_atomic(&path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
         self.written += 1;
         Ok(path)
@@ -146,10 +155,15 @@ mod tests {
     #[test]
     fn wall_times_are_added_next_to_kernel_times() {
         let wall = WallClock::from_offset(1_795_678_405_000_000_000);
-        let mut v = json!({"ts_ns": 1_000_000, "x": {"delete_ts_ns": 0, "born_ns": 5, "lag_ns": 9}, "a": [{"ts_ns": 0}]});
+        let mut v = json!({"ts_ns": 1_000_000, "x": {"delete_ts_ns": 2_000, "born_ns": 5, "lag_ns": 9},
+                           "a": [{"ts_ns": 7}], "unknown": {"born_ns": 0}});
         add_wall_times(&mut v, &wall);
         assert_eq!(v["time"], "2026-11-26T07:33:25.001000Z");
-        assert_eq!(v["x"]["delete_time"], "2026-11-26T07:33:25.000000Z");
+        assert_eq!(v["x"]["delete_time"], "2026-11-26T07:33:25.000002Z");
+        assert!(
+            v["unknown"].get("born_time").is_none(),
+            "0 is unknown, not boot time"
+        );
         assert!(v["x"]["born_time"].is_string());
         assert!(
             v["x"].get("lag_time").is_none(),

@@ -8,7 +8,7 @@ use std::io::Read;
 use std::thread::sleep;
 use std::time::Duration;
 
-use common::{Detector, NetnsPair, connect_from, privileged, start_echo_server};
+use common::{ChildGuard, Detector, NetnsPair, connect_from, privileged, start_echo_server};
 use serde_json::Value;
 
 /// The tests of this file run one at a time: they time kernel events against each other.
@@ -184,7 +184,7 @@ fn lifetime_matches_conntrack_events() {
         std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2,
         "this test pins conntrack -E and the dump to different CPUs: needs 2 CPUs"
     );
-    let mut ev = ns.spawn_in(
+    let mut ev = ChildGuard(ns.spawn_in(
         &ns.server,
         "taskset",
         &[
@@ -200,7 +200,7 @@ fn lifetime_matches_conntrack_events() {
             "-p",
             "tcp",
         ],
-    );
+    ));
     let det = Detector::trace(&[
         "--netns",
         &NetnsPair::path(&ns.server),
@@ -218,10 +218,14 @@ fn lifetime_matches_conntrack_events() {
     ns.exec_ok(&ns.server, "taskset", &["-c", "0", "conntrack", "-L"]);
     sleep(Duration::from_millis(300));
     let (events, stderr) = det.stop();
-    unsafe { libc::kill(ev.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(ev.0.id() as i32, libc::SIGTERM) };
     let mut text = String::new();
-    ev.stdout.take().unwrap().read_to_string(&mut text).unwrap();
-    let _ = ev.wait();
+    ev.0.stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut text)
+        .unwrap();
+    let _ = ev.0.wait();
     let ct = conntrack_events(&text, server.port());
     let mut diffs = Vec::new();
 

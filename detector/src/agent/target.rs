@@ -180,8 +180,9 @@ pub fn holders(id: u32) -> Vec<Holder> {
     out
 }
 
-/// Where the flow fields sit in a key of `layout`, for the kernel programs.
-pub fn target_map(layout: KeyLayout) -> TargetMap {
+/// Where the flow fields sit in a key of `layout`, and the namespace whose conntrack entries
+/// judge the map's deletes, for the kernel programs.
+pub fn target_map(layout: KeyLayout, netns: u32) -> TargetMap {
     if layout.is_ipv6() {
         TargetMap {
             family: AF_INET6 as u32,
@@ -190,6 +191,7 @@ pub fn target_map(layout: KeyLayout) -> TargetMap {
             off_dst: 20,
             off_dport: 36,
             off_proto: 38,
+            netns,
         }
     } else {
         TargetMap {
@@ -199,6 +201,7 @@ pub fn target_map(layout: KeyLayout) -> TargetMap {
             off_dst: 8,
             off_dport: 12,
             off_proto: 14,
+            netns,
         }
     }
 }
@@ -243,7 +246,7 @@ mod tests {
     #[test]
     fn kernel_offsets_match_the_codec() {
         for layout in KeyLayout::ALL {
-            let t = target_map(layout);
+            let t = target_map(layout, 1);
             let key = if layout.is_ipv6() {
                 NpaKey {
                     src: "fd00::2".parse().unwrap(),

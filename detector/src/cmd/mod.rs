@@ -47,6 +47,7 @@ impl ProbeArgs {
             ring_bytes: self.ring_mib << 20,
             max_entries: self.max_entries,
             watch_agent,
+            drop_watch_ms: 5_000,
         }
     }
 }

@@ -16,7 +16,9 @@ use crate::clock::{self, WallClock};
 use crate::engine::{
     AgentDelete, DeleteResult, Engine, EngineConfig, Input, KernelView, Output, Verdict,
 };
-use crate::event::{DeleteView, Event, MapDeleteRecord, MapOp};
+use std::collections::HashMap;
+
+use crate::event::{CtKind, DeleteView, Event, FlowTuple, MapDeleteRecord, MapOp, Source};
 use crate::output::{self, Units};
 use crate::probe::{CounterSnapshot, Probe};
 use crate::sinks::{self, TraceDir, add_wall_times};
@@ -85,13 +87,15 @@ struct State {
     undecodable_keys: u64,
     last_trace: Option<PathBuf>,
     /// `enum skb_drop_reason` names from BTF, without the SKB_DROP_REASON_ prefix.
-    drop_reasons: std::collections::HashMap<u32, String>,
+    drop_reasons: HashMap<u32, String>,
     /// Entries of the start-up snapshot still believed alive.
     pre: Preexisting,
     /// Drop records of socket teardown (not network denials), not reported.
     drops_ignored: u64,
-    /// Detection latency of each verdict whose trace is not written yet, by delete time.
-    latencies: std::collections::HashMap<u64, u64>,
+    /// Detection latency of each verdict whose trace is not written yet, by delete.
+    latencies: HashMap<(u64, String), u64>,
+    /// The agent's network namespace (inode): its entries judge the deletes.
+    agent_netns: u32,
 }
 
 /// Conntrack entries that existed when the detector started (ctnetlink snapshot).
@@ -105,23 +109,50 @@ struct State {
 #[derive(Default)]
 struct Preexisting {
     /// (netns, original tuple) -> (engine id, monotonic ns its snapshot timeout runs out).
-    live: std::collections::HashMap<(u32, crate::event::FlowTuple), (u64, u64)>,
+    live: HashMap<(u32, FlowTuple), (u64, u64)>,
+    /// The same entries by direction-free flow (and NPA's DNAT form), for matching keys.
+    flows: HashMap<FlowTuple, u64>,
     /// Kernel entry id -> engine id of the same pre-existing entry.
-    alias: std::collections::HashMap<u64, u64>,
+    alias: HashMap<u64, u64>,
+}
+
+/// One name for both directions of a flow.
+fn canonical(t: FlowTuple) -> FlowTuple {
+    t.min(t.reversed())
 }
 
 impl Preexisting {
+    fn insert(&mut self, netns: u32, orig: FlowTuple, reply: FlowTuple, id: u64, until: u64) {
+        self.live.insert((netns, orig), (id, until));
+        self.flows.insert(canonical(orig), until);
+        if reply.src != orig.dst {
+            let dnat = FlowTuple {
+                dst: reply.src,
+                dport: reply.sport,
+                ..orig
+            };
+            self.flows.insert(canonical(dnat), until);
+        }
+    }
+
+    fn remove(&mut self, slot: &(u32, FlowTuple)) -> Option<u64> {
+        let (id, _) = self.live.remove(slot)?;
+        self.flows.remove(&canonical(slot.1));
+        Some(id)
+    }
+
+    /// A key whose flow is a snapshot entry whose timeout has not run out.
     fn key_matches(&self, key: &NpaKey, now_ns: u64) -> bool {
-        let t = crate::event::FlowTuple {
+        let t = FlowTuple {
             proto: key.proto,
             src: key.src,
             sport: key.sport,
             dst: key.dst,
             dport: key.dport,
         };
-        self.live
-            .iter()
-            .any(|((_, orig), (_, until))| (*orig == t || orig.reversed() == t) && now_ns < *until)
+        self.flows
+            .get(&canonical(t))
+            .is_some_and(|until| now_ns < *until)
     }
 }
 
@@ -139,19 +170,28 @@ impl State {
                 }
                 let slot = (c.netns, c.orig);
                 match c.kind {
-                    crate::event::CtKind::New => {
-                        if let Some(&(id, _)) = self.pre.live.get(&slot) {
-                            // First packet of an entry from the snapshot, not a new entry.
+                    CtKind::New => {
+                        // The skb-based insert probe reports an entry from the snapshot when it
+                        // first sees a packet of it: that is the same entry, not a new one.
+                        // (Confirm-based probes never report old entries.)
+                        let first_seen = matches!(
+                            c.source,
+                            Source::NetDevQueue | Source::ConsumeSkb | Source::KfreeSkb
+                        );
+                        if let Some(&(id, until)) = self.pre.live.get(&slot)
+                            && first_seen
+                            && c.ts_ns < until
+                        {
                             self.pre.alias.insert(c.id, id);
                             return Ok(());
                         }
                     }
-                    crate::event::CtKind::Destroy => {
+                    CtKind::Destroy => {
                         if let Some(id) = self.pre.alias.remove(&c.id) {
                             c.id = id;
-                            self.pre.live.remove(&slot);
+                            self.pre.remove(&slot);
                         } else if c.born_ns == 0
-                            && let Some((id, _)) = self.pre.live.remove(&slot)
+                            && let Some(id) = self.pre.remove(&slot)
                         {
                             // Destroyed before any packet of it was seen.
                             c.id = id;
@@ -289,7 +329,8 @@ impl State {
                 self.verdicts += 1;
                 // The delete (kernel time) to this verdict: what a live watcher waits.
                 let latency = clock::monotonic_ns().saturating_sub(v.delete_ts_ns);
-                self.latencies.insert(v.delete_ts_ns, latency);
+                self.latencies
+                    .insert((v.delete_ts_ns, v.key.to_string()), latency);
                 if self.json {
                     let mut body = serde_json::to_value(&v)?;
                     add_wall_times(&mut body, &self.units.wall);
@@ -297,7 +338,7 @@ impl State {
                         "type": "verdict",
                         "ts_ns": v.delete_ts_ns,
                         "time": self.units.wall.iso(v.delete_ts_ns),
-                        "trace_file": self.traces.path_for(v.delete_ts_ns, v.class.name()),
+                        "trace_file": self.traces.path_for(v.delete_ts_ns, v.class.name(), &v.key),
                         "detection_latency_ns": latency,
                         "verdict": body,
                     });
@@ -312,7 +353,9 @@ impl State {
                 }
             }
             Output::TraceReady(t) => {
-                let latency = self.latencies.remove(&t.verdict.delete_ts_ns);
+                let latency = self
+                    .latencies
+                    .remove(&(t.verdict.delete_ts_ns, t.verdict.key.to_string()));
                 let path = self
                     .traces
                     .write(&t, latency, &self.units.wall, &self.host)?;
@@ -382,15 +425,30 @@ pub async fn run(args: RunArgs) -> Result<()> {
         layout: args.layout,
     };
     let map = target::resolve(&spec)?;
-    let netns = match &args.netns {
-        Some(s) => super::trace::netns_inode(s)?,
-        None => 0,
-    };
+    // The agent's namespace: its conntrack entries judge the deletes, and the start-up
+    // snapshot is taken in it, so it must be a path (a bare inode cannot be entered).
+    if let Some(s) = &args.netns
+        && s.parse::<u32>().is_ok()
+    {
+        anyhow::bail!(
+            "--netns {s}: `run` needs the namespace as a path (/run/netns/NAME or \
+             /proc/PID/ns/net) to take the start-up conntrack snapshot in it"
+        );
+    }
+    let netns_path = args.netns.clone();
+    let agent_netns =
+        super::trace::netns_inode(netns_path.as_deref().unwrap_or("/proc/self/ns/net"))?;
+    // Filter conntrack events to the agent's namespace only when one was named; by default
+    // every namespace is observed (pods' entries show in timelines) and deletes are judged by
+    // the detector's own namespace, the node's.
+    let netns = if netns_path.is_some() { agent_netns } else { 0 };
     let traces = TraceDir::create(&args.trace_dir)?;
-    let settings = args.probe.settings(netns, true);
+    let mut settings = args.probe.settings(netns, true);
+    // Drops are worth reporting for as long as a trace can still name them.
+    settings.drop_watch_ms = (args.trace_after.max(0.0) * 1000.0).ceil() as u32 + 1000;
     let mut probe = Probe::open(&settings)?;
     let (backend, _) = probe.choose(settings.backend)?;
-    probe.set_target(map.id, target::target_map(map.layout.key))?;
+    probe.set_target(map.id, target::target_map(map.layout.key, agent_netns))?;
     probe.attach(backend)?;
     let no_writes = probe.attach_agent(backend)?;
     let reader = probe.take_reader()?;
@@ -426,26 +484,22 @@ pub async fn run(args: RunArgs) -> Result<()> {
             .collect(),
         pre: Preexisting::default(),
         drops_ignored: 0,
-        latencies: std::collections::HashMap::new(),
+        latencies: HashMap::new(),
+        agent_netns,
     };
     // Start-up snapshot of the kernel table, taken after the probes are attached so that no
     // entry slips between the dump and the first event. (A dump also evicts entries that have
     // already expired: those come through as DESTROY events.)
-    let netns_path = args.netns.as_ref().filter(|s| s.parse::<u32>().is_err());
     let dump_ns = clock::monotonic_ns();
-    let table = crate::snapshot::dump(netns_path.map(std::path::Path::new))
+    let table = crate::snapshot::dump(netns_path.as_deref().map(std::path::Path::new))
         .context("start-up snapshot of the kernel conntrack table")?;
-    let table_netns =
-        super::trace::netns_inode(netns_path.map_or("/proc/self/ns/net", |s| s.as_str()))?;
     for e in &table {
         let id = (1 << 63) | u64::from(e.id);
-        st.pre.live.insert(
-            (table_netns, e.orig),
-            (id, dump_ns + u64::from(e.timeout_s) * 1_000_000_000),
-        );
+        let until = dump_ns + u64::from(e.timeout_s) * 1_000_000_000;
+        st.pre.insert(agent_netns, e.orig, e.reply, id, until);
         st.engine.push(Input::CtExisting {
             id,
-            netns: table_netns,
+            netns: agent_netns,
             orig: e.orig,
             reply: e.reply,
         });
@@ -509,18 +563,19 @@ pub async fn run(args: RunArgs) -> Result<()> {
             Step::Tick {
                 now_ns,
                 second,
-                new_losses,
+                losses,
             } => {
-                st.push(Input::Tick { now_ns }, &mut out)?;
-                if new_losses > 0 {
+                // Losses first: they belong to windows the tick may close.
+                if let Some((count, since_ns)) = losses {
                     st.push(
                         Input::Lost {
-                            ts_ns: now_ns,
-                            count: new_losses,
+                            ts_ns: since_ns,
+                            count,
                         },
                         &mut out,
                     )?;
                 }
+                st.push(Input::Tick { now_ns }, &mut out)?;
                 if second {
                     follow_map(&spec, &mut st, &mut probe, now_ns, &mut out)?;
                     // Keep wall time true across NTP steps and suspend.
@@ -541,6 +596,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let kernel = reader.counters();
     let summary = summary(
         &st,
+        reader.undecodable,
         &kernel,
         &stream.reorder_stats(),
         &started,
@@ -593,7 +649,7 @@ fn follow_map(
         new.id,
         new.layout
     );
-    probe.set_target(new.id, target::target_map(new.layout.key))?;
+    probe.set_target(new.id, target::target_map(new.layout.key, st.agent_netns))?;
     probe.remove_target(old.id)?;
     if st.json {
         writeln!(
@@ -620,6 +676,7 @@ fn follow_map(
 
 fn summary(
     st: &State,
+    undecodable_records: u64,
     kernel: &CounterSnapshot,
     reorder: &crate::reorder::ReorderStats,
     started: &str,
@@ -636,6 +693,7 @@ fn summary(
         "races": st.verdicts,
         "traces_written": st.traces.written(),
         "undecodable_keys": st.undecodable_keys,
+        "undecodable_records": undecodable_records,
         "socket_teardown_drops_ignored": st.drops_ignored,
         "engine": st.engine.stats(),
         "kernel": kernel,

@@ -18,12 +18,14 @@ pub enum Step {
     /// Records arrived (some may have been released).
     Events,
     /// Time passed. `now_ns` is kernel monotonic time minus the watermark: every record older
-    /// than it has been released. `second` is set about once a second, with the number of
-    /// records the kernel reported lost since the previous such tick.
+    /// than it has been released. `second` is set about once a second. `losses` is set when
+    /// the kernel counted records it could not deliver since the previous check (every
+    /// 100 ms): how many, and since when (the previous check, so that a window that may have
+    /// lost records is flagged rather than missed).
     Tick {
         now_ns: u64,
         second: bool,
-        new_losses: u64,
+        losses: Option<(u64, u64)>,
     },
     /// Ctrl-C, SIGTERM or the deadline.
     Stop,
@@ -39,6 +41,8 @@ pub struct Stream {
     deadline: Option<Instant>,
     watermark_ns: u64,
     last_lost: u64,
+    last_check: Instant,
+    last_check_ns: u64,
     last_second: Instant,
 }
 
@@ -62,6 +66,8 @@ impl Stream {
             deadline: duration_s.map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0))),
             watermark_ns,
             last_lost: 0,
+            last_check: Instant::now(),
+            last_check_ns: clock::monotonic_ns(),
             last_second: Instant::now(),
         })
     }
@@ -84,23 +90,33 @@ impl Stream {
                 Ok(Step::Events)
             }
             _ = self.tick.tick() => {
+                // Read what is waiting first, so nothing older than the release point stays
+                // behind in the ring buffer.
+                self.take_incoming(ready);
                 let now = clock::monotonic_ns();
                 self.reorder.release(now, ready);
                 let second = self.last_second.elapsed() >= Duration::from_secs(1);
-                let mut new_losses = 0;
                 if second {
                     self.last_second = Instant::now();
-                    let lost = self.reader.counters().lost_total();
+                }
+                let mut losses = None;
+                if self.last_check.elapsed() >= Duration::from_millis(100) {
+                    self.last_check = Instant::now();
+                    let since = self.last_check_ns;
+                    self.last_check_ns = now;
+                    let lost = self.reader.counters().incomplete_total();
                     if lost > self.last_lost {
-                        new_losses = lost - self.last_lost;
+                        let n = lost - self.last_lost;
                         tracing::warn!(
-                            "{new_losses} records lost in the kernel (ring buffer full); total \
-                             {lost}. Raise --ring-mib"
+                            "{n} kernel records lost or not taken (ring buffer or a kernel table \
+                             full; see the summary); total {lost}. Raise --ring-mib or \
+                             --max-entries"
                         );
                         self.last_lost = lost;
+                        losses = Some((n, since.saturating_sub(self.watermark_ns)));
                     }
                 }
-                Ok(Step::Tick { now_ns: now.saturating_sub(self.watermark_ns), second, new_losses })
+                Ok(Step::Tick { now_ns: now.saturating_sub(self.watermark_ns), second, losses })
             }
         }
     }

@@ -29,8 +29,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/de
 pub enum ProbeError {
     #[error(
         "not privileged: loading eBPF programs needs root, or CAP_BPF and CAP_PERFMON \
-         (CAP_SYS_ADMIN on kernels before 5.8). Run it with sudo, or grant those capabilities \
-         (the DaemonSet in deploy/ does)"
+         (CAP_SYS_ADMIN on kernels before 5.8). Run it with sudo, or grant those capabilities"
     )]
     NotPrivileged,
     #[error(transparent)]
@@ -90,6 +89,8 @@ pub struct ProbeSettings {
     pub max_entries: u32,
     /// Also load the agent-map delete programs (needs tracefs; mounted when missing).
     pub watch_agent: bool,
+    /// How long after a race the flow's dropped packets are reported, in ms.
+    pub drop_watch_ms: u32,
 }
 
 impl Default for ProbeSettings {
@@ -101,6 +102,7 @@ impl Default for ProbeSettings {
             ring_bytes: 8 << 20,
             max_entries: 262_144,
             watch_agent: false,
+            drop_watch_ms: 5_000,
         }
     }
 }
@@ -133,6 +135,7 @@ impl Probe {
         let kernel_btf = KernelBtf::load(&settings.btf_dir, offsets::BTF_MODULES)?;
         let (mut config, offsets) = offsets::resolve(&kernel_btf)?;
         config.netns_filter = settings.netns_filter;
+        config.drop_watch_ms = settings.drop_watch_ms;
         if settings.watch_agent {
             let root = tracefs::ensure()?;
             config.sys_enter_bpf_cmd =
@@ -467,6 +470,8 @@ pub struct CounterSnapshot {
     pub batch_deletes: u64,
     /// Keys of batch deletes beyond the 32 per syscall that are reported: not reported.
     pub batch_truncated: u64,
+    /// kprobe backend: confirms whose entry could not be carried to the return (NEW lost).
+    pub confirm_full: u64,
     /// Flow index full: a later delete may have seen its entry as absent.
     pub flows_full: u64,
 }
@@ -474,6 +479,18 @@ pub struct CounterSnapshot {
 impl CounterSnapshot {
     pub fn lost_total(&self) -> u64 {
         self.lost.iter().sum()
+    }
+
+    /// Everything that makes the observed story incomplete: records the ring buffer could not
+    /// take, entries the kernel tables could not hold, deletes or confirms not carried from
+    /// syscall entry to exit, batch keys not reported.
+    pub fn incomplete_total(&self) -> u64 {
+        self.lost_total()
+            + self.seen_full
+            + self.flows_full
+            + self.pending_full
+            + self.confirm_full
+            + self.batch_truncated
     }
 }
 
@@ -495,6 +512,7 @@ impl Counters {
         s.batch_deletes = sum(counter::BATCH_DELETE);
         s.flows_full = sum(counter::FLOWS_FULL);
         s.batch_truncated = sum(counter::BATCH_TRUNCATED);
+        s.confirm_full = sum(counter::CONFIRM_FULL);
         s
     }
 }

@@ -61,17 +61,31 @@ pub struct AgentMap {
     fd: OwnedFd,
     pub layout: Layout,
     pub pin: PathBuf,
+    pub name: String,
+}
+
+/// A map name no other test uses (the detector falls back to finding the map by name while
+/// a pin is being replaced, and tests run in parallel).
+pub fn unique_name() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "dt{}_{}",
+        std::process::id() % 100_000,
+        N.fetch_add(1, Ordering::SeqCst)
+    )
 }
 
 impl AgentMap {
-    /// Creates the map (named like NPA's) and pins it at `pin`.
-    pub fn create(layout: Layout, pin: &Path) -> Self {
+    /// Creates the map named `name` (at most 15 bytes) and pins it at `pin`.
+    pub fn create(layout: Layout, pin: &Path, name: &str) -> Self {
         let mut a = [0u8; 128];
         put(&mut a, 0, &BPF_MAP_TYPE_LRU_HASH.to_ne_bytes());
         put(&mut a, 4, &(layout.key.size() as u32).to_ne_bytes());
         put(&mut a, 8, &(layout.value.size() as u32).to_ne_bytes());
         put(&mut a, 12, &4096u32.to_ne_bytes());
-        put(&mut a, 28, b"aws_conntrack_m");
+        assert!(name.len() <= 15);
+        put(&mut a, 28, name.as_bytes());
         let fd = bpf(BPF_MAP_CREATE, &mut a);
         assert!(
             fd >= 0,
@@ -96,6 +110,7 @@ impl AgentMap {
             fd,
             layout,
             pin: pin.to_path_buf(),
+            name: name.to_string(),
         }
     }
 

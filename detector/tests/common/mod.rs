@@ -220,6 +220,26 @@ pub fn connect_from(ns: &str, to: SocketAddr) -> TcpStream {
     })
 }
 
+/// A test that fails midway must not leave a detector running with its programs attached.
+impl Drop for Detector {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Kills and reaps a helper process (e.g. `conntrack -E`) when dropped, even on a panic.
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Opens a connection from `ns` bound to `local:port` (SO_REUSEADDR, so a port whose previous
 /// connection was reset can be taken again at once), does one request/reply, returns it.
 pub fn connect_from_port(ns: &str, local: &str, port: u16, to: SocketAddr) -> TcpStream {
@@ -320,7 +340,7 @@ pub fn reset(s: TcpStream) {
 /// The detector running `trace --json`, as a user would run it.
 pub struct Detector {
     child: Child,
-    stdout: thread::JoinHandle<String>,
+    stdout: Option<thread::JoinHandle<String>>,
     stderr: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
@@ -389,7 +409,7 @@ impl Detector {
         eprintln!("detector attached in {:?}", start.elapsed());
         Self {
             child,
-            stdout,
+            stdout: Some(stdout),
             stderr: log,
         }
     }
@@ -409,7 +429,7 @@ impl Detector {
             }
             thread::sleep(Duration::from_millis(20));
         }
-        let stdout = self.stdout.join().unwrap();
+        let stdout = self.stdout.take().unwrap().join().unwrap();
         let status = self.child.wait().unwrap();
         // Let the stderr thread finish reading.
         thread::sleep(Duration::from_millis(100));
