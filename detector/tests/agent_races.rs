@@ -404,3 +404,46 @@ fn follows_a_recreated_map() {
     drop(c);
     let _ = std::fs::remove_dir_all(&traces);
 }
+
+/// IPv6 keys (NPA's 60-byte layout): the kernel decodes the 16-byte addresses of the key and
+/// judges the delete of a live flow's key a race.
+#[test]
+fn ipv6_keys_are_judged_in_the_kernel() {
+    if !privileged() {
+        return;
+    }
+    let layout: Layout = "v6-60/16".parse().unwrap();
+    let ns = NetnsPair::new(60);
+    let fs = Bpffs::mount();
+    let map = AgentMap::create(layout, &fs.dir.join("aws_conntrack_map"), &unique_name());
+    let server = start_echo_server(&ns.server, "fd77::1");
+    let traces = fs.dir.with_extension("traces");
+    let det = start(&map, &ns, &traces, "0.2");
+    let c = connect_from(&ns.client, server);
+    let k = NpaKey {
+        src: "fd77::2".parse().unwrap(),
+        sport: c.local_addr().unwrap().port(),
+        dst: server.ip(),
+        dport: server.port(),
+        proto: 6,
+        owner: server.ip(),
+        ifindex: Some(5),
+    };
+    map.insert(&k, 1);
+    assert_eq!(map.delete(&k), 0);
+    sleep(Duration::from_millis(500));
+    let (events, stderr) = det.stop();
+    let d: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["type"] == "agent_delete")
+        .collect();
+    assert_eq!(d.len(), 1, "{stderr}");
+    assert_eq!(d[0]["kernel_view"], "live", "{:#}", d[0]);
+    assert_eq!(d[0]["key"]["src"], "fd77::2");
+    let v = verdicts(&events);
+    assert_eq!(v.len(), 1, "{v:#?}\n{stderr}");
+    assert_eq!(v[0]["verdict"]["class"], "snapshot-lag");
+    assert_eq!(v[0]["verdict"]["live"]["orig"]["src"], "fd77::2");
+    drop(c);
+    let _ = std::fs::remove_dir_all(&traces);
+}

@@ -95,6 +95,13 @@ impl NetnsPair {
             (&pair.client, "veth-c", "10.77.0.2/24"),
         ] {
             run_ok("ip", &["-n", ns, "addr", "add", ip, "dev", dev]);
+            // IPv6 too (no duplicate address detection, so the address is usable at once).
+            let ip6 = if dev == "veth-s" {
+                "fd77::1/64"
+            } else {
+                "fd77::2/64"
+            };
+            run_ok("ip", &["-n", ns, "addr", "add", ip6, "dev", dev, "nodad"]);
             run_ok("ip", &["-n", ns, "link", "set", dev, "up"]);
             run_ok("ip", &["-n", ns, "link", "set", "lo", "up"]);
         }
