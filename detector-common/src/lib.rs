@@ -287,6 +287,32 @@ pub struct MapWriteEvent {
     pub key: [u8; MAX_KEY],
 }
 
+/// The lab's emulated agent datapath (NPA's TC programs): which pod the policy protects and
+/// the map layout to write (`LAB` global of the object).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LabConfig {
+    /// The server pod's IPv4 address, network order (as in the packet).
+    pub server_ip: u32,
+    /// The one port the server's ingress policy allows (host order).
+    pub allowed_port: u16,
+    pub _pad: u16,
+    /// Written into 24-byte keys (NPA v1.3.7+): the node-side interface of the pod.
+    pub ifindex: u32,
+    /// Key size: 24 (with ifindex, 16-byte value with last_seen) or 20 (1-byte value).
+    pub key_size: u32,
+}
+
+impl LabConfig {
+    pub const ZERO: Self = Self {
+        server_ip: 0,
+        allowed_port: 0,
+        _pad: 0,
+        ifindex: 0,
+        key_size: 0,
+    };
+}
+
 /// A watched map, as the kernel programs need to know it (map `TARGETS`, keyed by map id).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -462,6 +488,7 @@ const _: () = {
     assert!(size_of::<MapDeleteEvent>().is_multiple_of(8));
     assert!(size_of::<TargetMap>() == 7 * 4);
     assert!(size_of::<FlowKey>() == size_of::<Tuple>() + 8);
+    assert!(size_of::<LabConfig>() == 16);
     assert!(kind::COUNT <= counter::SEEN_FULL);
 };
 
@@ -477,6 +504,7 @@ mod pod {
     unsafe impl aya::Pod for super::MapDeleteEvent {}
     unsafe impl aya::Pod for super::TargetMap {}
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::LabConfig {}
     unsafe impl aya::Pod for super::PacketDropEvent {}
     unsafe impl aya::Pod for super::DropWatch {}
     unsafe impl aya::Pod for super::MapWriteEvent {}

@@ -12,6 +12,7 @@
 mod agent;
 mod conntrack;
 mod emit;
+mod lab;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -10,6 +10,7 @@ pub mod clock;
 pub mod cmd;
 pub mod engine;
 pub mod event;
+pub mod lab;
 pub mod output;
 pub mod probe;
 pub mod reorder;

@@ -23,7 +23,8 @@ use btf::{BtfError, KernelBtf};
 use offsets::Resolved;
 
 /// The eBPF object, built by `detector/build.rs` (see `cargo xtask build-ebpf`).
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/detector-ebpf.o"));
+pub(crate) static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/detector-ebpf.o"));
 
 #[derive(Debug, Error)]
 pub enum ProbeError {

@@ -1,0 +1,157 @@
+//! Namespaces: a node with conntrack active, a client pod and a server pod, each pod joined to
+//! the node by a veth pair and routed through it.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+pub const CLIENT_IP: &str = "10.78.1.2";
+pub const SERVER_IP: &str = "10.78.2.2";
+/// The node-side interface of the server pod (where the emulated datapath attaches).
+pub const SERVER_VETH: &str = "vsrv";
+
+/// The lab's namespaces; removed on drop (deleting a namespace removes its veth ends too).
+pub struct Topology {
+    pub id: String,
+    pub node: String,
+    pub client: String,
+    pub server: String,
+    /// The node namespace's established timeout before the lab changed it (restored on drop).
+    original_timeout: Option<String>,
+}
+
+fn run(cmd: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd} (scripts/setup.sh installs it)"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn netns_path(name: &str) -> PathBuf {
+    PathBuf::from(format!("/run/netns/{name}"))
+}
+
+/// Runs a command in a namespace (nsenter keeps /sys, unlike `ip netns exec`).
+pub fn exec_in(ns: &str, cmd: &str, args: &[&str]) -> Result<String> {
+    let net = format!("--net={}", netns_path(ns).display());
+    let mut all = vec![net.as_str(), cmd];
+    all.extend_from_slice(args);
+    run("nsenter", &all)
+}
+
+const TIMEOUT_SYSCTL: &str = "net.netfilter.nf_conntrack_tcp_timeout_established";
+
+impl Topology {
+    /// Builds the namespaces. `id` keeps two labs apart (names are short: interface names
+    /// live inside the namespaces, namespace names in /run/netns).
+    pub fn create(id: &str) -> Result<Self> {
+        let t = Self {
+            id: id.to_string(),
+            node: format!("lab-{id}-node"),
+            client: format!("lab-{id}-cli"),
+            server: format!("lab-{id}-srv"),
+            original_timeout: None,
+        };
+        // From here on, drop cleans up whatever was made.
+        for ns in [&t.node, &t.client, &t.server] {
+            run("ip", &["netns", "add", ns])?;
+        }
+        for (pod, veth, node_ip, pod_ip) in [
+            (&t.client, "vcli", "10.78.1.1/24", "10.78.1.2/24"),
+            (&t.server, SERVER_VETH, "10.78.2.1/24", "10.78.2.2/24"),
+        ] {
+            run(
+                "ip",
+                &[
+                    "link", "add", veth, "netns", &t.node, "type", "veth", "peer", "name", "eth0",
+                    "netns", pod,
+                ],
+            )?;
+            run("ip", &["-n", &t.node, "addr", "add", node_ip, "dev", veth])?;
+            run("ip", &["-n", &t.node, "link", "set", veth, "up"])?;
+            run("ip", &["-n", pod, "addr", "add", pod_ip, "dev", "eth0"])?;
+            run("ip", &["-n", pod, "link", "set", "eth0", "up"])?;
+            run("ip", &["-n", pod, "link", "set", "lo", "up"])?;
+            let gw = node_ip.split('/').next().unwrap_or_default();
+            run("ip", &["-n", pod, "route", "add", "default", "via", gw])?;
+        }
+        run("ip", &["-n", &t.node, "link", "set", "lo", "up"])?;
+        exec_in(&t.node, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        // Conntrack hooks register only when a rule needs them (like kube-proxy's rules on a
+        // node).
+        exec_in(
+            &t.node,
+            "nft",
+            &["add table inet lab; \
+               add chain inet lab forwarding { type filter hook forward priority 0; policy accept; }; \
+               add rule inet lab forwarding ct state new counter accept"],
+        )?;
+        Ok(t)
+    }
+
+    /// Sets the node's established timeout (the tuner), remembering the original.
+    pub fn tune(&mut self, seconds: u32) -> Result<()> {
+        let old = exec_in(&self.node, "sysctl", &["-n", TIMEOUT_SYSCTL])?;
+        self.original_timeout.get_or_insert(old.trim().to_string());
+        exec_in(
+            &self.node,
+            "sysctl",
+            &["-qw", &format!("{TIMEOUT_SYSCTL}={seconds}")],
+        )?;
+        Ok(())
+    }
+
+    /// Removes everything; errors are reported, not fatal (a namespace may already be gone).
+    pub fn destroy(&mut self) -> Vec<String> {
+        let mut errors = Vec::new();
+        if let Some(old) = self.original_timeout.take()
+            && let Err(e) = exec_in(
+                &self.node,
+                "sysctl",
+                &["-qw", &format!("{TIMEOUT_SYSCTL}={old}")],
+            )
+        {
+            errors.push(e.to_string());
+        }
+        for ns in [&self.client, &self.server, &self.node] {
+            if netns_path(ns).exists()
+                && let Err(e) = run("ip", &["netns", "del", ns])
+            {
+                errors.push(e.to_string());
+            }
+        }
+        errors
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for e in self.destroy() {
+            tracing::warn!("lab cleanup: {e}");
+        }
+    }
+}
+
+/// Namespaces left by labs that did not finish (a crash): `lab-<id>-*`.
+pub fn leftovers() -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| {
+                    n.starts_with("lab-")
+                        && (n.ends_with("-node") || n.ends_with("-cli") || n.ends_with("-srv"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
