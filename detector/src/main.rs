@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use detector::cmd::{doctor, run, trace};
+use detector::cmd::{doctor, lab, run, trace};
 
 /// eBPF detector for conntrack-cache cleanup races of the AWS network policy agent.
 #[derive(Debug, Parser)]
@@ -23,6 +23,12 @@ enum Command {
     /// Detect races: watch conntrack and the agent's map deletes, report each delete of a
     /// live flow's key with its timeline, and write trace files.
     Run(run::RunArgs),
+    /// Reproduce the race on this machine and catch it: namespaces for a node and two pods, an
+    /// emulated network policy agent, the tuner, a port-reuse reproducer and the detector.
+    Lab(lab::LabArgs),
+    /// The lab for a fixed number of cycles; exits 0 only if no race was detected (for CI of
+    /// an agent fix: `--mode fixed`), 1 with the verdicts otherwise.
+    Validate(lab::LabArgs),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +52,15 @@ fn main() -> ExitCode {
         Command::Doctor(a) => doctor::run(a),
         Command::Trace(a) => runtime().and_then(|rt| rt.block_on(trace::run(a))),
         Command::Run(a) => runtime().and_then(|rt| rt.block_on(run::run(a))),
+        Command::Lab(a) => lab::lab(a),
+        Command::Validate(a) => match lab::validate(a) {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                eprintln!("detector validate: races detected (see above)");
+                return ExitCode::FAILURE;
+            }
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,6 +1,7 @@
 //! The CLI's commands.
 
 pub mod doctor;
+pub mod lab;
 pub mod run;
 pub mod stream;
 pub mod trace;

@@ -2,5 +2,7 @@
 //! the network policy agent's datapath on the node, so the race can be reproduced and caught
 //! on one machine. Everything it creates carries the lab's id and is removed by `Lab::drop`.
 
+pub mod agent;
 pub mod datapath;
+pub mod reproducer;
 pub mod topology;

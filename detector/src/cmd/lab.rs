@@ -1,0 +1,282 @@
+//! `detector lab` and `detector validate`: the race reproduced and caught on one machine.
+//!
+//! A node namespace with conntrack, a client and a server pod, the emulated agent (datapath
+//! and cleanup in the chosen mode), the tuner, the reproducer, and the detector itself (this
+//! binary's `run`, as a child process, exactly as a user runs it). Each cycle: the client's
+//! connections idle past the kernel's timeout; the cleanup dumps the kernel table (reaping the
+//! expired entries); the client reuses its ports with a request answered late; the cleanup
+//! deletes the keys of flows missing from its dump, which are live again by then.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use crate::agent::Layout;
+use crate::lab::agent::{Cleanup, CleanupMode, GroundTruth};
+use crate::lab::datapath::Datapath;
+use crate::lab::reproducer::{Client, ReproStats, start_server};
+use crate::lab::topology::{self, CLIENT_IP, SERVER_IP, Topology};
+use crate::probe::caps;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct LabArgs {
+    /// The emulated agent's cleanup: legacy (#246), two-phase (#256) or fixed (#610).
+    #[arg(long, value_enum, default_value = "legacy")]
+    pub mode: CleanupMode,
+    /// Client source ports reused each cycle.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub ports: u16,
+    /// Cleanup cycles.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub cycles: u32,
+    /// The node's nf_conntrack_tcp_timeout_established during the lab (the tuner), seconds.
+    #[arg(long, default_value_t = 2, value_name = "SECS")]
+    pub timeout: u32,
+    /// Pause between the cleanup's dump and its deletes (a large map makes it long), ms.
+    #[arg(long, default_value_t = 150, value_name = "MS")]
+    pub delay_ms: u64,
+    /// Where the detector writes its trace files.
+    #[arg(long, default_value = "detector-lab-traces", value_name = "DIR")]
+    pub trace_dir: PathBuf,
+    /// Print the summary as one JSON object (with the verdicts and the ground truth).
+    #[arg(long)]
+    pub json: bool,
+    /// Only remove what earlier labs left behind (namespaces), then exit.
+    #[arg(long)]
+    pub cleanup: bool,
+}
+
+const SERVER_PORT: u16 = 8080;
+const FIRST_PORT: u16 = 42_000;
+
+/// What one lab run found.
+#[derive(Debug, serde::Serialize)]
+pub struct LabReport {
+    pub mode: CleanupMode,
+    pub cycles: u32,
+    pub reproducer: ReproStats,
+    pub cleanup_deletes: usize,
+    pub wrongful_deletes: usize,
+    pub verdicts: Vec<Value>,
+    pub races_by_class: serde_json::Map<String, Value>,
+    pub events_lost: u64,
+    pub ground_truth: Vec<GroundTruth>,
+    pub seconds: f64,
+}
+
+pub fn lab(args: LabArgs) -> Result<()> {
+    if args.cleanup {
+        let left = topology::leftovers();
+        for ns in &left {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        eprintln!("detector lab: removed {} leftover namespace(s)", left.len());
+        return Ok(());
+    }
+    let report = run_lab(&args)?;
+    print_report(&report, args.json)
+}
+
+/// `validate`: the lab for a fixed number of cycles; success only when no race was found.
+pub fn validate(args: LabArgs) -> Result<bool> {
+    let report = run_lab(&args)?;
+    print_report(&report, args.json)?;
+    Ok(report.verdicts.is_empty())
+}
+
+fn print_report(r: &LabReport, json_out: bool) -> Result<()> {
+    if json_out {
+        println!("{}", serde_json::to_string(r)?);
+        return Ok(());
+    }
+    let classes = if r.races_by_class.is_empty() {
+        "none".to_string()
+    } else {
+        r.races_by_class
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!(
+        "lab summary ({:?} cleanup, {} cycles, {:.1} s)",
+        r.mode, r.cycles, r.seconds
+    );
+    println!(
+        "  port reuses made                   {}",
+        r.reproducer.reuses
+    );
+    println!(
+        "  races detected                     {} ({classes})",
+        r.verdicts.len()
+    );
+    println!(
+        "  emulator's wrongful deletes        {} (of {} deletes)",
+        r.wrongful_deletes, r.cleanup_deletes
+    );
+    println!(
+        "  reproducer's failed requests       {} (of {})",
+        r.reproducer.failed, r.reproducer.requests
+    );
+    println!("  events lost                        {}", r.events_lost);
+    Ok(())
+}
+
+fn run_lab(args: &LabArgs) -> Result<LabReport> {
+    if !caps::can_load_bpf(caps::effective_caps()) {
+        bail!("the lab creates namespaces and loads BPF programs: run it as root");
+    }
+    let layout: Layout = "v4-24/16".parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let t0 = Instant::now();
+    let id = format!("{}", std::process::id() % 100_000);
+    let work = std::env::temp_dir().join(format!("detector-lab-{id}"));
+    let mut topo = Topology::create(&id).context("building the lab's namespaces")?;
+    topo.tune(args.timeout)?;
+    let dp = Datapath::attach(&topo.node, &work, layout, SERVER_PORT)?;
+    let node = topology::netns_path(&topo.node);
+    start_server(
+        &topology::netns_path(&topo.server),
+        std::net::SocketAddrV4::new(SERVER_IP.parse()?, SERVER_PORT),
+    )?;
+
+    let exe = std::env::current_exe().context("finding this executable")?;
+    let mut det = Command::new(exe)
+        .args([
+            "run",
+            "--json",
+            "--watermark-ms",
+            "5",
+            "--trace-after",
+            "1.5",
+        ])
+        .arg("--map-pin")
+        .arg(&dp.pin)
+        .arg("--map-name")
+        .arg("LAB_CT24")
+        .arg("--netns")
+        .arg(&node)
+        .arg("--trace-dir")
+        .arg(&args.trace_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting the detector")?;
+    let guard = KillOnDrop(det.id());
+    // Wait until its probes are attached, showing its own start-up lines.
+    let mut err = BufReader::new(det.stderr.take().context("detector stderr")?);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if err.read_line(&mut line)? == 0 {
+            bail!("the detector exited before it was ready");
+        }
+        eprint!("{line}");
+        if line.contains("watching map") {
+            break;
+        }
+    }
+    std::thread::spawn(move || {
+        for l in err.lines().map_while(Result::ok) {
+            eprintln!("{l}");
+        }
+    });
+    let mut out = det.stdout.take().context("detector stdout")?;
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+
+    let ports: Vec<u16> = (0..args.ports).map(|i| FIRST_PORT + i).collect();
+    let mut client = Client::new(
+        &topology::netns_path(&topo.client),
+        CLIENT_IP.parse()?,
+        std::net::SocketAddrV4::new(SERVER_IP.parse()?, SERVER_PORT),
+        ports,
+    );
+    let mut cleanup = Cleanup::new(args.mode, &dp.pin, layout, &node);
+    client.reuse_all(false)?;
+    for cycle in 0..args.cycles {
+        // Idle past the timeout: the kernel entries expire, the map keeps the keys.
+        std::thread::sleep(
+            Duration::from_secs(u64::from(args.timeout)) + Duration::from_millis(700),
+        );
+        let pending = cleanup.dump_phase()?;
+        client.reuse_all(true)?;
+        std::thread::sleep(Duration::from_millis(args.delay_ms));
+        let n = cleanup.delete_phase(pending)?;
+        client.collect();
+        eprintln!(
+            "detector lab: cycle {}/{}: {n} deletes, {} wrongful so far, {} failed requests so far",
+            cycle + 1,
+            args.cycles,
+            cleanup.wrongful(),
+            client.stats.failed
+        );
+    }
+    // Let the last traces close, then stop the detector as Ctrl-C would.
+    std::thread::sleep(Duration::from_millis(2000));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(det.id() as i32, libc::SIGINT) };
+    let status = det.wait()?;
+    std::mem::forget(guard);
+    let stdout = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader panicked"))?;
+    if !status.success() {
+        bail!("the detector failed: {status}");
+    }
+    let events: Vec<Value> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let verdicts: Vec<Value> = events
+        .iter()
+        .filter(|e| e["type"] == "verdict")
+        .cloned()
+        .collect();
+    let mut by_class = serde_json::Map::new();
+    for v in &verdicts {
+        let c = v["verdict"]["class"].as_str().unwrap_or("?").to_string();
+        let n = by_class.get(&c).and_then(Value::as_u64).unwrap_or(0) + 1;
+        by_class.insert(c, json!(n));
+    }
+    let summary = events.iter().find(|e| e["type"] == "summary");
+    let events_lost = summary
+        .and_then(|s| s["kernel"]["lost"].as_array())
+        .map(|a| a.iter().filter_map(Value::as_u64).sum())
+        .unwrap_or(0);
+    let report = LabReport {
+        mode: args.mode,
+        cycles: args.cycles,
+        reproducer: client.stats.clone(),
+        cleanup_deletes: cleanup.log.len(),
+        wrongful_deletes: cleanup.wrongful(),
+        verdicts,
+        races_by_class: by_class,
+        events_lost,
+        ground_truth: cleanup.log.clone(),
+        seconds: t0.elapsed().as_secs_f64(),
+    };
+    drop(client);
+    drop(dp);
+    for e in topo.destroy() {
+        tracing::warn!("lab cleanup: {e}");
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(report)
+}
+
+/// Stops the detector child if the lab fails midway.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+    }
+}

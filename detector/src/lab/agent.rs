@@ -1,0 +1,190 @@
+//! The emulated agent's userspace cleanup, in the three shapes NPA has had:
+//!
+//! * `legacy` (#246): dump the kernel conntrack table, then walk the map and delete every key
+//!   whose flow is not in the dump;
+//! * `two-phase` (#256): copy the map's keys in one cycle, and in the next cycle delete the
+//!   copied keys whose flow is missing from a fresh dump;
+//! * `fixed` (#610): two-phase, and before each delete re-read the key's `last_seen`: a key the
+//!   datapath touched after the copy is kept.
+//!
+//! Each delete is recorded with the ground truth the tests compare against: whether the
+//! flow's conntrack entry was live in the kernel right after the delete (a second dump, which
+//! also evicts entries that had merely expired, answers that independently of the detector).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use aya::maps::{HashMap, Map, MapData};
+
+use crate::agent::{KeyLayout, Layout, NpaKey, NpaValue};
+use crate::clock;
+use crate::event::FlowTuple;
+use crate::snapshot;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum CleanupMode {
+    Legacy,
+    TwoPhase,
+    Fixed,
+}
+
+/// One delete the emulated cleanup made.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GroundTruth {
+    /// CLOCK_MONOTONIC just before the bpf(2) call (the detector stamps the syscall's entry).
+    pub ts_ns: u64,
+    pub key: NpaKey,
+    /// The flow had a live conntrack entry right after the delete: the delete was wrongful.
+    pub live: bool,
+}
+
+/// The cleanup's state across cycles.
+pub struct Cleanup {
+    pub mode: CleanupMode,
+    pin: PathBuf,
+    layout: Layout,
+    netns: PathBuf,
+    /// Two-phase: the keys copied in the previous cycle, and when.
+    copy: Option<(u64, Vec<Vec<u8>>)>,
+    pub log: Vec<GroundTruth>,
+}
+
+/// The flows the kernel knows, in the forms NPA's cleanup matches keys against: each entry's
+/// original tuple and, for DNAT'd entries, the original source to the reply's source.
+fn kernel_flows(netns: &Path) -> Result<HashSet<FlowTuple>> {
+    let table = snapshot::dump(Some(netns)).context("cleanup: conntrack dump")?;
+    let mut set = HashSet::new();
+    for e in table {
+        set.insert(e.orig);
+        set.insert(FlowTuple {
+            dst: e.reply.src,
+            dport: e.reply.sport,
+            ..e.orig
+        });
+    }
+    Ok(set)
+}
+
+fn key_flow(k: &NpaKey) -> FlowTuple {
+    FlowTuple {
+        proto: k.proto,
+        src: k.src,
+        sport: k.sport,
+        dst: k.dst,
+        dport: k.dport,
+    }
+}
+
+impl Cleanup {
+    pub fn new(mode: CleanupMode, pin: &Path, layout: Layout, netns: &Path) -> Self {
+        Self {
+            mode,
+            pin: pin.to_path_buf(),
+            layout,
+            netns: netns.to_path_buf(),
+            copy: None,
+            log: Vec::new(),
+        }
+    }
+
+    fn open(&self) -> Result<HashMap<MapData, [u8; 24], [u8; 16]>> {
+        if self.layout.key != KeyLayout::V4Ifindex {
+            anyhow::bail!("the lab's cleanup handles the v4-24/16 layout");
+        }
+        let m = Map::LruHashMap(MapData::from_pin(&self.pin).context("opening the lab map")?);
+        Ok(HashMap::try_from(m)?)
+    }
+
+    fn keys(&self) -> Result<Vec<Vec<u8>>> {
+        let h = self.open()?;
+        Ok(h.keys()
+            .filter_map(Result::ok)
+            .map(|k| k.to_vec())
+            .collect())
+    }
+
+    /// First half of a cycle: the dump (legacy, and two-phase's check) and, for the two-phase
+    /// modes, taking the copy for the next cycle. Returns the keys to check against the dump.
+    pub fn dump_phase(&mut self) -> Result<Pending> {
+        let flows = kernel_flows(&self.netns)?;
+        let candidates = match self.mode {
+            CleanupMode::Legacy => Candidates::WalkNow,
+            CleanupMode::TwoPhase | CleanupMode::Fixed => {
+                let old = self.copy.take();
+                self.copy = Some((clock::monotonic_ns(), self.keys()?));
+                // The first cycle only takes the copy.
+                old.map_or(Candidates::Nothing, |(at, keys)| {
+                    Candidates::Copied(at, keys)
+                })
+            }
+        };
+        Ok(Pending { flows, candidates })
+    }
+
+    /// Second half: delete the keys whose flow is missing from the dump.
+    pub fn delete_phase(&mut self, p: Pending) -> Result<usize> {
+        let mut h = self.open()?;
+        let (copied_at, keys) = match p.candidates {
+            Candidates::Copied(at, keys) => (Some(at), keys),
+            // Legacy walks the map as it is now.
+            Candidates::WalkNow => (
+                None,
+                h.keys()
+                    .filter_map(Result::ok)
+                    .map(|k| k.to_vec())
+                    .collect(),
+            ),
+            Candidates::Nothing => return Ok(0),
+        };
+        let mut deleted = 0;
+        for raw in keys {
+            let Ok(key) = NpaKey::decode(self.layout.key, &raw) else {
+                continue;
+            };
+            if p.flows.contains(&key_flow(&key)) {
+                continue;
+            }
+            let Ok(raw24) = <[u8; 24]>::try_from(raw.as_slice()) else {
+                continue;
+            };
+            if self.mode == CleanupMode::Fixed
+                && let Some(copied_at) = copied_at
+                && let Ok(v) = h.get(&raw24, 0)
+                && let Ok(v) = NpaValue::decode(self.layout.value, &v)
+                && v.last_seen_ns.is_some_and(|seen| seen > copied_at)
+            {
+                // #610: the datapath used the key after the copy: the flow is alive.
+                continue;
+            }
+            let ts_ns = clock::monotonic_ns();
+            if h.remove(&raw24).is_ok() {
+                deleted += 1;
+                let live = kernel_flows(&self.netns)?.contains(&key_flow(&key));
+                self.log.push(GroundTruth { ts_ns, key, live });
+            }
+        }
+        Ok(deleted)
+    }
+
+    pub fn wrongful(&self) -> usize {
+        self.log.iter().filter(|g| g.live).count()
+    }
+}
+
+/// Between the two halves of a cycle.
+pub struct Pending {
+    flows: HashSet<FlowTuple>,
+    candidates: Candidates,
+}
+
+/// The keys a cycle's deletes consider.
+enum Candidates {
+    /// Legacy: the map as it is at the delete phase.
+    WalkNow,
+    /// Two-phase: the copy taken one cycle earlier, and when.
+    Copied(u64, Vec<Vec<u8>>),
+    /// Two-phase's first cycle: no copy yet.
+    Nothing,
+}

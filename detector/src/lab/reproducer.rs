@@ -1,0 +1,233 @@
+//! The timing driver's traffic: a server in the server pod and a client that holds one
+//! connection per fixed source port, lets it idle past the kernel's timeout, and reuses the
+//! port (a new connection, same 5-tuple) around the cleanup, each time with a request whose
+//! reply comes late enough to be caught by a delete. Every reply that never arrives is counted.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+/// Runs `f` on a thread inside network namespace `ns`.
+pub fn in_netns<T: Send + 'static>(
+    ns: &Path,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let ns = ns.to_path_buf();
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&ns).with_context(|| format!("{}", ns.display()))?;
+        // SAFETY: valid fd; setns affects only this thread.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!(
+                "setns {}: {}",
+                ns.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
+}
+
+/// How long the server waits before answering a `d` request.
+pub const LATE_REPLY: Duration = Duration::from_millis(500);
+
+/// Starts the server in `ns`: it echoes each byte, late for `d`.
+pub fn start_server(ns: &Path, addr: SocketAddrV4) -> Result<()> {
+    let listener = in_netns(ns, move || {
+        TcpListener::bind(addr).with_context(|| format!("binding the lab server on {addr}"))
+    })?;
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut b = [0u8; 1];
+                while let Ok(1) = s.read(&mut b) {
+                    if b[0] == b'd' {
+                        std::thread::sleep(LATE_REPLY);
+                    }
+                    if s.write_all(&b).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+/// A connection from `local:port` (SO_REUSEADDR: the port's previous connection was reset).
+fn connect(local: Ipv4Addr, port: u16, to: SocketAddrV4) -> Result<TcpStream> {
+    let sin = |a: Ipv4Addr, p: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: p.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(a.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = size_of::<libc::sockaddr_in>() as u32;
+    // SAFETY: plain socket calls on a fresh fd, handed to TcpStream (which closes it).
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            bail!("socket: {}", std::io::Error::last_os_error());
+        }
+        let s = TcpStream::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as u32,
+        );
+        let me = sin(local, port);
+        if libc::bind(fd, (&me as *const libc::sockaddr_in).cast(), len) != 0 {
+            bail!("bind {local}:{port}: {}", std::io::Error::last_os_error());
+        }
+        let them = sin(*to.ip(), to.port());
+        // The previous connection's 4-tuple can linger a moment after its reset.
+        for attempt in 0.. {
+            if libc::connect(fd, (&them as *const libc::sockaddr_in).cast(), len) == 0 {
+                break;
+            }
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EADDRNOTAVAIL) || attempt >= 50 {
+                bail!("connect from port {port} to {to}: {e}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s.set_read_timeout(Some(LATE_REPLY * 3))?;
+        Ok(s)
+    }
+}
+
+/// Closes with a RST: no FIN exchange, no TIME_WAIT, the port is free at once.
+fn reset(s: TcpStream) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid socket and option buffer.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            size_of::<libc::linger>() as u32,
+        )
+    };
+}
+
+/// One request and its reply; false when the reply never came.
+fn exchange(s: &mut TcpStream, what: u8) -> bool {
+    let mut b = [0u8; 1];
+    s.write_all(&[what]).is_ok() && s.read_exact(&mut b).is_ok()
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct ReproStats {
+    /// New connections that took a port whose previous connection was reset.
+    pub reuses: u64,
+    pub requests: u64,
+    /// Requests whose reply never arrived.
+    pub failed: u64,
+}
+
+/// The client: one connection per port.
+pub struct Client {
+    ns: PathBuf,
+    local: Ipv4Addr,
+    to: SocketAddrV4,
+    ports: Vec<u16>,
+    conns: Vec<Option<TcpStream>>,
+    pub stats: ReproStats,
+}
+
+impl Client {
+    pub fn new(ns: &Path, local: Ipv4Addr, to: SocketAddrV4, ports: Vec<u16>) -> Self {
+        let conns = ports.iter().map(|_| None).collect();
+        Self {
+            ns: ns.to_path_buf(),
+            local,
+            to,
+            ports,
+            conns,
+            stats: ReproStats::default(),
+        }
+    }
+
+    /// (Re)connects every port, in parallel, and sends each a request. Requests whose reply
+    /// is late (`d`) are answered after the caller's cleanup may have deleted the key; the
+    /// caller collects them with [`Client::collect`].
+    pub fn reuse_all(&mut self, late: bool) -> Result<()> {
+        let (local, to, ns) = (self.local, self.to, self.ns.clone());
+        let mut handles = Vec::new();
+        for (i, port) in self.ports.iter().copied().enumerate() {
+            let old = self.conns[i].take();
+            if old.is_some() {
+                self.stats.reuses += 1;
+            }
+            let ns = ns.clone();
+            handles.push(std::thread::spawn(move || -> Result<TcpStream> {
+                if let Some(old) = old {
+                    reset(old);
+                }
+                let mut s = in_netns(&ns, move || connect(local, port, to))?;
+                if !late {
+                    // A first exchange so the flow is established and its key inserted.
+                    if !exchange(&mut s, b'x') {
+                        bail!("the first request from port {port} got no reply");
+                    }
+                } else {
+                    s.write_all(b"d")?;
+                }
+                Ok(s)
+            }));
+        }
+        for (i, h) in handles.into_iter().enumerate() {
+            let s = h
+                .join()
+                .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+            self.conns[i] = Some(s);
+            self.stats.requests += 1;
+        }
+        Ok(())
+    }
+
+    /// Waits for the late replies; a missing one is a failed request.
+    pub fn collect(&mut self) {
+        let mut handles = Vec::new();
+        for (i, c) in self.conns.iter_mut().enumerate() {
+            if let Some(mut s) = c.take() {
+                handles.push((
+                    i,
+                    std::thread::spawn(move || {
+                        let mut b = [0u8; 1];
+                        let ok = s.read_exact(&mut b).is_ok();
+                        if !ok {
+                            // The application retries, as a real client would: its packet
+                            // passes the ingress policy and re-creates the flow's key.
+                            let _ = s.write_all(b"x");
+                        }
+                        (s, ok)
+                    }),
+                ));
+            }
+        }
+        for (i, h) in handles {
+            if let Ok((s, ok)) = h.join() {
+                if !ok {
+                    self.stats.failed += 1;
+                }
+                self.conns[i] = Some(s);
+            }
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! Privileged: `detector lab` reproduces the race with each cleanup of the emulated agent and
+//! the detector catches exactly the wrongful deletes; the fixed cleanup makes none; `validate`
+//! says so with its exit code; nothing is left behind.
+
+mod common;
+
+use std::process::Command;
+use std::sync::Mutex;
+
+use common::{DETECTOR, privileged};
+use serde_json::Value;
+
+/// Labs time real traffic against real timeouts: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn lab(cmd: &str, args: &[&str]) -> (Option<i32>, Value, String) {
+    let traces = std::env::temp_dir().join(format!("detector-lab-test-{}", std::process::id()));
+    let out = Command::new(DETECTOR)
+        .arg(cmd)
+        .arg("--json")
+        .arg("--trace-dir")
+        .arg(&traces)
+        .args(args)
+        .output()
+        .expect("run detector lab");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let report: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("lab report: {e}\n{stderr}"));
+    let _ = std::fs::remove_dir_all(&traces);
+    (out.status.code(), report, stderr)
+}
+
+fn assert_nothing_left() {
+    let netns: Vec<String> = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        !netns.iter().any(|n| n.starts_with("lab-")),
+        "namespaces left: {netns:?}"
+    );
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    assert!(!mounts.contains("detector-lab-"), "bpffs left mounted");
+}
+
+/// The detector's verdicts are exactly the emulator's wrongful deletes: same keys, delete
+/// times within a millisecond (the emulator stamps just before the syscall, the detector at
+/// its entry), and each is followed by a reply the reproducer never got.
+fn assert_races_match(report: &Value, stderr: &str) {
+    let verdicts = report["verdicts"].as_array().unwrap();
+    let truth: Vec<&Value> = report["ground_truth"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| g["live"] == true)
+        .collect();
+    assert!(
+        truth.len() >= 20,
+        "at least 20 races: {} ({stderr})",
+        truth.len()
+    );
+    assert_eq!(
+        verdicts.len(),
+        truth.len(),
+        "one verdict per wrongful delete\n{stderr}"
+    );
+    for g in &truth {
+        let v = verdicts
+            .iter()
+            .find(|v| {
+                let k = &v["verdict"]["key"];
+                k["sport"] == g["key"]["sport"]
+                    && k["dport"] == g["key"]["dport"]
+                    && k["src"] == g["key"]["src"]
+                    && (v["verdict"]["delete_ts_ns"].as_u64().unwrap() as i64
+                        - g["ts_ns"].as_u64().unwrap() as i64)
+                        .abs()
+                        < 1_000_000
+            })
+            .unwrap_or_else(|| panic!("no verdict for {g:#}"));
+        assert_eq!(v["verdict"]["class"], "port-reuse", "{v:#}");
+    }
+    assert_eq!(
+        report["reproducer"]["failed"],
+        truth.len(),
+        "each race cost a reply"
+    );
+    assert_eq!(report["events_lost"], 0);
+}
+
+#[test]
+fn legacy_cleanup_races_are_caught() {
+    if !privileged() {
+        return;
+    }
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (code, report, stderr) = lab(
+        "lab",
+        &["--mode", "legacy", "--ports", "8", "--cycles", "3"],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_races_match(&report, &stderr);
+    assert_nothing_left();
+}
+
+#[test]
+fn two_phase_cleanup_races_are_caught() {
+    if !privileged() {
+        return;
+    }
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // The first cycle only copies the map.
+    let (code, report, stderr) = lab(
+        "lab",
+        &["--mode", "two-phase", "--ports", "8", "--cycles", "4"],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_races_match(&report, &stderr);
+    assert_nothing_left();
+}
+
+#[test]
+fn fixed_cleanup_makes_no_race_and_validate_passes() {
+    if !privileged() {
+        return;
+    }
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (code, report, stderr) = lab(
+        "validate",
+        &["--mode", "fixed", "--ports", "200", "--cycles", "10"],
+    );
+    assert!(
+        report["reproducer"]["reuses"].as_u64().unwrap() >= 2000,
+        "{}",
+        report["reproducer"]
+    );
+    assert_eq!(report["verdicts"].as_array().unwrap().len(), 0, "{stderr}");
+    assert_eq!(report["wrongful_deletes"], 0);
+    assert_eq!(report["reproducer"]["failed"], 0);
+    assert_eq!(report["events_lost"], 0);
+    assert_eq!(
+        code,
+        Some(0),
+        "validate passes on the fixed cleanup\n{stderr}"
+    );
+    assert_nothing_left();
+}
+
+#[test]
+fn validate_fails_on_the_legacy_cleanup() {
+    if !privileged() {
+        return;
+    }
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (code, report, stderr) = lab(
+        "validate",
+        &["--mode", "legacy", "--ports", "2", "--cycles", "1"],
+    );
+    assert!(
+        !report["verdicts"].as_array().unwrap().is_empty(),
+        "{stderr}"
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_nothing_left();
+}
