@@ -160,8 +160,11 @@ pub fn lab_from_pod(ctx: TcContext) -> i32 {
     if src != cfg.server_ip {
         return TC_ACT_OK;
     }
-    // The flow's key is in the direction of its first packet (client -> server).
-    if touch(&cfg, (dst, dport, src, sport, proto), false) {
+    // The flow's key is in the direction of its first packet: client -> server for flows
+    // into the pod (the reverse of this packet), the packet's own for flows the pod opened.
+    if touch(&cfg, (dst, dport, src, sport, proto), false)
+        || touch(&cfg, (src, sport, dst, dport, proto), false)
+    {
         TC_ACT_OK
     } else {
         TC_ACT_SHOT

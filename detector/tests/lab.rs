@@ -46,9 +46,9 @@ fn assert_nothing_left() {
     assert!(!mounts.contains("detector-lab-"), "bpffs left mounted");
 }
 
-/// The detector's verdicts are exactly the emulator's wrongful deletes: same keys, delete
-/// times within a millisecond (the emulator stamps just before the syscall, the detector at
-/// its entry), and each is followed by a reply the reproducer never got.
+/// The detector's verdicts are exactly the emulator's wrongful deletes: same keys, the
+/// detector's kernel timestamp inside the emulator's bracket around the very syscall, and each
+/// followed by a reply the reproducer never got (on that flow's port).
 fn assert_races_match(report: &Value, stderr: &str) {
     let verdicts = report["verdicts"].as_array().unwrap();
     let truth: Vec<&Value> = report["ground_truth"]
@@ -75,10 +75,8 @@ fn assert_races_match(report: &Value, stderr: &str) {
                 k["sport"] == g["key"]["sport"]
                     && k["dport"] == g["key"]["dport"]
                     && k["src"] == g["key"]["src"]
-                    && (v["verdict"]["delete_ts_ns"].as_u64().unwrap() as i64
-                        - g["ts_ns"].as_u64().unwrap() as i64)
-                        .abs()
-                        < 1_000_000
+                    && (g["ts_ns"].as_u64().unwrap()..=g["end_ns"].as_u64().unwrap())
+                        .contains(&v["verdict"]["delete_ts_ns"].as_u64().unwrap())
             })
             .unwrap_or_else(|| panic!("no verdict for {g:#}"));
         assert_eq!(v["verdict"]["class"], "port-reuse", "{v:#}");
@@ -88,6 +86,19 @@ fn assert_races_match(report: &Value, stderr: &str) {
         truth.len(),
         "each race cost a reply"
     );
+    let mut failed: Vec<u64> = report["reproducer"]["failed_ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_u64().unwrap())
+        .collect();
+    let mut raced: Vec<u64> = truth
+        .iter()
+        .map(|g| g["key"]["sport"].as_u64().unwrap())
+        .collect();
+    failed.sort();
+    raced.sort();
+    assert_eq!(failed, raced, "the failed requests are the raced flows'");
     assert_eq!(report["events_lost"], 0);
 }
 
@@ -100,6 +111,24 @@ fn legacy_cleanup_races_are_caught() {
     let (code, report, stderr) = lab(
         "lab",
         &["--mode", "legacy", "--ports", "8", "--cycles", "3"],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_races_match(&report, &stderr);
+    assert_nothing_left();
+}
+
+/// NPA before v1.3.7: 20-byte keys, 1-byte values.
+#[test]
+fn legacy_cleanup_races_are_caught_with_the_old_layout() {
+    if !privileged() {
+        return;
+    }
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (code, report, stderr) = lab(
+        "lab",
+        &[
+            "--mode", "legacy", "--layout", "v4-20/1", "--ports", "8", "--cycles", "3",
+        ],
     );
     assert_eq!(code, Some(0), "{stderr}");
     assert_races_match(&report, &stderr);

@@ -39,6 +39,13 @@ pub struct LabArgs {
     /// Pause between the cleanup's dump and its deletes (a large map makes it long), ms.
     #[arg(long, default_value_t = 150, value_name = "MS")]
     pub delay_ms: u64,
+    /// Cleanup period, ms (default: the timeout plus 700 ms, so entries expire between runs;
+    /// shorter than the timeout and nothing expires: no race).
+    #[arg(long, value_name = "MS")]
+    pub period_ms: Option<u64>,
+    /// The emulated agent's map layout: v4-24/16 (NPA v1.3.7+ with #610's value) or v4-20/1.
+    #[arg(long, default_value = "v4-24/16", value_name = "LAYOUT")]
+    pub layout: Layout,
     /// Where the detector writes its trace files.
     #[arg(long, default_value = "detector-lab-traces", value_name = "DIR")]
     pub trace_dir: PathBuf,
@@ -51,6 +58,25 @@ pub struct LabArgs {
 }
 
 const SERVER_PORT: u16 = 8080;
+
+/// Set by SIGINT/SIGTERM: the lab stops after the current step and cleans up.
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+fn stopping() -> bool {
+    STOP.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Sleeps, waking early when the lab is asked to stop.
+fn nap(d: Duration) {
+    let end = Instant::now() + d;
+    while !stopping() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20).min(end - Instant::now()));
+    }
+}
 const FIRST_PORT: u16 = 42_000;
 
 /// What one lab run found.
@@ -74,7 +100,22 @@ pub fn lab(args: LabArgs) -> Result<()> {
         for ns in &left {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
-        eprintln!("detector lab: removed {} leftover namespace(s)", left.len());
+        // The bpffs each lab mounts under the temporary directory.
+        let mounts: Vec<String> = std::fs::read_to_string("/proc/mounts")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .filter(|m| m.contains("/detector-lab-"))
+            .map(str::to_string)
+            .collect();
+        for m in &mounts {
+            let _ = Command::new("umount").arg(m).status();
+        }
+        eprintln!(
+            "detector lab: removed {} leftover namespace(s) and {} mount(s)",
+            left.len(),
+            mounts.len()
+        );
         return Ok(());
     }
     let report = run_lab(&args)?;
@@ -130,7 +171,14 @@ fn run_lab(args: &LabArgs) -> Result<LabReport> {
     if !caps::can_load_bpf(caps::effective_caps()) {
         bail!("the lab creates namespaces and loads BPF programs: run it as root");
     }
-    let layout: Layout = "v4-24/16".parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Ctrl-C and SIGTERM end the lab cleanly (the detector child gets Ctrl-C too and writes
+    // its summary); without this the namespaces would outlive the process.
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let layout = args.layout;
     let t0 = Instant::now();
     let id = format!("{}", std::process::id() % 100_000);
     let work = std::env::temp_dir().join(format!("detector-lab-{id}"));
@@ -156,7 +204,11 @@ fn run_lab(args: &LabArgs) -> Result<LabReport> {
         .arg("--map-pin")
         .arg(&dp.pin)
         .arg("--map-name")
-        .arg("LAB_CT24")
+        .arg(if layout.key == crate::agent::KeyLayout::V4 {
+            "LAB_CT20"
+        } else {
+            "LAB_CT24"
+        })
         .arg("--netns")
         .arg(&node)
         .arg("--trace-dir")
@@ -198,18 +250,26 @@ fn run_lab(args: &LabArgs) -> Result<LabReport> {
         std::net::SocketAddrV4::new(SERVER_IP.parse()?, SERVER_PORT),
         ports,
     );
-    let mut cleanup = Cleanup::new(args.mode, &dp.pin, layout, &node);
+    let mut cleanup = Cleanup::new(args.mode, &dp.pin, layout, &node)?;
+    let period = args.period_ms.map_or(
+        Duration::from_secs(u64::from(args.timeout)) + Duration::from_millis(700),
+        Duration::from_millis,
+    );
+    let mut cycles = 0;
     client.reuse_all(false)?;
     for cycle in 0..args.cycles {
         // Idle past the timeout: the kernel entries expire, the map keeps the keys.
-        std::thread::sleep(
-            Duration::from_secs(u64::from(args.timeout)) + Duration::from_millis(700),
-        );
+        nap(period);
+        if stopping() {
+            eprintln!("detector lab: stopping early");
+            break;
+        }
         let pending = cleanup.dump_phase()?;
         client.reuse_all(true)?;
-        std::thread::sleep(Duration::from_millis(args.delay_ms));
+        nap(Duration::from_millis(args.delay_ms));
         let n = cleanup.delete_phase(pending)?;
         client.collect();
+        cycles += 1;
         eprintln!(
             "detector lab: cycle {}/{}: {n} deletes, {} wrongful so far, {} failed requests so far",
             cycle + 1,
@@ -219,7 +279,7 @@ fn run_lab(args: &LabArgs) -> Result<LabReport> {
         );
     }
     // Let the last traces close, then stop the detector as Ctrl-C would.
-    std::thread::sleep(Duration::from_millis(2000));
+    nap(Duration::from_millis(2000));
     // SAFETY: signalling our own child.
     unsafe { libc::kill(det.id() as i32, libc::SIGINT) };
     let status = det.wait()?;
@@ -252,7 +312,7 @@ fn run_lab(args: &LabArgs) -> Result<LabReport> {
         .unwrap_or(0);
     let report = LabReport {
         mode: args.mode,
-        cycles: args.cycles,
+        cycles,
         reproducer: client.stats.clone(),
         cleanup_deletes: cleanup.log.len(),
         wrongful_deletes: cleanup.wrongful(),

@@ -33,8 +33,10 @@ pub enum CleanupMode {
 /// One delete the emulated cleanup made.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct GroundTruth {
-    /// CLOCK_MONOTONIC just before the bpf(2) call (the detector stamps the syscall's entry).
+    /// CLOCK_MONOTONIC just before and just after the bpf(2) call: the kernel's timestamp of
+    /// the delete (the detector's, taken at the syscall's entry) lies in between.
     pub ts_ns: u64,
+    pub end_ns: u64,
     pub key: NpaKey,
     /// The flow had a live conntrack entry right after the delete: the delete was wrongful.
     pub live: bool,
@@ -78,31 +80,35 @@ fn key_flow(k: &NpaKey) -> FlowTuple {
 }
 
 impl Cleanup {
-    pub fn new(mode: CleanupMode, pin: &Path, layout: Layout, netns: &Path) -> Self {
-        Self {
+    /// The fixed cleanup needs `last_seen`, which only the 16-byte value has.
+    pub fn new(mode: CleanupMode, pin: &Path, layout: Layout, netns: &Path) -> Result<Self> {
+        if mode == CleanupMode::Fixed && layout.value != crate::agent::ValueLayout::LastSeen16 {
+            anyhow::bail!(
+                "the fixed cleanup re-reads last_seen, which the {layout} layout's value does \
+                 not have: use a /16 layout"
+            );
+        }
+        Ok(Self {
             mode,
             pin: pin.to_path_buf(),
             layout,
             netns: netns.to_path_buf(),
             copy: None,
             log: Vec::new(),
-        }
+        })
     }
 
-    fn open(&self) -> Result<HashMap<MapData, [u8; 24], [u8; 16]>> {
-        if self.layout.key != KeyLayout::V4Ifindex {
-            anyhow::bail!("the lab's cleanup handles the v4-24/16 layout");
-        }
+    fn open(&self) -> Result<LabMap> {
         let m = Map::LruHashMap(MapData::from_pin(&self.pin).context("opening the lab map")?);
-        Ok(HashMap::try_from(m)?)
+        Ok(match self.layout.key {
+            KeyLayout::V4Ifindex => LabMap::Key24(HashMap::try_from(m)?),
+            KeyLayout::V4 => LabMap::Key20(HashMap::try_from(m)?),
+            other => anyhow::bail!("the lab is IPv4: layout {other:?} is not supported"),
+        })
     }
 
     fn keys(&self) -> Result<Vec<Vec<u8>>> {
-        let h = self.open()?;
-        Ok(h.keys()
-            .filter_map(Result::ok)
-            .map(|k| k.to_vec())
-            .collect())
+        Ok(self.open()?.keys())
     }
 
     /// First half of a cycle: the dump (legacy, and two-phase's check) and, for the two-phase
@@ -129,13 +135,7 @@ impl Cleanup {
         let (copied_at, keys) = match p.candidates {
             Candidates::Copied(at, keys) => (Some(at), keys),
             // Legacy walks the map as it is now.
-            Candidates::WalkNow => (
-                None,
-                h.keys()
-                    .filter_map(Result::ok)
-                    .map(|k| k.to_vec())
-                    .collect(),
-            ),
+            Candidates::WalkNow => (None, h.keys()),
             Candidates::Nothing => return Ok(0),
         };
         let mut deleted = 0;
@@ -146,23 +146,25 @@ impl Cleanup {
             if p.flows.contains(&key_flow(&key)) {
                 continue;
             }
-            let Ok(raw24) = <[u8; 24]>::try_from(raw.as_slice()) else {
-                continue;
-            };
             if self.mode == CleanupMode::Fixed
                 && let Some(copied_at) = copied_at
-                && let Ok(v) = h.get(&raw24, 0)
-                && let Ok(v) = NpaValue::decode(self.layout.value, &v)
-                && v.last_seen_ns.is_some_and(|seen| seen > copied_at)
+                && h.last_seen(&raw).is_some_and(|seen| seen > copied_at)
             {
                 // #610: the datapath used the key after the copy: the flow is alive.
                 continue;
             }
             let ts_ns = clock::monotonic_ns();
-            if h.remove(&raw24).is_ok() {
+            let removed = h.remove(&raw);
+            let end_ns = clock::monotonic_ns();
+            if removed {
                 deleted += 1;
                 let live = kernel_flows(&self.netns)?.contains(&key_flow(&key));
-                self.log.push(GroundTruth { ts_ns, key, live });
+                self.log.push(GroundTruth {
+                    ts_ns,
+                    end_ns,
+                    key,
+                    live,
+                });
             }
         }
         Ok(deleted)
@@ -170,6 +172,46 @@ impl Cleanup {
 
     pub fn wrongful(&self) -> usize {
         self.log.iter().filter(|g| g.live).count()
+    }
+}
+
+/// The lab map in either IPv4 layout (raw key bytes in, so the cleanup is layout-blind).
+enum LabMap {
+    Key24(HashMap<MapData, [u8; 24], [u8; 16]>),
+    Key20(HashMap<MapData, [u8; 20], [u8; 1]>),
+}
+
+impl LabMap {
+    fn keys(&self) -> Vec<Vec<u8>> {
+        match self {
+            LabMap::Key24(h) => h
+                .keys()
+                .filter_map(Result::ok)
+                .map(|k| k.to_vec())
+                .collect(),
+            LabMap::Key20(h) => h
+                .keys()
+                .filter_map(Result::ok)
+                .map(|k| k.to_vec())
+                .collect(),
+        }
+    }
+
+    /// The key's `last_seen` (16-byte values only).
+    fn last_seen(&self, raw: &[u8]) -> Option<u64> {
+        let LabMap::Key24(h) = self else { return None };
+        let k = <[u8; 24]>::try_from(raw).ok()?;
+        let v = h.get(&k, 0).ok()?;
+        NpaValue::decode(crate::agent::ValueLayout::LastSeen16, &v)
+            .ok()?
+            .last_seen_ns
+    }
+
+    fn remove(&mut self, raw: &[u8]) -> bool {
+        match self {
+            LabMap::Key24(h) => <[u8; 24]>::try_from(raw).is_ok_and(|k| h.remove(&k).is_ok()),
+            LabMap::Key20(h) => <[u8; 20]>::try_from(raw).is_ok_and(|k| h.remove(&k).is_ok()),
+        }
     }
 }
 

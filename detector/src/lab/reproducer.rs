@@ -138,6 +138,8 @@ pub struct ReproStats {
     pub requests: u64,
     /// Requests whose reply never arrived.
     pub failed: u64,
+    /// The source ports of those requests, in order.
+    pub failed_ports: Vec<u16>,
 }
 
 /// The client: one connection per port.
@@ -225,6 +227,7 @@ impl Client {
             if let Ok((s, ok)) = h.join() {
                 if !ok {
                     self.stats.failed += 1;
+                    self.stats.failed_ports.push(self.ports[i]);
                 }
                 self.conns[i] = Some(s);
             }
