@@ -61,7 +61,7 @@ pub fn start_server(ns: &Path, addr: SocketAddrV4) -> Result<()> {
 }
 
 /// A connection from `local:port` (SO_REUSEADDR: the port's previous connection was reset).
-fn connect(local: Ipv4Addr, port: u16, to: SocketAddrV4) -> Result<TcpStream> {
+pub fn connect(local: Ipv4Addr, port: u16, to: SocketAddrV4) -> Result<TcpStream> {
     let sin = |a: Ipv4Addr, p: u16| libc::sockaddr_in {
         sin_family: libc::AF_INET as u16,
         sin_port: p.to_be(),
@@ -108,7 +108,7 @@ fn connect(local: Ipv4Addr, port: u16, to: SocketAddrV4) -> Result<TcpStream> {
 }
 
 /// Closes with a RST: no FIN exchange, no TIME_WAIT, the port is free at once.
-fn reset(s: TcpStream) {
+pub fn reset(s: TcpStream) {
     let l = libc::linger {
         l_onoff: 1,
         l_linger: 0,

@@ -247,101 +247,26 @@ impl Drop for ChildGuard {
     }
 }
 
-/// Opens a connection from `ns` bound to `local:port` (SO_REUSEADDR, so a port whose previous
-/// connection was reset can be taken again at once), does one request/reply, returns it.
+/// Opens a connection from `ns` bound to `local:port` (as the lab's reproducer does: the
+/// port's previous connection may just have been reset), does one request/reply, returns it.
 pub fn connect_from_port(ns: &str, local: &str, port: u16, to: SocketAddr) -> TcpStream {
-    use std::os::fd::FromRawFd;
     let local: std::net::Ipv4Addr = local.parse().unwrap();
+    let SocketAddr::V4(to) = to else {
+        panic!("IPv4 only")
+    };
     in_netns(ns, move || {
-        // SAFETY: plain socket calls on a new fd; the fd is handed to TcpStream at the end.
-        unsafe {
-            // CLOEXEC: a child spawned meanwhile (by this or a parallel test) must not inherit
-            // the socket and keep it open after we reset it.
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-            assert!(fd >= 0);
-            let one: libc::c_int = 1;
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_REUSEADDR,
-                (&one as *const libc::c_int).cast(),
-                size_of::<libc::c_int>() as u32,
-            );
-            let sin = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
-                sin_family: libc::AF_INET as u16,
-                sin_port: port.to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(ip.octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            let me = sin(local, port);
-            let rc = libc::bind(
-                fd,
-                (&me as *const libc::sockaddr_in).cast(),
-                size_of::<libc::sockaddr_in>() as u32,
-            );
-            assert_eq!(
-                rc,
-                0,
-                "bind {local}:{port}: {}",
-                std::io::Error::last_os_error()
-            );
-            let SocketAddr::V4(to4) = to else {
-                panic!("IPv4 only")
-            };
-            let them = sin(*to4.ip(), to4.port());
-            // Right after the previous connection on this port was reset, the kernel can
-            // still hold its 4-tuple for a moment (EADDRNOTAVAIL): retry briefly.
-            let mut tries = 0;
-            loop {
-                let rc = libc::connect(
-                    fd,
-                    (&them as *const libc::sockaddr_in).cast(),
-                    size_of::<libc::sockaddr_in>() as u32,
-                );
-                let err = std::io::Error::last_os_error();
-                if rc == 0 {
-                    break;
-                }
-                tries += 1;
-                assert!(
-                    err.raw_os_error() == Some(libc::EADDRNOTAVAIL) && tries < 100,
-                    "connect from {port} (try {tries}): {err}"
-                );
-                thread::sleep(Duration::from_millis(20));
-            }
-            if tries > 0 {
-                eprintln!("connect from {port}: took {tries} retries");
-            }
-            let mut s = TcpStream::from_raw_fd(fd);
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            s.write_all(b"x").unwrap();
-            let mut b = [0u8; 1];
-            s.read_exact(&mut b).expect("reply");
-            s
-        }
+        let mut s = detector::lab::reproducer::connect(local, port, to).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).expect("reply");
+        s
     })
 }
 
-/// Closes a connection with a RST (SO_LINGER 0): no FIN exchange, no TIME_WAIT, and no
-/// conntrack entry created for the closing packet.
+/// Closes a connection with a RST (no TIME_WAIT, and no conntrack entry for the closing packet).
 pub fn reset(s: TcpStream) {
-    let l = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: valid socket fd and option buffer.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&l as *const libc::linger).cast(),
-            size_of::<libc::linger>() as u32,
-        )
-    };
-    drop(s);
+    detector::lab::reproducer::reset(s);
 }
 
 /// The detector running `trace --json`, as a user would run it.
