@@ -7,7 +7,7 @@
 //! expired entries); the client reuses its ports with a request answered late; the cleanup
 //! deletes the keys of flows missing from its dump, which are live again by then.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -237,10 +237,25 @@ fn run_lab(args: &LabArgs) -> Result<LabReport> {
         }
     });
     let mut out = det.stdout.take().context("detector stdout")?;
+    // Races are shown as they are found (on stderr when stdout carries the JSON report).
+    let json_out = args.json;
     let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
+        let mut events = Vec::new();
+        for line in BufReader::new(&mut out).lines().map_while(Result::ok) {
+            let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            if v["type"] == "verdict" {
+                let l = race_line(&v);
+                if json_out {
+                    eprintln!("{l}");
+                } else {
+                    println!("{l}");
+                }
+            }
+            events.push(v);
+        }
+        events
     });
 
     let ports: Vec<u16> = (0..args.ports).map(|i| FIRST_PORT + i).collect();
@@ -284,16 +299,12 @@ fn run_lab(args: &LabArgs) -> Result<LabReport> {
     unsafe { libc::kill(det.id() as i32, libc::SIGINT) };
     let status = det.wait()?;
     std::mem::forget(guard);
-    let stdout = reader
+    let events = reader
         .join()
         .map_err(|_| anyhow::anyhow!("reader panicked"))?;
     if !status.success() {
         bail!("the detector failed: {status}");
     }
-    let events: Vec<Value> = stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
     let verdicts: Vec<Value> = events
         .iter()
         .filter(|e| e["type"] == "verdict")
@@ -329,6 +340,34 @@ fn run_lab(args: &LabArgs) -> Result<LabReport> {
     }
     let _ = std::fs::remove_dir_all(&work);
     Ok(report)
+}
+
+/// One line per race from the detector's NDJSON verdict.
+fn race_line(v: &Value) -> String {
+    let d = &v["verdict"];
+    let k = &d["key"];
+    let ms = |x: &Value| {
+        x.as_f64()
+            .map_or("?".into(), |n| format!("{:.3} ms", n / 1e6))
+    };
+    format!(
+        "{} RACE {}  {}:{} -> {}:{}  key deleted by {}/{} {} after the new entry's birth \
+         (previous entry ended {} before it; detected {} after the delete)",
+        v["time"]
+            .as_str()
+            .and_then(|t| t.get(11..26))
+            .unwrap_or("?"),
+        d["class"].as_str().unwrap_or("?"),
+        k["src"].as_str().unwrap_or("?"),
+        k["sport"],
+        k["dst"].as_str().unwrap_or("?"),
+        k["dport"],
+        d["agent"]["comm"].as_str().unwrap_or("?"),
+        d["agent"]["pid"],
+        ms(&d["delete_lag_ns"]),
+        ms(&d["reuse_gap_ns"]),
+        ms(&v["detection_latency_ns"]),
+    )
 }
 
 /// Stops the detector child if the lab fails midway.
