@@ -60,8 +60,10 @@ pub struct RunArgs {
     /// Flows and keys each tracked at most (NPA's map holds 524288).
     #[arg(long, default_value_t = 524_288, value_name = "N")]
     pub max_flows: usize,
-    /// Only conntrack entries of this network namespace (inode or path; the agent's).
-    #[arg(long, value_name = "INODE|PATH")]
+    /// The agent's network namespace, as a path (/run/netns/NAME, /proc/PID/ns/net): its
+    /// conntrack entries judge the deletes, and only its events are observed. Default: the
+    /// detector's own namespace (the node's).
+    #[arg(long, value_name = "PATH")]
     pub netns: Option<String>,
     /// Stop after this many seconds (default: until Ctrl-C or SIGTERM).
     #[arg(long, value_name = "SECS")]
