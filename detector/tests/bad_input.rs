@@ -126,3 +126,31 @@ fn bad_netns_and_ring_size() {
         assert!(one_line_error(&out).contains("--netns /run/netns/does-not-exist"));
     }
 }
+
+#[test]
+fn run_without_the_agent_map_names_the_fix() {
+    if !privileged() {
+        return;
+    }
+    let out = detector(&[
+        "run",
+        "--map-pin",
+        "/nonexistent/aws_conntrack_map",
+        "--map-name",
+        "no_such_map_xyz",
+        "--duration",
+        "1",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = one_line_error(&out);
+    assert!(err.contains("no agent conntrack map found"), "{err}");
+    assert!(
+        err.contains("--map-pin") && err.contains("--map-id"),
+        "names the fix: {err}"
+    );
+    let out = detector(&["run", "--netns", "4026531840", "--duration", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(one_line_error(&out).contains("needs the namespace as a path"));
+    let out = detector(&["run", "--layout", "v5-99/3"]);
+    assert_eq!(out.status.code(), Some(2), "a bad layout is a usage error");
+}

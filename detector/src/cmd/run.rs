@@ -426,7 +426,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
         name: args.map_name.clone(),
         layout: args.layout,
     };
-    let map = target::resolve(&spec)?;
     // The agent's namespace: its conntrack entries judge the deletes, and the start-up
     // snapshot is taken in it, so it must be a path (a bare inode cannot be entered).
     if let Some(s) = &args.netns
@@ -444,6 +443,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // every namespace is observed (pods' entries show in timelines) and deletes are judged by
     // the detector's own namespace, the node's.
     let netns = if netns_path.is_some() { agent_netns } else { 0 };
+    let map = target::resolve(&spec)?;
     let traces = TraceDir::create(&args.trace_dir)?;
     let mut settings = args.probe.settings(netns, true);
     // Drops are worth reporting for as long as a trace can still name them.
