@@ -27,11 +27,17 @@ pub struct LabArgs {
     /// The emulated agent's cleanup: legacy (#246), two-phase (#256) or fixed (#610).
     #[arg(long, value_enum, default_value = "legacy")]
     pub mode: CleanupMode,
-    /// Client source ports reused each cycle.
-    #[arg(long, default_value_t = 8, value_name = "N")]
+    /// Client source ports reused each cycle (from 42000 up).
+    #[arg(long, default_value_t = 8, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=20_000))]
     pub ports: u16,
+    /// Ports connected once and then left idle for good: their keys are deleted rightfully
+    /// (a fixed cleanup must still delete them, and the detector must not flag them).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub idle_ports: u16,
     /// Cleanup cycles.
-    #[arg(long, default_value_t = 4, value_name = "N")]
+    #[arg(long, default_value_t = 4, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub cycles: u32,
     /// The node's nf_conntrack_tcp_timeout_established during the lab (the tuner), seconds.
     #[arg(long, default_value_t = 2, value_name = "SECS")]
@@ -122,10 +128,19 @@ pub fn lab(args: LabArgs) -> Result<()> {
     print_report(&report, args.json)
 }
 
-/// `validate`: the lab for a fixed number of cycles; success only when no race was found.
+/// `validate`: the lab for a fixed number of cycles; success only when every cycle ran,
+/// ports were reused, and no race was found.
 pub fn validate(args: LabArgs) -> Result<bool> {
     let report = run_lab(&args)?;
     print_report(&report, args.json)?;
+    if report.cycles < args.cycles || report.reproducer.reuses == 0 {
+        bail!(
+            "validate ran {} of {} cycles with {} port reuses: no verdict either way",
+            report.cycles,
+            args.cycles,
+            report.reproducer.reuses
+        );
+    }
     Ok(report.verdicts.is_empty())
 }
 
@@ -180,11 +195,12 @@ fn run_lab(args: &LabArgs) -> Result<LabReport> {
     }
     let layout = args.layout;
     let t0 = Instant::now();
-    let id = format!("{}", std::process::id() % 100_000);
-    let work = std::env::temp_dir().join(format!("detector-lab-{id}"));
+    // The pid: unique among running labs, and `--cleanup` can tell a live lab from a dead one.
+    let id = std::process::id().to_string();
+    let work = WorkDir(std::env::temp_dir().join(format!("detector-lab-{id}")));
     let mut topo = Topology::create(&id).context("building the lab's namespaces")?;
     topo.tune(args.timeout)?;
-    let dp = Datapath::attach(&topo.node, &work, layout, SERVER_PORT)?;
+    let dp = Datapath::attach(&topo.node, &work.0, layout, SERVER_PORT)?;
     let node = topology::netns_path(&topo.node);
     start_server(
         &topology::netns_path(&topo.server),
@@ -192,31 +208,38 @@ fn run_lab(args: &LabArgs) -> Result<LabReport> {
     )?;
 
     let exe = std::env::current_exe().context("finding this executable")?;
-    let mut det = Command::new(exe)
-        .args([
-            "run",
-            "--json",
-            "--watermark-ms",
-            "5",
-            "--trace-after",
-            "1.5",
-        ])
-        .arg("--map-pin")
-        .arg(&dp.pin)
-        .arg("--map-name")
-        .arg(if layout.key == crate::agent::KeyLayout::V4 {
-            "LAB_CT20"
-        } else {
-            "LAB_CT24"
-        })
-        .arg("--netns")
-        .arg(&node)
-        .arg("--trace-dir")
-        .arg(&args.trace_dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting the detector")?;
+    let mut cmd = Command::new(exe);
+    cmd.args([
+        "run",
+        "--json",
+        "--watermark-ms",
+        "5",
+        "--trace-after",
+        "1.5",
+    ])
+    .arg("--map-pin")
+    .arg(&dp.pin)
+    .arg("--map-name")
+    .arg(if layout.key == crate::agent::KeyLayout::V4 {
+        "LAB_CT20"
+    } else {
+        "LAB_CT24"
+    })
+    .arg("--netns")
+    .arg(&node)
+    .arg("--trace-dir")
+    .arg(&args.trace_dir)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    // The detector must not outlive the lab, even one that is killed.
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut det = cmd.spawn().context("starting the detector")?;
     let guard = KillOnDrop(det.id());
     // Wait until its probes are attached, showing its own start-up lines.
     let mut err = BufReader::new(det.stderr.take().context("detector stderr")?);
@@ -272,6 +295,16 @@ fn run_lab(args: &LabArgs) -> Result<LabReport> {
     );
     let mut cycles = 0;
     client.reuse_all(false)?;
+    // Idle ports: connected once, then silent for good; their keys are deleted rightfully.
+    let mut idle = Client::new(
+        &topology::netns_path(&topo.client),
+        CLIENT_IP.parse()?,
+        std::net::SocketAddrV4::new(SERVER_IP.parse()?, SERVER_PORT),
+        (0..args.idle_ports)
+            .map(|i| FIRST_PORT + args.ports + i)
+            .collect(),
+    );
+    idle.reuse_all(false)?;
     for cycle in 0..args.cycles {
         // Idle past the timeout: the kernel entries expire, the map keeps the keys.
         nap(period);
@@ -334,11 +367,11 @@ fn run_lab(args: &LabArgs) -> Result<LabReport> {
         seconds: t0.elapsed().as_secs_f64(),
     };
     drop(client);
+    drop(idle);
     drop(dp);
     for e in topo.destroy() {
         tracing::warn!("lab cleanup: {e}");
     }
-    let _ = std::fs::remove_dir_all(&work);
     Ok(report)
 }
 
@@ -368,6 +401,16 @@ fn race_line(v: &Value) -> String {
         ms(&d["reuse_gap_ns"]),
         ms(&v["detection_latency_ns"]),
     )
+}
+
+/// The lab's temporary directory, removed whatever way the lab ends (declared before the
+/// topology and the datapath, it is dropped after them).
+struct WorkDir(PathBuf);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Stops the detector child if the lab fails midway.

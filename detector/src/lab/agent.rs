@@ -138,7 +138,7 @@ impl Cleanup {
             Candidates::WalkNow => (None, h.keys()),
             Candidates::Nothing => return Ok(0),
         };
-        let mut deleted = 0;
+        let mut done = Vec::new();
         for raw in keys {
             let Ok(key) = NpaKey::decode(self.layout.key, &raw) else {
                 continue;
@@ -157,15 +157,22 @@ impl Cleanup {
             let removed = h.remove(&raw);
             let end_ns = clock::monotonic_ns();
             if removed {
-                deleted += 1;
-                let live = kernel_flows(&self.netns)?.contains(&key_flow(&key));
-                self.log.push(GroundTruth {
-                    ts_ns,
-                    end_ns,
-                    key,
-                    live,
-                });
+                done.push((ts_ns, end_ns, key));
             }
+        }
+        // One dump after the deletes (not one per delete, which would stretch the cleanup
+        // past the replies it races): the deleted keys' flows either have live entries now or
+        // do not; none of them can expire within this pass.
+        let live = kernel_flows(&self.netns)?;
+        let deleted = done.len();
+        for (ts_ns, end_ns, key) in done {
+            let live = live.contains(&key_flow(&key));
+            self.log.push(GroundTruth {
+                ts_ns,
+                end_ns,
+                key,
+                live,
+            });
         }
         Ok(deleted)
     }

@@ -15,12 +15,24 @@ use crate::agent::{KeyLayout, Layout};
 
 /// The datapath's programs and map; detached and unpinned on drop.
 pub struct Datapath {
+    // Field order is drop order: programs first, then the pin's filesystem.
     _ebpf: Ebpf,
     pub pin: PathBuf,
     pub layout: Layout,
     /// The node-side ifindex written into 24-byte keys.
     pub ifindex: u32,
-    bpffs: PathBuf,
+    _bpffs: BpffsMount,
+}
+
+/// The lab's bpffs, unmounted (with everything pinned in it) on drop, including when the
+/// attach fails halfway.
+struct BpffsMount(PathBuf);
+
+impl Drop for BpffsMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
 }
 
 impl Datapath {
@@ -41,6 +53,7 @@ impl Datapath {
         if !status.success() {
             bail!("mount -t bpf bpf {} failed", bpffs.display());
         }
+        let mount = BpffsMount(bpffs.clone());
         let ns = netns_path(node);
         let server_ip: std::net::Ipv4Addr = SERVER_IP.parse()?;
         // Interface names and TC attachment are per network namespace: do it all on a thread
@@ -112,17 +125,14 @@ impl Datapath {
             pin,
             layout,
             ifindex,
-            bpffs,
+            _bpffs: mount,
         })
     }
 }
 
 impl Drop for Datapath {
     fn drop(&mut self) {
+        // Then the fields drop: the programs are detached, and the bpffs is unmounted.
         let _ = std::fs::remove_file(&self.pin);
-        let _ = std::process::Command::new("umount")
-            .arg(&self.bpffs)
-            .status();
-        let _ = std::fs::remove_dir(&self.bpffs);
     }
 }

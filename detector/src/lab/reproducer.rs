@@ -215,8 +215,12 @@ impl Client {
                         let ok = s.read_exact(&mut b).is_ok();
                         if !ok {
                             // The application retries, as a real client would: its packet
-                            // passes the ingress policy and re-creates the flow's key.
+                            // passes the ingress policy and re-creates the flow's key. Both
+                            // answers (the late one, retransmitted, and the retry's) are read
+                            // so the flow is quiet before the next idle period starts.
                             let _ = s.write_all(b"x");
+                            let mut two = [0u8; 2];
+                            let _ = s.read_exact(&mut two);
                         }
                         (s, ok)
                     }),

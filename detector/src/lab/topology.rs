@@ -1,7 +1,7 @@
 //! Namespaces: a node with conntrack active, a client pod and a server pod, each pod joined to
 //! the node by a veth pair and routed through it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
@@ -19,6 +19,8 @@ pub struct Topology {
     pub server: String,
     /// The node namespace's established timeout before the lab changed it (restored on drop).
     original_timeout: Option<String>,
+    /// Namespaces this lab created: only these are removed (a name clash is not ours).
+    created: Vec<String>,
 }
 
 fn run(cmd: &str, args: &[&str]) -> Result<String> {
@@ -54,16 +56,18 @@ impl Topology {
     /// Builds the namespaces. `id` keeps two labs apart (names are short: interface names
     /// live inside the namespaces, namespace names in /run/netns).
     pub fn create(id: &str) -> Result<Self> {
-        let t = Self {
+        let mut t = Self {
             id: id.to_string(),
             node: format!("lab-{id}-node"),
             client: format!("lab-{id}-cli"),
             server: format!("lab-{id}-srv"),
             original_timeout: None,
+            created: Vec::new(),
         };
         // From here on, drop cleans up whatever was made.
-        for ns in [&t.node, &t.client, &t.server] {
-            run("ip", &["netns", "add", ns])?;
+        for ns in [t.node.clone(), t.client.clone(), t.server.clone()] {
+            run("ip", &["netns", "add", &ns])?;
+            t.created.push(ns);
         }
         for (pod, veth, node_ip, pod_ip) in [
             (&t.client, "vcli", "10.78.1.1/24", "10.78.1.2/24"),
@@ -122,9 +126,9 @@ impl Topology {
         {
             errors.push(e.to_string());
         }
-        for ns in [&self.client, &self.server, &self.node] {
-            if netns_path(ns).exists()
-                && let Err(e) = run("ip", &["netns", "del", ns])
+        for ns in std::mem::take(&mut self.created) {
+            if netns_path(&ns).exists()
+                && let Err(e) = run("ip", &["netns", "del", &ns])
             {
                 errors.push(e.to_string());
             }
@@ -141,7 +145,8 @@ impl Drop for Topology {
     }
 }
 
-/// Namespaces left by labs that did not finish (a crash): `lab-<id>-*`.
+/// Namespaces left by labs that did not finish (a crash): `lab-<id>-*` whose process (the id
+/// is the lab's pid) is gone.
 pub fn leftovers() -> Vec<String> {
     std::fs::read_dir("/run/netns")
         .map(|d| {
@@ -150,6 +155,12 @@ pub fn leftovers() -> Vec<String> {
                 .filter(|n| {
                     n.starts_with("lab-")
                         && (n.ends_with("-node") || n.ends_with("-cli") || n.ends_with("-srv"))
+                })
+                .filter(|n| {
+                    let id = n.trim_start_matches("lab-").split('-').next().unwrap_or("");
+                    // A running lab's id is its pid: leave it alone.
+                    !id.parse::<u32>()
+                        .is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
                 })
                 .collect()
         })
