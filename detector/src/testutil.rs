@@ -32,3 +32,14 @@ impl Rng {
         self.below(n) == 0
     }
 }
+
+/// A flow tuple from text addresses.
+pub fn tuple(proto: u8, src: &str, sport: u16, dst: &str, dport: u16) -> crate::event::FlowTuple {
+    crate::event::FlowTuple {
+        proto,
+        src: src.parse().expect("test address"),
+        sport,
+        dst: dst.parse().expect("test address"),
+        dport,
+    }
+}

@@ -21,15 +21,7 @@ struct Template {
     reply: FlowTuple,
 }
 
-fn t(proto: u8, src: &str, sport: u16, dst: &str, dport: u16) -> FlowTuple {
-    FlowTuple {
-        proto,
-        src: src.parse().unwrap(),
-        sport,
-        dst: dst.parse().unwrap(),
-        dport,
-    }
-}
+use crate::testutil::tuple as t;
 
 /// A handful of flows sharing ports and addresses: plain, DNAT'd through a VIP, direct to
 /// the same backend (so a DNAT form collides with a plain flow), and IPv6.

@@ -169,15 +169,7 @@ fn dump_of(entries: &[CtSnapshotEntry], o: Opts) -> Vec<u8> {
     b
 }
 
-fn tuple(proto: u8, src: &str, sport: u16, dst: &str, dport: u16) -> FlowTuple {
-    FlowTuple {
-        proto,
-        src: src.parse().unwrap(),
-        sport,
-        dst: dst.parse().unwrap(),
-        dport,
-    }
-}
+use crate::testutil::tuple;
 
 fn entry(orig: FlowTuple, id: u32) -> CtSnapshotEntry {
     CtSnapshotEntry {
