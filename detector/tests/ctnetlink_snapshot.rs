@@ -7,11 +7,13 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::Duration;
 
+mod common;
+
+use common::{run, run_ok};
 use detector::event::FlowTuple;
 use detector::snapshot::{self, CtSnapshotEntry, SnapshotError};
 
@@ -19,24 +21,6 @@ const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 1);
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 2);
 /// `IPS_CONFIRMED` (1 << 3) of `enum ip_conntrack_status`.
 const IPS_CONFIRMED: u32 = 1 << 3;
-
-fn run(cmd: &str, args: &[&str]) -> Output {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd}: {e} (is it installed?)"))
-}
-
-fn run_ok(cmd: &str, args: &[&str]) -> String {
-    let out = run(cmd, args);
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn netns_path(name: &str) -> PathBuf {
     PathBuf::from(format!("/run/netns/{name}"))
