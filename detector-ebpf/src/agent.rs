@@ -379,9 +379,10 @@ extern "C" fn batch_key(index: u64, ctx: *mut c_void) -> i64 {
 #[map]
 static DROP_WATCH: LruHashMap<Tuple, DropWatch> = LruHashMap::with_max_entries(4096, 0);
 
-/// Number of inserts into DROP_WATCH: while it is 0 (no race yet), kfree_skb returns at once.
+/// Until when (kernel ns) any flow is on the watch list: outside that, kfree_skb (which fires
+/// for every freed packet on the machine) returns at once, without parsing headers.
 #[map]
-static DROP_WATCH_USED: Array<u64> = Array::with_max_entries(1, 0);
+static DROP_WATCH_UNTIL: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Drops reported per watched flow (the first few tell the story; a retransmission storm
 /// would only fill the ring buffer).
@@ -400,8 +401,14 @@ fn watch_drops(ev: &MapDeleteEvent, t: &TargetMap) {
     };
     let _ = DROP_WATCH.insert(&tuple, &w, 0);
     let _ = DROP_WATCH.insert(&reverse(&tuple), &w, 0);
-    if let Some(n) = DROP_WATCH_USED.get_ptr_mut(0) {
-        unsafe { *n += 1 };
+    let until = ev.hdr.ts_ns + config().drop_watch_ms as u64 * 1_000_000;
+    if let Some(u) = DROP_WATCH_UNTIL.get_ptr_mut(0) {
+        // Two CPUs racing here store deadlines nanoseconds apart: either is good.
+        unsafe {
+            if *u < until {
+                *u = until;
+            }
+        }
     }
 }
 
@@ -460,7 +467,8 @@ fn skb_tuple(skb: u64, cfg: &ProbeConfig) -> Option<Tuple> {
 // kfree_skb(struct sk_buff *skb, void *location, enum skb_drop_reason reason, ...)
 #[btf_tracepoint(function = "kfree_skb")]
 pub fn packet_drop_kfree_skb(ctx: BtfTracePointContext) -> u32 {
-    if DROP_WATCH_USED.get(0).copied().unwrap_or(0) == 0 {
+    let now = unsafe { bpf_ktime_get_ns() };
+    if DROP_WATCH_UNTIL.get(0).copied().unwrap_or(0) < now {
         return 0;
     }
     let cfg = config();
@@ -472,7 +480,6 @@ pub fn packet_drop_kfree_skb(ctx: BtfTracePointContext) -> u32 {
     };
     // SAFETY: a map value; a racing CPU can at worst report one drop more than the cap.
     let w = unsafe { &mut *w };
-    let now = unsafe { bpf_ktime_get_ns() };
     if now.saturating_sub(w.delete_ns) > cfg.drop_watch_ms as u64 * 1_000_000 {
         // Past the story's window: a later flow on the tuple is not this race's victim.
         let _ = DROP_WATCH.remove(&tuple);
