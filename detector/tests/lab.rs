@@ -102,53 +102,35 @@ fn assert_races_match(report: &Value, stderr: &str) {
     assert_eq!(report["events_lost"], 0);
 }
 
-#[test]
-fn legacy_cleanup_races_are_caught() {
+/// Runs `detector lab` with `args` and checks that every race was caught, nothing more.
+fn races_caught(args: &[&str]) {
     if !privileged() {
         return;
     }
     let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let (code, report, stderr) = lab(
-        "lab",
-        &["--mode", "legacy", "--ports", "8", "--cycles", "3"],
-    );
+    let (code, report, stderr) = lab("lab", args);
     assert_eq!(code, Some(0), "{stderr}");
     assert_races_match(&report, &stderr);
     assert_nothing_left();
+}
+
+#[test]
+fn legacy_cleanup_races_are_caught() {
+    races_caught(&["--mode", "legacy", "--ports", "8", "--cycles", "3"]);
 }
 
 /// NPA before v1.3.7: 20-byte keys, 1-byte values.
 #[test]
 fn legacy_cleanup_races_are_caught_with_the_old_layout() {
-    if !privileged() {
-        return;
-    }
-    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let (code, report, stderr) = lab(
-        "lab",
-        &[
-            "--mode", "legacy", "--layout", "v4-20/1", "--ports", "8", "--cycles", "3",
-        ],
-    );
-    assert_eq!(code, Some(0), "{stderr}");
-    assert_races_match(&report, &stderr);
-    assert_nothing_left();
+    races_caught(&[
+        "--mode", "legacy", "--layout", "v4-20/1", "--ports", "8", "--cycles", "3",
+    ]);
 }
 
+/// The first cycle only copies the map.
 #[test]
 fn two_phase_cleanup_races_are_caught() {
-    if !privileged() {
-        return;
-    }
-    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    // The first cycle only copies the map.
-    let (code, report, stderr) = lab(
-        "lab",
-        &["--mode", "two-phase", "--ports", "8", "--cycles", "4"],
-    );
-    assert_eq!(code, Some(0), "{stderr}");
-    assert_races_match(&report, &stderr);
-    assert_nothing_left();
+    races_caught(&["--mode", "two-phase", "--ports", "8", "--cycles", "4"]);
 }
 
 #[test]
