@@ -10,10 +10,12 @@ pub mod clock;
 pub mod cmd;
 pub mod engine;
 pub mod event;
+pub mod k8s;
 pub mod lab;
 pub mod output;
 pub mod probe;
 pub mod reorder;
+pub mod serve;
 pub mod sinks;
 pub mod snapshot;
 #[cfg(test)]

@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use detector::cmd::{doctor, lab, run, trace};
+use detector::cmd::{doctor, lab, run, trace, watch};
 
 /// eBPF detector for conntrack-cache cleanup races of the AWS network policy agent.
 #[derive(Debug, Parser)]
@@ -29,6 +29,8 @@ enum Command {
     /// The lab for a fixed number of cycles; exits 0 only if no race was detected (for CI of
     /// an agent fix: `--mode fixed`), 1 with the verdicts otherwise.
     Validate(lab::LabArgs),
+    /// Stream races (or every event) live from a running detector's HTTP server.
+    Watch(watch::WatchArgs),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +55,7 @@ fn main() -> ExitCode {
         Command::Trace(a) => runtime().and_then(|rt| rt.block_on(trace::run(a))),
         Command::Run(a) => runtime().and_then(|rt| rt.block_on(run::run(a))),
         Command::Lab(a) => lab::lab(a),
+        Command::Watch(a) => runtime().and_then(|rt| rt.block_on(watch::run(a))),
         Command::Validate(a) => match lab::validate(a) {
             Ok(true) => Ok(()),
             Ok(false) => {

@@ -118,9 +118,25 @@ impl TraceDir {
         wall: &WallClock,
         host: &str,
     ) -> Result<PathBuf> {
+        self.write_enriched(trace, detection_latency_ns, wall, host, None)
+    }
+
+    /// [`Self::write`] with the pods of the race's addresses (Kubernetes enrichment), put in
+    /// `trace.verdict.pods` when there are any.
+    pub fn write_enriched(
+        &mut self,
+        trace: &Trace,
+        detection_latency_ns: Option<u64>,
+        wall: &WallClock,
+        host: &str,
+        pods: Option<&[crate::k8s::PodRef]>,
+    ) -> Result<PathBuf> {
         let v = &trace.verdict;
         let mut body = serde_json::to_value(trace)?;
         add_wall_times(&mut body, wall);
+        if let Some(pods) = pods.filter(|p| !p.is_empty()) {
+            body["verdict"]["pods"] = serde_json::to_value(pods)?;
+        }
         let doc = json!({
             "schema_version": TRACE_SCHEMA_VERSION,
             "kind": "race_trace",

@@ -61,6 +61,13 @@ pub struct LabArgs {
     /// Only remove what earlier labs left behind (namespaces), then exit.
     #[arg(long)]
     pub cleanup: bool,
+    /// The detector's HTTP server address (`detector run --listen`): watch the lab's races
+    /// with `detector watch` or curl while it runs.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Bearer token file for the detector's HTTP server (`detector run --token-file`).
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
 }
 
 const SERVER_PORT: u16 = 8080;
@@ -229,7 +236,15 @@ fn run_lab(args: &LabArgs) -> Result<LabReport> {
     .arg(&node)
     .arg("--trace-dir")
     .arg(&args.trace_dir)
-    .stdout(Stdio::piped())
+    // The lab is not in a cluster, whatever the environment says.
+    .args(["--kube", "off"]);
+    if let Some(l) = &args.listen {
+        cmd.arg("--listen").arg(l);
+    }
+    if let Some(t) = &args.token_file {
+        cmd.arg("--token-file").arg(t);
+    }
+    cmd.stdout(Stdio::piped())
     .stderr(Stdio::piped());
     // The detector must not outlive the lab, even one that is killed.
     // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.

@@ -5,6 +5,7 @@ pub mod lab;
 pub mod run;
 pub mod stream;
 pub mod trace;
+pub mod watch;
 
 use std::path::PathBuf;
 

@@ -21,6 +21,9 @@ use std::collections::HashMap;
 use crate::event::{CtKind, DeleteView, Event, FlowTuple, MapDeleteRecord, MapOp, Source};
 use crate::output::{self, Units};
 use crate::probe::{CounterSnapshot, Probe};
+use crate::k8s::{KubeArgs, PodRef, RaceNotice};
+use crate::serve::stream::Item;
+use crate::serve::{Live, ServeArgs};
 use crate::sinks::{self, TraceDir, add_wall_times};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -71,6 +74,10 @@ pub struct RunArgs {
     /// How long to hold events to put them in kernel-timestamp order, in ms.
     #[arg(long, default_value_t = 20, value_name = "MS")]
     pub watermark_ms: u64,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    #[command(flatten)]
+    pub kube: KubeArgs,
 }
 
 fn secs_ns(s: f64) -> u64 {
@@ -98,6 +105,32 @@ struct State {
     latencies: HashMap<(u64, String), u64>,
     /// The agent's network namespace (inode): its entries judge the deletes.
     agent_netns: u32,
+    /// HTTP streams, metrics and Kubernetes.
+    live: Live,
+    /// Pods of each verdict whose trace is not written yet, by delete.
+    trace_pods: HashMap<(u64, String), Vec<PodRef>>,
+}
+
+/// The NDJSON `type` of a record, for the events counter.
+fn kind_of(ev: &Event) -> &'static str {
+    match ev {
+        Event::Ct(c) => c.kind.name(),
+        Event::MapDelete(_) => "agent_delete",
+        Event::PacketDrop(_) => "packet_drop",
+        Event::MapWrite(_) => "map_write",
+    }
+}
+
+/// ` pods ns/a -> ns/b` for readable race lines.
+fn pods_suffix(pods: &[PodRef]) -> String {
+    if pods.is_empty() {
+        return String::new();
+    }
+    let names: Vec<String> = pods
+        .iter()
+        .map(|p| format!("{}/{}", p.namespace, p.pod))
+        .collect();
+    format!("  pods {}", names.join(", "))
 }
 
 /// Conntrack entries that existed when the detector started (ctnetlink snapshot).
@@ -159,17 +192,39 @@ impl Preexisting {
 }
 
 impl State {
+    /// Prints one record's NDJSON (with --json) and streams it to /v1/events clients; renders
+    /// nothing when neither wants it.
+    fn record(
+        &self,
+        out: &mut impl Write,
+        json: impl FnOnce() -> String,
+        text: impl FnOnce() -> String,
+    ) -> Result<()> {
+        let stream = self.live.events_wanted();
+        if !self.json && !stream {
+            return Ok(());
+        }
+        let line = json();
+        if self.json {
+            writeln!(out, "{line}")?;
+        }
+        if stream {
+            self.live.publish_event(line, text());
+        }
+        Ok(())
+    }
+
     /// Converts one reordered event into engine input, and prints it in JSON mode.
     fn input(&mut self, ev: Event, out: &mut impl Write) -> Result<()> {
+        self.live.count_event(kind_of(&ev));
         match ev {
             Event::Ct(mut c) => {
-                if self.json {
-                    writeln!(
-                        out,
-                        "{}",
-                        output::json_line(&Event::Ct(c.clone()), &self.units)
-                    )?;
-                }
+                let u = self.units;
+                self.record(
+                    out,
+                    || output::json_line(&Event::Ct(c.clone()), &u),
+                    || output::text_line(&Event::Ct(c.clone()), &u),
+                )?;
                 let slot = (c.netns, c.orig);
                 match c.kind {
                     CtKind::New => {
@@ -205,13 +260,12 @@ impl State {
             }
             Event::MapWrite(w) => {
                 let key = NpaKey::decode(self.map.layout.key, &w.key);
-                if self.json {
-                    writeln!(
-                        out,
-                        "{}",
-                        output::write_json(&w, key.as_ref().ok(), &self.units)
-                    )?;
-                }
+                let u = self.units;
+                self.record(
+                    out,
+                    || output::write_json(&w, key.as_ref().ok(), &u).to_string(),
+                    || output::text_line(&Event::MapWrite(w.clone()), &u),
+                )?;
                 // The datapath's inserts/updates date the key; the agent's own writes (through
                 // bpf(2)) and deletes are already covered by the syscall probes.
                 match key {
@@ -233,19 +287,15 @@ impl State {
                     self.drops_ignored += 1;
                     return Ok(());
                 }
-                if self.json {
-                    writeln!(
-                        out,
-                        "{}",
-                        output::drop_json(&p, reason.as_deref(), &self.units)
-                    )?;
-                } else {
-                    writeln!(
-                        out,
-                        "{}",
-                        output::drop_text(&p, reason.as_deref(), &self.units)
-                    )?;
+                let u = self.units;
+                if !self.json {
+                    writeln!(out, "{}", output::drop_text(&p, reason.as_deref(), &u))?;
                 }
+                self.record(
+                    out,
+                    || output::drop_json(&p, reason.as_deref(), &u).to_string(),
+                    || output::drop_text(&p, reason.as_deref(), &u),
+                )?;
                 let input = Input::PacketDrop {
                     ts_ns: p.ts_ns,
                     // The drop probe does not read the packet's namespace; the engine matches
@@ -258,13 +308,12 @@ impl State {
             }
             Event::MapDelete(d) => {
                 let key = NpaKey::decode(self.map.layout.key, &d.key);
-                if self.json {
-                    writeln!(
-                        out,
-                        "{}",
-                        output::delete_json(&d, key.as_ref().ok(), &self.units)
-                    )?;
-                }
+                let u = self.units;
+                self.record(
+                    out,
+                    || output::delete_json(&d, key.as_ref().ok(), &u).to_string(),
+                    || output::delete_text(&d, key.as_ref().ok(), &u),
+                )?;
                 match key {
                     Ok(key) => {
                         let input = Input::AgentDelete(self.agent_delete(&d, key));
@@ -333,34 +382,65 @@ impl State {
                 let latency = clock::monotonic_ns().saturating_sub(v.delete_ts_ns);
                 self.latencies
                     .insert((v.delete_ts_ns, v.key.to_string()), latency);
-                if self.json {
-                    let mut body = serde_json::to_value(&v)?;
-                    add_wall_times(&mut body, &self.units.wall);
-                    let line = json!({
-                        "type": "verdict",
-                        "ts_ns": v.delete_ts_ns,
-                        "time": self.units.wall.iso(v.delete_ts_ns),
-                        "trace_file": self.traces.path_for(v.delete_ts_ns, v.class.name(), &v.key),
-                        "detection_latency_ns": latency,
-                        "verdict": body,
-                    });
-                    writeln!(out, "{line}")?;
-                } else {
-                    writeln!(
-                        out,
-                        "{} (detected {:.1} ms after the delete)",
-                        race_line(&v, &self.units),
-                        latency as f64 / 1e6
-                    )?;
+                // Pod names, when Kubernetes is on: outside the engine, on the way out.
+                let pods = self.live.pods(&v);
+                let mut body = serde_json::to_value(&v)?;
+                add_wall_times(&mut body, &self.units.wall);
+                if !pods.is_empty() {
+                    body["pods"] = serde_json::to_value(&pods)?;
+                    self.trace_pods
+                        .insert((v.delete_ts_ns, v.key.to_string()), pods.clone());
                 }
+                let trace_file = self
+                    .traces
+                    .path_for(v.delete_ts_ns, v.class.name(), &v.key);
+                let line = json!({
+                    "type": "verdict",
+                    "ts_ns": v.delete_ts_ns,
+                    "time": self.units.wall.iso(v.delete_ts_ns),
+                    "trace_file": trace_file,
+                    "detection_latency_ns": latency,
+                    "verdict": body,
+                })
+                .to_string();
+                let text = format!(
+                    "{}{} (detected {:.1} ms after the delete)",
+                    race_line(&v, &self.units),
+                    pods_suffix(&pods),
+                    latency as f64 / 1e6
+                );
+                writeln!(out, "{}", if self.json { &line } else { &text })?;
+                let flow = crate::event::FlowTuple {
+                    proto: v.key.proto,
+                    src: v.key.src,
+                    sport: v.key.sport,
+                    dst: v.key.dst,
+                    dport: v.key.dport,
+                };
+                let notice = RaceNotice {
+                    class: v.class.name(),
+                    flow: format!("{} {flow}", crate::event::proto_name(v.key.proto)),
+                    deleted_by: format!("{}/{}", v.agent.comm, v.agent.pid),
+                    trace_file: trace_file.display().to_string(),
+                    pods,
+                };
+                self.live
+                    .race(&v, latency, Item { json: line, text }, notice);
             }
             Output::TraceReady(t) => {
                 let latency = self
                     .latencies
                     .remove(&(t.verdict.delete_ts_ns, t.verdict.key.to_string()));
-                let path = self
-                    .traces
-                    .write(&t, latency, &self.units.wall, &self.host)?;
+                let pods = self
+                    .trace_pods
+                    .remove(&(t.verdict.delete_ts_ns, t.verdict.key.to_string()));
+                let path = self.traces.write_enriched(
+                    &t,
+                    latency,
+                    &self.units.wall,
+                    &self.host,
+                    pods.as_deref(),
+                )?;
                 if self.json {
                     writeln!(
                         out,
@@ -436,6 +516,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
              /proc/PID/ns/net) to take the start-up conntrack snapshot in it"
         );
     }
+    // The server first: /healthz answers and /readyz says 503 while the probes attach.
+    let mut live = Live::new(args.serve.replay);
+    if let Some(addr) = args.serve.start(&live).await? {
+        eprintln!(
+            "detector: serving http://{addr} (/metrics, /v1/races, /v1/events, /healthz, /readyz)"
+        );
+    }
+    live.kube = args.kube.start(live.metrics.clone()).await?;
     let netns_path = args.netns.clone();
     let agent_netns =
         super::trace::netns_inode(netns_path.as_deref().unwrap_or("/proc/self/ns/net"))?;
@@ -450,6 +538,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     settings.drop_watch_ms = (args.trace_after.max(0.0) * 1000.0).ceil() as u32 + 1000;
     let mut probe = Probe::open(&settings)?;
     let (backend, _) = probe.choose(settings.backend)?;
+    live.backend = backend.name();
     probe.set_target(map.id, target::target_map(map.layout.key, agent_netns))?;
     probe.attach(backend)?;
     let no_writes = probe.attach_agent(backend)?;
@@ -488,6 +577,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         drops_ignored: 0,
         latencies: HashMap::new(),
         agent_netns,
+        live,
+        trace_pods: HashMap::new(),
     };
     // Start-up snapshot of the kernel table, taken after the probes are attached so that no
     // entry slips between the dump and the first event. (A dump also evicts entries that have
@@ -495,6 +586,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let dump_ns = clock::monotonic_ns();
     let table = crate::snapshot::dump(netns_path.as_deref().map(std::path::Path::new))
         .context("start-up snapshot of the kernel conntrack table")?;
+    st.live.metrics.snapshot(
+        "conntrack",
+        clock::monotonic_ns().saturating_sub(dump_ns) as f64 / 1e9,
+    );
     for e in &table {
         let id = (1 << 63) | u64::from(e.id);
         let until = dump_ns + u64::from(e.timeout_s) * 1_000_000_000;
@@ -507,7 +602,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
         });
     }
     // Start-up snapshot of the map, so deletes of keys inserted before we started are known.
+    let keys_ns = clock::monotonic_ns();
     let snapshot = target::keys(&map)?;
+    st.live
+        .metrics
+        .snapshot("map", clock::monotonic_ns().saturating_sub(keys_ns) as f64 / 1e9);
     for k in &snapshot {
         if let Ok(key) = NpaKey::decode(map.layout.key, k) {
             st.engine.push(Input::MapExisting {
@@ -548,6 +647,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         ),
         None => eprintln!("detector: datapath writes to the map are observed"),
     }
+    // Probes attached and both start-up snapshots taken.
+    st.live.metrics.set_ready(true);
 
     let mut stream = Stream::new(reader, args.watermark_ms, args.duration)?;
     let stdout = std::io::stdout();
@@ -579,6 +680,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 }
                 st.push(Input::Tick { now_ns }, &mut out)?;
                 if second {
+                    st.live
+                        .metrics
+                        .update(st.engine.stats(), &stream.reader.counters());
                     follow_map(&spec, &mut st, &mut probe, now_ns, &mut out)?;
                     // Keep wall time true across NTP steps and suspend.
                     st.units.wall = WallClock::measure();
@@ -596,6 +700,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     let reader = &stream.reader;
     let kernel = reader.counters();
+    st.live.metrics.update(st.engine.stats(), &kernel);
+    st.live.metrics.set_ready(false);
     let summary = summary(
         &st,
         reader.undecodable,

@@ -1,0 +1,327 @@
+//! Prometheus metrics of the detector (OpenMetrics text, which Prometheus scrapes as is).
+//!
+//! Counters the kernel or the engine already keep as totals (kernel losses, rightful deletes,
+//! evictions) are mirrored by adding the difference since the last update, so the exported
+//! counter never goes backwards and never double counts.
+
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::engine::{Stats, VerdictClass};
+use crate::probe::CounterSnapshot;
+
+/// The content type of [`Metrics::encode`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindBackend {
+    pub kind: String,
+    pub backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabel {
+    pub class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabel {
+    pub table: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SnapshotLabel {
+    pub snapshot: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamLabel {
+    pub stream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
+}
+
+/// Totals already exported, for the counters mirrored from cumulative sources.
+#[derive(Default)]
+struct Mirrored {
+    lost: [u64; detector_common::kind::COUNT as usize],
+    rightful: u64,
+    evictions: [u64; 4],
+}
+
+pub struct Metrics {
+    registry: Registry,
+    events: Family<KindBackend, Counter>,
+    lost: Family<KindLabel, Counter>,
+    verdicts: Family<ClassLabel, Counter>,
+    rightful: Counter,
+    shadow_entries: Family<TableLabel, Gauge>,
+    shadow_evictions: Family<TableLabel, Counter>,
+    snapshot_duration: Family<SnapshotLabel, Gauge<f64, AtomicU64>>,
+    latency: Histogram,
+    ready: Gauge,
+    lagged: Family<StreamLabel, Counter>,
+    kube_events: Family<ResultLabel, Counter>,
+    mirrored: Mutex<Mirrored>,
+}
+
+/// Record kinds by the index the kernel counts losses under.
+pub fn kind_name(index: usize) -> String {
+    use detector_common::kind;
+    match u8::try_from(index).unwrap_or(u8::MAX) {
+        kind::CT_NEW => "ct_new".into(),
+        kind::CT_DESTROY => "ct_destroy".into(),
+        kind::MAP_DELETE => "agent_delete".into(),
+        kind::PACKET_DROP => "packet_drop".into(),
+        kind::MAP_WRITE => "map_write".into(),
+        _ => format!("kind_{index}"),
+    }
+}
+
+const TABLES: [&str; 4] = ["flows", "map_keys", "traces", "markers"];
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("detector");
+        let events = Family::<KindBackend, Counter>::default();
+        let lost = Family::<KindLabel, Counter>::default();
+        let verdicts = Family::<ClassLabel, Counter>::default();
+        let rightful = Counter::default();
+        let shadow_entries = Family::<TableLabel, Gauge>::default();
+        let shadow_evictions = Family::<TableLabel, Counter>::default();
+        let snapshot_duration = Family::<SnapshotLabel, Gauge<f64, AtomicU64>>::default();
+        // 100 us to ~13 s: the watermark alone is 20 ms by default.
+        let latency = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
+        let ready = Gauge::default();
+        let lagged = Family::<StreamLabel, Counter>::default();
+        let kube_events = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "events",
+            "Kernel records received, by kind and probe backend",
+            events.clone(),
+        );
+        registry.register(
+            "events_lost",
+            "Records the kernel could not deliver (ring buffer full), by kind",
+            lost.clone(),
+        );
+        registry.register("verdicts", "Races reported, by class", verdicts.clone());
+        registry.register(
+            "rightful_deletes",
+            "Agent deletes of keys whose flow had really ended",
+            rightful.clone(),
+        );
+        registry.register(
+            "shadow_entries",
+            "Entries held in the engine's shadow tables",
+            shadow_entries.clone(),
+        );
+        registry.register(
+            "shadow_evictions",
+            "Entries evicted from the engine's bounded tables",
+            shadow_evictions.clone(),
+        );
+        registry.register(
+            "snapshot_duration_seconds",
+            "Duration of the start-up snapshots (conntrack dump, map keys)",
+            snapshot_duration.clone(),
+        );
+        registry.register(
+            "verdict_latency_seconds",
+            "From the agent's delete (kernel time) to the verdict",
+            latency.clone(),
+        );
+        registry.register(
+            "ready",
+            "1 once the probes are attached and the start-up snapshots are done",
+            ready.clone(),
+        );
+        registry.register(
+            "stream_lagged",
+            "Records skipped for HTTP stream clients that read too slowly",
+            lagged.clone(),
+        );
+        registry.register(
+            "kube_events",
+            "Kubernetes Events for races: created, suppressed (rate limit), failed, dropped",
+            kube_events.clone(),
+        );
+        // Known label values exist from the start, so a query sees 0 rather than nothing.
+        for c in [
+            VerdictClass::PortReuse,
+            VerdictClass::SnapshotLag,
+            VerdictClass::StaleMatch,
+        ] {
+            let _ = verdicts.get_or_create(&ClassLabel {
+                class: c.name().into(),
+            });
+        }
+        for t in ["flows", "map_keys"] {
+            let _ = shadow_entries.get_or_create(&TableLabel { table: t.into() });
+        }
+        for t in TABLES {
+            let _ = shadow_evictions.get_or_create(&TableLabel { table: t.into() });
+        }
+        Self {
+            registry,
+            events,
+            lost,
+            verdicts,
+            rightful,
+            shadow_entries,
+            shadow_evictions,
+            snapshot_duration,
+            latency,
+            ready,
+            lagged,
+            kube_events,
+            mirrored: Mutex::new(Mirrored::default()),
+        }
+    }
+
+    pub fn event(&self, kind: &str, backend: &str) {
+        self.events
+            .get_or_create(&KindBackend {
+                kind: kind.into(),
+                backend: backend.into(),
+            })
+            .inc();
+    }
+
+    pub fn verdict(&self, class: VerdictClass, latency_ns: u64) {
+        self.verdicts
+            .get_or_create(&ClassLabel {
+                class: class.name().into(),
+            })
+            .inc();
+        self.latency.observe(latency_ns as f64 / 1e9);
+    }
+
+    pub fn snapshot(&self, name: &str, seconds: f64) {
+        self.snapshot_duration
+            .get_or_create(&SnapshotLabel {
+                snapshot: name.into(),
+            })
+            .set(seconds);
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.get() == 1
+    }
+
+    pub fn lagged(&self, stream: &str, n: u64) {
+        self.lagged
+            .get_or_create(&StreamLabel {
+                stream: stream.into(),
+            })
+            .inc_by(n);
+    }
+
+    pub fn kube_event(&self, result: &str) {
+        self.kube_events
+            .get_or_create(&ResultLabel {
+                result: result.into(),
+            })
+            .inc();
+    }
+
+    /// Brings the mirrored counters and the gauges up to the engine's and the kernel's totals.
+    pub fn update(&self, stats: &Stats, kernel: &CounterSnapshot) {
+        let mut m = self.mirrored.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, (&now, seen)) in kernel.lost.iter().zip(m.lost.iter_mut()).enumerate() {
+            if now > *seen {
+                self.lost
+                    .get_or_create(&KindLabel { kind: kind_name(i) })
+                    .inc_by(now - *seen);
+                *seen = now;
+            }
+        }
+        if stats.deletes.rightful > m.rightful {
+            self.rightful.inc_by(stats.deletes.rightful - m.rightful);
+            m.rightful = stats.deletes.rightful;
+        }
+        let ev = &stats.evictions;
+        for (i, now) in [ev.flows, ev.map_keys, ev.traces, ev.markers]
+            .into_iter()
+            .enumerate()
+        {
+            if now > m.evictions[i] {
+                self.shadow_evictions
+                    .get_or_create(&TableLabel {
+                        table: TABLES[i].into(),
+                    })
+                    .inc_by(now - m.evictions[i]);
+                m.evictions[i] = now;
+            }
+        }
+        for (t, v) in [
+            ("flows", stats.flows_tracked),
+            ("map_keys", stats.map_keys_tracked),
+        ] {
+            self.shadow_entries
+                .get_or_create(&TableLabel { table: t.into() })
+                .set(v as i64);
+        }
+    }
+
+    /// The OpenMetrics text of every metric.
+    pub fn encode(&self) -> String {
+        let mut s = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mirrored_counters_add_only_the_difference() {
+        let m = Metrics::new();
+        let mut stats = Stats::default();
+        let mut kernel = CounterSnapshot::default();
+        stats.deletes.rightful = 3;
+        kernel.lost[usize::from(detector_common::kind::CT_NEW)] = 5;
+        m.update(&stats, &kernel);
+        m.update(&stats, &kernel);
+        stats.deletes.rightful = 4;
+        m.update(&stats, &kernel);
+        let text = m.encode();
+        assert!(
+            text.contains("detector_rightful_deletes_total 4\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("detector_events_lost_total{kind=\"ct_new\"} 5\n"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+}

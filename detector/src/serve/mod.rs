@@ -1,0 +1,317 @@
+//! The daemon's read-only HTTP server: `/metrics`, the live `/v1/races` and `/v1/events`
+//! streams, `/healthz` and `/readyz`.
+//!
+//! Streams are NDJSON by default, Server-Sent Events when the request accepts
+//! `text/event-stream`, and the readable lines of `detector run` with `?format=text`. With a
+//! token every endpoint but the probes wants `Authorization: Bearer <token>`.
+
+pub mod metrics;
+pub mod stream;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures_util::StreamExt;
+use tokio::net::TcpListener;
+
+use crate::engine::Verdict;
+use crate::k8s::{Kube, PodRef, RaceNotice};
+use metrics::Metrics;
+use stream::{Channel, Frame, Hub, Item};
+
+/// Default address of `--listen`.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9477";
+/// Records a stream client may fall behind before it gets a `lagged` marker.
+pub const CLIENT_BACKLOG: usize = 4096;
+
+/// The HTTP settings of `detector run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// HTTP server address (metrics, live streams, health) [default: 127.0.0.1:9477]; `off`
+    /// disables it. A DaemonSet binds 0.0.0.0:9477 for a Service or `kubectl port-forward`.
+    /// When the default address is taken the server is left off with a warning; an address
+    /// given here must bind.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// File holding a bearer token that every endpoint but /healthz and /readyz requires.
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<std::path::PathBuf>,
+    /// Races replayed to a stream client when it connects.
+    #[arg(long, default_value_t = 100, value_name = "N")]
+    pub replay: usize,
+}
+
+impl ServeArgs {
+    /// The address to bind and whether it was given, or `None` for `off`.
+    pub fn addr(&self) -> Result<Option<(SocketAddr, bool)>> {
+        let Some(listen) = self.listen.as_deref() else {
+            return Ok(Some((DEFAULT_LISTEN.parse()?, false)));
+        };
+        if listen == "off" {
+            return Ok(None);
+        }
+        let addr = listen.parse().map_err(|_| {
+            anyhow::anyhow!(
+                "--listen {listen}: not an address; give IP:PORT (e.g. 127.0.0.1:9477 or \
+                 0.0.0.0:9477) or `off`"
+            )
+        })?;
+        Ok(Some((addr, true)))
+    }
+
+    /// Starts the server for `live` when enabled; returns the address it serves on.
+    pub async fn start(&self, live: &Live) -> Result<Option<SocketAddr>> {
+        let Some((addr, given)) = self.addr()? else {
+            return Ok(None);
+        };
+        let token = self.token()?;
+        let listener = match bind(addr).await {
+            Ok(l) => l,
+            Err(e) if !given => {
+                tracing::warn!("HTTP server off: {e:#}");
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        let local = listener.local_addr()?;
+        spawn(
+            listener,
+            router(live.hub.clone(), live.metrics.clone(), token),
+        );
+        Ok(Some(local))
+    }
+
+    pub fn token(&self) -> Result<Option<String>> {
+        let Some(p) = &self.token_file else {
+            return Ok(None);
+        };
+        let t = std::fs::read_to_string(p)
+            .with_context(|| format!("--token-file {}: cannot read it", p.display()))?;
+        let t = t.trim().to_string();
+        if t.is_empty() {
+            anyhow::bail!(
+                "--token-file {}: the file is empty; put the bearer token in it",
+                p.display()
+            );
+        }
+        Ok(Some(t))
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    token: Option<Arc<str>>,
+}
+
+/// The router over a hub and metrics (tests serve it on their own listener).
+pub fn router(hub: Arc<Hub>, metrics: Arc<Metrics>, token: Option<String>) -> Router {
+    let state = AppState {
+        hub,
+        metrics,
+        token: token.map(Arc::from),
+    };
+    Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/v1/races", get(races))
+        .route("/v1/events", get(events))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+/// Binds `addr` with an error that names it.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| {
+        format!("--listen {addr}: cannot bind (in use, or not an address of this host?); pick another or `off`")
+    })
+}
+
+/// Serves `router` on `listener` until the process ends.
+pub fn spawn(listener: TcpListener, router: Router) {
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::error!("HTTP server stopped: {e}");
+        }
+    });
+}
+
+/// Constant-time comparison, so the token cannot be guessed byte by byte from timings.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    if let Some(token) = &st.token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        if !given.is_some_and(|g| same(g.as_bytes(), token.as_bytes())) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                "missing or wrong bearer token: send `Authorization: Bearer <token>` \
+                 (detector watch --token-file PATH)\n",
+            )
+                .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn readyz(State(st): State<AppState>) -> Response {
+    if st.metrics.is_ready() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: probes attaching or start-up snapshots running\n",
+        )
+            .into_response()
+    }
+}
+
+async fn metrics_handler(State(st): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+        st.metrics.encode(),
+    )
+        .into_response()
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct StreamQuery {
+    /// `text`: readable lines; default NDJSON.
+    format: Option<String>,
+}
+
+async fn races(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<StreamQuery>,
+) -> Response {
+    stream_response(&st.hub.races, "races", &st.metrics, &headers, &q)
+}
+
+async fn events(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<StreamQuery>,
+) -> Response {
+    stream_response(&st.hub.events, "events", &st.metrics, &headers, &q)
+}
+
+fn stream_response(
+    chan: &Channel,
+    name: &'static str,
+    metrics: &Arc<Metrics>,
+    headers: &HeaderMap,
+    q: &StreamQuery,
+) -> Response {
+    let sub = chan.subscribe();
+    let frames = futures_util::stream::unfold((sub, metrics.clone()), move |(mut sub, m)| async move {
+        let f = sub.next().await?;
+        if let Frame::Lagged(n) = f {
+            m.lagged(name, n);
+        }
+        Some((f, (sub, m)))
+    });
+    let sse = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/event-stream"));
+    if sse {
+        let kind = if name == "races" { "race" } else { "event" };
+        let events = frames.map(move |f| {
+            let ev = match &f {
+                Frame::Item(_) => SseEvent::default().event(kind),
+                Frame::Lagged(_) => SseEvent::default().event("lagged"),
+            };
+            Ok::<_, Infallible>(ev.data(f.json()))
+        });
+        return Sse::new(events)
+            .keep_alive(KeepAlive::default())
+            .into_response();
+    }
+    let (ctype, body) = if q.format.as_deref() == Some("text") {
+        (
+            "text/plain; charset=utf-8",
+            Body::from_stream(frames.map(|f| Ok::<_, Infallible>(format!("{}\n", f.text())))),
+        )
+    } else {
+        (
+            "application/x-ndjson",
+            Body::from_stream(frames.map(|f| Ok::<_, Infallible>(format!("{}\n", f.json())))),
+        )
+    };
+    ([(header::CONTENT_TYPE, ctype)], body).into_response()
+}
+
+/// What `detector run` feeds: the streams, the metrics and Kubernetes, in one place.
+pub struct Live {
+    pub hub: Arc<Hub>,
+    pub metrics: Arc<Metrics>,
+    pub backend: &'static str,
+    pub kube: Option<Kube>,
+}
+
+impl Live {
+    pub fn new(replay: usize) -> Self {
+        Self {
+            hub: Arc::new(Hub::new(replay, 0, CLIENT_BACKLOG)),
+            metrics: Arc::new(Metrics::new()),
+            backend: "",
+            kube: None,
+        }
+    }
+
+    /// Whether event records need rendering for stream clients.
+    pub fn events_wanted(&self) -> bool {
+        self.hub.events.clients() > 0
+    }
+
+    /// One kernel record received (`kind` as in the NDJSON `type`).
+    pub fn count_event(&self, kind: &str) {
+        self.metrics.event(kind, self.backend);
+    }
+
+    pub fn publish_event(&self, json: String, text: String) {
+        self.hub.events.publish(Item { json, text });
+    }
+
+    /// The pods at the ends of a verdict's key (empty without Kubernetes).
+    pub fn pods(&self, v: &Verdict) -> Vec<PodRef> {
+        self.kube
+            .as_ref()
+            .map(|k| k.pods.for_key(&v.key))
+            .unwrap_or_default()
+    }
+
+    /// One race: counted, streamed to both streams, and an Event on its pods.
+    pub fn race(&self, v: &Verdict, latency_ns: u64, item: Item, notice: RaceNotice) {
+        self.metrics.verdict(v.class, latency_ns);
+        self.hub.events.publish(Item {
+            json: item.json.clone(),
+            text: item.text.clone(),
+        });
+        self.hub.races.publish(item);
+        if let Some(events) = self.kube.as_ref().and_then(|k| k.events.as_ref()) {
+            events.send(notice);
+        }
+    }
+}
