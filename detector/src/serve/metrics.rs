@@ -177,6 +177,9 @@ impl Metrics {
                 class: c.name().into(),
             });
         }
+        for i in 1..=usize::from(detector_common::kind::MAP_WRITE) {
+            let _ = lost.get_or_create(&KindLabel { kind: kind_name(i) });
+        }
         for t in ["flows", "map_keys"] {
             let _ = shadow_entries.get_or_create(&TableLabel { table: t.into() });
         }
