@@ -84,7 +84,10 @@ fn race(i: usize) -> Item {
 
 /// Parses OpenMetrics text: every sample line is `name{labels} value`; returns the samples.
 fn samples(text: &str) -> Vec<(String, f64)> {
-    assert!(text.ends_with("# EOF\n"), "OpenMetrics ends with # EOF: {text}");
+    assert!(
+        text.ends_with("# EOF\n"),
+        "OpenMetrics ends with # EOF: {text}"
+    );
     text.lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .map(|l| {
@@ -131,9 +134,15 @@ async fn metrics_parse_and_carry_the_counters() {
         sample(&all, "detector_verdicts_total{class=\"stale-match\"}"),
         Some(0.0)
     );
-    assert_eq!(sample(&all, "detector_verdict_latency_seconds_count"), Some(1.0));
     assert_eq!(
-        sample(&all, "detector_verdict_latency_seconds_bucket{le=\"0.0064\"}"),
+        sample(&all, "detector_verdict_latency_seconds_count"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &all,
+            "detector_verdict_latency_seconds_bucket{le=\"0.0064\"}"
+        ),
         Some(1.0),
         "5 ms falls in the 6.4 ms bucket"
     );
@@ -183,14 +192,12 @@ async fn the_token_guards_everything_but_the_probes() {
         let (status, body) = get_body(s.addr, path, &[]).await;
         assert_eq!(status, 401, "{path} without a token");
         assert!(body.contains("Authorization: Bearer"), "{body}");
-        let (status, _) =
-            get_body(s.addr, path, &[("Authorization", "Bearer wrong")]).await;
+        let (status, _) = get_body(s.addr, path, &[("Authorization", "Bearer wrong")]).await;
         assert_eq!(status, 401, "{path} with a wrong token");
         let (status, _) = get_body(s.addr, path, &[("Authorization", "s3cret")]).await;
         assert_eq!(status, 401, "{path} without the Bearer scheme");
     }
-    let (status, _) =
-        get_body(s.addr, "/metrics", &[("Authorization", "Bearer s3cret")]).await;
+    let (status, _) = get_body(s.addr, "/metrics", &[("Authorization", "Bearer s3cret")]).await;
     assert_eq!(status, 200);
     let (status, _, _) = get(s.addr, "/v1/races", &[("Authorization", "Bearer s3cret")]).await;
     assert_eq!(status, 200);
@@ -207,7 +214,8 @@ async fn a_client_gets_the_last_n_races_then_live_ones_as_ndjson() {
     let (status, head, mut r) = get(s.addr, "/v1/races", &[]).await;
     assert_eq!(status, 200);
     assert!(
-        head.to_lowercase().contains("content-type: application/x-ndjson"),
+        head.to_lowercase()
+            .contains("content-type: application/x-ndjson"),
         "{head}"
     );
     for want in 3..=5 {
@@ -225,7 +233,10 @@ async fn readable_lines_with_format_text() {
     s.hub.races.publish(race(7));
     let (status, head, mut r) = get(s.addr, "/v1/races?format=text", &[]).await;
     assert_eq!(status, 200);
-    assert!(head.to_lowercase().contains("content-type: text/plain"), "{head}");
+    assert!(
+        head.to_lowercase().contains("content-type: text/plain"),
+        "{head}"
+    );
     assert_eq!(
         line(&mut r).await,
         "12:00:00.000007 RACE port-reuse  tcp 10.0.0.1:7 -> 10.0.0.2:80"
@@ -236,11 +247,11 @@ async fn readable_lines_with_format_text() {
 async fn server_sent_events_when_asked_for() {
     let s = server(None, 3, 64).await;
     s.hub.races.publish(race(1));
-    let (status, head, mut r) =
-        get(s.addr, "/v1/races", &[("Accept", "text/event-stream")]).await;
+    let (status, head, mut r) = get(s.addr, "/v1/races", &[("Accept", "text/event-stream")]).await;
     assert_eq!(status, 200);
     assert!(
-        head.to_lowercase().contains("content-type: text/event-stream"),
+        head.to_lowercase()
+            .contains("content-type: text/event-stream"),
         "{head}"
     );
     assert_eq!(line(&mut r).await, "event: race");
@@ -311,4 +322,142 @@ async fn a_client_too_slow_gets_a_lagged_marker_and_never_blocks_publishing() {
         )),
         "{text}"
     );
+}
+
+// `detector watch` (the binary) against the in-process server.
+
+const DETECTOR: &str = env!("CARGO_BIN_EXE_detector");
+
+fn watch(args: &[&str]) -> tokio::process::Child {
+    tokio::process::Command::new(DETECTOR)
+        .arg("watch")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start detector watch")
+}
+
+async fn child_line(r: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>) -> String {
+    tokio::time::timeout(std::time::Duration::from_secs(30), r.next_line())
+        .await
+        .expect("a line from detector watch")
+        .unwrap()
+        .expect("detector watch ended")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_prints_replay_and_live_races_and_after_a_reconnect_skips_what_it_showed() {
+    let s = server(None, 10, 64).await;
+    s.hub.races.publish(race(1));
+    s.hub.races.publish(race(2));
+    let url = format!("http://{}", s.addr);
+    let mut w = watch(&["--json", "--url", &url]);
+    let mut out = BufReader::new(w.stdout.take().unwrap()).lines();
+    assert_eq!(child_line(&mut out).await, race(1).json);
+    assert_eq!(child_line(&mut out).await, race(2).json);
+    // The detector restarts its streams: watch reconnects, gets the replay again, shows only
+    // what is new.
+    s.hub.close_clients();
+    s.hub.races.publish(race(3));
+    assert_eq!(child_line(&mut out).await, race(3).json);
+    s.hub.races.publish(race(4));
+    assert_eq!(child_line(&mut out).await, race(4).json);
+    w.start_kill().unwrap();
+    let o = w.wait_with_output().await.unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!(
+            "the detector at {url}/v1/races closed the stream; reconnecting in 1 s"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("reconnected"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_prints_readable_lines_by_default() {
+    let s = server(None, 10, 64).await;
+    s.hub.races.publish(race(5));
+    let mut w = watch(&["--url", &format!("http://{}", s.addr)]);
+    let mut out = BufReader::new(w.stdout.take().unwrap()).lines();
+    assert_eq!(child_line(&mut out).await, race(5).text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_events_follows_the_event_stream() {
+    let s = server(None, 10, 64).await;
+    let mut w = watch(&["--events", "--json", "--url", &format!("http://{}", s.addr)]);
+    let mut out = BufReader::new(w.stdout.take().unwrap()).lines();
+    // Live only: publish until the client is there.
+    let item = |i| Item {
+        json: serde_json::json!({"type": "ct_new", "n": i}).to_string(),
+        text: String::new(),
+    };
+    while s.hub.events.clients() == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    s.hub.events.publish(item(1));
+    assert_eq!(child_line(&mut out).await, item(1).json);
+}
+
+fn one_error_line(o: &std::process::Output) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "expected failure: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    lines[0].to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_says_to_pass_the_token_on_401_and_streams_with_it() {
+    let s = server(Some("tok-123"), 10, 64).await;
+    s.hub.races.publish(race(8));
+    let url = format!("http://{}", s.addr);
+    let o = watch(&["--url", &url]).wait_with_output().await.unwrap();
+    let err = one_error_line(&o);
+    assert!(err.contains("401") && err.contains("--token-file"), "{err}");
+    let dir = std::env::temp_dir().join(format!("detector-watch-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad");
+    std::fs::write(&bad, "nope\n").unwrap();
+    let o = watch(&["--url", &url, "--token-file", bad.to_str().unwrap()])
+        .wait_with_output()
+        .await
+        .unwrap();
+    let err = one_error_line(&o);
+    assert!(err.contains("the token was refused"), "{err}");
+    let good = dir.join("good");
+    std::fs::write(&good, "tok-123\n").unwrap();
+    let mut w = watch(&["--url", &url, "--token-file", good.to_str().unwrap()]);
+    let mut out = BufReader::new(w.stdout.take().unwrap()).lines();
+    assert_eq!(child_line(&mut out).await, race(8).text);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_names_the_url_and_the_fix_when_nothing_listens() {
+    // A port that was just free: nothing listens on it now.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let o = watch(&["--url", &url]).wait_with_output().await.unwrap();
+    let err = one_error_line(&o);
+    assert!(err.contains(&format!("{url}/v1/races")), "{err}");
+    assert!(err.contains("Connection refused"), "{err}");
+    assert!(
+        err.contains("--listen") && err.contains("port-forward"),
+        "{err}"
+    );
+    let o = watch(&["--url", "ftp://x"])
+        .wait_with_output()
+        .await
+        .unwrap();
+    let err = one_error_line(&o);
+    assert!(err.contains("--url ftp://x"), "{err}");
 }

@@ -244,8 +244,7 @@ fn run_lab(args: &LabArgs) -> Result<LabReport> {
     if let Some(t) = &args.token_file {
         cmd.arg("--token-file").arg(t);
     }
-    cmd.stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     // The detector must not outlive the lab, even one that is killed.
     // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
     unsafe {

@@ -19,9 +19,9 @@ use crate::engine::{
 use std::collections::HashMap;
 
 use crate::event::{CtKind, DeleteView, Event, FlowTuple, MapDeleteRecord, MapOp, Source};
+use crate::k8s::{KubeArgs, PodRef, RaceNotice};
 use crate::output::{self, Units};
 use crate::probe::{CounterSnapshot, Probe};
-use crate::k8s::{KubeArgs, PodRef, RaceNotice};
 use crate::serve::stream::Item;
 use crate::serve::{Live, ServeArgs};
 use crate::sinks::{self, TraceDir, add_wall_times};
@@ -391,9 +391,7 @@ impl State {
                     self.trace_pods
                         .insert((v.delete_ts_ns, v.key.to_string()), pods.clone());
                 }
-                let trace_file = self
-                    .traces
-                    .path_for(v.delete_ts_ns, v.class.name(), &v.key);
+                let trace_file = self.traces.path_for(v.delete_ts_ns, v.class.name(), &v.key);
                 let line = json!({
                     "type": "verdict",
                     "ts_ns": v.delete_ts_ns,
@@ -518,7 +516,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     // The server first: /healthz answers and /readyz says 503 while the probes attach.
     let mut live = Live::new(args.serve.replay);
-    if let Some(addr) = args.serve.start(&live).await? {
+    if let Some(addr) = args.serve.start(&mut live).await? {
         eprintln!(
             "detector: serving http://{addr} (/metrics, /v1/races, /v1/events, /healthz, /readyz)"
         );
@@ -604,9 +602,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // Start-up snapshot of the map, so deletes of keys inserted before we started are known.
     let keys_ns = clock::monotonic_ns();
     let snapshot = target::keys(&map)?;
-    st.live
-        .metrics
-        .snapshot("map", clock::monotonic_ns().saturating_sub(keys_ns) as f64 / 1e9);
+    st.live.metrics.snapshot(
+        "map",
+        clock::monotonic_ns().saturating_sub(keys_ns) as f64 / 1e9,
+    );
     for k in &snapshot {
         if let Ok(key) = NpaKey::decode(map.layout.key, k) {
             st.engine.push(Input::MapExisting {
@@ -701,7 +700,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let reader = &stream.reader;
     let kernel = reader.counters();
     st.live.metrics.update(st.engine.stats(), &kernel);
-    st.live.metrics.set_ready(false);
     let summary = summary(
         &st,
         reader.undecodable,
@@ -714,6 +712,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         writeln!(out, "{summary}")?;
     }
     out.flush().ok();
+    st.live.shutdown().await;
     let path = st
         .traces
         .dir()

@@ -92,11 +92,18 @@ pub async fn run(args: WatchArgs) -> Result<()> {
     let base = args.url.trim_end_matches('/');
     let url = format!(
         "{base}{}{}",
-        if args.events { "/v1/events" } else { "/v1/races" },
+        if args.events {
+            "/v1/events"
+        } else {
+            "/v1/races"
+        },
         if args.json { "" } else { "?format=text" }
     );
     let uri: Uri = url.parse().map_err(|_| {
-        anyhow::anyhow!("--url {}: not a URL; give e.g. http://127.0.0.1:9477", args.url)
+        anyhow::anyhow!(
+            "--url {}: not a URL; give e.g. http://127.0.0.1:9477",
+            args.url
+        )
     })?;
     if uri.scheme_str() != Some("http") || uri.host().is_none() {
         bail!(
@@ -128,7 +135,7 @@ pub async fn run(args: WatchArgs) -> Result<()> {
                 "cannot reach the detector at {url}: {e}; check that it runs with --listen on \
                  that address, or that `kubectl port-forward` is up"
             ),
-            End::Failed(e) => format!("connection to {url} lost: {e}"),
+            End::Failed(e) => format!("no stream from {url}: {e}"),
             End::Closed => {
                 backoff = Duration::from_secs(1);
                 format!("the detector at {url} closed the stream")
@@ -197,7 +204,11 @@ async fn stream_once(
         while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = pending.drain(..=nl).collect();
             let line = String::from_utf8_lossy(&line[..line.len() - 1]);
-            if dedupe && !line.starts_with("LAGGED") && !line.contains("\"lagged\"") && !seen.first(&line) {
+            if dedupe
+                && !line.starts_with("LAGGED")
+                && !line.contains("\"lagged\"")
+                && !seen.first(&line)
+            {
                 continue;
             }
             if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {

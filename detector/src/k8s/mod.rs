@@ -110,7 +110,11 @@ pub fn connect(
     metrics: Arc<Metrics>,
 ) -> Kube {
     let pods = PodIndex::default();
-    tokio::spawn(enrich::watch_pods(client.clone(), node.clone(), pods.clone()));
+    tokio::spawn(enrich::watch_pods(
+        client.clone(),
+        node.clone(),
+        pods.clone(),
+    ));
     let events = events.then(|| events::spawn(client, node.clone(), interval, metrics));
     Kube { pods, events, node }
 }

@@ -56,11 +56,7 @@ fn query(req: &Request<Body>) -> String {
 async fn pod_watch_lists_and_watches_only_this_nodes_pods_and_indexes_their_addresses() {
     let (client, mut handle) = mock();
     let index = PodIndex::default();
-    let task = tokio::spawn(enrich::watch_pods(
-        client,
-        "node-a".into(),
-        index.clone(),
-    ));
+    let task = tokio::spawn(enrich::watch_pods(client, "node-a".into(), index.clone()));
 
     // 1. The initial list, narrowed by the API server to this node's pods.
     let (req, send) = next(&mut handle).await;
@@ -105,7 +101,10 @@ async fn pod_watch_lists_and_watches_only_this_nodes_pods_and_indexes_their_addr
     // previous watch has been applied by now (one at a time, before the stream is polled on).
     let (req, _send) = next(&mut handle).await;
     let q = query(&req);
-    assert!(q.contains("watch=true") && q.contains("resourceVersion=102"), "{q}");
+    assert!(
+        q.contains("watch=true") && q.contains("resourceVersion=102"),
+        "{q}"
+    );
 
     let client_pod = index.lookup("10.0.1.2".parse().unwrap()).expect("client");
     assert_eq!(
@@ -220,11 +219,11 @@ async fn each_race_makes_one_warning_event_per_pod_deduplicated_per_pod_and_clas
     );
     assert_eq!(first["reportingComponent"], "detector");
     let msg = first["message"].as_str().unwrap();
-    assert!(msg.starts_with("conntrack cache race (port-reuse)"), "{msg}");
     assert!(
-        msg.contains("tcp 10.0.1.2:42000 -> 10.0.2.2:8080"),
+        msg.starts_with("conntrack cache race (port-reuse)"),
         "{msg}"
     );
+    assert!(msg.contains("tcp 10.0.1.2:42000 -> 10.0.2.2:8080"), "{msg}");
     assert!(msg.contains("aws-network-po/812"), "{msg}");
     assert!(msg.contains("race-1-port-reuse.json"), "{msg}");
     assert!(first["firstTimestamp"].is_string() && first["lastTimestamp"].is_string());
@@ -266,8 +265,14 @@ fn limiter_folds_races_within_the_interval_and_reports_them_with_the_next_event(
     let q = pod_ref("default", "other", "uid-9", "10.0.1.9");
     let t0 = Instant::now();
     assert_eq!(l.admit(&p, "port-reuse", t0), Some(0));
-    assert_eq!(l.admit(&p, "port-reuse", t0 + Duration::from_secs(10)), None);
-    assert_eq!(l.admit(&p, "port-reuse", t0 + Duration::from_secs(59)), None);
+    assert_eq!(
+        l.admit(&p, "port-reuse", t0 + Duration::from_secs(10)),
+        None
+    );
+    assert_eq!(
+        l.admit(&p, "port-reuse", t0 + Duration::from_secs(59)),
+        None
+    );
     assert_eq!(l.admit(&q, "port-reuse", t0), Some(0), "other pod");
     assert_eq!(l.admit(&p, "stale-match", t0), Some(0), "other class");
     assert_eq!(
@@ -275,7 +280,10 @@ fn limiter_folds_races_within_the_interval_and_reports_them_with_the_next_event(
         Some(2),
         "two folded"
     );
-    assert_eq!(l.admit(&p, "port-reuse", t0 + Duration::from_secs(62)), None);
+    assert_eq!(
+        l.admit(&p, "port-reuse", t0 + Duration::from_secs(62)),
+        None
+    );
 }
 
 #[test]
@@ -287,8 +295,8 @@ fn folded_races_are_counted_in_the_event() {
     let ev = events::race_event(&notice("port-reuse", vec![p.clone()]), &p, "node-a", 4, now);
     assert_eq!(ev.count, Some(5));
     assert!(
-        ev.message.unwrap().ends_with(
-            "(4 more race(s) of this class on this pod since the last Event)"
-        )
+        ev.message
+            .unwrap()
+            .ends_with("(4 more race(s) of this class on this pod since the last Event)")
     );
 }

@@ -70,7 +70,7 @@ impl ServeArgs {
     }
 
     /// Starts the server for `live` when enabled; returns the address it serves on.
-    pub async fn start(&self, live: &Live) -> Result<Option<SocketAddr>> {
+    pub async fn start(&self, live: &mut Live) -> Result<Option<SocketAddr>> {
         let Some((addr, given)) = self.addr()? else {
             return Ok(None);
         };
@@ -84,10 +84,10 @@ impl ServeArgs {
             Err(e) => return Err(e),
         };
         let local = listener.local_addr()?;
-        spawn(
+        live.server = Some(spawn(
             listener,
             router(live.hub.clone(), live.metrics.clone(), token),
-        );
+        ));
         Ok(Some(local))
     }
 
@@ -139,13 +139,42 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     })
 }
 
-/// Serves `router` on `listener` until the process ends.
-pub fn spawn(listener: TcpListener, router: Router) {
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
+/// A running server.
+pub struct ServerHandle {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ServerHandle {
+    /// Stops accepting and waits up to `grace` for open connections to finish (streams end
+    /// once their hub is closed).
+    pub async fn stop(self, grace: std::time::Duration) {
+        let _ = self.stop.send(true);
+        if tokio::time::timeout(grace, self.task).await.is_err() {
+            tracing::debug!("HTTP connections still open at exit");
+        }
+    }
+}
+
+/// Serves `router` on `listener` until stopped (or, if the handle is dropped, until the
+/// process ends).
+pub fn spawn(listener: TcpListener, router: Router) -> ServerHandle {
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(async move {
+        let shutdown = async move {
+            // A dropped handle leaves the server running.
+            if stopped.wait_for(|s| *s).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        if let Err(e) = axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
             tracing::error!("HTTP server stopped: {e}");
         }
     });
+    ServerHandle { stop, task }
 }
 
 /// Constant-time comparison, so the token cannot be guessed byte by byte from timings.
@@ -224,13 +253,14 @@ fn stream_response(
     q: &StreamQuery,
 ) -> Response {
     let sub = chan.subscribe();
-    let frames = futures_util::stream::unfold((sub, metrics.clone()), move |(mut sub, m)| async move {
-        let f = sub.next().await?;
-        if let Frame::Lagged(n) = f {
-            m.lagged(name, n);
-        }
-        Some((f, (sub, m)))
-    });
+    let frames =
+        futures_util::stream::unfold((sub, metrics.clone()), move |(mut sub, m)| async move {
+            let f = sub.next().await?;
+            if let Frame::Lagged(n) = f {
+                m.lagged(name, n);
+            }
+            Some((f, (sub, m)))
+        });
     let sse = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -268,6 +298,7 @@ pub struct Live {
     pub metrics: Arc<Metrics>,
     pub backend: &'static str,
     pub kube: Option<Kube>,
+    pub server: Option<ServerHandle>,
 }
 
 impl Live {
@@ -277,6 +308,16 @@ impl Live {
             metrics: Arc::new(Metrics::new()),
             backend: "",
             kube: None,
+            server: None,
+        }
+    }
+
+    /// At exit: streams end cleanly after the last records, then the server stops.
+    pub async fn shutdown(&mut self) {
+        self.metrics.set_ready(false);
+        self.hub.close_clients();
+        if let Some(s) = self.server.take() {
+            s.stop(std::time::Duration::from_secs(1)).await;
         }
     }
 

@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use serde_json::json;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 /// One record of a stream, rendered once for every client.
 #[derive(Debug)]
@@ -55,6 +55,8 @@ pub fn lagged_text(n: u64) -> String {
 /// One stream (races, or every event).
 pub struct Channel {
     tx: broadcast::Sender<Arc<Item>>,
+    /// Bumped by [`Channel::close_clients`]: the streams open then end after what they hold.
+    closing: watch::Sender<u64>,
     /// The last `replay` records; locked together with sending so a new client's replay and
     /// its live part neither overlap nor leave a gap.
     ring: Mutex<VecDeque<Arc<Item>>>,
@@ -68,6 +70,7 @@ impl Channel {
         let (tx, _) = broadcast::channel(capacity.max(1));
         Self {
             tx,
+            closing: watch::Sender::new(0),
             ring: Mutex::new(VecDeque::with_capacity(replay.min(4096))),
             replay,
         }
@@ -97,13 +100,22 @@ impl Channel {
         Subscription {
             replay: ring.iter().cloned().collect(),
             rx: self.tx.subscribe(),
+            closing: self.closing.subscribe(),
         }
+    }
+
+    /// Ends every stream open now once it has sent what was published before (at shutdown,
+    /// so clients see a clean end rather than a broken connection). Later clients are served
+    /// as usual.
+    pub fn close_clients(&self) {
+        self.closing.send_modify(|g| *g += 1);
     }
 }
 
 pub struct Subscription {
     replay: VecDeque<Arc<Item>>,
     rx: broadcast::Receiver<Arc<Item>>,
+    closing: watch::Receiver<u64>,
 }
 
 impl Subscription {
@@ -112,10 +124,15 @@ impl Subscription {
         if let Some(i) = self.replay.pop_front() {
             return Some(Frame::Item(i));
         }
-        match self.rx.recv().await {
-            Ok(i) => Some(Frame::Item(i)),
-            Err(broadcast::error::RecvError::Lagged(n)) => Some(Frame::Lagged(n)),
-            Err(broadcast::error::RecvError::Closed) => None,
+        // Biased: what was published before the close is still delivered.
+        tokio::select! {
+            biased;
+            r = self.rx.recv() => match r {
+                Ok(i) => Some(Frame::Item(i)),
+                Err(broadcast::error::RecvError::Lagged(n)) => Some(Frame::Lagged(n)),
+                Err(broadcast::error::RecvError::Closed) => None,
+            },
+            _ = self.closing.changed() => None,
         }
     }
 }
@@ -127,6 +144,12 @@ pub struct Hub {
 }
 
 impl Hub {
+    /// Ends the streams of every client connected now (see [`Channel::close_clients`]).
+    pub fn close_clients(&self) {
+        self.races.close_clients();
+        self.events.close_clients();
+    }
+
     /// `races_replay`/`events_replay`: records replayed on connect to each stream.
     pub fn new(races_replay: usize, events_replay: usize, capacity: usize) -> Self {
         Self {
@@ -163,6 +186,20 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn closing_ends_open_streams_after_what_they_hold_and_not_later_ones() {
+        let c = Channel::new(2, 16);
+        let mut s = c.subscribe();
+        c.publish(item(1));
+        c.close_clients();
+        assert_eq!(s.next().await.unwrap().text(), "line 1");
+        assert!(s.next().await.is_none());
+        let mut later = c.subscribe();
+        c.publish(item(2));
+        assert_eq!(later.next().await.unwrap().text(), "line 1", "replay");
+        assert_eq!(later.next().await.unwrap().text(), "line 2");
+    }
+
+    #[tokio::test]
     async fn a_slow_client_gets_a_lagged_marker() {
         let c = Channel::new(0, 4);
         let mut s = c.subscribe();
@@ -172,7 +209,10 @@ mod tests {
         let first = s.next().await.unwrap();
         assert!(matches!(first, Frame::Lagged(6)), "{first:?}");
         let v: serde_json::Value = serde_json::from_str(&first.json()).unwrap();
-        assert_eq!((v["type"].as_str(), v["missed"].as_u64()), (Some("lagged"), Some(6)));
+        assert_eq!(
+            (v["type"].as_str(), v["missed"].as_u64()),
+            (Some("lagged"), Some(6))
+        );
         assert_eq!(s.next().await.unwrap().text(), "line 6");
     }
 }
