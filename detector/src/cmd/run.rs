@@ -439,17 +439,20 @@ impl State {
                     &self.host,
                     pods.as_deref(),
                 )?;
-                if self.json {
-                    writeln!(
-                        out,
-                        "{}",
-                        json!({"type": "trace_written", "ts_ns": t.verdict.delete_ts_ns,
-                               "time": self.units.wall.iso(t.verdict.delete_ts_ns),
-                               "path": path})
-                    )?;
-                } else {
+                if !self.json {
                     eprintln!("detector: trace written: {}", path.display());
                 }
+                let u = self.units;
+                self.record(
+                    out,
+                    || {
+                        json!({"type": "trace_written", "ts_ns": t.verdict.delete_ts_ns,
+                               "time": u.wall.iso(t.verdict.delete_ts_ns),
+                               "path": path})
+                        .to_string()
+                    },
+                    || format!("detector: trace written: {}", path.display()),
+                )?;
                 self.last_trace = Some(path);
             }
         }
@@ -758,19 +761,23 @@ fn follow_map(
     );
     probe.set_target(new.id, target::target_map(new.layout.key, st.agent_netns))?;
     probe.remove_target(old.id)?;
-    if st.json {
-        writeln!(
-            out,
-            "{}",
-            json!({"type": "map_recreated", "ts_ns": now_ns, "time": st.units.wall.iso(now_ns),
-                   "old_id": old.id, "new_id": new.id, "map": new})
-        )?;
-    } else {
-        eprintln!(
-            "detector: the agent re-created its map: now watching map {} (was {})",
-            new.id, old.id
-        );
+    let text = format!(
+        "detector: the agent re-created its map: now watching map {} (was {})",
+        new.id, old.id
+    );
+    if !st.json {
+        eprintln!("{text}");
     }
+    let u = st.units;
+    st.record(
+        out,
+        || {
+            json!({"type": "map_recreated", "ts_ns": now_ns, "time": u.wall.iso(now_ns),
+                   "old_id": old.id, "new_id": new.id, "map": new})
+            .to_string()
+        },
+        || text.clone(),
+    )?;
     st.push(
         Input::MapRecreated {
             ts_ns: now_ns,

@@ -83,8 +83,8 @@ impl Limiter {
 pub fn race_event(n: &RaceNotice, pod: &PodRef, node: &str, folded: u64, now: Time) -> Event {
     let mut message = format!(
         "conntrack cache race ({}): the network policy agent ({}) deleted the key of live \
-         flow {} ({} is this pod); replies of this flow are dropped until the agent \
-         re-learns it. Trace: {}",
+         flow {} ({} is this pod); its replies can now be denied by policy. \
+         Trace: {}",
         n.class, n.deleted_by, n.flow, pod.ip, n.trace_file
     );
     if folded > 0 {

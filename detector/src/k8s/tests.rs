@@ -52,6 +52,12 @@ fn query(req: &Request<Body>) -> String {
     req.uri().query().unwrap_or("").to_string()
 }
 
+/// One query parameter, exactly as sent (still percent-encoded).
+fn param<'a>(q: &'a str, name: &str) -> Option<&'a str> {
+    q.split('&')
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+}
+
 #[tokio::test]
 async fn pod_watch_lists_and_watches_only_this_nodes_pods_and_indexes_their_addresses() {
     let (client, mut handle) = mock();
@@ -64,8 +70,12 @@ async fn pod_watch_lists_and_watches_only_this_nodes_pods_and_indexes_their_addr
     assert_eq!(req.method(), Method::GET);
     assert_eq!(req.uri().path(), "/api/v1/pods");
     let q = query(&req);
-    assert!(q.contains("fieldSelector=spec.nodeName%3Dnode-a"), "{q}");
-    assert!(!q.contains("watch=true"), "{q}");
+    assert_eq!(
+        param(&q, "fieldSelector"),
+        Some("spec.nodeName%3Dnode-a"),
+        "{q}"
+    );
+    assert_eq!(param(&q, "watch"), None, "{q}");
     let list = json!({
         "apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "100"},
         "items": [
@@ -83,9 +93,13 @@ async fn pod_watch_lists_and_watches_only_this_nodes_pods_and_indexes_their_addr
     assert_eq!(req.method(), Method::GET);
     assert_eq!(req.uri().path(), "/api/v1/pods");
     let q = query(&req);
-    assert!(q.contains("watch=true"), "{q}");
-    assert!(q.contains("fieldSelector=spec.nodeName%3Dnode-a"), "{q}");
-    assert!(q.contains("resourceVersion=100"), "{q}");
+    assert_eq!(param(&q, "watch"), Some("true"), "{q}");
+    assert_eq!(
+        param(&q, "fieldSelector"),
+        Some("spec.nodeName%3Dnode-a"),
+        "{q}"
+    );
+    assert_eq!(param(&q, "resourceVersion"), Some("100"), "{q}");
     let mut added = pod("shop", "cart", "uid-4", "10.0.3.3", false);
     added["metadata"]["resourceVersion"] = json!("101");
     let mut deleted = pod("shop", "server", "uid-2", "10.0.2.2", false);
