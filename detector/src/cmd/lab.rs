@@ -119,6 +119,16 @@ pub fn lab(args: LabArgs) -> Result<()> {
             .lines()
             .filter_map(|l| l.split_whitespace().nth(1))
             .filter(|m| m.contains("/detector-lab-"))
+            // A running lab's directory is named by its pid: leave its bpffs mounted (other
+            // users' labs on the same machine must survive a cleanup).
+            .filter(|m| {
+                let pid = m
+                    .rsplit("/detector-lab-")
+                    .next()
+                    .and_then(|rest| rest.split('/').next())
+                    .and_then(|id| id.parse::<u32>().ok());
+                !pid.is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+            })
             .map(str::to_string)
             .collect();
         for m in &mounts {
