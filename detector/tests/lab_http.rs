@@ -90,6 +90,22 @@ fn lab_races_reach_the_stream_the_metrics_and_watch() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
+    // Every event, live: conntrack entries and the agent's deletes come before a verdict.
+    let (_, events) = get(&addr, "/v1/events").expect("GET /v1/events");
+    let events_reader = std::thread::spawn(move || {
+        let mut types = Vec::new();
+        for l in events.lines().map_while(Result::ok) {
+            let v: Value = serde_json::from_str(&l).unwrap();
+            let t = v["type"].as_str().unwrap().to_string();
+            let done = t == "verdict";
+            types.push(t);
+            if done {
+                break;
+            }
+        }
+        types
+    });
+
     // The race stream, read to its end in a thread.
     let (_, stream) = get(&addr, "/v1/races").expect("GET /v1/races");
     let (tx, rx) = mpsc::channel::<String>();
@@ -152,6 +168,11 @@ fn lab_races_reach_the_stream_the_metrics_and_watch() {
         .recv_timeout(Duration::from_secs(60))
         .expect("a race from detector watch");
     assert_eq!(w, first, "watch prints the stream's NDJSON as is");
+
+    let types = events_reader.join().unwrap();
+    for t in ["ct_new", "ct_destroy", "agent_delete", "verdict"] {
+        assert!(types.iter().any(|x| x == t), "{t} on /v1/events: {types:?}");
+    }
 
     let status = lab.wait().unwrap();
     let stderr = lab_stderr.join().unwrap();
