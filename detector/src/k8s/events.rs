@@ -168,8 +168,8 @@ pub fn spawn(
                     Err(e) => {
                         m.kube_event("failed");
                         tracing::warn!(
-                            "creating an Event on pod {}/{}: {e} (does the service account \
-                             may create events?)",
+                            "creating an Event on pod {}/{}: {e} (the service account needs \
+                             `create` on events)",
                             pod.namespace,
                             pod.pod
                         );
