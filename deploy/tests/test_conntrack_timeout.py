@@ -135,11 +135,12 @@ class ConntrackTimeoutScript(unittest.TestCase):
                 r = self.start(shell, "tune", TTL=2, POD_UID=uid)
                 self.wait_tuned(r)
                 self.assertEqual(self.value(), TEST)
-                netns.wait_for(lambda: self.value() == ORIGINAL, 10, "the restore after the TTL")
-                netns.wait_for(lambda: not os.path.exists(r.ready), 5, "readiness dropped")
+                netns.wait_for(lambda: "TTL of 2 s reached: restored" in r.output(), 10,
+                               "the restore after the TTL")
+                self.assertEqual(self.value(), ORIGINAL)
+                self.assertFalse(os.path.exists(r.ready), "still ready after the TTL")
                 # Restored, and still running (a DaemonSet pod that exited would be restarted).
                 self.assertIsNone(r.proc.poll(), r.output())
-                self.assertIn("TTL of 2 s reached: restored", r.output())
                 self.assertFalse(os.path.exists(self.record))
                 # The container restarts (same pod): it must not shorten the timeout again.
                 again = self.start(shell, "tune", TTL=2, POD_UID=uid)

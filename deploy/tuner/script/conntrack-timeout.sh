@@ -119,8 +119,9 @@ tune() {
   wait "$sleeper"
   # Only the TTL ends the wait without a signal (a signal's handler exits).
   rm -f "$READY_FILE"
+  # Marked first: a container restart from here on must not tune again.
+  if [ -n "${POD_UID:-}" ]; then : >"$STATE_DIR/ttl-expired.$POD_UID"; fi
   restore "TTL of $TTL s reached"
-  [ -n "${POD_UID:-}" ] && : >"$STATE_DIR/ttl-expired.$POD_UID"
   idle
 }
 
