@@ -13,6 +13,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class Result(unittest.TextTestResult):
+    # Tests (not subtests) with at least one failure or error.
+    failed_ids = set()
+
     def startTest(self, test):
         self._t0 = time.monotonic()
         super().startTest(test)
@@ -26,15 +29,18 @@ class Result(unittest.TextTestResult):
 
     def addFailure(self, test, err):
         super().addFailure(test, err)
+        self.failed_ids.add(test.id())
         self._line("FAIL", test)
 
     def addError(self, test, err):
         super().addError(test, err)
+        self.failed_ids.add(test.id())
         self._line("FAIL", test)
 
     def addSubTest(self, test, subtest, err):
         super().addSubTest(test, subtest, err)
         if err is not None:
+            self.failed_ids.add(test.id())
             self._line("FAIL", subtest)
 
 
@@ -54,9 +60,10 @@ def main():
         suite = unittest.TestSuite(t for t in flat(suite) if want in t.id())
     runner = unittest.TextTestRunner(resultclass=Result, verbosity=0, stream=sys.stderr)
     r = runner.run(suite)
-    failed = len(r.failures) + len(r.errors)
-    passed = r.testsRun - failed
-    print(f"deploy tests: {passed} passed, {failed} failed")
+    failed = len(Result.failed_ids)
+    skipped = len(r.skipped)
+    passed = r.testsRun - failed - skipped
+    print(f"deploy tests: {passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""))
     return 1 if failed or r.testsRun == 0 else 0
 
 
