@@ -300,12 +300,51 @@ fn buildah_scratch(out: &Path, bin: &Path, archive: &Path) -> Result<()> {
         ),
         &ctr,
     ]))?;
-    super::run(buildah().args(["commit", "--quiet", "--rm", &ctr, IMAGE]))?;
+    let commit = buildah()
+        .args(["commit", "--quiet", "--rm", &ctr, IMAGE])
+        .output()?;
+    if !commit.status.success() {
+        bail!(
+            "buildah commit: {}",
+            String::from_utf8_lossy(&commit.stderr).trim()
+        );
+    }
     let _ = std::fs::remove_file(archive);
-    super::run(
-        buildah()
-            .args(["push", "--quiet", IMAGE])
-            .arg(format!("oci-archive:{}:{IMAGE}", archive.display())),
-    )?;
+    let push = buildah()
+        .args(["push", "--quiet", IMAGE])
+        .arg(format!("oci-archive:{}:{IMAGE}", archive.display()))
+        .output()?;
+    if !push.status.success() {
+        bail!(
+            "buildah push: {}",
+            String::from_utf8_lossy(&push.stderr).trim()
+        );
+    }
+    // Proof that the image runs: its root filesystem holds nothing but the binary, so running
+    // the binary chrooted there shows it needs nothing else.
+    let from = buildah().args(["from", "--quiet", IMAGE]).output()?;
+    let ctr = String::from_utf8(from.stdout)?.trim().to_string();
+    let mounted = buildah().args(["mount", &ctr]).output()?;
+    let rootfs = PathBuf::from(String::from_utf8(mounted.stdout)?.trim());
+    let files: Vec<String> = std::fs::read_dir(&rootfs)
+        .with_context(|| format!("reading the image's root {}", rootfs.display()))?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    let version = Command::new("chroot")
+        .arg(&rootfs)
+        .args(["/detector", "--version"])
+        .output();
+    let _ = buildah().args(["rm", &ctr]).output();
+    let version = version.context("chroot into the image")?;
+    if !version.status.success() {
+        bail!(
+            "the image's /detector does not run: {}",
+            String::from_utf8_lossy(&version.stderr).trim()
+        );
+    }
+    println!(
+        "image: its root holds {files:?}; `chroot <image root> /detector --version` prints `{}`",
+        String::from_utf8_lossy(&version.stdout).trim()
+    );
     Ok(())
 }
