@@ -31,7 +31,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--caps", required=True, help="comma-separated, e.g. BPF,PERFMON")
     ap.add_argument("ops", nargs="*", help="in order: tmpfs=DIR mkdir=DIR touch=FILE "
-                    "bind=SRC:DST bind-ro=SRC:DST ro=DIR, then -- PROGRAM ARGS")
+                    "bind=SRC:DST bind-ro=SRC:DST ro=DIR robind=DIR, then -- PROGRAM ARGS")
     args = sys.argv[1:]
     if "--" not in args:
         sys.exit("container.py: -- PROGRAM ARGS missing")
@@ -57,7 +57,11 @@ def main():
             if kind == "bind-ro":
                 subprocess.run(["mount", "-o", "remount,bind,ro", dst], check=True)
         elif kind == "ro":
+            # A filesystem mounted above (its own superblock).
             subprocess.run(["mount", "-o", "remount,ro", val], check=True)
+        elif kind == "robind":
+            # Read-only for this mount namespace only (a per-mount flag; the host's stays rw).
+            subprocess.run(["mount", "-o", "remount,bind,ro", val], check=True)
         else:
             sys.exit(f"container.py: unknown operation {op}")
     libc = ctypes.CDLL(None, use_errno=True)

@@ -2,8 +2,9 @@
 (its node namespace, an emulated agent whose map is pinned, the port-reuse races), and the
 detector runs the way the manifest says: with the args of deploy/detector/daemonset.yaml and
 the values of deploy/detector/settings.yaml, in the node's network namespace (hostNetwork),
-with exactly the capabilities the manifest adds, the agent's map at NPA's pin path under a
-read-only /sys/fs/bpf, read-only BTF and tracefs, and the trace directory of the manifest. It
+with exactly the capabilities the manifest adds, a read-only root, the agent's map at NPA's pin
+path under a read-only /sys/fs/bpf, read-only BTF and tracefs, and the manifest's trace
+directory as the only writable place. It
 must start without error and report the lab's races.
 
 Flags of the manifest that `detector run --help` does not list yet (the HTTP/kube half of
@@ -95,7 +96,9 @@ class DaemonSet(unittest.TestCase):
             # The trace hostPath, without creating /var/lib/detector on this machine.
             "tmpfs=/var/lib", "mkdir=/var/lib/detector/traces",
             f"bind={traces}:/var/lib/detector/traces",
-        ]
+            # readOnlyRootFilesystem: nothing but the trace directory is writable.
+            "robind=/",
+        ] + [f"robind={d}" for d in ("/tmp", "/run") if os.path.ismount(d)]
         det = subprocess.Popen(
             ["nsenter", f"--net={node}", "unshare", "-m", "--propagation", "private",
              sys.executable, CONTAINER, "--caps", ",".join(caps), *ops, "--", *argv],
