@@ -61,6 +61,12 @@ def main():
     runner = unittest.TextTestRunner(resultclass=Result, verbosity=0, stream=sys.stderr)
     r = runner.run(suite)
     failed = len(Result.failed_ids)
+    # Every namespace a test made must be gone.
+    mine = f"dpl-{os.getpid()}-"
+    left = [n for n in os.listdir("/run/netns") if n.startswith(mine)] if os.path.isdir("/run/netns") else []
+    if left:
+        failed += 1
+        print(f"FAIL namespaces left behind: {', '.join(sorted(left))}")
     skipped = len(r.skipped)
     passed = r.testsRun - failed - skipped
     print(f"deploy tests: {passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""))

@@ -78,6 +78,8 @@ def read(path):
 class ConntrackTimeoutScript(unittest.TestCase):
     def setUp(self):
         self.root_before = read(netns.ROOT_SYSCTL)
+        # Cleanups run even when setUp fails half-way (tearDown does not).
+        self.addCleanup(netns.cleanup)
         self.ns = netns.new()
         netns.sysctl_set(self.ns, ORIGINAL)
         self.state = tempfile.mkdtemp(prefix="dpl-state-")

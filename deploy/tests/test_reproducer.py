@@ -50,6 +50,8 @@ def entries(ns):
 
 class Reproducer(unittest.TestCase):
     def setUp(self):
+        # Cleanups run even when setUp fails half-way (tearDown does not).
+        self.addCleanup(netns.cleanup)
         self.srv, self.cli = netns.new(), netns.new()
         netns.pair(self.srv, self.cli, SRV_IP, CLI_IP)
         netns.track_conntrack(self.srv)
