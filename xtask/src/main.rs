@@ -1,5 +1,7 @@
 //! Project tasks: `cargo xtask <task>`.
 
+mod deploy;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -27,6 +29,20 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Validate deploy/'s manifests: Kubernetes schema (kubernetes-validate, cached venv),
+    /// kustomizations, and every `detector` flag they pass against the binary's --help.
+    ValidateManifests {
+        /// The detector binary to check the flags against (default: a fresh debug build).
+        #[arg(long, value_name = "PATH")]
+        detector: Option<PathBuf>,
+    },
+    /// Run deploy/'s script tests (tuner/reset script, reproducer) in network namespaces.
+    DeployTest {
+        /// Only tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// Build the static (musl) detector binary and, with buildah, a FROM-scratch OCI archive.
+    Image,
 }
 
 fn root() -> PathBuf {
@@ -106,7 +122,11 @@ fn test(args: &[String]) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
-    let (passed, failed) = cargo_test(&root, args)?;
+    let (mut passed, mut failed) = cargo_test(&root, args)?;
+    // deploy/: manifest validation and the tuner/reproducer script tests.
+    let (p, f) = deploy::test_stages()?;
+    passed += p;
+    failed += f;
     println!("xtask test: {:.0} s", t0.elapsed().as_secs_f64());
     // One closing line for the whole run, whatever the number of test binaries.
     println!("{passed} passed, {failed} failed");
@@ -164,5 +184,20 @@ fn main() -> Result<()> {
         Task::Setup => run(Command::new("bash").arg(root().join("scripts/setup.sh"))),
         Task::BuildEbpf => build_ebpf().map(drop),
         Task::Test { args } => test(&args),
+        Task::ValidateManifests { detector } => {
+            let (_, failed) = deploy::validate_manifests(detector.as_deref())?;
+            if failed > 0 {
+                bail!("{failed} manifest check(s) failed");
+            }
+            Ok(())
+        }
+        Task::DeployTest { filter } => {
+            let (_, failed) = deploy::script_tests(filter.as_deref())?;
+            if failed > 0 {
+                bail!("{failed} deploy test(s) failed");
+            }
+            Ok(())
+        }
+        Task::Image => deploy::image(),
     }
 }
