@@ -44,6 +44,11 @@ pub enum TargetError {
         #[source]
         source: LayoutError,
     },
+    #[error(
+        "map {id} was replaced by map {now} at its pin while starting (agent restart?): run \
+         again"
+    )]
+    Replaced { id: u32, now: u32 },
     #[error("reading map {id}: {source}")]
     Read {
         id: u32,
@@ -73,6 +78,10 @@ pub struct AgentMap {
     pub layout: Layout,
     /// "id", "pin <path>" or "name".
     pub found_by: String,
+    /// The pin it was found by: its keys are then read through the pin, which needs only
+    /// access to the bpffs file, where opening a map by id needs CAP_SYS_ADMIN.
+    #[serde(skip)]
+    pub pin: Option<PathBuf>,
 }
 
 fn info_by_name(name: &str) -> Option<MapInfo> {
@@ -87,10 +96,11 @@ fn info_by_name(name: &str) -> Option<MapInfo> {
 
 /// Finds the map and checks it.
 pub fn resolve(spec: &MapSpec) -> Result<AgentMap, TargetError> {
-    let (info, found_by) = if let Some(id) = spec.id {
+    let (info, found_by, pin) = if let Some(id) = spec.id {
         (
             MapInfo::from_id(id).map_err(|source| TargetError::Id { id, source })?,
             "id".to_string(),
+            None,
         )
     } else if spec.pin.exists() {
         (
@@ -99,9 +109,10 @@ pub fn resolve(spec: &MapSpec) -> Result<AgentMap, TargetError> {
                 source,
             })?,
             format!("pin {}", spec.pin.display()),
+            Some(spec.pin.clone()),
         )
     } else if let Some(info) = info_by_name(&spec.name) {
-        (info, "name".to_string())
+        (info, "name".to_string(), None)
     } else {
         return Err(TargetError::NotFound {
             pin: spec.pin.display().to_string(),
@@ -138,6 +149,7 @@ pub fn resolve(spec: &MapSpec) -> Result<AgentMap, TargetError> {
         max_entries: info.max_entries(),
         layout,
         found_by,
+        pin,
     })
 }
 
@@ -208,8 +220,21 @@ pub fn target_map(layout: KeyLayout, netns: u32) -> TargetMap {
 
 /// Every key currently in the map (start-up snapshot), as raw bytes.
 pub fn keys(map: &AgentMap) -> Result<Vec<Vec<u8>>, TargetError> {
-    let data = aya::maps::MapData::from_id(map.id)
-        .map_err(|source| TargetError::Read { id: map.id, source })?;
+    let data = match &map.pin {
+        Some(pin) => aya::maps::MapData::from_pin(pin),
+        None => aya::maps::MapData::from_id(map.id),
+    }
+    .map_err(|source| TargetError::Read { id: map.id, source })?;
+    // The pin may have been replaced since `resolve`: the keys must come from the map the
+    // probes watch.
+    if let Ok(info) = data.info()
+        && info.id() != map.id
+    {
+        return Err(TargetError::Replaced {
+            id: map.id,
+            now: info.id(),
+        });
+    }
     let m = aya::maps::Map::HashMap(data);
     // Keys and values are fixed-size byte arrays; pick the types by the map's sizes (aya
     // checks them against the map).
