@@ -15,6 +15,9 @@ BPF_LINKER_VERSION=0.13.0
 # gcc/libc6-dev link build scripts and test binaries; kmod lets the kernel load
 # nf_conntrack and nf_conntrack_netlink where they are modules.
 APT_PACKAGES=(iproute2 nftables conntrack util-linux procps kmod gcc libc6-dev)
+# `cargo xtask vm-test` (the Debian 6.1 guest): qemu, a static busybox for the initramfs, xz to
+# unpack the kernel image, strip for the test binaries.
+APT_PACKAGES+=(qemu-system-x86 busybox-static xz-utils binutils)
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/detector
 CARGO_BIN=${CARGO_HOME:-$HOME/.cargo}/bin
 
@@ -53,6 +56,10 @@ if ! installed "$NIGHTLY"; then
 fi
 rustup component list --installed --toolchain "$NIGHTLY" 2>/dev/null | grep -q '^rust-src' \
   || rustup component add --toolchain "$NIGHTLY" rust-src >/dev/null
+
+# The guest's test binaries are static (musl): the initramfs has no glibc for them.
+rustup target list --installed --toolchain "$STABLE" 2>/dev/null | grep -q '^x86_64-unknown-linux-musl' \
+  || rustup target add --toolchain "$STABLE" x86_64-unknown-linux-musl >/dev/null
 
 # 3. bpf-linker against the nightly's libLLVM. The stamp records which nightly it was built
 #    for, so changing the pinned nightly rebuilds it.

@@ -14,7 +14,7 @@ use crate::probe::{BackendChoice, ProbeSettings};
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProbeArgs {
     /// Probe backend: `auto` picks the most precise one this kernel supports.
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, value_enum, default_value = "auto", env = "DETECTOR_BACKEND")]
     pub backend: BackendChoice,
     /// Directory with the kernel's BTF (`vmlinux` and module split BTF).
     #[arg(long, default_value = "/sys/kernel/btf", value_name = "DIR")]
