@@ -526,7 +526,14 @@ fn explain(e: &ProgramError) -> String {
             verifier_log,
         } => {
             let log = verifier_log.to_string();
-            let tail: Vec<&str> = log.lines().rev().take(3).collect();
+            // The log ends with statistics; the reason is the last line before them.
+            let stats = ["verification time", "stack depth", "processed "];
+            let tail: Vec<&str> = log
+                .lines()
+                .filter(|l| !l.trim().is_empty() && !stats.iter().any(|s| l.starts_with(s)))
+                .rev()
+                .take(2)
+                .collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
             if io_error.raw_os_error() == Some(libc::EPERM) && log.trim().is_empty() {
                 return "BPF_PROG_LOAD returned EPERM with an empty verifier log \
