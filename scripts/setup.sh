@@ -15,9 +15,10 @@ BPF_LINKER_VERSION=0.13.0
 # gcc/libc6-dev link build scripts and test binaries; kmod lets the kernel load
 # nf_conntrack and nf_conntrack_netlink where they are modules.
 APT_PACKAGES=(iproute2 nftables conntrack util-linux procps kmod gcc libc6-dev)
-# `cargo xtask vm-test` (the Debian 6.1 guest): qemu, a static busybox for the initramfs, xz to
-# unpack the kernel image, strip for the test binaries.
-APT_PACKAGES+=(qemu-system-x86 busybox-static xz-utils binutils)
+# `cargo xtask vm-test` (the Debian 6.1 guest): qemu, xz to unpack the kernel image, strip for
+# the test binaries. (The guest's kernel and static busybox are fetched with apt-get download
+# into ~/.cache/detector/vm, never installed.)
+APT_PACKAGES+=(qemu-system-x86 xz-utils binutils)
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/detector
 CARGO_BIN=${CARGO_HOME:-$HOME/.cargo}/bin
 

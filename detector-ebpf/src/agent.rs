@@ -143,18 +143,22 @@ fn key_tuple(key: &[u8; MAX_KEY], t: &TargetMap) -> Option<Tuple> {
     if s > MAX_KEY - 16 || d > MAX_KEY - 16 || sp > MAX_KEY - 2 || dp > MAX_KEY - 2 {
         return None;
     }
-    // Fixed-size copies (no per-byte loop): cheap for the verifier, which sees every index
-    // bounded by the check above.
+    // Copies through bpf_probe_read_kernel, from the key's own buffer: the verifier checks a
+    // direct access against the largest masked offset plus the access size, which runs past
+    // the buffer for the later fields (the range check above is on another register).
+    let base = key.as_ptr() as u64;
     if alen == 4 {
-        tuple.src_addr[..4].copy_from_slice(&key[s..s + 4]);
-        tuple.dst_addr[..4].copy_from_slice(&key[d..d + 4]);
+        let src: [u8; 4] = read(base, s as u32);
+        let dst: [u8; 4] = read(base, d as u32);
+        tuple.src_addr[..4].copy_from_slice(&src);
+        tuple.dst_addr[..4].copy_from_slice(&dst);
     } else {
-        tuple.src_addr.copy_from_slice(&key[s..s + 16]);
-        tuple.dst_addr.copy_from_slice(&key[d..d + 16]);
+        tuple.src_addr = read(base, s as u32);
+        tuple.dst_addr = read(base, d as u32);
     }
-    tuple.src_port = u16::from_le_bytes([key[sp], key[sp + 1]]);
-    tuple.dst_port = u16::from_le_bytes([key[dp], key[dp + 1]]);
-    tuple.proto = key[pr];
+    tuple.src_port = u16::from_le_bytes(read(base, sp as u32));
+    tuple.dst_port = u16::from_le_bytes(read(base, dp as u32));
+    tuple.proto = read(base, pr as u32);
     Some(tuple)
 }
 
@@ -298,9 +302,10 @@ pub fn agent_delete_exit(ctx: TracePointContext) -> u32 {
         let _ = IN_BPF_UPDATE.remove(&key);
         return 0;
     }
-    if let Some(b) = unsafe { PENDING_BATCH.get(&key) }.copied() {
+    if let Some(b) = unsafe { PENDING_BATCH.get(&key) } {
+        // Read into the loop's scratch slot before the entry is removed.
+        batch_exit(b);
         let _ = PENDING_BATCH.remove(&key);
-        batch_exit(&b);
         return 0;
     }
     let Some(pending) = PENDING.get_ptr_mut(&key) else {
@@ -344,28 +349,33 @@ fn batch_exit(b: &BatchPending) {
     if count > MAX_BATCH {
         bump_by(counter::BATCH_TRUNCATED, (count - MAX_BATCH) as u64);
     }
-    let mut l = BatchLoop {
-        b: *b,
-        target,
-        keys,
-        exit_ns: unsafe { bpf_ktime_get_ns() },
-        key_size: b.key_size,
-        _pad: 0,
+    // The loop's state lives in a per-CPU slot that the callback reads back (bpf_loop runs it
+    // on this CPU, synchronously): on the stack it pushed the program's combined stack (this
+    // frame, the callback's and its callee's) past 512 bytes on 6.1.
+    let Some(slot) = LOOP.get_ptr_mut(0) else {
+        return;
     };
+    // SAFETY: this CPU's slot; programs do not nest on one CPU here (see `bump`).
+    let l = unsafe { &mut *slot };
+    l.b = *b;
+    l.target = target;
+    l.keys = keys;
+    l.exit_ns = unsafe { bpf_ktime_get_ns() };
+    l.key_size = b.key_size;
+    l._pad = 0;
     let n = if count > MAX_BATCH { MAX_BATCH } else { count };
-    unsafe {
-        bpf_loop(
-            n,
-            batch_key as *mut c_void,
-            (&mut l as *mut BatchLoop).cast(),
-            0,
-        )
-    };
+    unsafe { bpf_loop(n, batch_key as *mut c_void, core::ptr::null_mut(), 0) };
 }
 
-extern "C" fn batch_key(index: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: bpf_loop passes back the pointer batch_exit gave it, to its live stack frame.
-    let l = unsafe { &*(ctx as *const BatchLoop) };
+#[map]
+static LOOP: PerCpuArray<BatchLoop> = PerCpuArray::with_max_entries(1, 0);
+
+extern "C" fn batch_key(index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(slot) = LOOP.get_ptr(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's slot, filled by batch_exit just before the loop.
+    let l = unsafe { &*slot };
     let cfg = config();
     let n = key_len(l.key_size);
     if n == 0 {

@@ -246,6 +246,44 @@ fn kernel() -> Result<Kernel> {
     Ok(k)
 }
 
+/// Debian's static busybox, unpacked from its package into the cache (not installed: the
+/// host's /bin/busybox may be the dynamic `busybox` package, which conflicts with it).
+fn busybox() -> Result<PathBuf> {
+    let package = "busybox-static";
+    let policy = output(Command::new("apt-cache").args(["policy", package]))?;
+    let version = policy
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Candidate:"))
+        .map(|v| v.trim().to_string())
+        .filter(|v| v != "(none)")
+        .context("apt knows no package busybox-static: run `apt-get update`")?;
+    let dir = cache_dir().join(format!("{package}_{version}"));
+    let bin = dir.join("root/bin/busybox");
+    if dir.join("ready").exists() {
+        return Ok(bin);
+    }
+    let t = step(&format!("downloading {package} {version}"));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    output(
+        Command::new("apt-get")
+            .current_dir(&dir)
+            .args(["download", &format!("{package}={version}")]),
+    )?;
+    let deb = fs::read_dir(&dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .context("apt-get download produced no .deb")?;
+    output(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(dir.join("root")))?;
+    if !bin.is_file() {
+        bail!("{package} has no bin/busybox");
+    }
+    fs::remove_file(&deb)?;
+    fs::write(dir.join("ready"), format!("{package} {version}\n"))?;
+    done(t, "busybox ready");
+    Ok(bin)
+}
+
 /// The ELF kernel inside a Debian bzImage (xz payload). qemu boots an ELF vmlinux through its
 /// PVH note, which skips the firmware and the in-guest decompression (about 3 s under TCG).
 fn extract_vmlinux(bz: &[u8]) -> Result<Vec<u8>> {
@@ -376,13 +414,13 @@ fn libraries(bin: &str) -> Result<Vec<PathBuf>> {
 }
 
 /// The base initramfs: busybox, modules, tools, /init.
-fn base_initramfs(k: &Kernel) -> Result<Vec<u8>> {
+fn base_initramfs(k: &Kernel, busybox: &Path) -> Result<Vec<u8>> {
     let mut c = Cpio::default();
     for d in ["proc", "sys", "dev", "tmp", "run", "root", "etc", "usr/bin", "sbin", "var"] {
         c.dir(d);
     }
     c.symlink("var/run", "../run");
-    c.copy(Path::new("/bin/busybox"), "bin/busybox")?;
+    c.copy(busybox, "bin/busybox")?;
     // The kernel's request_module runs /sbin/modprobe.
     c.symlink("sbin/modprobe", "../bin/busybox");
     c.file("init", 0o755, INIT.as_bytes());
@@ -662,7 +700,6 @@ fn parse_results(text: &str) -> (Vec<CheckResult>, String) {
 pub fn guest(root: &Path, timeout: Duration) -> Result<GuestOutcome> {
     for (tool, pkg) in [
         ("qemu-system-x86_64", "qemu-system-x86"),
-        ("/bin/busybox", "busybox-static"),
         ("xz", "xz-utils"),
         ("depmod", "kmod"),
         ("strip", "binutils"),
@@ -676,13 +713,14 @@ pub fn guest(root: &Path, timeout: Duration) -> Result<GuestOutcome> {
     }
     let t_prep = Instant::now();
     let k = kernel()?;
+    let busybox = busybox()?;
     let work = cache_dir().join("run");
     fs::create_dir_all(&work)?;
     let t = step("building the detector and its tests for musl (static)");
     let (tests, detector) = build_musl(root)?;
     done(t, "built");
     let t = step("building the initramfs");
-    let mut initrd = base_initramfs(&k)?;
+    let mut initrd = base_initramfs(&k, &busybox)?;
     initrd.extend(payload(&tests, &detector, &work)?);
     let initrd_path = work.join("initrd.cpio");
     fs::write(&initrd_path, &initrd)?;
