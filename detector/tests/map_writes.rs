@@ -2,7 +2,8 @@
 //! program) inserts the key of a new flow and stamps it on every packet; the test then deletes
 //! the key from userspace. On backends with a hook in the hash-map code (kprobe, fentry on
 //! `htab_lru_map_update_elem`/`htab_lru_map_delete_elem`) `detector run` must report the
-//! datapath's insert and the userspace delete with the flow's exact key; on the tracepoint
+//! datapath's insert with the flow's exact key (and, with fentry, the userspace delete through
+//! the same function; kprobes do not fire inside bpf(2)'s map operations); on the tracepoint
 //! backend it must say that datapath writes are not observable, and report none.
 
 mod common;
@@ -97,7 +98,8 @@ fn datapath_writes_are_seen() {
         .unwrap();
     let m = Map::LruHashMap(MapData::from_pin(&dp.pin).unwrap());
     let mut h: HashMap<_, [u8; 24], [u8; 16]> = HashMap::try_from(m).unwrap();
-    h.remove(&raw).expect("the datapath inserted the flow's key");
+    h.remove(&raw)
+        .expect("the datapath inserted the flow's key");
     sleep(Duration::from_millis(300));
     let (events, stderr) = det.stop();
     // "... with the kprobe backend; traces in ..."
@@ -108,10 +110,7 @@ fn datapath_writes_are_seen() {
         .unwrap_or_default();
 
     let ours = |e: &Value| e["key"]["sport"] == sport && e["key"]["dport"] == PORT;
-    let writes: Vec<&Value> = events
-        .iter()
-        .filter(|e| e["type"] == "map_write")
-        .collect();
+    let writes: Vec<&Value> = events.iter().filter(|e| e["type"] == "map_write").collect();
     match backend {
         "kprobe" | "fentry" => {
             assert!(
@@ -134,12 +133,19 @@ fn datapath_writes_are_seen() {
                 .copied()
                 .filter(|e| e["op"] == "delete" && e["by"] == "userspace" && ours(e))
                 .collect();
-            assert_eq!(deletes.len(), 1, "the userspace delete: {writes:#?}");
-            assert_eq!(deletes[0]["pid"], std::process::id());
-            assert!(
-                deletes[0]["ts_ns"].as_u64() > inserts[0]["ts_ns"].as_u64(),
-                "delete after insert"
-            );
+            if backend == "fentry" {
+                assert_eq!(deletes.len(), 1, "the userspace delete: {writes:#?}");
+                assert_eq!(deletes[0]["pid"], std::process::id());
+                assert!(
+                    deletes[0]["ts_ns"].as_u64() > inserts[0]["ts_ns"].as_u64(),
+                    "delete after insert"
+                );
+            } else {
+                // bpf(2) runs the map's operations with bpf_prog_active raised
+                // (bpf_disable_instrumentation), which skips kprobe programs (fentry has its
+                // own recursion guard): userspace writes are seen by the syscall probes only.
+                assert!(deletes.is_empty(), "{writes:#?}");
+            }
         }
         "tracepoint" => {
             assert!(

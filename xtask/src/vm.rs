@@ -175,9 +175,9 @@ fn output(cmd: &mut Command) -> Result<String> {
 }
 
 fn need(tool: &str, package: &str) -> Result<()> {
-    let found = std::env::var_os("PATH").is_some_and(|p| {
-        std::env::split_paths(&p).any(|d| d.join(tool).is_file())
-    }) || Path::new(tool).is_file();
+    let found = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        || Path::new(tool).is_file();
     if !found {
         bail!("vm-test needs `{tool}` (Debian package {package}): run ./scripts/setup.sh");
     }
@@ -218,7 +218,10 @@ fn kernel() -> Result<Kernel> {
         vmlinux: dir.join("vmlinux"),
     };
     if dir.join("ready").exists() {
-        println!("vm-test: kernel {package} {version} (cached in {})", dir.display());
+        println!(
+            "vm-test: kernel {package} {version} (cached in {})",
+            dir.display()
+        );
         return Ok(k);
     }
     let t = step(&format!("downloading {package} {version}"));
@@ -274,7 +277,12 @@ fn busybox() -> Result<PathBuf> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|e| e == "deb"))
         .context("apt-get download produced no .deb")?;
-    output(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(dir.join("root")))?;
+    output(
+        Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(&deb)
+            .arg(dir.join("root")),
+    )?;
     if !bin.is_file() {
         bail!("{package} has no bin/busybox");
     }
@@ -416,7 +424,9 @@ fn libraries(bin: &str) -> Result<Vec<PathBuf>> {
 /// The base initramfs: busybox, modules, tools, /init.
 fn base_initramfs(k: &Kernel, busybox: &Path) -> Result<Vec<u8>> {
     let mut c = Cpio::default();
-    for d in ["proc", "sys", "dev", "tmp", "run", "root", "etc", "usr/bin", "sbin", "var"] {
+    for d in [
+        "proc", "sys", "dev", "tmp", "run", "root", "etc", "usr/bin", "sbin", "var",
+    ] {
         c.dir(d);
     }
     c.symlink("var/run", "../run");
@@ -433,12 +443,12 @@ fn base_initramfs(k: &Kernel, busybox: &Path) -> Result<Vec<u8>> {
     // Modules with their dependencies, in the guest's module tree.
     let mut files = std::collections::BTreeSet::new();
     for m in MODULES {
-        let deps = output(
-            Command::new("modprobe")
-                .arg("-d")
-                .arg(&k.root)
-                .args(["-S", &k.release, "--show-depends", m]),
-        )?;
+        let deps = output(Command::new("modprobe").arg("-d").arg(&k.root).args([
+            "-S",
+            &k.release,
+            "--show-depends",
+            m,
+        ]))?;
         for l in deps.lines() {
             if let Some(f) = l.strip_prefix("insmod ") {
                 files.insert(f.split_whitespace().next().unwrap_or_default().to_string());
@@ -561,7 +571,11 @@ fn payload(tests: &BTreeMap<String, PathBuf>, detector: &Path, work: &Path) -> R
     c.file(&det, 0o755, &stripped(detector, work)?);
     c.file("payload/detector-path", 0o644, det.as_bytes());
     for (name, path) in tests {
-        c.file(&format!("payload/bin/{name}"), 0o755, &stripped(path, work)?);
+        c.file(
+            &format!("payload/bin/{name}"),
+            0o755,
+            &stripped(path, work)?,
+        );
     }
     let checks: String = CHECKS
         .iter()
@@ -601,22 +615,29 @@ fn boot(k: &Kernel, initrd: &Path, work: &Path, kvm: bool, timeout: Duration) ->
     } else {
         cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max"]);
     }
-    cmd.args(["-smp", "2", "-m", "1536M", "-nodefaults", "-display", "none", "-no-reboot"])
-        .arg("-serial")
-        .arg(format!("file:{}", console.display()))
-        .arg("-serial")
-        .arg(format!("file:{}", results.display()))
-        .arg("-kernel")
-        .arg(&k.vmlinux)
-        .arg("-initrd")
-        .arg(initrd)
-        .arg("-append")
-        .arg(
-            "console=ttyS0 panic=-1 quiet loglevel=3 cryptomgr.notests mitigations=off nokaslr",
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    cmd.args([
+        "-smp",
+        "2",
+        "-m",
+        "1536M",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-no-reboot",
+    ])
+    .arg("-serial")
+    .arg(format!("file:{}", console.display()))
+    .arg("-serial")
+    .arg(format!("file:{}", results.display()))
+    .arg("-kernel")
+    .arg(&k.vmlinux)
+    .arg("-initrd")
+    .arg(initrd)
+    .arg("-append")
+    .arg("console=ttyS0 panic=-1 quiet loglevel=3 cryptomgr.notests mitigations=off nokaslr")
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
     let t0 = Instant::now();
     let mut child = cmd.spawn().context("starting qemu-system-x86_64")?;
     let mut timed_out = false;
@@ -749,7 +770,10 @@ pub fn guest(root: &Path, timeout: Duration) -> Result<GuestOutcome> {
         break;
     }
     let fail = |why: String| -> anyhow::Error {
-        println!("----- guest console -----\n{}\n----- end of console -----", b.console);
+        println!(
+            "----- guest console -----\n{}\n----- end of console -----",
+            b.console
+        );
         anyhow::anyhow!(why)
     };
     if b.timed_out {
@@ -769,7 +793,10 @@ pub fn guest(root: &Path, timeout: Duration) -> Result<GuestOutcome> {
     if std::env::var_os("DETECTOR_VM_CONSOLE").is_some()
         || results.iter().any(|r| r.status == Status::Fail)
     {
-        println!("----- guest console -----\n{}\n----- end of console -----", b.console);
+        println!(
+            "----- guest console -----\n{}\n----- end of console -----",
+            b.console
+        );
     }
     Ok(GuestOutcome {
         results,
@@ -882,8 +909,8 @@ pub fn passed_tests(text: &str) -> Vec<String> {
 pub fn print_table(guest: &[CheckResult], host: &[CheckResult]) {
     println!();
     println!(
-        "{:<24}{:<12}{:<14}{:<14}{}",
-        "check", "backend", "guest 6.1", "host", "detail (guest; host when it differs)"
+        "{:<24}{:<12}{:<14}{:<14}detail (guest; host when it differs)",
+        "check", "backend", "guest 6.1", "host"
     );
     let mut rows: Vec<(String, String)> = Vec::new();
     for c in CHECKS.iter().filter(|c| c.scope == "kernel") {
@@ -915,11 +942,7 @@ pub fn print_table(guest: &[CheckResult], host: &[CheckResult]) {
         {
             detail = format!("{detail}; host: {}", h.detail);
         }
-        println!(
-            "{check:<24}{b:<12}{:<14}{:<14}{detail}",
-            word(&g),
-            word(&h)
-        );
+        println!("{check:<24}{b:<12}{:<14}{:<14}{detail}", word(&g), word(&h));
     }
 }
 
@@ -966,13 +989,11 @@ pub fn failures(g: &GuestOutcome, host: &[CheckResult]) -> Vec<String> {
 /// `cargo xtask vm-test`: the guest, then the host's own run of the same tests.
 pub fn vm_test(root: &Path, timeout: Duration, host_too: bool) -> Result<(u64, u64)> {
     let g = guest(root, timeout)?;
-    let (host_results, host_passed) = if host_too {
-        let passed = host_tests(root)?;
-        (host(root, &passed, true)?, passed)
+    let host_results = if host_too {
+        host(root, &host_tests(root)?, true)?
     } else {
-        (host(root, &Default::default(), false)?, Default::default())
+        host(root, &Default::default(), false)?
     };
-    let _ = host_passed;
     report(&g, &host_results)
 }
 
@@ -988,7 +1009,11 @@ pub fn report(g: &GuestOutcome, host: &[CheckResult]) -> Result<(u64, u64)> {
         g.boot_to_end.as_secs_f64()
     );
     let f = failures(g, host);
-    let passed = g.results.iter().filter(|r| r.status == Status::Pass).count() as u64;
+    let passed = g
+        .results
+        .iter()
+        .filter(|r| r.status == Status::Pass)
+        .count() as u64;
     let failed = f.len() as u64;
     for x in &f {
         println!("vm-test FAILED: {x}");

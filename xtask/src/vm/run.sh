@@ -15,7 +15,7 @@ DETECTOR=$(cat /payload/detector-path)
 $DETECTOR doctor > /tmp/doctor.txt 2>&1
 echo "== detector doctor (rc $?)"; cat /tmp/doctor.txt
 auto=$(sed -n 's/^auto picks *\([a-z]*\).*/\1/p' /tmp/doctor.txt)
-result auto doctor pass 0 "${auto:-nothing}: $(sed -n 's/^auto picks *//p' /tmp/doctor.txt)"
+result auto doctor pass 0 "$(sed -n 's/^auto picks *//p' /tmp/doctor.txt)"
 
 run_check() { # backend check binary test
   t0=$(cut -d' ' -f1 /proc/uptime)
