@@ -12,7 +12,7 @@ pub enum Backend {
     /// works for conntrack built as a module. Needs CONFIG_KPROBES.
     Kprobe,
     /// tp_btf skb tracepoints (insert seen on the entry's first transmitted/consumed packet,
-    /// tens of microseconds late) + tp_btf `kmem_cache_free` on the nf_conntrack cache.
+    /// tens of microseconds late) + raw tracepoint `kmem_cache_free` on the nf_conntrack cache.
     Tracepoint,
 }
 
@@ -40,6 +40,8 @@ impl BackendChoice {
 pub enum Attach {
     /// tp_btf on a tracepoint name.
     TpBtf(&'static str),
+    /// A raw tracepoint (arguments as plain u64, no BTF type checks) on a tracepoint name.
+    RawTp(&'static str),
     /// A classic (perf) tracepoint: category and name.
     Tracepoint(&'static str, &'static str),
     /// kprobe or kretprobe (decided by the program's section) on a kernel function.
@@ -52,6 +54,7 @@ impl Attach {
     pub fn describe(&self) -> String {
         match self {
             Attach::TpBtf(t) => format!("tp_btf/{t}"),
+            Attach::RawTp(t) => format!("raw_tp/{t}"),
             Attach::Tracepoint(c, n) => format!("tracepoint/{c}/{n}"),
             Attach::KProbe(f) => format!("kprobe/{f}"),
             Attach::FEntry(f) => format!("fentry/{f}"),
@@ -70,7 +73,7 @@ pub struct ProgSpec {
 const TRACEPOINT: &[ProgSpec] = &[
     ProgSpec {
         name: "ct_destroy_kmem_cache_free",
-        attach: Attach::TpBtf("kmem_cache_free"),
+        attach: Attach::RawTp("kmem_cache_free"),
     },
     ProgSpec {
         name: "ct_new_net_dev_queue",

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use aya::{
     Btf, Ebpf, EbpfLoader, Endianness,
     maps::{MapData, PerCpuArray},
-    programs::{BtfTracePoint, FEntry, FExit, KProbe, ProgramError, TracePoint},
+    programs::{BtfTracePoint, FEntry, FExit, KProbe, ProgramError, RawTracePoint, TracePoint},
 };
 use detector_common::{ProbeConfig, TargetMap, counter};
 use thiserror::Error;
@@ -202,7 +202,7 @@ impl Probe {
             .iter()
             .filter_map(|p| match p.attach {
                 Attach::KProbe(f) | Attach::FEntry(f) | Attach::FExit(f) => Some(f),
-                Attach::TpBtf(_) | Attach::Tracepoint(..) => None,
+                Attach::TpBtf(_) | Attach::RawTp(_) | Attach::Tracepoint(..) => None,
             })
             .collect();
         match backend {
@@ -263,6 +263,10 @@ impl Probe {
                 let p: &mut BtfTracePoint = prog.try_into()?;
                 p.load(tp, btf)
             }
+            Attach::RawTp(_) => {
+                let p: &mut RawTracePoint = prog.try_into()?;
+                p.load()
+            }
             Attach::Tracepoint(..) => {
                 let p: &mut TracePoint = prog.try_into()?;
                 p.load()
@@ -290,6 +294,7 @@ impl Probe {
             // Unloading a program that never loaded fails harmlessly.
             let _ = match spec.attach {
                 Attach::TpBtf(_) => <&mut BtfTracePoint>::try_from(prog).and_then(|p| p.unload()),
+                Attach::RawTp(_) => <&mut RawTracePoint>::try_from(prog).and_then(|p| p.unload()),
                 Attach::KProbe(_) => <&mut KProbe>::try_from(prog).and_then(|p| p.unload()),
                 Attach::FEntry(_) => <&mut FEntry>::try_from(prog).and_then(|p| p.unload()),
                 Attach::FExit(_) => <&mut FExit>::try_from(prog).and_then(|p| p.unload()),
@@ -362,6 +367,9 @@ impl Probe {
         let res = match spec.attach {
             Attach::TpBtf(_) => {
                 <&mut BtfTracePoint>::try_from(prog).and_then(|p| p.attach().map(drop))
+            }
+            Attach::RawTp(name) => {
+                <&mut RawTracePoint>::try_from(prog).and_then(|p| p.attach(name).map(drop))
             }
             Attach::Tracepoint(category, name) => {
                 <&mut TracePoint>::try_from(prog).and_then(|p| p.attach(category, name).map(drop))

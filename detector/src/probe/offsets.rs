@@ -91,6 +91,12 @@ pub fn resolve(btf: &KernelBtf) -> Result<(ProbeConfig, Vec<Resolved>), BtfError
             offset,
         });
     }
+    // kmem_cache_free(call_site, ptr, s): `s` became the cache itself in 6.2; before, it was
+    // the cache's name. Undescribed: assume the current form.
+    cfg.kmem_free_arg_cache = u32::from(
+        btf.tracepoint_arg_is_struct("kmem_cache_free", 2, "kmem_cache")
+            .unwrap_or(true),
+    );
     Ok((cfg, list))
 }
 
