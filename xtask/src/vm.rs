@@ -196,6 +196,26 @@ fn need(tool: &str, package: &str) -> Result<()> {
     Ok(())
 }
 
+/// The version apt would download for `package`, from the local apt lists (the cache key).
+/// Lists that do not know the package (a fresh image with empty lists) are updated once.
+fn candidate(package: &str) -> Result<Option<String>> {
+    let lookup = || -> Result<Option<String>> {
+        let policy = output(Command::new("apt-cache").args(["policy", package]))?;
+        Ok(policy
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Candidate:"))
+            .map(|v| v.trim().to_string())
+            .filter(|v| v != "(none)"))
+    };
+    if let Some(v) = lookup()? {
+        return Ok(Some(v));
+    }
+    let t = step("apt-get update (the apt lists do not know the guest's packages)");
+    output(Command::new("apt-get").args(["update", "-qq"]))?;
+    done(t, "apt lists updated");
+    lookup()
+}
+
 /// The unpacked kernel package: its release name, the module tree root and a bootable vmlinux.
 struct Kernel {
     release: String,
@@ -210,19 +230,12 @@ fn kernel() -> Result<Kernel> {
         .strip_prefix("linux-image-")
         .with_context(|| format!("DETECTOR_VM_KERNEL={package} is not a linux-image-* package"))?
         .to_string();
-    // The candidate version from the local apt lists (no network): the cache key.
-    let policy = output(Command::new("apt-cache").args(["policy", &package]))?;
-    let version = policy
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Candidate:"))
-        .map(|v| v.trim().to_string())
-        .filter(|v| v != "(none)")
-        .with_context(|| {
-            format!(
-                "apt knows no package {package}: run `apt-get update` (scripts/setup.sh does), \
-                 or set DETECTOR_VM_KERNEL to a linux-image-6.1.0-*-amd64 package apt has"
-            )
-        })?;
+    let version = candidate(&package)?.with_context(|| {
+        format!(
+            "apt knows no package {package} (even after apt-get update): set \
+             DETECTOR_VM_KERNEL to a linux-image-6.1.0-*-amd64 package apt has"
+        )
+    })?;
     let dir = cache_dir().join(format!("{package}_{version}"));
     let k = Kernel {
         release: release.clone(),
@@ -265,13 +278,8 @@ fn kernel() -> Result<Kernel> {
 /// host's /bin/busybox may be the dynamic `busybox` package, which conflicts with it).
 fn busybox() -> Result<PathBuf> {
     let package = "busybox-static";
-    let policy = output(Command::new("apt-cache").args(["policy", package]))?;
-    let version = policy
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Candidate:"))
-        .map(|v| v.trim().to_string())
-        .filter(|v| v != "(none)")
-        .context("apt knows no package busybox-static: run `apt-get update`")?;
+    let version = candidate(package)?
+        .context("apt knows no package busybox-static (even after apt-get update)")?;
     let dir = cache_dir().join(format!("{package}_{version}"));
     let bin = dir.join("root/bin/busybox");
     if dir.join("ready").exists() {
@@ -508,7 +516,10 @@ fn base_initramfs(k: &Kernel, busybox: &Path) -> Result<Vec<u8>> {
 /// the detector binary's path (the tests find it at the path cargo compiled into them).
 fn build_musl(root: &Path) -> Result<(BTreeMap<String, PathBuf>, PathBuf)> {
     let mut cmd = Command::new("cargo");
+    // Release code (the guest is emulated: debug builds of the BTF parsing and the tests are
+    // slow there) without debug info (stripped anyway; it costs compile and link time).
     cmd.current_dir(root)
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
         .args([
             "test",
             "--release",
@@ -1036,25 +1047,4 @@ pub fn report(g: &GuestOutcome, host: &[CheckResult]) -> Result<(u64, u64)> {
         println!("vm-test FAILED: {x}");
     }
     Ok((passed, failed))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn results_parse() {
-        let (r, auto) = parse_results(
-            "RESULT auto doctor pass 0 kprobe: the most precise\r\n\
-             RESULT kprobe conntrack-new-destroy pass 12.5 conntrack_events::x\n\
-             RESULT fentry conntrack-new-destroy unsupported 0 nf_ct_destroy lives in module\n\
-             junk\nVMTEST-END rc=0\n",
-        );
-        assert_eq!(auto, "kprobe: the most precise");
-        assert_eq!(r.len(), 2);
-        assert_eq!(r[0].status, Status::Pass);
-        assert_eq!(r[0].secs, 12.5);
-        assert_eq!(r[1].status, Status::Unsupported);
-        assert_eq!(r[1].detail, "nf_ct_destroy lives in module");
-    }
 }
