@@ -62,6 +62,8 @@ pub struct CheckSpec {
     /// Test target (`lib` for the detector library's unit tests).
     pub target: &'static str,
     pub test: &'static str,
+    /// Extra environment for the test (`-`: none), e.g. forcing a hook.
+    pub env: &'static str,
 }
 
 pub const CHECKS: &[CheckSpec] = &[
@@ -70,42 +72,56 @@ pub const CHECKS: &[CheckSpec] = &[
         name: "btf-offsets",
         target: "lib",
         test: "probe::offsets::tests::resolves_every_field_on_this_kernel",
+        env: "-",
     },
     CheckSpec {
         scope: "kernel",
         name: "module-split-btf",
         target: "lib",
         test: "probe::offsets::tests::module_split_btf_on_this_kernel",
+        env: "-",
     },
     CheckSpec {
         scope: "backend",
         name: "conntrack-new-destroy",
         target: "conntrack_events",
         test: "new_expired_and_killed",
+        env: "-",
     },
     CheckSpec {
         scope: "backend",
         name: "agent-deletes-race",
         target: "agent_races",
         test: "wrongful_deletes_are_races_v4_24",
+        env: "-",
     },
     CheckSpec {
         scope: "backend",
         name: "agent-batch-deletes",
         target: "agent_races",
         test: "batch_deletes_are_judged_key_by_key",
+        env: "-",
     },
     CheckSpec {
         scope: "backend",
         name: "agent-ipv6-keys",
         target: "agent_races",
         test: "ipv6_keys_are_judged_in_the_kernel",
+        env: "-",
     },
     CheckSpec {
         scope: "backend",
         name: "datapath-writes",
         target: "map_writes",
         test: "datapath_writes_are_seen",
+        env: "-",
+    },
+    CheckSpec {
+        scope: "backend",
+        name: "datapath-writes-kprobe",
+        target: "map_writes",
+        test: "datapath_writes_are_seen",
+        env: "DETECTOR_WRITES_HOOK=kprobe",
     },
 ];
 
@@ -602,7 +618,7 @@ fn payload(tests: &BTreeMap<String, PathBuf>, detector: &Path, work: &Path) -> R
     }
     let checks: String = CHECKS
         .iter()
-        .map(|c| format!("{} {} {} {}\n", c.scope, c.name, c.target, c.test))
+        .map(|c| format!("{} {} {} {} {}\n", c.scope, c.name, c.target, c.test, c.env))
         .collect();
     c.file("payload/checks", 0o644, checks.as_bytes());
     c.file("payload/run.sh", 0o755, RUN.as_bytes());

@@ -154,14 +154,29 @@ const FENTRY_WRITES: &[ProgSpec] = &[
     },
 ];
 
+/// Where the agent map's writes inside the kernel are hooked, for the backends that can.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WritesHook {
+    /// fentry where it loads (cheaper, and it also sees bpf(2)'s own map operations), else
+    /// kprobe (kprobe backend only).
+    Auto,
+    Fentry,
+    Kprobe,
+}
+
 impl Backend {
-    /// Programs that see the agent map's writes inside the kernel (the datapath's inserts and
-    /// updates); none on the tracepoint backend.
-    pub fn datapath_programs(self) -> &'static [ProgSpec] {
-        match self {
-            Backend::Fentry => FENTRY_WRITES,
-            Backend::Kprobe => KPROBE_WRITES,
-            Backend::Tracepoint => &[],
+    /// The hooks that can see the agent map's writes inside the kernel (the datapath's inserts
+    /// and updates), in order of preference: the first whose programs load is used. None on
+    /// the tracepoint backend. The fentry ones are on vmlinux functions, so the kprobe backend
+    /// (picked when conntrack's functions are in a module) can still use them.
+    pub fn write_hooks(self, hook: WritesHook) -> Vec<(&'static str, &'static [ProgSpec])> {
+        let fentry = ("fentry", FENTRY_WRITES);
+        let kprobe = ("kprobe", KPROBE_WRITES);
+        match (self, hook) {
+            (Backend::Tracepoint, _) => vec![],
+            (_, WritesHook::Fentry) | (Backend::Fentry, WritesHook::Auto) => vec![fentry],
+            (_, WritesHook::Kprobe) => vec![kprobe],
+            (Backend::Kprobe, WritesHook::Auto) => vec![fentry, kprobe],
         }
     }
 

@@ -18,7 +18,7 @@ use aya::{
 use detector_common::{ProbeConfig, TargetMap, counter};
 use thiserror::Error;
 
-pub use backend::{Attach, Backend, BackendChoice, ProgSpec};
+pub use backend::{Attach, Backend, BackendChoice, ProgSpec, WritesHook};
 use btf::{BtfError, KernelBtf};
 use offsets::Resolved;
 
@@ -92,6 +92,8 @@ pub struct ProbeSettings {
     pub watch_agent: bool,
     /// How long after a race the flow's dropped packets are reported, in ms.
     pub drop_watch_ms: u32,
+    /// Where the agent map's in-kernel writes are hooked.
+    pub writes_hook: WritesHook,
 }
 
 impl Default for ProbeSettings {
@@ -104,6 +106,7 @@ impl Default for ProbeSettings {
             max_entries: 262_144,
             watch_agent: false,
             drop_watch_ms: 5_000,
+            writes_hook: WritesHook::Auto,
         }
     }
 }
@@ -124,6 +127,9 @@ pub struct Probe {
     pub offsets: Vec<Resolved>,
     pub config: ProbeConfig,
     watch_agent: bool,
+    writes_hook: WritesHook,
+    /// The hook the map's writes were attached with (see `attach_agent`).
+    writes_hooked: Option<&'static str>,
 }
 
 impl Probe {
@@ -167,6 +173,8 @@ impl Probe {
             offsets,
             config,
             watch_agent: settings.watch_agent,
+            writes_hook: settings.writes_hook,
+            writes_hooked: None,
         })
     }
 
@@ -287,7 +295,11 @@ impl Probe {
     }
 
     fn unload(&mut self, backend: Backend) {
-        for spec in backend.programs() {
+        self.unload_specs(backend.programs());
+    }
+
+    fn unload_specs(&mut self, specs: &[ProgSpec]) {
+        for spec in specs {
             let Some(prog) = self.ebpf.program_mut(spec.name) else {
                 continue;
             };
@@ -394,18 +406,31 @@ impl Probe {
         for spec in backend::AGENT {
             self.load_and_attach(spec)?;
         }
-        let writes = backend.datapath_programs();
-        if writes.is_empty() {
+        let hooks = backend.write_hooks(self.writes_hook);
+        if hooks.is_empty() {
             return Ok(Some(format!(
                 "the {backend} backend has no hook in the hash-map code"
             )));
         }
-        for spec in writes {
-            if let Err(e) = self.load_and_attach(spec) {
-                return Ok(Some(e.to_string()));
+        let mut why = Vec::new();
+        'hooks: for (name, specs) in hooks {
+            for spec in specs {
+                if let Err(e) = self.load_and_attach(spec) {
+                    // Detach what did attach, so a fallback hook does not double the events.
+                    self.unload_specs(specs);
+                    why.push(format!("{name}: {e}"));
+                    continue 'hooks;
+                }
             }
+            self.writes_hooked = Some(name);
+            return Ok(None);
         }
-        Ok(None)
+        Ok(Some(why.join("; ")))
+    }
+
+    /// The hook the agent map's writes are seen with (`fentry`/`kprobe`), once attached.
+    pub fn writes_hook(&self) -> Option<&'static str> {
+        self.writes_hooked
     }
 
     /// Tells the kernel programs to watch map `id` (with the key layout in `target`).

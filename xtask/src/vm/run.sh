@@ -17,12 +17,14 @@ echo "== detector doctor (rc $?)"; cat /tmp/doctor.txt
 auto=$(sed -n 's/^auto picks *\([a-z]*\).*/\1/p' /tmp/doctor.txt)
 result auto doctor pass 0 "$(sed -n 's/^auto picks *//p' /tmp/doctor.txt)"
 
-run_check() { # backend check binary test
+run_check() { # backend check binary test env
   t0=$(cut -d' ' -f1 /proc/uptime)
+  extra=""
+  [ "$5" = - ] || extra="$5"
   if [ "$1" = - ]; then
-    /payload/bin/$3 --exact "$4" --test-threads=1 > /tmp/check.out 2>&1
+    env $extra /payload/bin/$3 --exact "$4" --test-threads=1 > /tmp/check.out 2>&1
   else
-    DETECTOR_BACKEND=$1 /payload/bin/$3 --exact "$4" --test-threads=1 > /tmp/check.out 2>&1
+    env $extra DETECTOR_BACKEND=$1 /payload/bin/$3 --exact "$4" --test-threads=1 > /tmp/check.out 2>&1
   fi
   rc=$?
   t1=$(cut -d' ' -f1 /proc/uptime)
@@ -35,20 +37,20 @@ run_check() { # backend check binary test
   fi
 }
 
-while read -r scope check bin test; do
+while read -r scope check bin test env; do
   [ "$scope" = kernel ] || continue
-  run_check - "$check" "$bin" "$test"
+  run_check - "$check" "$bin" "$test" "$env"
 done < /payload/checks
 for b in fentry kprobe tracepoint; do
   line=$(grep "^  $b " /tmp/doctor.txt)
   ok=$(echo "$line" | awk '{print $2}')
   reason=$(echo "$line" | sed 's/^ *[a-z]* *no *//')
-  while read -r scope check bin test; do
+  while read -r scope check bin test env; do
     [ "$scope" = backend ] || continue
     if [ "$ok" != yes ]; then
       result "$b" "$check" unsupported 0 "${reason:-not in detector doctor}"
     else
-      run_check "$b" "$check" "$bin" "$test"
+      run_check "$b" "$check" "$bin" "$test" "$env"
     fi
   done < /payload/checks
 done
