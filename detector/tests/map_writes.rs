@@ -122,6 +122,7 @@ fn datapath_writes_are_seen() {
                 .nth(1)
                 .and_then(|s| s.split(' ').next())
                 .unwrap_or_else(|| panic!("datapath writes not observed: {stderr}"));
+            eprintln!("map writes hook: {hook}");
             if let Ok(want) = std::env::var("DETECTOR_WRITES_HOOK")
                 && want != "auto"
             {

@@ -22,15 +22,16 @@ run_check() { # backend check binary test env
   extra=""
   [ "$5" = - ] || extra="$5"
   if [ "$1" = - ]; then
-    env $extra /payload/bin/$3 --exact "$4" --test-threads=1 > /tmp/check.out 2>&1
+    env $extra /payload/bin/$3 --exact "$4" --test-threads=1 --nocapture > /tmp/check.out 2>&1
   else
-    env $extra DETECTOR_BACKEND=$1 /payload/bin/$3 --exact "$4" --test-threads=1 > /tmp/check.out 2>&1
+    env $extra DETECTOR_BACKEND=$1 /payload/bin/$3 --exact "$4" --test-threads=1 --nocapture > /tmp/check.out 2>&1
   fi
   rc=$?
   t1=$(cut -d' ' -f1 /proc/uptime)
   dt=$(awk "BEGIN{printf \"%.1f\", $t1 - $t0}")
   if [ $rc -eq 0 ] && grep -q "test result: ok. 1 passed" /tmp/check.out; then
-    result "$1" "$2" pass "$dt" "$3::$4"
+    note=$(grep -m1 -o 'map writes hook: [a-z]*' /tmp/check.out)
+    result "$1" "$2" pass "$dt" "$3::$4${note:+ ($note)}"
   else
     echo "== $1 $2 failed (rc $rc):"; cat /tmp/check.out
     result "$1" "$2" fail "$dt" "$3::$4 rc=$rc: $(grep -m1 -E 'panicked|error' /tmp/check.out | cut -c1-300)"
