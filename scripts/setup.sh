@@ -18,6 +18,10 @@ APT_PACKAGES=(iproute2 nftables conntrack util-linux procps kmod gcc libc6-dev)
 # deploy/: python3-venv for the manifest validator's venv (kubernetes-validate from PyPI),
 # busybox to test the tuner script under the shell of its busybox image.
 APT_PACKAGES+=(python3-venv busybox)
+# `cargo xtask vm-test` (the Debian 6.1 guest): qemu, xz to unpack the kernel image, strip for
+# the test binaries. (The guest's kernel and static busybox are fetched with apt-get download
+# into ~/.cache/detector/vm, never installed.)
+APT_PACKAGES+=(qemu-system-x86 xz-utils binutils)
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/detector
 CARGO_BIN=${CARGO_HOME:-$HOME/.cargo}/bin
 
@@ -57,7 +61,8 @@ fi
 rustup component list --installed --toolchain "$NIGHTLY" 2>/dev/null | grep -q '^rust-src' \
   || rustup component add --toolchain "$NIGHTLY" rust-src >/dev/null
 
-# The static (musl) target for `cargo xtask image`.
+# The static (musl) target: `cargo xtask image`, and the vm-test guest's test binaries
+# (the initramfs has no glibc for them).
 rustup target list --installed --toolchain "$STABLE" 2>/dev/null | grep -q '^x86_64-unknown-linux-musl$' \
   || rustup target add --toolchain "$STABLE" x86_64-unknown-linux-musl >/dev/null
 

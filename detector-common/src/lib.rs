@@ -381,6 +381,9 @@ pub struct ProbeConfig {
     pub skb_protocol: u32,
     /// How long after a race the flow's dropped packets are reported, in ms.
     pub drop_watch_ms: u32,
+    /// 1 when the third argument of the `kmem_cache_free` tracepoint is the cache
+    /// (`struct kmem_cache *`, kernels from 6.2), 0 when it is the cache's name (6.1 and older).
+    pub kmem_free_arg_cache: u32,
 }
 
 impl ProbeConfig {
@@ -415,6 +418,7 @@ impl ProbeConfig {
         skb_network_header: 0,
         skb_protocol: 0,
         drop_watch_ms: 0,
+        kmem_free_arg_cache: 0,
     };
 }
 
@@ -458,7 +462,7 @@ const _: () = {
                 + size_of::<TaskInfo>()
     );
     assert!(size_of::<CtEvent>().is_multiple_of(8));
-    assert!(size_of::<ProbeConfig>() == 29 * 4);
+    assert!(size_of::<ProbeConfig>() == 30 * 4);
     assert!(
         size_of::<PacketDropEvent>() == size_of::<EventHeader>() + size_of::<Tuple>() + 4 + 4 + 8
     );

@@ -16,7 +16,7 @@ use aya_ebpf::{
         bpf_probe_read_kernel_buf, bpf_probe_read_user, bpf_probe_read_user_buf,
     },
     macros::{btf_tracepoint, fentry, kprobe, map, tracepoint},
-    maps::{Array, HashMap, LruHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::{BtfTracePointContext, FEntryContext, ProbeContext, TracePointContext},
 };
 use detector_common::{
@@ -30,6 +30,10 @@ use crate::emit::{EVENTS, bump, bump_by, config, header, output, task};
 /// Watched maps by id, written by userspace (and rewritten when the agent re-creates its map).
 #[map]
 static TARGETS: HashMap<u32, TargetMap> = HashMap::with_max_entries(16, 0);
+
+/// One record under construction per CPU (see `agent_delete_enter`).
+#[map]
+static SCRATCH: PerCpuArray<MapDeleteEvent> = PerCpuArray::with_max_entries(1, 0);
 
 /// Deletes between syscall entry and exit, by thread.
 #[map]
@@ -100,6 +104,22 @@ fn key_len(size: u32) -> usize {
     }
 }
 
+/// An offset into a key, as an index the verifier can bound on every kernel. The offsets come
+/// from a map; a range check on them alone was not enough on 6.1, whose verifier lost the
+/// bound when the compiler checked one copy of the value and indexed with another (spilled
+/// before the check): "invalid unbounded variable-offset read from stack". The volatile read
+/// makes the value opaque to the compiler, so the mask it cannot prove redundant stays, and the
+/// register that indexes carries the bound itself.
+#[inline(always)]
+fn key_index(off: u32) -> Option<usize> {
+    if off as usize >= MAX_KEY {
+        return None;
+    }
+    let off = off as usize;
+    // SAFETY: a read of a local.
+    Some(unsafe { core::ptr::read_volatile(&off) } & (MAX_KEY - 1))
+}
+
 /// The flow a key names, in the kernel's tuple form (ports in host order, as NPA stores them).
 #[inline(always)]
 fn key_tuple(key: &[u8; MAX_KEY], t: &TargetMap) -> Option<Tuple> {
@@ -112,30 +132,33 @@ fn key_tuple(key: &[u8; MAX_KEY], t: &TargetMap) -> Option<Tuple> {
         family: t.family as u8,
         ..Tuple::default()
     };
-    // Bounds written out so the verifier sees every index is inside `key`.
+    // Each index is bounded on the very register that indexes: see `key_index`.
     let (s, d, sp, dp, pr) = (
-        t.off_src as usize,
-        t.off_dst as usize,
-        t.off_sport as usize,
-        t.off_dport as usize,
-        t.off_proto as usize,
+        key_index(t.off_src)?,
+        key_index(t.off_dst)?,
+        key_index(t.off_sport)?,
+        key_index(t.off_dport)?,
+        key_index(t.off_proto)?,
     );
-    if s > MAX_KEY - 16 || d > MAX_KEY - 16 || sp > MAX_KEY - 2 || dp > MAX_KEY - 2 || pr >= MAX_KEY
-    {
+    if s > MAX_KEY - 16 || d > MAX_KEY - 16 || sp > MAX_KEY - 2 || dp > MAX_KEY - 2 {
         return None;
     }
-    // Fixed-size copies (no per-byte loop): cheap for the verifier, which sees every index
-    // bounded by the check above.
+    // Copies through bpf_probe_read_kernel, from the key's own buffer: the verifier checks a
+    // direct access against the largest masked offset plus the access size, which runs past
+    // the buffer for the later fields (the range check above is on another register).
+    let base = key.as_ptr() as u64;
     if alen == 4 {
-        tuple.src_addr[..4].copy_from_slice(&key[s..s + 4]);
-        tuple.dst_addr[..4].copy_from_slice(&key[d..d + 4]);
+        let src: [u8; 4] = read(base, s as u32);
+        let dst: [u8; 4] = read(base, d as u32);
+        tuple.src_addr[..4].copy_from_slice(&src);
+        tuple.dst_addr[..4].copy_from_slice(&dst);
     } else {
-        tuple.src_addr.copy_from_slice(&key[s..s + 16]);
-        tuple.dst_addr.copy_from_slice(&key[d..d + 16]);
+        tuple.src_addr = read(base, s as u32);
+        tuple.dst_addr = read(base, d as u32);
     }
-    tuple.src_port = u16::from_le_bytes([key[sp], key[sp + 1]]);
-    tuple.dst_port = u16::from_le_bytes([key[dp], key[dp + 1]]);
-    tuple.proto = key[pr];
+    tuple.src_port = u16::from_le_bytes(read(base, sp as u32));
+    tuple.dst_port = u16::from_le_bytes(read(base, dp as u32));
+    tuple.proto = read(base, pr as u32);
     Some(tuple)
 }
 
@@ -238,7 +261,14 @@ pub fn agent_delete_enter(ctx: TracePointContext) -> u32 {
     let Ok(key_ptr) = (unsafe { bpf_probe_read_user((attr + 8) as *const u64) }) else {
         return 0;
     };
-    let mut ev = MapDeleteEvent::ZERO;
+    // Built in a per-CPU scratch slot, not on the stack: with the key decoding inlined the
+    // program's stack passed the 512-byte limit on 6.1 ("combined stack size ... Too large").
+    let Some(slot) = SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's slot; programs do not nest on one CPU here (see `bump`).
+    let ev = unsafe { &mut *slot };
+    *ev = MapDeleteEvent::ZERO;
     ev.hdr = header(
         kind::MAP_DELETE,
         core::mem::size_of::<MapDeleteEvent>(),
@@ -252,12 +282,12 @@ pub fn agent_delete_enter(ctx: TracePointContext) -> u32 {
     if n > 0 {
         let _ = unsafe { bpf_probe_read_user_buf(key_ptr as *const u8, &mut ev.key[..n]) };
     }
-    take_view(&mut ev, &target, &cfg);
+    take_view(ev, &target, &cfg);
     if ev.view == view::LIVE {
-        watch_drops(&ev, &target);
+        watch_drops(ev, &target);
     }
     if PENDING
-        .insert(&bpf_get_current_pid_tgid(), &ev, 0)
+        .insert(&bpf_get_current_pid_tgid(), ev, 0)
         .is_err()
     {
         bump(counter::PENDING_FULL);
@@ -272,9 +302,10 @@ pub fn agent_delete_exit(ctx: TracePointContext) -> u32 {
         let _ = IN_BPF_UPDATE.remove(&key);
         return 0;
     }
-    if let Some(b) = unsafe { PENDING_BATCH.get(&key) }.copied() {
+    if let Some(b) = unsafe { PENDING_BATCH.get(&key) } {
+        // Read into the loop's scratch slot before the entry is removed.
+        batch_exit(b);
         let _ = PENDING_BATCH.remove(&key);
-        batch_exit(&b);
         return 0;
     }
     let Some(pending) = PENDING.get_ptr_mut(&key) else {
@@ -318,28 +349,33 @@ fn batch_exit(b: &BatchPending) {
     if count > MAX_BATCH {
         bump_by(counter::BATCH_TRUNCATED, (count - MAX_BATCH) as u64);
     }
-    let mut l = BatchLoop {
-        b: *b,
-        target,
-        keys,
-        exit_ns: unsafe { bpf_ktime_get_ns() },
-        key_size: b.key_size,
-        _pad: 0,
+    // The loop's state lives in a per-CPU slot that the callback reads back (bpf_loop runs it
+    // on this CPU, synchronously): on the stack it pushed the program's combined stack (this
+    // frame, the callback's and its callee's) past 512 bytes on 6.1.
+    let Some(slot) = LOOP.get_ptr_mut(0) else {
+        return;
     };
+    // SAFETY: this CPU's slot; programs do not nest on one CPU here (see `bump`).
+    let l = unsafe { &mut *slot };
+    l.b = *b;
+    l.target = target;
+    l.keys = keys;
+    l.exit_ns = unsafe { bpf_ktime_get_ns() };
+    l.key_size = b.key_size;
+    l._pad = 0;
     let n = if count > MAX_BATCH { MAX_BATCH } else { count };
-    unsafe {
-        bpf_loop(
-            n,
-            batch_key as *mut c_void,
-            (&mut l as *mut BatchLoop).cast(),
-            0,
-        )
-    };
+    unsafe { bpf_loop(n, batch_key as *mut c_void, core::ptr::null_mut(), 0) };
 }
 
-extern "C" fn batch_key(index: u64, ctx: *mut c_void) -> i64 {
-    // SAFETY: bpf_loop passes back the pointer batch_exit gave it, to its live stack frame.
-    let l = unsafe { &*(ctx as *const BatchLoop) };
+#[map]
+static LOOP: PerCpuArray<BatchLoop> = PerCpuArray::with_max_entries(1, 0);
+
+extern "C" fn batch_key(index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(slot) = LOOP.get_ptr(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's slot, filled by batch_exit just before the loop.
+    let l = unsafe { &*slot };
     let cfg = config();
     let n = key_len(l.key_size);
     if n == 0 {

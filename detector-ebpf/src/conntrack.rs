@@ -2,7 +2,7 @@
 //!
 //! | backend    | NEW                                              | DESTROY                              |
 //! |------------|--------------------------------------------------|--------------------------------------|
-//! | tracepoint | first skb seen carrying a confirmed `_nfct`      | tp_btf kmem_cache_free (nf_conntrack) |
+//! | tracepoint | first skb seen carrying a confirmed `_nfct`      | raw_tp kmem_cache_free (nf_conntrack) |
 //! | kprobe     | kprobe + kretprobe `__nf_conntrack_confirm`      | kprobe `nf_ct_destroy`                |
 //! | fentry     | fexit `__nf_conntrack_confirm`                   | fentry `nf_ct_destroy`                |
 //!
@@ -13,10 +13,11 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_kernel_str_bytes,
     },
-    macros::{btf_tracepoint, fentry, fexit, kprobe, kretprobe, map},
+    macros::{btf_tracepoint, fentry, fexit, kprobe, kretprobe, map, raw_tracepoint},
     maps::{Array, HashMap},
     programs::{
-        BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RetProbeContext,
+        BtfTracePointContext, FEntryContext, FExitContext, ProbeContext, RawTracePointContext,
+        RetProbeContext,
     },
 };
 use detector_common::{
@@ -289,19 +290,26 @@ pub fn ct_new_kfree_skb(ctx: BtfTracePointContext) -> u32 {
     0
 }
 
-/// True when `cache` is the nf_conntrack kmem_cache.
+/// True when the `kmem_cache_free` tracepoint's third argument names the nf_conntrack
+/// kmem_cache. That argument is the cache (`struct kmem_cache *`) from 6.2 on, and the cache's
+/// name (`const char *`) before; both are stable per cache, so after the first match it is
+/// compared by value.
 #[inline(always)]
-fn is_ct_cache(cache: u64) -> bool {
+fn is_ct_cache(arg: u64) -> bool {
     let Some(slot) = CT_CACHE.get_ptr_mut(0) else {
         return false;
     };
     let known = unsafe { *slot };
     if known != 0 {
-        return known == cache;
+        return known == arg;
     }
     // Not resolved yet: compare the name once per free until the first match.
     let cfg = config();
-    let name: u64 = read(cache, cfg.kmem_cache_name);
+    let name: u64 = if cfg.kmem_free_arg_cache != 0 {
+        read(arg, cfg.kmem_cache_name)
+    } else {
+        arg
+    };
     let mut buf = [0u8; 16];
     let Ok(s) = (unsafe { bpf_probe_read_kernel_str_bytes(name as *const u8, &mut buf) }) else {
         return false;
@@ -309,16 +317,17 @@ fn is_ct_cache(cache: u64) -> bool {
     if s != b"nf_conntrack" {
         return false;
     }
-    unsafe { *slot = cache };
+    unsafe { *slot = arg };
     true
 }
 
-// kmem_cache_free(unsigned long call_site, const void *ptr, const struct kmem_cache *s):
-// nf_conntrack_free() hands the still-intact entry to the slab here.
-#[btf_tracepoint(function = "kmem_cache_free")]
-pub fn ct_destroy_kmem_cache_free(ctx: BtfTracePointContext) -> u32 {
-    let cache = ctx.arg::<u64>(2);
-    if is_ct_cache(cache) {
+// kmem_cache_free(unsigned long call_site, const void *ptr, <cache or its name>):
+// nf_conntrack_free() hands the still-intact entry to the slab here. A raw tracepoint, not
+// tp_btf: 6.1's verifier refuses tp_btf reads of the `const void *` argument ("arg1 type
+// UNKNOWN is not a struct"); raw tracepoint arguments are plain u64 on every kernel.
+#[raw_tracepoint(tracepoint = "kmem_cache_free")]
+pub fn ct_destroy_kmem_cache_free(ctx: RawTracePointContext) -> u32 {
+    if is_ct_cache(ctx.arg::<u64>(2)) {
         report_destroy(ctx.arg::<u64>(1), TP_KMEM_CACHE_FREE);
     }
     0

@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask <task>`.
 
 mod deploy;
+mod vm;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -25,6 +26,9 @@ enum Task {
     /// Build everything and run every test: unit tests, and the privileged integration tests
     /// (real kernel, real BPF programs, TCP in network namespaces the tests create). Needs root.
     Test {
+        /// Skip the Debian 6.1 guest stage (`vm-test`) for a quick local run.
+        #[arg(long)]
+        no_vm: bool,
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -43,6 +47,13 @@ enum Task {
     },
     /// Build the static (musl) detector binary and, with buildah, a FROM-scratch OCI archive.
     Image,
+    /// Run the end-to-end checks for every backend in a Debian 6.1 guest under qemu (kprobe and
+    /// fentry need a kernel that has them), and the host's run of the same tests. Needs root.
+    VmTest {
+        /// Give up on the guest after this many seconds.
+        #[arg(long, default_value_t = 540)]
+        timeout: u64,
+    },
 }
 
 fn root() -> PathBuf {
@@ -99,7 +110,7 @@ fn build_ebpf() -> Result<PathBuf> {
     })
 }
 
-fn test(args: &[String]) -> Result<()> {
+fn test(args: &[String], no_vm: bool) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc_geteuid() } != 0 {
         bail!(
@@ -122,11 +133,24 @@ fn test(args: &[String]) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
-    let (mut passed, mut failed) = cargo_test(&root, args)?;
+    let (mut passed, mut failed, names) = cargo_test(&root, args)?;
     // deploy/: manifest validation and the tuner/reproducer script tests.
     let (p, f) = deploy::test_stages()?;
     passed += p;
     failed += f;
+    if !no_vm {
+        // The host half of the backend table is this run's results (the same tests).
+        let t = Instant::now();
+        let (p, f) = vm::guest(&root, std::time::Duration::from_secs(540))
+            .and_then(|g| vm::report(&g, &vm::host(&root, &names, args.is_empty())?))
+            .unwrap_or_else(|e| {
+                println!("vm-test FAILED: {e:#}");
+                (0, 1)
+            });
+        println!("vm-test: {:.0} s", t.elapsed().as_secs_f64());
+        passed += p;
+        failed += f;
+    }
     println!("xtask test: {:.0} s", t0.elapsed().as_secs_f64());
     // One closing line for the whole run, whatever the number of test binaries.
     println!("{passed} passed, {failed} failed");
@@ -137,7 +161,10 @@ fn test(args: &[String]) -> Result<()> {
 }
 
 /// Runs `cargo test --workspace`, echoing its output, and sums its per-binary results.
-fn cargo_test(root: &Path, args: &[String]) -> Result<(u64, u64)> {
+fn cargo_test(
+    root: &Path,
+    args: &[String],
+) -> Result<(u64, u64, std::collections::HashSet<String>)> {
     use std::io::{BufRead, BufReader};
     let mut child = Command::new("cargo")
         .current_dir(root)
@@ -148,10 +175,12 @@ fn cargo_test(root: &Path, args: &[String]) -> Result<(u64, u64)> {
         .spawn()
         .context("starting cargo test")?;
     let (mut passed, mut failed) = (0u64, 0u64);
+    let mut names = std::collections::HashSet::new();
     let stdout = child.stdout.take().context("cargo test stdout")?;
     for line in BufReader::new(stdout).lines() {
         let line = line?;
         println!("{line}");
+        names.extend(vm::passed_tests(&line));
         // test result: ok. 64 passed; 0 failed; 0 ignored; ...
         if let Some(rest) = line.strip_prefix("test result: ") {
             for part in rest.split(';') {
@@ -171,7 +200,23 @@ fn cargo_test(root: &Path, args: &[String]) -> Result<(u64, u64)> {
     if !status.success() && failed == 0 {
         bail!("cargo test failed with {status} (a build error?)");
     }
-    Ok((passed, failed))
+    Ok((passed, failed, names))
+}
+
+/// `cargo xtask vm-test`: the guest's table and the host's, from a run of the same tests.
+fn vm_test(timeout: u64) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } != 0 {
+        bail!("vm-test runs the privileged tests on the host too: run it as root");
+    }
+    let root = root();
+    build_ebpf()?;
+    let (passed, failed) = vm::vm_test(&root, std::time::Duration::from_secs(timeout), true)?;
+    println!("{passed} passed, {failed} failed");
+    if failed > 0 {
+        bail!("{failed} vm-test check(s) failed");
+    }
+    Ok(())
 }
 
 unsafe extern "C" {
@@ -183,7 +228,6 @@ fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Setup => run(Command::new("bash").arg(root().join("scripts/setup.sh"))),
         Task::BuildEbpf => build_ebpf().map(drop),
-        Task::Test { args } => test(&args),
         Task::ValidateManifests { detector } => {
             let (_, failed) = deploy::validate_manifests(detector.as_deref())?;
             if failed > 0 {
@@ -199,5 +243,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Task::Image => deploy::image(),
+        Task::Test { args, no_vm } => test(&args, no_vm),
+        Task::VmTest { timeout } => vm_test(timeout),
     }
 }

@@ -139,6 +139,9 @@ pub fn run(args: DoctorArgs) -> Result<()> {
         }
     }
     report["auto"] = auto.map(|b| b.name()).into();
+    if let (Some(b), Ok((survey, _, _))) = (auto, &outcome) {
+        report["auto_reason"] = auto_reason(b, survey).into();
+    }
 
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -161,9 +164,7 @@ pub fn run(args: DoctorArgs) -> Result<()> {
                 );
             }
             match auto {
-                Some(b) => println!(
-                    "auto picks      {b}: the most precise backend whose programs load here"
-                ),
+                Some(b) => println!("auto picks      {}", auto_reason(b, survey)),
                 None => println!("auto picks      nothing: no backend loads on this kernel"),
             }
             println!("offsets (bytes, from BTF):");
@@ -182,4 +183,21 @@ pub fn run(args: DoctorArgs) -> Result<()> {
         (Ok(_), None) => anyhow::bail!("no probe backend works on this kernel (see above)"),
         (Err(e), _) => anyhow::bail!("{e}"),
     }
+}
+
+/// Why `auto` picked `b`: the more precise backends that do not load here (with their reason),
+/// then `b` as the most precise one that does.
+fn auto_reason(b: Backend, survey: &[BackendSupport]) -> String {
+    let skipped: Vec<String> = survey
+        .iter()
+        .take_while(|s| s.backend != b)
+        .filter(|s| !s.ok)
+        .map(|s| format!("{} does not load ({})", s.backend, s.reason))
+        .collect();
+    let mut why = format!("{b}: the most precise backend whose programs load here");
+    if !skipped.is_empty() {
+        why.push_str("; ");
+        why.push_str(&skipped.join("; "));
+    }
+    why
 }

@@ -9,17 +9,21 @@ pub mod watch;
 
 use std::path::PathBuf;
 
-use crate::probe::{BackendChoice, ProbeSettings};
+use crate::probe::{BackendChoice, ProbeSettings, WritesHook};
 
 /// Options shared by every command that loads programs.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProbeArgs {
     /// Probe backend: `auto` picks the most precise one this kernel supports.
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, value_enum, default_value = "auto", env = "DETECTOR_BACKEND")]
     pub backend: BackendChoice,
     /// Directory with the kernel's BTF (`vmlinux` and module split BTF).
     #[arg(long, default_value = "/sys/kernel/btf", value_name = "DIR")]
     pub btf_dir: PathBuf,
+    /// Hook for the agent map's writes inside the kernel (kprobe/fentry backends): `auto`
+    /// prefers fentry where it loads.
+    #[arg(long, value_enum, default_value = "auto", env = "DETECTOR_WRITES_HOOK")]
+    pub writes_hook: WritesHook,
     /// Ring buffer size in MiB (power of two).
     #[arg(long, default_value_t = 8, value_name = "MIB", value_parser = parse_ring_mib)]
     pub ring_mib: u32,
@@ -50,6 +54,7 @@ impl ProbeArgs {
             max_entries: self.max_entries,
             watch_agent,
             drop_watch_ms: 5_000,
+            writes_hook: self.writes_hook,
         }
     }
 }

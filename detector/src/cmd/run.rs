@@ -543,6 +543,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     probe.set_target(map.id, target::target_map(map.layout.key, agent_netns))?;
     probe.attach(backend)?;
     let no_writes = probe.attach_agent(backend)?;
+    let writes_hook = probe.writes_hook().unwrap_or("none");
     let reader = probe.take_reader()?;
     let hz = clock::kernel_hz().unwrap_or_else(|| {
         tracing::warn!("could not measure the kernel's HZ from /proc/timer_list; assuming 250");
@@ -647,7 +648,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
             "detector: datapath writes to the map are not observable ({why}); deletes are \
              judged by the kernel's conntrack entry at the delete"
         ),
-        None => eprintln!("detector: datapath writes to the map are observed"),
+        None => eprintln!(
+            "detector: datapath writes to the map are observed ({writes_hook} on \
+             htab_lru_map_update_elem/htab_lru_map_delete_elem)"
+        ),
     }
     // Probes attached and both start-up snapshots taken.
     st.live.metrics.set_ready(true);

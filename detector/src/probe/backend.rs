@@ -12,7 +12,7 @@ pub enum Backend {
     /// works for conntrack built as a module. Needs CONFIG_KPROBES.
     Kprobe,
     /// tp_btf skb tracepoints (insert seen on the entry's first transmitted/consumed packet,
-    /// tens of microseconds late) + tp_btf `kmem_cache_free` on the nf_conntrack cache.
+    /// tens of microseconds late) + raw tracepoint `kmem_cache_free` on the nf_conntrack cache.
     Tracepoint,
 }
 
@@ -40,6 +40,8 @@ impl BackendChoice {
 pub enum Attach {
     /// tp_btf on a tracepoint name.
     TpBtf(&'static str),
+    /// A raw tracepoint (arguments as plain u64, no BTF type checks) on a tracepoint name.
+    RawTp(&'static str),
     /// A classic (perf) tracepoint: category and name.
     Tracepoint(&'static str, &'static str),
     /// kprobe or kretprobe (decided by the program's section) on a kernel function.
@@ -52,6 +54,7 @@ impl Attach {
     pub fn describe(&self) -> String {
         match self {
             Attach::TpBtf(t) => format!("tp_btf/{t}"),
+            Attach::RawTp(t) => format!("raw_tp/{t}"),
             Attach::Tracepoint(c, n) => format!("tracepoint/{c}/{n}"),
             Attach::KProbe(f) => format!("kprobe/{f}"),
             Attach::FEntry(f) => format!("fentry/{f}"),
@@ -70,7 +73,7 @@ pub struct ProgSpec {
 const TRACEPOINT: &[ProgSpec] = &[
     ProgSpec {
         name: "ct_destroy_kmem_cache_free",
-        attach: Attach::TpBtf("kmem_cache_free"),
+        attach: Attach::RawTp("kmem_cache_free"),
     },
     ProgSpec {
         name: "ct_new_net_dev_queue",
@@ -151,14 +154,29 @@ const FENTRY_WRITES: &[ProgSpec] = &[
     },
 ];
 
+/// Where the agent map's writes inside the kernel are hooked, for the backends that can.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WritesHook {
+    /// fentry where it loads (cheaper, and it also sees bpf(2)'s own map operations), else
+    /// kprobe (kprobe backend only).
+    Auto,
+    Fentry,
+    Kprobe,
+}
+
 impl Backend {
-    /// Programs that see the agent map's writes inside the kernel (the datapath's inserts and
-    /// updates); none on the tracepoint backend.
-    pub fn datapath_programs(self) -> &'static [ProgSpec] {
-        match self {
-            Backend::Fentry => FENTRY_WRITES,
-            Backend::Kprobe => KPROBE_WRITES,
-            Backend::Tracepoint => &[],
+    /// The hooks that can see the agent map's writes inside the kernel (the datapath's inserts
+    /// and updates), in order of preference: the first whose programs load is used. None on
+    /// the tracepoint backend. The fentry ones are on vmlinux functions, so the kprobe backend
+    /// (picked when conntrack's functions are in a module) can still use them.
+    pub fn write_hooks(self, hook: WritesHook) -> Vec<(&'static str, &'static [ProgSpec])> {
+        let fentry = ("fentry", FENTRY_WRITES);
+        let kprobe = ("kprobe", KPROBE_WRITES);
+        match (self, hook) {
+            (Backend::Tracepoint, _) => vec![],
+            (_, WritesHook::Fentry) | (Backend::Fentry, WritesHook::Auto) => vec![fentry],
+            (_, WritesHook::Kprobe) => vec![kprobe],
+            (Backend::Kprobe, WritesHook::Auto) => vec![fentry, kprobe],
         }
     }
 

@@ -129,6 +129,35 @@ impl KernelBtf {
             .map(|(n, _)| n.as_str())
     }
 
+    /// Whether argument `index` of tracepoint `tp` (its TP_PROTO, as a raw tracepoint sees
+    /// it) points to `struct strukt`, from the `btf_trace_<tp>` typedef in vmlinux BTF. `None`
+    /// when the tracepoint or the argument is not described.
+    pub fn tracepoint_arg_is_struct(&self, tp: &str, index: usize, strukt: &str) -> Option<bool> {
+        let btf = &self.vmlinux;
+        let td = btf
+            .resolve_types_by_name(&format!("btf_trace_{tp}"))
+            .ok()?
+            .into_iter()
+            .find(|t| matches!(t, Type::Typedef(_)))?;
+        let Type::Ptr(p) = strip(btf, td).ok()? else {
+            return None;
+        };
+        let Type::FuncProto(proto) = btf.resolve_chained_type(&p).ok()? else {
+            return None;
+        };
+        // The first parameter is the tracepoint's private data, not a TP_PROTO argument.
+        let param = proto.parameters.get(index + 1)?;
+        let Type::Ptr(arg) = strip(btf, btf.resolve_chained_type(param).ok()?).ok()? else {
+            return Some(false);
+        };
+        Some(
+            match strip(btf, btf.resolve_chained_type(&arg).ok()?).ok()? {
+                Type::Struct(s) => btf.resolve_name(&s).is_ok_and(|n| n == strukt),
+                _ => false,
+            },
+        )
+    }
+
     /// Values and names of enum `name` (vmlinux), e.g. `skb_drop_reason`; empty if absent.
     pub fn enum_values(&self, name: &str) -> Vec<(u32, String)> {
         let Ok(types) = self.vmlinux.resolve_types_by_name(name) else {

@@ -13,12 +13,12 @@ use std::path::{Path, PathBuf};
 use aya::{
     Btf, Ebpf, EbpfLoader, Endianness,
     maps::{MapData, PerCpuArray},
-    programs::{BtfTracePoint, FEntry, FExit, KProbe, ProgramError, TracePoint},
+    programs::{BtfTracePoint, FEntry, FExit, KProbe, ProgramError, RawTracePoint, TracePoint},
 };
 use detector_common::{ProbeConfig, TargetMap, counter};
 use thiserror::Error;
 
-pub use backend::{Attach, Backend, BackendChoice, ProgSpec};
+pub use backend::{Attach, Backend, BackendChoice, ProgSpec, WritesHook};
 use btf::{BtfError, KernelBtf};
 use offsets::Resolved;
 
@@ -92,6 +92,8 @@ pub struct ProbeSettings {
     pub watch_agent: bool,
     /// How long after a race the flow's dropped packets are reported, in ms.
     pub drop_watch_ms: u32,
+    /// Where the agent map's in-kernel writes are hooked.
+    pub writes_hook: WritesHook,
 }
 
 impl Default for ProbeSettings {
@@ -104,6 +106,7 @@ impl Default for ProbeSettings {
             max_entries: 262_144,
             watch_agent: false,
             drop_watch_ms: 5_000,
+            writes_hook: WritesHook::Auto,
         }
     }
 }
@@ -124,6 +127,9 @@ pub struct Probe {
     pub offsets: Vec<Resolved>,
     pub config: ProbeConfig,
     watch_agent: bool,
+    writes_hook: WritesHook,
+    /// The hook the map's writes were attached with (see `attach_agent`).
+    writes_hooked: Option<&'static str>,
 }
 
 impl Probe {
@@ -167,6 +173,8 @@ impl Probe {
             offsets,
             config,
             watch_agent: settings.watch_agent,
+            writes_hook: settings.writes_hook,
+            writes_hooked: None,
         })
     }
 
@@ -202,7 +210,7 @@ impl Probe {
             .iter()
             .filter_map(|p| match p.attach {
                 Attach::KProbe(f) | Attach::FEntry(f) | Attach::FExit(f) => Some(f),
-                Attach::TpBtf(_) | Attach::Tracepoint(..) => None,
+                Attach::TpBtf(_) | Attach::RawTp(_) | Attach::Tracepoint(..) => None,
             })
             .collect();
         match backend {
@@ -263,6 +271,10 @@ impl Probe {
                 let p: &mut BtfTracePoint = prog.try_into()?;
                 p.load(tp, btf)
             }
+            Attach::RawTp(_) => {
+                let p: &mut RawTracePoint = prog.try_into()?;
+                p.load()
+            }
             Attach::Tracepoint(..) => {
                 let p: &mut TracePoint = prog.try_into()?;
                 p.load()
@@ -283,13 +295,18 @@ impl Probe {
     }
 
     fn unload(&mut self, backend: Backend) {
-        for spec in backend.programs() {
+        self.unload_specs(backend.programs());
+    }
+
+    fn unload_specs(&mut self, specs: &[ProgSpec]) {
+        for spec in specs {
             let Some(prog) = self.ebpf.program_mut(spec.name) else {
                 continue;
             };
             // Unloading a program that never loaded fails harmlessly.
             let _ = match spec.attach {
                 Attach::TpBtf(_) => <&mut BtfTracePoint>::try_from(prog).and_then(|p| p.unload()),
+                Attach::RawTp(_) => <&mut RawTracePoint>::try_from(prog).and_then(|p| p.unload()),
                 Attach::KProbe(_) => <&mut KProbe>::try_from(prog).and_then(|p| p.unload()),
                 Attach::FEntry(_) => <&mut FEntry>::try_from(prog).and_then(|p| p.unload()),
                 Attach::FExit(_) => <&mut FExit>::try_from(prog).and_then(|p| p.unload()),
@@ -363,6 +380,9 @@ impl Probe {
             Attach::TpBtf(_) => {
                 <&mut BtfTracePoint>::try_from(prog).and_then(|p| p.attach().map(drop))
             }
+            Attach::RawTp(name) => {
+                <&mut RawTracePoint>::try_from(prog).and_then(|p| p.attach(name).map(drop))
+            }
             Attach::Tracepoint(category, name) => {
                 <&mut TracePoint>::try_from(prog).and_then(|p| p.attach(category, name).map(drop))
             }
@@ -386,18 +406,31 @@ impl Probe {
         for spec in backend::AGENT {
             self.load_and_attach(spec)?;
         }
-        let writes = backend.datapath_programs();
-        if writes.is_empty() {
+        let hooks = backend.write_hooks(self.writes_hook);
+        if hooks.is_empty() {
             return Ok(Some(format!(
                 "the {backend} backend has no hook in the hash-map code"
             )));
         }
-        for spec in writes {
-            if let Err(e) = self.load_and_attach(spec) {
-                return Ok(Some(e.to_string()));
+        let mut why = Vec::new();
+        'hooks: for (name, specs) in hooks {
+            for spec in specs {
+                if let Err(e) = self.load_and_attach(spec) {
+                    // Detach what did attach, so a fallback hook does not double the events.
+                    self.unload_specs(specs);
+                    why.push(format!("{name}: {e}"));
+                    continue 'hooks;
+                }
             }
+            self.writes_hooked = Some(name);
+            return Ok(None);
         }
-        Ok(None)
+        Ok(Some(why.join("; ")))
+    }
+
+    /// The hook the agent map's writes are seen with (`fentry`/`kprobe`), once attached.
+    pub fn writes_hook(&self) -> Option<&'static str> {
+        self.writes_hooked
     }
 
     /// Tells the kernel programs to watch map `id` (with the key layout in `target`).
@@ -526,7 +559,14 @@ fn explain(e: &ProgramError) -> String {
             verifier_log,
         } => {
             let log = verifier_log.to_string();
-            let tail: Vec<&str> = log.lines().rev().take(3).collect();
+            // The log ends with statistics; the reason is the last line before them.
+            let stats = ["verification time", "stack depth", "processed "];
+            let tail: Vec<&str> = log
+                .lines()
+                .filter(|l| !l.trim().is_empty() && !stats.iter().any(|s| l.starts_with(s)))
+                .rev()
+                .take(2)
+                .collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
             if io_error.raw_os_error() == Some(libc::EPERM) && log.trim().is_empty() {
                 return "BPF_PROG_LOAD returned EPERM with an empty verifier log \

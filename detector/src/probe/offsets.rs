@@ -91,6 +91,12 @@ pub fn resolve(btf: &KernelBtf) -> Result<(ProbeConfig, Vec<Resolved>), BtfError
             offset,
         });
     }
+    // kmem_cache_free(call_site, ptr, s): `s` became the cache itself in 6.2; before, it was
+    // the cache's name. Undescribed: assume the current form.
+    cfg.kmem_free_arg_cache = u32::from(
+        btf.tracepoint_arg_is_struct("kmem_cache_free", 2, "kmem_cache")
+            .unwrap_or(true),
+    );
     Ok((cfg, list))
 }
 
@@ -114,5 +120,43 @@ mod tests {
         assert!(cfg.ct_tuple_reply > cfg.ct_tuple_orig);
         assert!(cfg.tuple_dst_addr > cfg.tuple_src_addr);
         assert_eq!(cfg.tuple_src_addr, 0, "src.u3 starts nf_conntrack_tuple");
+    }
+
+    /// Where nf_conntrack is a module (Debian, EKS), its functions and any types it defines
+    /// come from its split BTF over vmlinux: the split file parses, names the module's
+    /// functions (and not vmlinux), and every offset still resolves through it. Where it is
+    /// built in, the same functions are in vmlinux BTF and no split file exists.
+    #[test]
+    fn module_split_btf_on_this_kernel() {
+        let dir = std::path::Path::new("/sys/kernel/btf");
+        if !dir.join("vmlinux").exists() {
+            eprintln!("skipped: no /sys/kernel/btf/vmlinux");
+            return;
+        }
+        let btf = KernelBtf::load(dir, BTF_MODULES).unwrap();
+        let funcs = ["nf_ct_destroy", "__nf_conntrack_confirm"];
+        if dir.join("nf_conntrack").exists() {
+            assert_eq!(btf.modules().collect::<Vec<_>>(), ["nf_conntrack"]);
+            for f in funcs {
+                assert_eq!(btf.module_of_func(f), Some("nf_conntrack"), "{f}");
+                assert!(!btf.vmlinux_has_func(f), "{f} is not in vmlinux");
+            }
+            let home = btf.struct_home("nf_conn").unwrap();
+            eprintln!("nf_conntrack is a module; struct nf_conn is defined in {home}");
+        } else {
+            assert!(
+                std::path::Path::new("/sys/module/nf_conntrack").exists()
+                    && !std::path::Path::new("/sys/module/nf_conntrack/initstate").exists(),
+                "nf_conntrack is neither built in nor a loaded module with BTF \
+                 (modprobe nf_conntrack)"
+            );
+            assert_eq!(btf.modules().count(), 0);
+            for f in funcs {
+                assert!(btf.vmlinux_has_func(f), "{f} in vmlinux BTF");
+                assert_eq!(btf.module_of_func(f), None);
+            }
+        }
+        let (cfg, _) = resolve(&btf).unwrap();
+        assert!(cfg.ct_tuple_reply > cfg.ct_tuple_orig);
     }
 }
