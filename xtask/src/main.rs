@@ -7,6 +7,8 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
+
 #[derive(Parser)]
 #[command(name = "xtask", about = "detector's build and test tasks")]
 struct Cli {
@@ -27,6 +29,9 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Measure overhead, event completeness, verdict latency and memory side by side, in
+    /// namespaces it creates; writes BENCHMARKS.md and benchmarks/bench.json. Needs root.
+    Bench(bench::BenchArgs),
 }
 
 fn root() -> PathBuf {
@@ -164,5 +169,6 @@ fn main() -> Result<()> {
         Task::Setup => run(Command::new("bash").arg(root().join("scripts/setup.sh"))),
         Task::BuildEbpf => build_ebpf().map(drop),
         Task::Test { args } => test(&args),
+        Task::Bench(args) => bench::bench(args),
     }
 }

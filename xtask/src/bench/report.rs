@@ -1,0 +1,467 @@
+//! BENCHMARKS.md: the machine, a summary table (each figure, its target, met or missed by how
+//! much), then the detail of each measurement.
+
+use std::fmt::Write;
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::{Value, json};
+
+use super::{Plan, Results};
+
+/// The machine and the code measured.
+pub fn machine(root: &Path) -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1048576.0);
+    let out = |cmd: &str, args: &[&str]| {
+        Command::new(cmd)
+            .args(args)
+            .current_dir(root)
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    let dirty = !out("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty();
+    json!({
+        "cpu": cpu,
+        "cores": cores,
+        "memory_gib": (mem_gib * 10.0).round() / 10.0,
+        "kernel": out("uname", &["-r"]),
+        "date": out("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        "commit": format!("{}{}", out("git", &["rev-parse", "--short", "HEAD"]),
+                          if dirty { " (with uncommitted changes)" } else { "" }),
+        "conntrack_tool": out("conntrack", &["--version"]),
+    })
+}
+
+/// The unsigned integers in a line, in order.
+pub fn numbers(line: &str) -> Vec<u64> {
+    line.split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+fn k(x: f64) -> String {
+    if x >= 10_000.0 {
+        format!("{:.0}k", x / 1000.0)
+    } else if x >= 1000.0 {
+        format!("{:.1}k", x / 1000.0)
+    } else {
+        format!("{x:.0}")
+    }
+}
+
+fn ms(ns: u64) -> String {
+    format!("{:.2} ms", ns as f64 / 1e6)
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / 1048576.0)
+}
+
+/// Lower is better: met, or missed by how much.
+fn at_most(value: f64, target: f64, unit: &str) -> String {
+    if value <= target {
+        "met".into()
+    } else {
+        format!(
+            "**missed** by {} {unit} ({:.1}x the target)",
+            fmt_num(value - target),
+            value / target
+        )
+    }
+}
+
+fn fmt_num(x: f64) -> String {
+    if x.abs() >= 100.0 {
+        format!("{x:.0}")
+    } else if x.abs() >= 1.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.2}")
+    }
+}
+
+/// The highest rate at which an observer delivered everything, and the lowest at which it
+/// missed anything (its loss threshold), in events/s.
+pub fn thresholds(r: &Results, observer: &str) -> (Option<f64>, Option<f64>) {
+    let steps = r.completeness.iter().filter(|s| s.observer == observer);
+    let mut clean: Option<f64> = None;
+    let mut lossy: Option<f64> = None;
+    for s in steps {
+        if s.missing == 0 && s.reported_lost == 0 {
+            clean = Some(clean.map_or(s.events_per_s, |c| c.max(s.events_per_s)));
+        } else {
+            lossy = Some(lossy.map_or(s.events_per_s, |c| c.min(s.events_per_s)));
+        }
+    }
+    (clean, lossy)
+}
+
+pub fn markdown(r: &Results, plan: &Plan) -> String {
+    let m = &r.machine;
+    let mut s = String::new();
+    let _ = writeln!(s, "# Benchmarks\n");
+    let _ = writeln!(
+        s,
+        "Produced by `cargo xtask bench{}` (raw figures: [benchmarks/bench.json](benchmarks/bench.json)). \
+         Every figure below was measured in the same run, side by side, in network namespaces the \
+         bench created (veth only). Targets are goals, not test assertions.\n",
+        if plan.mode == "quick" { " --quick" } else { "" }
+    );
+    let _ = writeln!(
+        s,
+        "- machine: {} ({} cores, {} GiB), kernel {}\n- date: {}, commit {}, mode `{}`, wall time {:.0} s\n- backends that load here: {}\n- load average (1/5/15 min) during the run: {}\n",
+        m["cpu"].as_str().unwrap_or("?"),
+        m["cores"],
+        m["memory_gib"],
+        m["kernel"].as_str().unwrap_or("?"),
+        m["date"].as_str().unwrap_or("?"),
+        m["commit"].as_str().unwrap_or("?"),
+        plan.mode,
+        r.wall_s,
+        r.backends.join(", "),
+        r.load
+            .iter()
+            .map(|(w, l)| format!("{w}: {l}"))
+            .collect::<Vec<_>>()
+            .join("; "),
+    );
+    let _ = writeln!(s, "## Summary\n");
+    let _ = writeln!(s, "| figure | measured | target | result |");
+    let _ = writeln!(s, "|---|---|---|---|");
+    let default = r.backends.first().cloned().unwrap_or_default();
+    for w in &r.overhead {
+        let Some(base) = w.configs.first() else {
+            continue;
+        };
+        for c in w.configs.iter().skip(1) {
+            let cost = (1.0 - c.ratio) * 100.0;
+            let target = if c.name.starts_with("detector") && w.name != "unrelated slab frees" {
+                if c.name.contains(&default) {
+                    format!("<= 3% ({default}, default)")
+                } else {
+                    "<= 3%".into()
+                }
+            } else {
+                "none (comparison)".into()
+            };
+            let result = if target.starts_with("none") {
+                "-".into()
+            } else {
+                at_most(cost, 3.0, "pp")
+            };
+            let _ = writeln!(
+                s,
+                "| {} cost with {} | {:.1}% ({} vs {} {}) | {target} | {result} |",
+                w.name,
+                c.name,
+                cost,
+                k(c.median_rate),
+                k(base.median_rate),
+                w.unit,
+            );
+        }
+    }
+    let det = r
+        .backends
+        .first()
+        .map(|b| format!("detector trace ({b})"))
+        .unwrap_or_default();
+    let (d_clean, d_lossy) = thresholds(r, &det);
+    let (c_clean, c_lossy) = thresholds(r, "conntrack -E");
+    let max_rate = r
+        .completeness
+        .iter()
+        .map(|s| s.events_per_s)
+        .fold(0.0, f64::max);
+    let goal = 200e3f64.min(max_rate);
+    let d_text = format!(
+        "none lost up to {} events/s{}",
+        d_clean.map_or("-".into(), k),
+        d_lossy.map_or(String::new(), |l| format!("; losses from {}", k(l)))
+    );
+    let d_result = match d_clean {
+        Some(c) if c >= goal * 0.98 && d_lossy.is_none_or(|l| l > c) => "met".to_string(),
+        Some(c) => format!(
+            "**missed**: lossless only up to {:.0}% of it",
+            100.0 * c / goal
+        ),
+        None => "**missed**: lost events at every rate".into(),
+    };
+    let _ = writeln!(
+        s,
+        "| events lost by {det} | {d_text} | 0 at >= 200k/s or the machine's max ({}) | {d_result} |",
+        k(max_rate)
+    );
+    let _ = writeln!(
+        s,
+        "| events lost by conntrack -E | none lost up to {} events/s{} | none (comparison) | - |",
+        c_clean.map_or("-".into(), k),
+        c_lossy.map_or("; never lost".into(), |l| format!("; losses from {}", k(l)))
+    );
+    let (ratio_text, ratio_result) = match (d_clean, c_lossy) {
+        (Some(d), Some(c)) => {
+            let x = d / c;
+            (
+                format!("{x:.1}x ({} / {})", k(d), k(c)),
+                if x >= 10.0 {
+                    "met".to_string()
+                } else {
+                    format!("**missed** by {:.1}x", 10.0 / x)
+                },
+            )
+        }
+        (Some(_), None) => (
+            "conntrack -E lost nothing either at these rates".to_string(),
+            "not measurable here".to_string(),
+        ),
+        _ => ("-".to_string(), "**missed**".to_string()),
+    };
+    let _ = writeln!(
+        s,
+        "| detector's lossless rate / conntrack -E's loss threshold | {ratio_text} | >= 10x | {ratio_result} |"
+    );
+    if let Some(l) = &r.latency {
+        let _ = writeln!(
+            s,
+            "| verdict latency, delete to verdict (lab, {} verdicts) | p50 {}, p99 {}, max {} | p99 <= 5 ms | {} |",
+            l.verdicts,
+            ms(l.p50_ns),
+            ms(l.p99_ns),
+            ms(l.max_ns),
+            at_most(l.p99_ns as f64 / 1e6, 5.0, "ms")
+        );
+    }
+    if let Some(mem) = &r.memory {
+        let kb = mem.kernel_map_bytes as f64 / mem.flows_target as f64;
+        let _ = writeln!(
+            s,
+            "| bytes per tracked flow, user space ((RSS at {} - idle RSS) / flows) | {:.0} B (+ {:.0} B in kernel maps) | <= 160 B | {} |",
+            k(mem.flows_target as f64),
+            mem.user_bytes_per_flow,
+            kb,
+            at_most(mem.user_bytes_per_flow, 160.0, "B")
+        );
+        let _ = writeln!(
+            s,
+            "| RSS at {} flows (peak VmHWM; steady VmRSS) | {} peak, {} steady | <= 96 MiB | {} |",
+            k(mem.flows_target as f64),
+            mib(mem.hwm),
+            mib(mem.rss),
+            at_most(mem.hwm as f64 / 1048576.0, 96.0, "MiB")
+        );
+        let _ = writeln!(
+            s,
+            "| start to ready at {} flows (median of {}) | {:.2} s | <= 2 s | {} |",
+            k(mem.flows_target as f64),
+            mem.ready_s.len(),
+            mem.ready_median_s,
+            at_most(mem.ready_median_s, 2.0, "s")
+        );
+    }
+    let _ = writeln!(s);
+
+    let _ = writeln!(s, "## 1. Overhead\n");
+    let _ = writeln!(
+        s,
+        "Throughput through conntrack in the bench's server namespace (an nft `ct state new` rule \
+         makes conntrack track it): TCP connect + close with RST by 8 client threads, each \
+         connection one conntrack entry; UDP datagrams by 2 threads with sendmmsg, each to a new \
+         5-tuple (32 source ports x 64000 destination ports); and, for the tracepoint backend's \
+         `kmem_cache_free` hook, UDP sockets opened and closed by 2 threads (frees of other slab \
+         caches). Each configuration ran {} time(s) for {:.0} s, interleaved; the median is shown. \
+         `detector run` watched the namespace (`--netns`) and an empty agent map; `conntrack -E` ran \
+         in the namespace with its output read by the bench.\n",
+        plan.reps, plan.phase_s
+    );
+    for w in &r.overhead {
+        let _ = writeln!(s, "| {} | median {} | vs none | runs |", w.name, w.unit);
+        let _ = writeln!(s, "|---|---|---|---|");
+        for c in &w.configs {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.3} | {} |",
+                c.name,
+                k(c.median_rate),
+                c.ratio,
+                c.runs
+                    .iter()
+                    .map(|x| k(x.rate()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        let _ = writeln!(s);
+    }
+    if let Some(p) = &r.profile {
+        let _ = writeln!(s, "Profile ({}), top symbols:\n\n```", p.what);
+        for l in &p.top {
+            let _ = writeln!(s, "{l}");
+        }
+        let _ = writeln!(s, "```\n");
+    }
+
+    let _ = writeln!(s, "## 2. Event completeness\n");
+    let _ = writeln!(
+        s,
+        "UDP new flows at a paced rate for {:.0} s per step (2 generator threads), each flow one NEW; \
+         the bench namespace's UDP timeout is 1 s, and the step ends when the kernel has reaped \
+         every entry (each one DESTROY), so the events generated are exactly 2 x flows (the \
+         kernel's own `insert_failed`/`drop` counters, from /proc/net/stat/nf_conntrack, would \
+         show flows that were not created). Each observer ran alone: `detector trace` (its summary \
+         gives NEW, DESTROY and the kernel's loss counters) and `conntrack -E` (lines printed; \
+         ENOBUFS warnings). An observer that lost at two rates in a row skips the higher paced \
+         rates. Events/s: NEW + DESTROY generated per second of the step.\n",
+        plan.step_s
+    );
+    let _ = writeln!(
+        s,
+        "| observer | asked events/s | events/s | expected NEW+DESTROY | delivered NEW+DESTROY | missing | reported lost | reaped in |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+    for st in &r.completeness {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} + {} | {} + {} | {} | {} | {:.1} s |",
+            st.observer,
+            st.target_events_per_s.map_or("max".into(), k),
+            k(st.events_per_s),
+            st.expected_new,
+            st.expected_destroy,
+            st.delivered_new,
+            st.delivered_destroy,
+            st.missing,
+            st.reported_lost,
+            st.drain_s
+        );
+    }
+    let _ = writeln!(s);
+
+    if let Some(l) = &r.latency {
+        let _ = writeln!(s, "## 3. Verdict latency\n");
+        let _ = writeln!(
+            s,
+            "`detector lab --ports {} --cycles {}` (legacy cleanup, ground truth per delete): \
+             {} cycles, {} port reuses, {} wrongful deletes, {} verdicts, {} events lost. Latency: \
+             the delete's kernel timestamp to the moment `detector run` emitted the verdict \
+             (`detection_latency_ns`, same clock); the lab runs the detector with a {} ms reorder \
+             watermark (`detector run` defaults to 20 ms), which every verdict waits out.\n",
+            plan.lab_ports,
+            plan.lab_cycles,
+            l.cycles,
+            l.port_reuses,
+            l.wrongful_deletes,
+            l.verdicts,
+            l.events_lost,
+            l.watermark_ms
+        );
+        let _ = writeln!(s, "| samples | p50 | p99 | max |\n|---|---|---|---|");
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} |\n",
+            l.verdicts,
+            ms(l.p50_ns),
+            ms(l.p99_ns),
+            ms(l.max_ns)
+        );
+    }
+    if let Some(mem) = &r.memory {
+        let _ = writeln!(s, "## 4. Memory and start-up\n");
+        let _ = writeln!(
+            s,
+            "{} UDP entries in a fresh namespace's conntrack table (UDP timeout 600 s; the table \
+             held {}) and an LRU hash agent map of {} entries in NPA's v4-24/16 layout, filled with \
+             those flows' keys and pinned in the bench's bpffs ({} keys seen by the detector); \
+             built in {:.1} s. `detector run --netns <ns> --map-pin <pin> --max-entries {} \
+             --max-flows {}`; ready = process start to its `watching map` line (after the probes \
+             are attached, the ctnetlink dump and the map's keys are read). Memory read 2 s after \
+             ready from /proc/PID/status; kernel maps: the sum of `memlock` over the detector's \
+             BPF map fds ({} maps). Idle: the same command on an empty table and an empty map.\n",
+            mem.flows_target,
+            mem.kernel_entries,
+            mem.flows_target,
+            mem.map_keys,
+            mem.fill_s,
+            mem.flows_target,
+            mem.flows_target,
+            mem.kernel_maps
+        );
+        let _ = writeln!(
+            s,
+            "| state | VmRSS | VmHWM | kernel maps | ready |\n|---|---|---|---|---|"
+        );
+        let _ = writeln!(
+            s,
+            "| idle | {} | {} | {} | {:.2} s |",
+            mib(mem.idle_rss),
+            mib(mem.idle_hwm),
+            mib(mem.kernel_map_bytes_idle),
+            mem.idle_ready_s
+        );
+        let _ = writeln!(
+            s,
+            "| {} flows | {} | {} | {} | {} |\n",
+            k(mem.flows_target as f64),
+            mib(mem.rss),
+            mib(mem.hwm),
+            mib(mem.kernel_map_bytes),
+            mem.ready_s
+                .iter()
+                .map(|x| format!("{x:.2} s"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_in_a_summary_line() {
+        assert_eq!(
+            numbers(
+                "detector: 12 NEW, 10 DESTROY; lost in kernel: 3 (ring buffer full), dedupe \
+                 table full: 0, kernel read failures: 1, undecodable: 0"
+            ),
+            vec![12, 10, 3, 0, 1, 0]
+        );
+    }
+
+    #[test]
+    fn at_most_says_by_how_much() {
+        assert_eq!(at_most(2.0, 3.0, "pp"), "met");
+        assert!(at_most(6.0, 3.0, "pp").contains("by 3.0 pp (2.0x"));
+    }
+
+    #[test]
+    fn thresholds_split_clean_and_lossy() {
+        let mut r = Results::default();
+        for (rate, missing) in [(10e3, 0), (50e3, 0), (100e3, 5), (200e3, 9)] {
+            r.completeness.push(super::super::Step {
+                observer: "x".into(),
+                events_per_s: rate,
+                missing,
+                ..Default::default()
+            });
+        }
+        assert_eq!(thresholds(&r, "x"), (Some(50e3), Some(100e3)));
+        assert_eq!(thresholds(&r, "y"), (None, None));
+    }
+}
