@@ -45,14 +45,27 @@ pub struct BenchArgs {
     /// benchmarks/).
     #[arg(long, value_name = "DIR")]
     pub out_dir: Option<PathBuf>,
-    /// Record a system-wide perf profile during the detector's churn phase and put its top
-    /// symbols in the report (needs `perf`).
+    /// Profile where the targets are at stake and put the results in the report: a
+    /// system-wide perf profile of UDP churn with the detector, a perf profile of its start-up
+    /// with the full state, a valgrind (dhat) heap profile of its state (at 64k flows). On by
+    /// default in full mode when perf/valgrind are installed; `--quick --profile` adds them.
     #[arg(long)]
     pub profile: bool,
+    /// No profiles (a full run is then about a minute shorter).
+    #[arg(long, conflicts_with = "profile")]
+    pub no_profile: bool,
     /// Run only these parts (comma-separated: overhead, completeness, latency, memory); the
     /// report then has only their figures.
     #[arg(long, value_delimiter = ',', value_name = "PARTS")]
     pub only: Vec<String>,
+    /// Flows (kernel entries and agent-map keys) for the memory part (default 524288, NPA's
+    /// map size).
+    #[arg(long, value_name = "N")]
+    pub flows: Option<u64>,
+    /// Run the memory part's loaded detector under this command (e.g. `valgrind
+    /// --tool=dhat`), to see what its memory is made of; its times are then not meaningful.
+    #[arg(long, value_name = "CMD")]
+    pub memory_wrap: Option<String>,
 }
 
 /// How long and how often, by mode.
@@ -79,7 +92,7 @@ impl Plan {
                 phase_s: 2.0,
                 reps: 1,
                 step_s: 2.0,
-                steps: vec![Some(20e3), Some(100e3), None],
+                steps: vec![Some(5e3), Some(50e3), None],
                 lab_ports: 16,
                 lab_cycles: 2,
                 flows: 524_288,
@@ -88,16 +101,17 @@ impl Plan {
         } else {
             Plan {
                 mode: "full",
-                phase_s: 4.0,
+                phase_s: 3.0,
                 reps: 3,
                 step_s: 3.0,
                 steps: vec![
+                    Some(2e3),
+                    Some(5e3),
                     Some(10e3),
-                    Some(25e3),
+                    Some(20e3),
                     Some(50e3),
                     Some(100e3),
                     Some(200e3),
-                    Some(300e3),
                     None,
                 ],
                 lab_ports: 64,
@@ -119,7 +133,7 @@ pub struct Results {
     pub completeness: Vec<Step>,
     pub latency: Option<Latency>,
     pub memory: Option<Memory>,
-    pub profile: Option<Profile>,
+    pub profiles: Vec<Profile>,
     pub load: Vec<(String, String)>,
     pub wall_s: f64,
 }
@@ -213,7 +227,13 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     sys::remove_leftovers();
     sys::unmount_leftovers();
     let root = crate::root();
-    let plan = Plan::new(args.quick);
+    let mut plan = Plan::new(args.quick);
+    if let Some(n) = args.flows {
+        if !(1024..=1 << 20).contains(&n) {
+            bail!("--flows {n}: use 1024 to 1048576");
+        }
+        plan.flows = n;
+    }
     let detector = match &args.detector {
         Some(p) => p.clone(),
         None => {
@@ -247,6 +267,8 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         work,
         plan,
         res,
+        wrap: args.memory_wrap.clone(),
+        profile: args.profile || (!args.quick && !args.no_profile),
     };
     // Room for the 512k case plus the churn phases' entries (global; restored on drop).
     let _max = Sysctl::set("/proc/sys/net/netfilter/nf_conntrack_max", "1048576")?;
@@ -262,7 +284,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let wanted = |p: &str| args.only.is_empty() || args.only.iter().any(|o| o == p);
     b.load("start");
     if wanted("overhead") {
-        b.overhead(&topo, &small, args.profile)?;
+        b.overhead(&topo, &small)?;
         b.load("after overhead");
     }
     if wanted("completeness") {
@@ -336,6 +358,8 @@ struct Bench {
     work: PathBuf,
     plan: Plan,
     res: Results,
+    wrap: Option<String>,
+    profile: bool,
 }
 
 /// What watches conntrack during a measurement.
@@ -506,7 +530,7 @@ impl Bench {
 
     /// Overhead: each workload under each observer, repetitions interleaved so that drift in
     /// the machine's load spreads over all configurations alike.
-    fn overhead(&mut self, topo: &Topology, map: &Path, profile: bool) -> Result<()> {
+    fn overhead(&mut self, topo: &Topology, map: &Path) -> Result<()> {
         let srv = topo.srv_path();
         let cli = topo.cli_path();
         let ct = topo.ct_path();
@@ -548,17 +572,11 @@ impl Bench {
                     // The flush's frees and the observer's start-up settle before the clock
                     // starts (the same pause for every configuration).
                     sys::nap(Duration::from_millis(1000));
-                    let perf = (profile && rep == 0 && matches!(o, Observer::Run(_)))
-                        .then(|| start_perf(&self.work, name))
-                        .transpose()?;
                     let c = match name {
                         "TCP connection churn" => load::tcp_churn(&cli, dst, 8, dur)?,
                         "UDP new flows" => udp.run(2, dur, None, None)?,
                         _ => load::slab_frees(&cli, 2, dur)?,
                     };
-                    if let Some(p) = perf {
-                        self.res.profile = Some(stop_perf(p, &self.work, name)?);
-                    }
                     self.stop(running)?;
                     load::check_reach(&c, name)?;
                     eprintln!(
@@ -587,6 +605,33 @@ impl Bench {
                 };
             }
             self.res.overhead.push(w);
+            // One more, unmeasured, run with the default backend under a system-wide profile.
+            if self.profile && name == "UDP new flows" && tool_ok("perf") {
+                topo.flush()?;
+                let o = Observer::Run(self.res.backends[0].clone());
+                let running = self.start(&o, &ct, map)?;
+                sys::nap(Duration::from_millis(1000));
+                let data = self.work.join("perf-udp.data");
+                let mut c = Command::new("perf");
+                c.args(["record", "-a", "-q", "-o"])
+                    .arg(&data)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null());
+                let mut perf = Proc::spawn("perf record", c)?;
+                sys::nap(Duration::from_millis(300));
+                udp.run(2, dur, None, None)?;
+                perf.stop(Duration::from_secs(60))?;
+                self.stop(running)?;
+                self.res.profiles.push(Profile {
+                    what: format!(
+                        "UDP new flows with {} (perf record -a, both CPUs, {:.0} s): where the \
+                         CPU time went",
+                        o.name(),
+                        self.plan.phase_s
+                    ),
+                    top: perf_top(&data, 20)?,
+                });
+            }
         }
         topo.flush()?;
         Ok(())
@@ -629,12 +674,13 @@ impl Bench {
                 // Let every entry expire and be reaped (each one a DESTROY), then give the
                 // observer time to read the last records.
                 let t = Instant::now();
-                while topo.ct_count()? > 0 && t.elapsed() < Duration::from_secs(30) {
+                while topo.ct_count()? > 0 && t.elapsed() < Duration::from_secs(5) {
                     check_stop()?;
                     std::thread::sleep(Duration::from_millis(50));
                 }
                 let drain_s = t.elapsed().as_secs_f64();
-                // Entries the kernel's gc left behind after 30 s: flushed (still DESTROYs).
+                // Entries the kernel's gc has not reaped after 5 s: flushed (still DESTROYs;
+                // the gc reaps in bursts too, so the DESTROY side is bursty either way).
                 topo.flush()?;
                 sys::nap(Duration::from_millis(500));
                 let after = topo.ct_stats()?;
@@ -763,7 +809,7 @@ impl Bench {
         let idle_map = fs.dir.join("idle_map");
         let _im = bpfmap::AgentMap::create(&idle_map, entries)?;
         let (idle_ready, idle_rss, idle_hwm, idle_kmem, _) =
-            self.sample(&idle_topo.ct_path(), &idle_map, entries)?;
+            self.sample(&idle_topo.ct_path(), &idle_map, entries, None)?;
         // Loaded: a fresh pair of namespaces whose UDP entries live 10 minutes.
         let topo = Topology::create("m")?;
         sys::exec_in(
@@ -795,7 +841,8 @@ impl Bench {
         let mut ready = Vec::new();
         let (mut rss, mut hwm, mut kmem, mut nmaps, mut keys_seen) = (0, 0, 0, 0, 0);
         for _ in 0..self.plan.ready_reps {
-            let (r, s, h, (k, m), line) = self.sample(&topo.ct_path(), &map, entries)?;
+            let (r, s, h, (k, m), line) =
+                self.sample(&topo.ct_path(), &map, entries, self.wrap.as_deref())?;
             ready.push(r);
             rss = rss.max(s);
             hwm = hwm.max(h);
@@ -834,8 +881,61 @@ impl Bench {
             mem.ready_median_s
         );
         self.res.memory = Some(mem);
+        if self.profile && tool_ok("perf") {
+            let data = self.work.join("perf-startup.data");
+            let wrap = format!("perf record -q -o {}", data.display());
+            self.sample(&topo.ct_path(), &map, entries, Some(&wrap))?;
+            self.res.profiles.push(Profile {
+                what: format!(
+                    "start-up of detector run with {n} entries and keys (perf record of the \
+                     process, start to ready plus 2 s): where the time went"
+                ),
+                top: perf_top(&data, 20)?,
+            });
+        }
         drop(am);
         drop(topo);
+        if self.profile && tool_ok("valgrind") {
+            self.heap_profile(fs)?;
+        }
+        Ok(())
+    }
+
+    /// What the detector's memory is made of: a valgrind dhat run with 64k entries and keys
+    /// (dhat is slow), its heap at the peak by allocating detector function.
+    fn heap_profile(&mut self, fs: &Bpffs) -> Result<()> {
+        let n: u64 = 65_536;
+        let topo = Topology::create("h")?;
+        sys::exec_in(
+            &topo.cli,
+            "sysctl",
+            &["-qw", "net.netfilter.nf_conntrack_udp_timeout=600"],
+        )?;
+        let udp = UdpGen::new(&topo.cli_path(), sys::CLI_IP.parse()?, sys::SRV_IP.parse()?)?;
+        udp.run(2, Duration::from_secs(60), None, Some(n))?;
+        let map = fs.dir.join("heap_map");
+        let am = bpfmap::AgentMap::create(&map, n as u32)?;
+        let (src, dst): (Ipv4Addr, Ipv4Addr) = (sys::CLI_IP.parse()?, sys::SRV_IP.parse()?);
+        let keys: Vec<[u8; bpfmap::KEY_SIZE]> = (0..n)
+            .map(|i| {
+                let (sport, dport) = load::udp_flow(i);
+                bpfmap::key(src.octets(), sport, dst.octets(), dport, 2)
+            })
+            .collect();
+        am.fill(&keys, monotonic_ns())?;
+        let out = self.work.join("dhat.json");
+        let wrap = format!("valgrind -q --tool=dhat --dhat-out-file={}", out.display());
+        self.sample(&topo.ct_path(), &map, n as u32, Some(&wrap))?;
+        let text = std::fs::read_to_string(&out).context("reading dhat's output")?;
+        let v: Value = serde_json::from_str(&text).context("parsing dhat's output")?;
+        let top = report::dhat_top(&v, n, 12);
+        self.res.profiles.push(Profile {
+            what: format!(
+                "heap of detector run at its peak with {n} entries and keys (valgrind dhat), by \
+                 the detector function that allocated it"
+            ),
+            top,
+        });
         Ok(())
     }
 
@@ -846,8 +946,15 @@ impl Bench {
         srv: &Path,
         map: &Path,
         entries: u32,
+        wrap: Option<&str>,
     ) -> Result<(f64, u64, u64, (u64, usize), String)> {
         let mut c = self.detector_cmd("run", srv, &self.res.backends[0], entries);
+        if let Some(w) = wrap {
+            let mut words = w.split_whitespace();
+            let mut wrapped = Command::new(words.next().context("--memory-wrap is empty")?);
+            wrapped.args(words).arg(c.get_program()).args(c.get_args());
+            c = wrapped;
+        }
         c.arg("--map-pin")
             .arg(map)
             .arg("--max-flows")
@@ -861,7 +968,7 @@ impl Bench {
         let (ready, h) = sys::wait_line(
             err,
             |l| l.contains("watching map"),
-            Duration::from_secs(120),
+            Duration::from_secs(if wrap.is_some() { 1200 } else { 120 }),
         )?;
         // From spawn (wait_line starts its clock right after it) to the ready line.
         let ready_s = ready.as_secs_f64();
@@ -869,7 +976,8 @@ impl Bench {
         check_stop()?;
         let (rss, hwm) = sys::proc_mem(p.pid())?;
         let kmem = sys::bpf_map_memlock(p.pid())?;
-        p.stop(Duration::from_secs(30))?;
+        // A profiler writes its output at exit, which takes a while.
+        p.stop(Duration::from_secs(if wrap.is_some() { 300 } else { 30 }))?;
         let lines = h.join().unwrap_or_default();
         let line = lines
             .iter()
@@ -898,48 +1006,38 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-fn start_perf(work: &Path, name: &str) -> Result<Proc> {
-    let mut c = Command::new("perf");
-    c.args(["record", "-a", "-g", "-q", "-o"])
-        .arg(work.join(format!("perf-{}.data", slug(name))))
+/// Whether a profiling tool is installed.
+fn tool_ok(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("--version")
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let p = Proc::spawn("perf record", c)?;
-    sys::nap(Duration::from_millis(300));
-    Ok(p)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
-fn stop_perf(mut p: Proc, work: &Path, name: &str) -> Result<Profile> {
-    p.stop(Duration::from_secs(30))?;
-    let data = work.join(format!("perf-{}.data", slug(name)));
+/// The top symbols of a perf recording by self time, with their object.
+fn perf_top(data: &Path, n: usize) -> Result<Vec<String>> {
     let out = Command::new("perf")
         .args([
             "report",
             "--stdio",
             "--no-children",
             "--sort",
-            "sym",
-            "-g",
-            "none",
+            "comm,dso,sym",
             "-i",
         ])
-        .arg(&data)
+        .arg(data)
         .output()
         .context("perf report")?;
-    let top = String::from_utf8_lossy(&out.stdout)
+    Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| !l.starts_with('#') && l.contains('%'))
-        .take(15)
-        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
-        .collect();
-    Ok(Profile {
-        what: format!("{name}, with the detector (perf record -a, cpu-clock)"),
-        top,
-    })
-}
-
-fn slug(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-        .collect()
+        .take(n)
+        .map(|l| {
+            let l = l.split_whitespace().collect::<Vec<_>>().join(" ");
+            // Rust symbols can be very long; the start says enough.
+            l.chars().take(160).collect()
+        })
+        .collect())
 }
