@@ -150,6 +150,13 @@ pub struct Workload {
 pub struct Config {
     pub name: String,
     pub runs: Vec<Count>,
+    /// The observer process's CPU time (user + system) per operation, per run, ns.
+    pub observer_cpu_ns_per_op: Vec<f64>,
+    /// Run time of the detector's BPF programs per operation, per run, ns
+    /// (kernel.bpf_stats_enabled).
+    pub bpf_ns_per_op: Vec<f64>,
+    /// BPF program runs per operation, per run.
+    pub bpf_runs_per_op: Vec<f64>,
     pub median_rate: f64,
     /// Median rate over the baseline's median.
     pub ratio: f64,
@@ -272,6 +279,9 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     };
     // Room for the 512k case plus the churn phases' entries (global; restored on drop).
     let _max = Sysctl::set("/proc/sys/net/netfilter/nf_conntrack_max", "1048576")?;
+    // BPF programs' run time and count in fdinfo: the detector's kernel-side cost per
+    // operation, a figure the machine's other load does not distort.
+    let _stats = Sysctl::set("/proc/sys/kernel/bpf_stats_enabled", "1")?;
     let fs = Bpffs::mount()?;
     let topo = Topology::create("a")?;
     let small = fs.dir.join("small_map");
@@ -572,11 +582,14 @@ impl Bench {
                     // The flush's frees and the observer's start-up settle before the clock
                     // starts (the same pause for every configuration).
                     sys::nap(Duration::from_millis(1000));
+                    let pid = running.proc.as_ref().map(Proc::pid);
+                    let cost0 = pid.map(cost).transpose()?;
                     let c = match name {
                         "TCP connection churn" => load::tcp_churn(&cli, dst, 8, dur)?,
                         "UDP new flows" => udp.run(2, dur, None, None)?,
                         _ => load::slab_frees(&cli, 2, dur)?,
                     };
+                    let cost1 = pid.map(cost).transpose()?;
                     self.stop(running)?;
                     load::check_reach(&c, name)?;
                     eprintln!(
@@ -586,6 +599,15 @@ impl Bench {
                         c.rate(),
                         c.errors
                     );
+                    if let (Some(a), Some(b)) = (cost0, cost1) {
+                        let per = |x: u64| x as f64 / c.ops.max(1) as f64;
+                        let cfg = &mut w.configs[i];
+                        cfg.observer_cpu_ns_per_op.push(per(b.0 - a.0));
+                        if matches!(o, Observer::Run(_)) {
+                            cfg.bpf_ns_per_op.push(per(b.1 - a.1));
+                            cfg.bpf_runs_per_op.push(per(b.2 - a.2));
+                        }
+                    }
                     w.configs[i].runs.push(c);
                 }
             }
@@ -629,7 +651,14 @@ impl Bench {
                         o.name(),
                         self.plan.phase_s
                     ),
-                    top: perf_top(&data, 20)?,
+                    top: [
+                        perf_top(&data, "comm", 6)?,
+                        vec![String::new()],
+                        perf_top(&data, "dso", 8)?,
+                        vec![String::new()],
+                        perf_top(&data, "comm,dso,sym", 20)?,
+                    ]
+                    .concat(),
                 });
             }
         }
@@ -890,7 +919,7 @@ impl Bench {
                     "start-up of detector run with {n} entries and keys (perf record of the \
                      process, start to ready plus 2 s): where the time went"
                 ),
-                top: perf_top(&data, 20)?,
+                top: perf_top(&data, "comm,dso,sym", 20)?,
             });
         }
         drop(am);
@@ -988,6 +1017,13 @@ impl Bench {
     }
 }
 
+/// An observer's CPU time, its BPF programs' run time and run count so far.
+fn cost(pid: u32) -> Result<(u64, u64, u64)> {
+    let cpu = sys::proc_cpu_ns(pid)?;
+    let (ns, cnt) = sys::bpf_prog_stats(pid)?;
+    Ok((cpu, ns, cnt))
+}
+
 fn read_all(r: impl std::io::Read) -> Vec<String> {
     use std::io::BufRead;
     std::io::BufReader::new(r)
@@ -1016,17 +1052,10 @@ fn tool_ok(tool: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// The top symbols of a perf recording by self time, with their object.
-fn perf_top(data: &Path, n: usize) -> Result<Vec<String>> {
+/// The top lines of a perf recording by self time, sorted by `sort` (comm, dso, sym...).
+fn perf_top(data: &Path, sort: &str, n: usize) -> Result<Vec<String>> {
     let out = Command::new("perf")
-        .args([
-            "report",
-            "--stdio",
-            "--no-children",
-            "--sort",
-            "comm,dso,sym",
-            "-i",
-        ])
+        .args(["report", "--stdio", "--no-children", "--sort", sort, "-i"])
         .arg(data)
         .output()
         .context("perf report")?;

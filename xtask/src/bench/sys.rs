@@ -267,9 +267,10 @@ pub fn remove_leftovers() {
 pub struct Sysctl {
     path: &'static str,
     original: String,
+    state: PathBuf,
 }
 
-const STATE: &str = "/run/detector-bench-sysctl";
+const STATE_PREFIX: &str = "detector-bench-sysctl.";
 
 impl Sysctl {
     pub fn set(path: &'static str, value: &str) -> Result<Self> {
@@ -277,23 +278,37 @@ impl Sysctl {
             .with_context(|| format!("reading {path}"))?
             .trim()
             .to_string();
-        std::fs::write(STATE, format!("{path} {original}\n")).context("writing the state file")?;
+        let state = Path::new("/run").join(format!(
+            "{STATE_PREFIX}{}",
+            path.trim_start_matches("/proc/sys/").replace('/', ".")
+        ));
+        std::fs::write(&state, format!("{path} {original}\n")).context("writing the state file")?;
         std::fs::write(path, value).with_context(|| format!("setting {path} to {value}"))?;
-        Ok(Self { path, original })
+        Ok(Self {
+            path,
+            original,
+            state,
+        })
     }
 
     /// Restores what a killed bench left changed.
     pub fn restore_leftover() {
-        let Ok(s) = std::fs::read_to_string(STATE) else {
+        let Ok(dir) = std::fs::read_dir("/run") else {
             return;
         };
-        if let Some((path, value)) = s.trim().split_once(' ')
-            && path.starts_with("/proc/sys/")
-            && std::fs::write(path, value).is_ok()
-        {
-            eprintln!("bench: restored {path} = {value} left by an earlier bench");
+        for e in dir.filter_map(|e| e.ok()) {
+            if !e.file_name().to_string_lossy().starts_with(STATE_PREFIX) {
+                continue;
+            }
+            if let Ok(s) = std::fs::read_to_string(e.path())
+                && let Some((path, value)) = s.trim().split_once(' ')
+                && path.starts_with("/proc/sys/")
+                && std::fs::write(path, value).is_ok()
+            {
+                eprintln!("bench: restored {path} = {value} left by an earlier bench");
+            }
+            let _ = std::fs::remove_file(e.path());
         }
-        let _ = std::fs::remove_file(STATE);
     }
 }
 
@@ -302,7 +317,7 @@ impl Drop for Sysctl {
         if let Err(e) = std::fs::write(self.path, &self.original) {
             eprintln!("bench cleanup: restoring {}: {e}", self.path);
         }
-        let _ = std::fs::remove_file(STATE);
+        let _ = std::fs::remove_file(&self.state);
     }
 }
 
@@ -478,4 +493,45 @@ pub fn bpf_map_memlock(pid: u32) -> Result<(u64, usize)> {
         }
     }
     Ok((total, seen.len()))
+}
+
+/// CPU time (user + system) a process has used, in ns.
+pub fn proc_cpu_ns(pid: u32) -> Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may contain spaces) start at field 3.
+    let rest = s.rsplit_once(") ").map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // utime and stime are fields 14 and 15 (1-based), in clock ticks.
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    Ok(ticks * 1_000_000_000 / hz)
+}
+
+/// Run time and run count summed over the BPF programs a process holds open (needs
+/// kernel.bpf_stats_enabled=1), each program counted once.
+pub fn bpf_prog_stats(pid: u32) -> Result<(u64, u64)> {
+    let mut seen = std::collections::HashSet::new();
+    let (mut ns, mut cnt) = (0, 0);
+    for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))?.filter_map(|e| e.ok()) {
+        let Ok(s) = std::fs::read_to_string(e.path()) else {
+            continue;
+        };
+        let get = |k: &str| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        if let (Some(id), Some(t), Some(c)) =
+            (get("prog_id:"), get("run_time_ns:"), get("run_cnt:"))
+            && seen.insert(id)
+        {
+            ns += t;
+            cnt += c;
+        }
+    }
+    Ok((ns, cnt))
 }
