@@ -182,6 +182,8 @@ pub struct Step {
     /// The kernel's own per-namespace counters over the step (insert_failed, drop, ...).
     pub kernel_stats: std::collections::BTreeMap<String, u64>,
     pub drain_s: f64,
+    /// Entries the gc had not reaped after 5 s, flushed (a burst of DESTROYs).
+    pub flushed: u64,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -708,6 +710,7 @@ impl Bench {
                     std::thread::sleep(Duration::from_millis(50));
                 }
                 let drain_s = t.elapsed().as_secs_f64();
+                let flushed = topo.ct_count()?;
                 // Entries the kernel's gc has not reaped after 5 s: flushed (still DESTROYs;
                 // the gc reaps in bursts too, so the DESTROY side is bursty either way).
                 topo.flush()?;
@@ -737,6 +740,7 @@ impl Bench {
                     missing,
                     kernel_stats,
                     drain_s,
+                    flushed,
                 };
                 eprintln!(
                     "bench: completeness {name} at {:.0} events/s: expected {} NEW + {} DESTROY, \

@@ -107,19 +107,27 @@ fn fmt_num(x: f64) -> String {
     }
 }
 
-/// The highest rate at which an observer delivered everything, and the lowest at which it
-/// missed anything (its loss threshold), in events/s.
+/// An observer's loss threshold: the lowest rate at which it missed anything, and the
+/// highest rate below that at which it delivered everything, in events/s. (A clean step above
+/// a lossy one does not raise the threshold: losses come with bursts, and one clean run at a
+/// higher rate does not make the lower rate safe.)
 pub fn thresholds(r: &Results, observer: &str) -> (Option<f64>, Option<f64>) {
-    let steps = r.completeness.iter().filter(|s| s.observer == observer);
-    let mut clean: Option<f64> = None;
-    let mut lossy: Option<f64> = None;
-    for s in steps {
-        if s.missing == 0 && s.reported_lost == 0 {
-            clean = Some(clean.map_or(s.events_per_s, |c| c.max(s.events_per_s)));
-        } else {
-            lossy = Some(lossy.map_or(s.events_per_s, |c| c.min(s.events_per_s)));
-        }
-    }
+    let steps: Vec<_> = r
+        .completeness
+        .iter()
+        .filter(|s| s.observer == observer)
+        .collect();
+    let lossy = steps
+        .iter()
+        .filter(|s| s.missing > 0 || s.reported_lost > 0)
+        .map(|s| s.events_per_s)
+        .reduce(f64::min);
+    let clean = steps
+        .iter()
+        .filter(|s| s.missing == 0 && s.reported_lost == 0)
+        .map(|s| s.events_per_s)
+        .filter(|&e| lossy.is_none_or(|l| e < l))
+        .reduce(f64::max);
     (clean, lossy)
 }
 
@@ -152,7 +160,20 @@ pub fn markdown(r: &Results, plan: &Plan) -> String {
             .collect::<Vec<_>>()
             .join("; "),
     );
+    let busy = r
+        .load
+        .iter()
+        .filter_map(|(_, l)| l.split_whitespace().next()?.parse::<f64>().ok())
+        .fold(0.0, f64::max);
     let _ = writeln!(s, "## Summary\n");
+    if busy > 1.0 {
+        let _ = writeln!(
+            s,
+            "The machine had other load during this run (1-minute load average up to {busy:.1}): \
+             throughput ratios and latencies are noisy; the CPU-time-per-operation rows, \
+             completeness counts and memory figures are not affected much.\n"
+        );
+    }
     let _ = writeln!(s, "| figure | measured | target | result |");
     let _ = writeln!(s, "|---|---|---|---|");
     let default = r.backends.first().cloned().unwrap_or_default();
@@ -233,9 +254,10 @@ pub fn markdown(r: &Results, plan: &Plan) -> String {
             d_lossy.map_or(String::new(), |l| format!("; losses from {}", k(l)))
         );
         let d_result = match d_clean {
-            Some(c) if c >= goal * 0.98 && d_lossy.is_none_or(|l| l > c) => "met".to_string(),
+            Some(c) if c >= goal * 0.98 => "met".to_string(),
             Some(c) => format!(
-                "**missed**: lossless only up to {:.0}% of it",
+                "**missed**: lossless only up to {} ({:.0}% of it)",
+                k(c),
                 100.0 * c / goal
             ),
             None => "**missed**: lost events at every rate".into(),
@@ -373,8 +395,9 @@ pub fn markdown(r: &Results, plan: &Plan) -> String {
     let _ = writeln!(
         s,
         "UDP new flows at a paced rate for {:.0} s per step (2 generator threads), each flow one NEW; \
-         the bench namespace's UDP timeout is 1 s, and the step ends when the kernel has reaped \
-         every entry (each one DESTROY), so the events generated are exactly 2 x flows (the \
+         the bench namespace's UDP timeout is 1 s, and the step ends when the kernel's gc has reaped \
+         every entry (each one DESTROY; after 5 s the rest is flushed with `conntrack -F`, also \
+         one DESTROY each), so the events generated are exactly 2 x flows (the \
          kernel's own `insert_failed`/`drop` counters, from /proc/net/stat/nf_conntrack, would \
          show flows that were not created). Each observer ran alone: `detector trace` (its summary \
          gives NEW, DESTROY and the kernel's loss counters) and `conntrack -E` (lines printed; \
@@ -384,13 +407,13 @@ pub fn markdown(r: &Results, plan: &Plan) -> String {
     );
     let _ = writeln!(
         s,
-        "| observer | asked events/s | events/s | expected NEW+DESTROY | delivered NEW+DESTROY | missing | reported lost | reaped in |"
+        "| observer | asked events/s | events/s | expected NEW+DESTROY | delivered NEW+DESTROY | missing | reported lost | reaped by gc in | flushed |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
     for st in &r.completeness {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} + {} | {} + {} | {} | {} | {:.1} s |",
+            "| {} | {} | {} | {} + {} | {} + {} | {} | {} | {:.1} s | {} |",
             st.observer,
             st.target_events_per_s.map_or("max".into(), k),
             k(st.events_per_s),
@@ -400,7 +423,8 @@ pub fn markdown(r: &Results, plan: &Plan) -> String {
             st.delivered_destroy,
             st.missing,
             st.reported_lost,
-            st.drain_s
+            st.drain_s,
+            st.flushed
         );
     }
     let _ = writeln!(s);
@@ -685,6 +709,9 @@ mod tests {
                 ..Default::default()
             });
         }
+        assert_eq!(thresholds(&r, "x"), (Some(50e3), Some(100e3)));
+        // A clean step above the first lossy one does not move the threshold.
+        r.completeness[3].missing = 0;
         assert_eq!(thresholds(&r, "x"), (Some(50e3), Some(100e3)));
         assert_eq!(thresholds(&r, "y"), (None, None));
     }
