@@ -761,6 +761,18 @@ impl Bench {
     /// Verdict latency from the lab: every wrongful delete's verdict, delete (kernel time) to
     /// emission.
     fn latency(&mut self) -> Result<()> {
+        // One retry: on a shared machine another lab's `--cleanup` can unmount this lab's
+        // bpffs under it.
+        match self.latency_once() {
+            Err(e) if !sys::stopping() => {
+                eprintln!("bench: the lab failed ({e:#}); once more");
+                self.latency_once()
+            }
+            r => r,
+        }
+    }
+
+    fn latency_once(&mut self) -> Result<()> {
         check_stop()?;
         let log = std::fs::File::create(self.work.join("lab.log"))?;
         let mut cmd = Command::new(&self.detector);
