@@ -232,6 +232,9 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     }
     let t0 = Instant::now();
     sys::install_signal_handlers();
+    // Held to the end: with it, a state file or namespace of a bench is a leftover of a dead
+    // one, never of one that is running.
+    let _lock = sys::BenchLock::acquire(Duration::from_secs(20 * 60))?;
     Sysctl::restore_leftover();
     sys::remove_leftovers();
     sys::unmount_leftovers();

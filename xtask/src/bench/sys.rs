@@ -262,6 +262,49 @@ pub fn remove_leftovers() {
     }
 }
 
+/// One bench at a time on a machine: two would share the CPUs, skew each other's figures, and
+/// take each other's sysctl changes for leftovers. Held (flock) until the process exits.
+pub struct BenchLock(#[allow(dead_code)] File);
+
+impl BenchLock {
+    pub fn acquire(timeout: Duration) -> Result<Self> {
+        let path = "/run/detector-bench.lock";
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("opening {path}"))?;
+        let t0 = Instant::now();
+        let mut said = false;
+        loop {
+            // SAFETY: flock on an fd we own.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                let _ = std::fs::write(path, std::process::id().to_string());
+                return Ok(Self(f));
+            }
+            let holder = std::fs::read_to_string(path).unwrap_or_default();
+            if !said {
+                eprintln!(
+                    "bench: another bench (pid {}) is running; waiting for it (up to {:?})",
+                    holder.trim(),
+                    timeout
+                );
+                said = true;
+            }
+            check_stop()?;
+            if t0.elapsed() > timeout {
+                bail!(
+                    "another bench (pid {}) is still running after {timeout:?}: run one at a time",
+                    holder.trim()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
 /// A global sysctl (a /proc/sys path) set for the bench, restored on drop. The original value
 /// is also written to a state file, so a bench that was killed outright is undone by the next.
 pub struct Sysctl {
