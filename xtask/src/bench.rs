@@ -12,7 +12,7 @@
 //! 4. Memory and start-up: `detector run` on 512k kernel conntrack entries and a 512k-key
 //!    agent map, against an idle one.
 //!
-//! Bounded in time (about 6-8 minutes, `--quick` about 2); everything it creates or changes is
+//! Bounded in time (about 6 minutes, `--quick` about 2); everything it creates or changes is
 //! undone on exit, on error and on Ctrl-C (and a killed bench is undone by the next one).
 
 mod bpfmap;

@@ -362,7 +362,8 @@ pub fn markdown(r: &Results, plan: &Plan) -> String {
          5-tuple (32 source ports x 64000 destination ports); and, for the tracepoint backend's \
          `kmem_cache_free` hook, UDP sockets opened and closed by 2 threads (frees of other slab \
          caches). Each configuration ran {} time(s) for {:.0} s, interleaved; the median is shown. \
-         `detector run` watched the namespace (`--netns`) and an empty agent map; `conntrack -E` ran \
+         `detector run` watched the namespace (`--netns`) and an empty agent map, with \
+         `--max-entries 1048576` (sized to the bench's nf_conntrack_max, as its help asks); `conntrack -E` ran \
          in the namespace with its output read by the bench. CPU/op: the observer process's CPU \
          time (user + system, /proc/PID/stat) and its BPF programs' run time \
          (`kernel.bpf_stats_enabled`, set for the run and restored; it adds two clock reads per \
@@ -415,8 +416,8 @@ pub fn markdown(r: &Results, plan: &Plan) -> String {
          every entry (each one DESTROY; after 5 s the rest is flushed with `conntrack -F`, also \
          one DESTROY each), so the events generated are exactly 2 x flows (the \
          kernel's own `insert_failed`/`drop` counters, from /proc/net/stat/nf_conntrack, would \
-         show flows that were not created). Each observer ran alone: `detector trace` (its summary \
-         gives NEW, DESTROY and the kernel's loss counters) and `conntrack -E` (lines printed; \
+         show flows that were not created). Each observer ran alone: `detector trace --max-entries 1048576` (its \
+         summary gives NEW, DESTROY and the kernel's loss counters; default 8 MiB ring buffer) and `conntrack -E` (lines printed; \
          ENOBUFS warnings). An observer that lost at two rates in a row skips the higher paced \
          rates. Events/s: NEW + DESTROY generated per second of the step.\n",
         plan.step_s
