@@ -1,5 +1,6 @@
 //! Project tasks: `cargo xtask <task>`.
 
+mod bench;
 mod deploy;
 mod vm;
 
@@ -54,6 +55,9 @@ enum Task {
         #[arg(long, default_value_t = 540)]
         timeout: u64,
     },
+    /// Measure overhead, event completeness, verdict latency and memory side by side, in
+    /// namespaces it creates; writes BENCHMARKS.md and benchmarks/bench.json. Needs root.
+    Bench(bench::BenchArgs),
 }
 
 fn root() -> PathBuf {
@@ -245,5 +249,6 @@ fn main() -> Result<()> {
         Task::Image => deploy::image(),
         Task::Test { args, no_vm } => test(&args, no_vm),
         Task::VmTest { timeout } => vm_test(timeout),
+        Task::Bench(args) => bench::bench(args),
     }
 }

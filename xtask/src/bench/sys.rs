@@ -1,0 +1,580 @@
+//! The bench's own environment: network namespaces it creates, sysctls it changes (restored),
+//! a bpffs it mounts, child processes (stopped), and a stop flag set by Ctrl-C/SIGTERM.
+//! Everything here undoes itself on drop, so an error or an interrupt leaves nothing behind.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Ctrl-C and SIGTERM set the stop flag; the bench then unwinds through its guards.
+pub fn install_signal_handlers() {
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+}
+
+pub fn stopping() -> bool {
+    STOP.load(Ordering::SeqCst)
+}
+
+/// Fails with a clear error once the bench was asked to stop.
+pub fn check_stop() -> Result<()> {
+    if stopping() {
+        bail!("interrupted (Ctrl-C or SIGTERM): cleaned up, no report written");
+    }
+    Ok(())
+}
+
+/// Sleeps, waking early when asked to stop.
+pub fn nap(d: Duration) {
+    let end = Instant::now() + d;
+    while !stopping() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20).min(end - Instant::now()));
+    }
+}
+
+pub fn run(cmd: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd} (scripts/setup.sh installs it)"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn netns_path(name: &str) -> PathBuf {
+    PathBuf::from(format!("/run/netns/{name}"))
+}
+
+/// Runs a command in a namespace (nsenter keeps /sys, unlike `ip netns exec`).
+pub fn exec_in(ns: &str, cmd: &str, args: &[&str]) -> Result<String> {
+    let net = format!("--net={}", netns_path(ns).display());
+    let mut all = vec![net.as_str(), cmd];
+    all.extend_from_slice(args);
+    run("nsenter", &all)
+}
+
+/// Reads a file under /proc/sys/net of a namespace (per-namespace values such as
+/// nf_conntrack_count), from a thread that entered it.
+pub fn ns_proc_read(ns: &Path, file: &'static str) -> Result<String> {
+    in_netns(ns, move || {
+        std::fs::read_to_string(file).with_context(|| format!("reading {file}"))
+    })?
+}
+
+/// Runs `f` on a thread that entered the network namespace `ns`: sockets it creates belong to
+/// that namespace for their whole life, whichever thread uses them later.
+pub fn in_netns<T: Send + 'static>(ns: &Path, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let file = File::open(ns).with_context(|| format!("opening {}", ns.display()))?;
+    std::thread::spawn(move || -> Result<T> {
+        enter(&file)?;
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("a namespace thread panicked"))?
+}
+
+/// Moves the calling thread into the network namespace open as `file`.
+pub fn enter(file: &File) -> Result<()> {
+    // SAFETY: setns on a valid fd; CLONE_NEWNET only affects the calling thread.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Prefix of every namespace the bench creates: `bench-<pid>-...`.
+const NS_PREFIX: &str = "dtbench-";
+
+/// Two namespaces joined by a veth pair: `cli` (10.79.0.2) sends and has conntrack active (an
+/// nft ct rule on output, like kube-proxy's rules on a node), so its table holds the entries;
+/// `srv` (10.79.0.1) answers. Every packet of a flow leaves `cli` through a device carrying its
+/// confirmed entry, which is where the tracepoint backend sees a NEW. Removed on drop.
+pub struct Topology {
+    pub cli: String,
+    pub srv: String,
+    created: Vec<String>,
+}
+
+pub const SRV_IP: &str = "10.79.0.1";
+pub const CLI_IP: &str = "10.79.0.2";
+
+impl Topology {
+    pub fn create(tag: &str) -> Result<Self> {
+        let id = format!("{NS_PREFIX}{}-{tag}", std::process::id());
+        let mut t = Self {
+            cli: format!("{id}-cli"),
+            srv: format!("{id}-srv"),
+            created: Vec::new(),
+        };
+        for ns in [t.cli.clone(), t.srv.clone()] {
+            run("ip", &["netns", "add", &ns])?;
+            t.created.push(ns);
+        }
+        run(
+            "ip",
+            &[
+                "link", "add", "eth0", "netns", &t.cli, "type", "veth", "peer", "name", "eth0",
+                "netns", &t.srv,
+            ],
+        )?;
+        for (ns, ip) in [(&t.cli, CLI_IP), (&t.srv, SRV_IP)] {
+            run(
+                "ip",
+                &["-n", ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
+            )?;
+            run("ip", &["-n", ns, "link", "set", "eth0", "up"])?;
+            run("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        // Conntrack hooks register only when a rule needs them.
+        exec_in(
+            &t.cli,
+            "nft",
+            &["add table inet bench; \
+               add chain inet bench output { type filter hook output priority 0; policy accept; }; \
+               add rule inet bench output ct state new counter accept"],
+        )?;
+        // Short timeouts keep the table small under churn (these sysctls are per namespace
+        // and die with it). Port range: the client's connections end with RST, so no
+        // TIME_WAIT holds its ports, but more ports spread the churn.
+        for kv in [
+            "net.netfilter.nf_conntrack_udp_timeout=1",
+            "net.netfilter.nf_conntrack_tcp_timeout_close=1",
+            "net.ipv4.ip_local_port_range=1024 65000",
+        ] {
+            exec_in(&t.cli, "sysctl", &["-qw", kv])?;
+        }
+        exec_in(&t.srv, "sysctl", &["-qw", "net.core.somaxconn=8192"])?;
+        Ok(t)
+    }
+
+    pub fn srv_path(&self) -> PathBuf {
+        netns_path(&self.srv)
+    }
+
+    pub fn cli_path(&self) -> PathBuf {
+        netns_path(&self.cli)
+    }
+
+    /// The namespace whose conntrack table the bench fills and observes.
+    pub fn ct_path(&self) -> PathBuf {
+        self.cli_path()
+    }
+
+    /// Empties the bench's conntrack table and waits until it is empty.
+    pub fn flush(&self) -> Result<()> {
+        let t0 = Instant::now();
+        loop {
+            // `conntrack -F` exits non-zero on an empty table on some versions: ignore.
+            let _ = exec_in(&self.cli, "conntrack", &["-F"]);
+            if self.ct_count()? == 0 {
+                return Ok(());
+            }
+            if t0.elapsed() > Duration::from_secs(20) {
+                bail!("the bench namespace's conntrack table does not empty");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Entries in the bench's conntrack table.
+    pub fn ct_count(&self) -> Result<u64> {
+        let s = ns_proc_read(
+            &self.ct_path(),
+            "/proc/sys/net/netfilter/nf_conntrack_count",
+        )?;
+        s.trim().parse().context("nf_conntrack_count")
+    }
+
+    /// The kernel's per-namespace conntrack statistics summed over CPUs, by column name
+    /// (/proc/net/stat/nf_conntrack, hex).
+    pub fn ct_stats(&self) -> Result<std::collections::BTreeMap<String, u64>> {
+        let text = ns_proc_read(&self.ct_path(), "/proc/net/stat/nf_conntrack")?;
+        let mut lines = text.lines();
+        let names: Vec<String> = lines
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        let mut sum = std::collections::BTreeMap::new();
+        for l in lines {
+            for (n, v) in names.iter().zip(l.split_whitespace()) {
+                // `entries` is the same global figure on every line, not per CPU.
+                if n == "entries" {
+                    continue;
+                }
+                *sum.entry(n.clone()).or_insert(0) += u64::from_str_radix(v, 16).unwrap_or(0);
+            }
+        }
+        Ok(sum)
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for ns in self.created.drain(..) {
+            if let Err(e) = run("ip", &["netns", "del", &ns]) {
+                eprintln!("bench cleanup: {e}");
+            }
+        }
+    }
+}
+
+/// Namespaces left by a bench that was killed (its pid is gone): removed at start.
+pub fn remove_leftovers() {
+    let Ok(dir) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    for e in dir.filter_map(|e| e.ok()) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(NS_PREFIX) else {
+            continue;
+        };
+        let pid = rest.split('-').next().unwrap_or("");
+        if pid
+            .parse::<u32>()
+            .is_ok_and(|p| !Path::new(&format!("/proc/{p}")).exists())
+        {
+            let _ = run("ip", &["netns", "del", &name]);
+            eprintln!("bench: removed leftover namespace {name}");
+        }
+    }
+}
+
+/// One bench at a time on a machine: two would share the CPUs, skew each other's figures, and
+/// take each other's sysctl changes for leftovers. Held (flock) until the process exits.
+pub struct BenchLock(#[allow(dead_code)] File);
+
+impl BenchLock {
+    pub fn acquire(timeout: Duration) -> Result<Self> {
+        let path = "/run/detector-bench.lock";
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("opening {path}"))?;
+        let t0 = Instant::now();
+        let mut said = false;
+        loop {
+            // SAFETY: flock on an fd we own.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                let _ = std::fs::write(path, std::process::id().to_string());
+                return Ok(Self(f));
+            }
+            let holder = std::fs::read_to_string(path).unwrap_or_default();
+            if !said {
+                eprintln!(
+                    "bench: another bench (pid {}) is running; waiting for it (up to {:?})",
+                    holder.trim(),
+                    timeout
+                );
+                said = true;
+            }
+            check_stop()?;
+            if t0.elapsed() > timeout {
+                bail!(
+                    "another bench (pid {}) is still running after {timeout:?}: run one at a time",
+                    holder.trim()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+/// A global sysctl (a /proc/sys path) set for the bench, restored on drop. The original value
+/// is also written to a state file, so a bench that was killed outright is undone by the next.
+pub struct Sysctl {
+    path: &'static str,
+    original: String,
+    state: PathBuf,
+}
+
+const STATE_PREFIX: &str = "detector-bench-sysctl.";
+
+impl Sysctl {
+    pub fn set(path: &'static str, value: &str) -> Result<Self> {
+        let original = std::fs::read_to_string(path)
+            .with_context(|| format!("reading {path}"))?
+            .trim()
+            .to_string();
+        let state = Path::new("/run").join(format!(
+            "{STATE_PREFIX}{}",
+            path.trim_start_matches("/proc/sys/").replace('/', ".")
+        ));
+        std::fs::write(&state, format!("{path} {original}\n")).context("writing the state file")?;
+        std::fs::write(path, value).with_context(|| format!("setting {path} to {value}"))?;
+        Ok(Self {
+            path,
+            original,
+            state,
+        })
+    }
+
+    /// Restores what a killed bench left changed.
+    pub fn restore_leftover() {
+        let Ok(dir) = std::fs::read_dir("/run") else {
+            return;
+        };
+        for e in dir.filter_map(|e| e.ok()) {
+            if !e.file_name().to_string_lossy().starts_with(STATE_PREFIX) {
+                continue;
+            }
+            if let Ok(s) = std::fs::read_to_string(e.path())
+                && let Some((path, value)) = s.trim().split_once(' ')
+                && path.starts_with("/proc/sys/")
+                && std::fs::write(path, value).is_ok()
+            {
+                eprintln!("bench: restored {path} = {value} left by an earlier bench");
+            }
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(self.path, &self.original) {
+            eprintln!("bench cleanup: restoring {}: {e}", self.path);
+        }
+        let _ = std::fs::remove_file(&self.state);
+    }
+}
+
+/// A bpffs mounted on a fresh directory; unmounted and removed on drop.
+pub struct Bpffs {
+    pub dir: PathBuf,
+}
+
+impl Bpffs {
+    pub fn mount() -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("dtbench-bpffs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let fs = Self { dir };
+        run("mount", &["-t", "bpf", "bpf", &fs.dir.to_string_lossy()])?;
+        Ok(fs)
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = run("umount", &[&self.dir.to_string_lossy()]);
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// Unmounts bpffs left by a killed bench.
+pub fn unmount_leftovers() {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    for m in mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|m| m.contains("/dtbench-bpffs-"))
+    {
+        let pid = m.rsplit('-').next().unwrap_or("");
+        if pid
+            .parse::<u32>()
+            .is_ok_and(|p| !Path::new(&format!("/proc/{p}")).exists())
+        {
+            let _ = run("umount", &[m]);
+        }
+    }
+}
+
+/// A child process that dies with the bench (PR_SET_PDEATHSIG) and is stopped on drop.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, mut cmd: Command) -> Result<Self> {
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Self {
+            child,
+            name: name.to_string(),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGINT (a clean stop that prints summaries), then SIGKILL after `grace`.
+    pub fn stop(&mut self, grace: Duration) -> Result<std::process::ExitStatus> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let end = Instant::now() + grace;
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                return Ok(st);
+            }
+            if Instant::now() > end {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                bail!(
+                    "{} did not stop within {grace:?} of SIGINT (killed)",
+                    self.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Reads lines from a child's pipe on a thread until `pred` matches one (returns the time it
+/// took), then keeps draining the rest into the returned collector.
+pub fn wait_line(
+    pipe: impl Read + Send + 'static,
+    pred: impl Fn(&str) -> bool,
+    timeout: Duration,
+) -> Result<(Duration, std::thread::JoinHandle<Vec<String>>)> {
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let handle = std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        for l in BufReader::new(pipe).lines().map_while(Result::ok) {
+            let _ = tx.send(l.clone());
+            kept.push(l);
+        }
+        kept
+    });
+    let t0 = Instant::now();
+    loop {
+        check_stop()?;
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(l) if pred(&l) => return Ok((t0.elapsed(), handle)),
+            Ok(_) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let lines = handle.join().unwrap_or_default();
+                bail!(
+                    "the process exited before it was ready: {}",
+                    lines.join(" | ")
+                );
+            }
+        }
+        if t0.elapsed() > timeout {
+            bail!("not ready within {timeout:?}");
+        }
+    }
+}
+
+/// A process's memory figures from /proc/PID/status, in bytes.
+pub fn proc_mem(pid: u32) -> Result<(u64, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> u64 {
+        s.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    Ok((field("VmRSS:"), field("VmHWM:")))
+}
+
+/// Kernel memory of the BPF maps a process holds open: the sum of `memlock` over its map fds
+/// (each map counted once, by id).
+pub fn bpf_map_memlock(pid: u32) -> Result<(u64, usize)> {
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0;
+    for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))?.filter_map(|e| e.ok()) {
+        let Ok(s) = std::fs::read_to_string(e.path()) else {
+            continue;
+        };
+        let get = |k: &str| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_string())
+        };
+        if let (Some(id), Some(mem)) = (get("map_id:"), get("memlock:"))
+            && seen.insert(id)
+        {
+            total += mem.parse::<u64>().unwrap_or(0);
+        }
+    }
+    Ok((total, seen.len()))
+}
+
+/// CPU time (user + system) a process has used, in ns.
+pub fn proc_cpu_ns(pid: u32) -> Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may contain spaces) start at field 3.
+    let rest = s.rsplit_once(") ").map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // utime and stime are fields 14 and 15 (1-based), in clock ticks.
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    Ok(ticks * 1_000_000_000 / hz)
+}
+
+/// Run time and run count summed over the BPF programs a process holds open (needs
+/// kernel.bpf_stats_enabled=1), each program counted once.
+pub fn bpf_prog_stats(pid: u32) -> Result<(u64, u64)> {
+    let mut seen = std::collections::HashSet::new();
+    let (mut ns, mut cnt) = (0, 0);
+    for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))?.filter_map(|e| e.ok()) {
+        let Ok(s) = std::fs::read_to_string(e.path()) else {
+            continue;
+        };
+        let get = |k: &str| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        if let (Some(id), Some(t), Some(c)) =
+            (get("prog_id:"), get("run_time_ns:"), get("run_cnt:"))
+            && seen.insert(id)
+        {
+            ns += t;
+            cnt += c;
+        }
+    }
+    Ok((ns, cnt))
+}
