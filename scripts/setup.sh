@@ -22,6 +22,9 @@ APT_PACKAGES+=(python3-venv busybox)
 # the test binaries. (The guest's kernel and static busybox are fetched with apt-get download
 # into ~/.cache/detector/vm, never installed.)
 APT_PACKAGES+=(qemu-system-x86 xz-utils binutils)
+# musl-tools: C code in dependencies (ring, under the Kubernetes client's rustls) built for the
+# static musl target (x86_64-linux-musl-gcc).
+APT_PACKAGES+=(musl-tools)
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/detector
 CARGO_BIN=${CARGO_HOME:-$HOME/.cargo}/bin
 

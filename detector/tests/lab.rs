@@ -4,14 +4,19 @@
 
 mod common;
 
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use common::{DETECTOR, privileged};
 use serde_json::Value;
 
 /// Labs time real traffic against real timeouts: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
+
+/// The pid of the last `detector lab` run: the lab names its namespaces and bpffs after it, so
+/// the leftover check looks at this run's only (other labs may be running on the machine).
+static LAST_LAB: AtomicU32 = AtomicU32::new(0);
 
 fn lab(cmd: &str, args: &[&str]) -> (Option<i32>, Value, String) {
     let traces = std::env::temp_dir().join(format!("detector-lab-test-{}", std::process::id()));
@@ -21,8 +26,12 @@ fn lab(cmd: &str, args: &[&str]) -> (Option<i32>, Value, String) {
         .arg("--trace-dir")
         .arg(&traces)
         .args(args)
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("run detector lab");
+    LAST_LAB.store(out.id(), Ordering::SeqCst);
+    let out = out.wait_with_output().expect("wait for detector lab");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let report: Value =
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("lab report: {e}\n{stderr}"));
@@ -31,6 +40,8 @@ fn lab(cmd: &str, args: &[&str]) -> (Option<i32>, Value, String) {
 }
 
 fn assert_nothing_left() {
+    let pid = LAST_LAB.load(Ordering::SeqCst);
+    let ours = format!("lab-{pid}-");
     let netns: Vec<String> = std::fs::read_dir("/run/netns")
         .map(|d| {
             d.filter_map(|e| e.ok())
@@ -39,11 +50,14 @@ fn assert_nothing_left() {
         })
         .unwrap_or_default();
     assert!(
-        !netns.iter().any(|n| n.starts_with("lab-")),
+        !netns.iter().any(|n| n.starts_with(&ours)),
         "namespaces left: {netns:?}"
     );
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
-    assert!(!mounts.contains("detector-lab-"), "bpffs left mounted");
+    assert!(
+        !mounts.contains(&format!("/detector-lab-{pid}/")),
+        "bpffs left mounted"
+    );
 }
 
 /// The detector's verdicts are exactly the emulator's wrongful deletes: same keys, the
