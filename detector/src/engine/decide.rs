@@ -16,17 +16,20 @@ impl Engine {
             })
     }
 
-    /// The retained events of `fids`, merged, de-duplicated and sorted.
-    fn timeline_of(&self, fids: &[FlowId], extra: &[TimelineEvent]) -> Vec<TimelineEvent> {
-        let mut events: Vec<TimelineEvent> = extra.to_vec();
-        for fid in fids {
-            if let Some(f) = self.flows.get(fid) {
-                events.extend(f.timeline.iter().cloned());
-            }
-        }
+    /// The recorded events of `fids`, merged with `extra`, de-duplicated and sorted, and
+    /// whether events from `since_ns` on may be missing (pushed out of the flight recorder,
+    /// or beyond `timeline_len` for a flow).
+    fn timeline_of(
+        &self,
+        fids: &[FlowId],
+        extra: &[TimelineEvent],
+        since_ns: u64,
+    ) -> (Vec<TimelineEvent>, bool) {
+        let (mut events, capped) = self.recorder.extract(fids, self.cfg.timeline_len);
+        events.extend(extra.iter().cloned());
         events.sort_by_key(|e| (e.ts_ns, e.seq));
         events.dedup_by_key(|e| e.seq);
-        events
+        (events, capped || self.recorder.lost_since(since_ns))
     }
 
     pub(super) fn on_delete(&mut self, d: AgentDelete, out: &mut Vec<Output>) {
@@ -47,10 +50,9 @@ impl Engine {
             DeleteResult::Deleted => self.map.remove(&d.key),
             _ => self.map.get(&d.key).copied(),
         };
-        let cap = self.cfg.timeline_len;
+        self.recorder.record(ev, [Some(fid), None]);
         let flow = self.flow_mut(fid);
         let known = map_entry.is_some() || flow.has_kernel_state();
-        flow.record(ev, cap);
         match d.result {
             DeleteResult::Deleted => {}
             DeleteResult::NotFound => {
@@ -64,7 +66,7 @@ impl Engine {
         }
         // Copied out so that the flow's borrow of `self` ends here.
         let shadow_live = flow.youngest_live().copied();
-        let live_entries = flow.live.clone();
+        let live_entries: Vec<_> = flow.live.to_vec();
         let last_destroyed = flow.last_destroyed;
         let n_live = live_entries.len();
         let by_id = |id: u64| live_entries.iter().find(|e| e.id == id).copied();
@@ -185,6 +187,7 @@ impl Engine {
         }
         fids.sort();
         fids.dedup();
+        let (timeline, timeline_truncated) = self.timeline_of(&fids, &[], story_start_ns);
 
         let v = Verdict {
             kind: VerdictKind::LiveEntryDelete,
@@ -204,7 +207,8 @@ impl Engine {
             first_denied: None,
             maybe_incomplete: self.lost_between(story_start_ns, d.ts_ns),
             notes,
-            timeline: self.timeline_of(&fids, &[]),
+            timeline,
+            timeline_truncated,
         };
         self.stats.deletes.live += 1;
         self.stats.verdicts.count(class);
@@ -249,7 +253,7 @@ impl Engine {
         let delete = verdict.delete_ts_ns;
         let start = delete.saturating_sub(self.cfg.before_window_ns);
         let end = delete.saturating_add(self.cfg.after_window_ns);
-        let mut timeline = self.timeline_of(&flows, &verdict.timeline);
+        let (mut timeline, timeline_truncated) = self.timeline_of(&flows, &verdict.timeline, start);
         let markers = self
             .markers
             .iter()
@@ -268,6 +272,7 @@ impl Engine {
             window_end_ns: end,
             timeline,
             after_window_incomplete,
+            timeline_truncated,
         }));
     }
 }

@@ -1,10 +1,12 @@
 //! The engine's shadows: per-flow state (live kernel entries, the last destroyed one, a
 //! bounded timeline) and the agent's map, each in a bounded least-recently-touched table.
 
-use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::hash::Hash;
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
+
+use hashbrown::HashTable;
+use smallvec::SmallVec;
 
 use super::verdict::{OldEntry, TimelineEvent};
 use crate::agent::NpaKey;
@@ -48,48 +50,108 @@ impl FlowId {
     }
 }
 
+/// No node: the end of the recency list.
+const NIL: u32 = u32::MAX;
+
+struct Node<K, V> {
+    key: K,
+    val: V,
+    /// Neighbours in the recency list (slab indices): `prev` is older, `next` newer.
+    prev: u32,
+    next: u32,
+}
+
 /// A map bounded to `cap` entries that evicts the least recently touched one.
 ///
-/// Recency is an insertion counter, not a timestamp, so out-of-order timestamps cannot make a
-/// fresh entry look old.
+/// Entries live in one dense slab (`Vec`), linked oldest to newest through `u32` indices, and
+/// the hash index holds only those indices: one allocation per table instead of a hash map
+/// plus a recency tree holding each key a second time. Recency is list order, not a
+/// timestamp, so out-of-order timestamps cannot make a fresh entry look old.
+///
+/// Hashing: keys are 5-tuples, which pods partly choose (ports), so a fixed-seed hash would
+/// let a pod craft colliding flows and slow every lookup (hash flooding). `foldhash`'s
+/// `RandomState` seeds every table from a per-process random value, so collisions cannot be
+/// precomputed, and the hash values never leave the process; that, plus the table bound,
+/// is enough for kernel-supplied keys at a fraction of SipHash's cost.
 pub(crate) struct LruMap<K, V> {
-    map: HashMap<K, (V, u64)>,
-    order: BTreeMap<u64, K>,
-    next: u64,
+    nodes: Vec<Node<K, V>>,
+    index: HashTable<u32>,
+    hasher: foldhash::fast::RandomState,
+    oldest: u32,
+    newest: u32,
     cap: usize,
 }
 
-impl<K: Clone + Eq + Hash, V> LruMap<K, V> {
+impl<K: Eq + Hash, V> LruMap<K, V> {
     pub(crate) fn new(cap: usize) -> Self {
         Self {
-            map: HashMap::new(),
-            order: BTreeMap::new(),
-            next: 0,
-            cap: cap.max(1),
+            nodes: Vec::new(),
+            index: HashTable::new(),
+            hasher: foldhash::fast::RandomState::default(),
+            oldest: NIL,
+            newest: NIL,
+            // Indices are u32 with one value reserved for NIL.
+            cap: cap.clamp(1, (NIL - 1) as usize),
         }
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.map.len()
+        self.nodes.len()
+    }
+
+    fn find(&self, k: &K) -> Option<u32> {
+        let h = self.hasher.hash_one(k);
+        self.index
+            .find(h, |&i| self.nodes[i as usize].key == *k)
+            .copied()
+    }
+
+    fn unlink(&mut self, i: u32) {
+        let (p, n) = {
+            let node = &self.nodes[i as usize];
+            (node.prev, node.next)
+        };
+        if p == NIL {
+            self.oldest = n;
+        } else {
+            self.nodes[p as usize].next = n;
+        }
+        if n == NIL {
+            self.newest = p;
+        } else {
+            self.nodes[n as usize].prev = p;
+        }
+    }
+
+    fn link_newest(&mut self, i: u32) {
+        let newest = self.newest;
+        let node = &mut self.nodes[i as usize];
+        node.prev = newest;
+        node.next = NIL;
+        if newest == NIL {
+            self.oldest = i;
+        } else {
+            self.nodes[newest as usize].next = i;
+        }
+        self.newest = i;
+    }
+
+    fn touch(&mut self, i: u32) {
+        if self.newest != i {
+            self.unlink(i);
+            self.link_newest(i);
+        }
     }
 
     pub(crate) fn get(&self, k: &K) -> Option<&V> {
-        self.map.get(k).map(|(v, _)| v)
-    }
-
-    fn bump(&mut self, k: &K) {
-        if let Some((_, stamp)) = self.map.get_mut(k) {
-            self.order.remove(stamp);
-            *stamp = self.next;
-            self.order.insert(self.next, k.clone());
-            self.next += 1;
-        }
+        self.find(k).map(|i| &self.nodes[i as usize].val)
     }
 
     /// Mutable access that also marks the entry as recently used.
     pub(crate) fn get_mut(&mut self, k: &K) -> Option<&mut V> {
-        self.bump(k);
-        self.map.get_mut(k).map(|(v, _)| v)
+        let i = self.find(k)?;
+        self.touch(i);
+        Some(&mut self.nodes[i as usize].val)
     }
 
     /// The entry for `k`, created with `make` if absent; a creation that overflows the table
@@ -99,52 +161,93 @@ impl<K: Clone + Eq + Hash, V> LruMap<K, V> {
         k: K,
         make: impl FnOnce() -> V,
     ) -> (&mut V, Option<(K, V)>) {
-        let evicted = if !self.map.contains_key(&k) && self.map.len() >= self.cap {
+        if let Some(i) = self.find(&k) {
+            self.touch(i);
+            return (&mut self.nodes[i as usize].val, None);
+        }
+        let evicted = if self.nodes.len() >= self.cap {
             self.pop_oldest()
         } else {
             None
         };
-        let stamp = self.next;
-        self.next += 1;
-        let order = &mut self.order;
-        let slot = match self.map.entry(k) {
-            Entry::Occupied(o) => {
-                let key = o.key().clone();
-                let slot = o.into_mut();
-                order.remove(&slot.1);
-                slot.1 = stamp;
-                order.insert(stamp, key);
-                slot
-            }
-            Entry::Vacant(v) => {
-                order.insert(stamp, v.key().clone());
-                v.insert((make(), stamp))
-            }
-        };
-        (&mut slot.0, evicted)
+        let i = self.nodes.len() as u32;
+        let h = self.hasher.hash_one(&k);
+        self.nodes.push(Node {
+            key: k,
+            val: make(),
+            prev: NIL,
+            next: NIL,
+        });
+        let (nodes, hasher) = (&self.nodes, &self.hasher);
+        self.index
+            .insert_unique(h, i, |&j| hasher.hash_one(&nodes[j as usize].key));
+        self.link_newest(i);
+        (&mut self.nodes[i as usize].val, evicted)
     }
 
     pub(crate) fn remove(&mut self, k: &K) -> Option<V> {
-        let (v, stamp) = self.map.remove(k)?;
-        self.order.remove(&stamp);
-        Some(v)
+        let i = self.find(k)?;
+        Some(self.remove_at(i).1)
     }
 
     pub(crate) fn retain(&mut self, mut keep: impl FnMut(&K, &V) -> bool) {
-        let order = &mut self.order;
-        self.map.retain(|k, (v, stamp)| {
-            let kept = keep(k, v);
-            if !kept {
-                order.remove(stamp);
+        let mut i = 0;
+        while i < self.nodes.len() {
+            let node = &self.nodes[i];
+            if keep(&node.key, &node.val) {
+                i += 1;
+            } else {
+                // The last node moves into `i`: look at `i` again.
+                self.remove_at(i as u32);
             }
-            kept
-        });
+        }
     }
 
     fn pop_oldest(&mut self) -> Option<(K, V)> {
-        let (_, k) = self.order.pop_first()?;
-        let (v, _) = self.map.remove(&k)?;
-        Some((k, v))
+        (self.oldest != NIL).then(|| self.remove_at(self.oldest))
+    }
+
+    /// Removes node `i`, moving the slab's last node into its place to keep the slab dense.
+    fn remove_at(&mut self, i: u32) -> (K, V) {
+        self.unlink(i);
+        let h = self.hasher.hash_one(&self.nodes[i as usize].key);
+        if let Ok(e) = self.index.find_entry(h, |&j| j == i) {
+            e.remove();
+        }
+        let last = (self.nodes.len() - 1) as u32;
+        let node = self.nodes.swap_remove(i as usize);
+        if i != last {
+            let moved = &self.nodes[i as usize];
+            let (p, n) = (moved.prev, moved.next);
+            let h = self.hasher.hash_one(&moved.key);
+            if let Some(slot) = self.index.find_mut(h, |&j| j == last) {
+                *slot = i;
+            }
+            if p == NIL {
+                self.oldest = i;
+            } else {
+                self.nodes[p as usize].next = i;
+            }
+            if n == NIL {
+                self.newest = i;
+            } else {
+                self.nodes[n as usize].prev = i;
+            }
+        }
+        (node.key, node.val)
+    }
+
+    /// Keys from the least to the most recently touched (tests).
+    #[cfg(test)]
+    pub(crate) fn keys_by_age(&self) -> Vec<&K> {
+        let mut out = Vec::new();
+        let mut i = self.oldest;
+        while i != NIL {
+            let node = &self.nodes[i as usize];
+            out.push(&node.key);
+            i = node.next;
+        }
+        out
     }
 }
 
@@ -162,13 +265,11 @@ pub(crate) struct KEntry {
 /// Everything known about one [`FlowId`].
 #[derive(Debug, Default)]
 pub(crate) struct FlowState {
-    /// Live entries; usually one, more when the flow is tracked in several netns (host and
-    /// pod) since agent keys cannot tell netns apart.
-    pub live: Vec<KEntry>,
+    /// Live entries; usually one (kept inline, no allocation), more when the flow is tracked
+    /// in several netns (host and pod) since agent keys cannot tell netns apart.
+    pub live: SmallVec<[KEntry; 1]>,
     /// The most recently destroyed entry, so a reused tuple can be recognised.
     pub last_destroyed: Option<OldEntry>,
-    /// Ring of the flow's last events, kept sorted by timestamp.
-    pub timeline: VecDeque<TimelineEvent>,
 }
 
 impl FlowState {
@@ -183,15 +284,6 @@ impl FlowState {
         self.live
             .iter()
             .max_by_key(|e| e.born_ns.map_or(0, |b| b + 1))
-    }
-
-    /// Inserts by timestamp (late arrivals land in their place) and drops the oldest event
-    /// beyond `cap`.
-    pub(crate) fn record(&mut self, ev: TimelineEvent, cap: usize) {
-        insert_sorted(&mut self.timeline, ev);
-        while self.timeline.len() > cap.max(1) {
-            self.timeline.pop_front();
-        }
     }
 
     /// Records the end of entry `id` unless a later end is already known (a late record).

@@ -1,0 +1,112 @@
+//! Memory and insert time of the engine's shadows, without a kernel: feeds N synthetic IPv4 UDP
+//! flows (a start-up snapshot entry and an agent-map key each, as `detector run` does at
+//! start-up) and prints heap bytes per flow, counted by a global allocator.
+//!
+//! `cargo run --release -p detector --example engine_mem -- [FLOWS]` (default 524288).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use detector::agent::NpaKey;
+use detector::engine::{Engine, EngineConfig, Input};
+use detector::event::FlowTuple;
+
+/// Counts live heap bytes and their peak.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator; only adds counters.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: same contract as the caller's.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let now = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: same contract as the caller's.
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+            let now = LIVE.fetch_add(new_size, Ordering::Relaxed) + new_size;
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn main() {
+    let n: usize = std::env::args()
+        .nth(1)
+        .map(|s| s.parse().expect("FLOWS must be a number"))
+        .unwrap_or(512 * 1024);
+    let base = LIVE.load(Ordering::Relaxed);
+    let mut engine = Engine::new(EngineConfig {
+        max_flows: n,
+        ..EngineConfig::default()
+    });
+    let t0 = Instant::now();
+    for i in 0..n as u32 {
+        // Client 10.(i>>16).x.y:port -> server 10.200.0.1:53, unique per flow, like the bench.
+        let src = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | (i >> 8)));
+        let sport = 1024 + (i & 0xff) as u16;
+        let dst = IpAddr::V4(Ipv4Addr::new(10, 200, 0, 1));
+        let orig = FlowTuple {
+            proto: 17,
+            src,
+            sport,
+            dst,
+            dport: 53,
+        };
+        engine.push(Input::CtExisting {
+            id: (1 << 63) | u64::from(i),
+            netns: 4026531840,
+            orig,
+            reply: orig.reversed(),
+        });
+        engine.push(Input::MapExisting {
+            map_id: 7,
+            key: NpaKey {
+                src,
+                sport,
+                dst,
+                dport: 53,
+                proto: 17,
+                owner: src,
+                ifindex: None,
+            },
+        });
+    }
+    let took = t0.elapsed();
+    let live = LIVE.load(Ordering::Relaxed) - base;
+    let peak = PEAK.load(Ordering::Relaxed) - base;
+    let s = engine.stats();
+    println!(
+        "flows {n}: tracked {} flows + {} keys; heap {:.1} MiB live ({:.0} B/flow), peak {:.1} MiB \
+         ({:.0} B/flow); inserts {:.3} s ({:.0} ns/flow)",
+        s.flows_tracked,
+        s.map_keys_tracked,
+        live as f64 / 1048576.0,
+        live as f64 / n as f64,
+        peak as f64 / 1048576.0,
+        peak as f64 / n as f64,
+        took.as_secs_f64(),
+        took.as_nanos() as f64 / n as f64
+    );
+    drop(engine);
+}
