@@ -68,8 +68,10 @@ pub struct RunArgs {
     /// Stop after this many seconds (default: until Ctrl-C or SIGTERM).
     #[arg(long, value_name = "SECS")]
     pub duration: Option<f64>,
-    /// How long to hold events to put them in kernel-timestamp order, in ms.
-    #[arg(long, default_value_t = 20, value_name = "MS")]
+    /// How long to hold events to put them in kernel-timestamp order, in ms. Records reach
+    /// the ring buffer microseconds after their timestamp, so 2 ms keeps late records rare
+    /// (counted in the summary's `reorder.late`) while verdicts wait little.
+    #[arg(long, default_value_t = 2, value_name = "MS")]
     pub watermark_ms: u64,
 }
 
@@ -108,15 +110,23 @@ struct State {
 /// the snapshot's, so the engine sees one entry), and a delete the kernel judged `absent`
 /// because it never indexed the entry is left to the engine's shadow while the snapshot's
 /// timeout says the entry is still alive.
-#[derive(Default)]
+///
+/// Kept for the whole run (entries can live for days), so it is lean: one table by original
+/// tuple, and a second one only for NPA's DNAT form of the few entries that have one.
 struct Preexisting {
-    /// (netns, original tuple) -> (engine id, monotonic ns its snapshot timeout runs out).
-    live: HashMap<(u32, FlowTuple), (u64, u64)>,
-    /// The same entries by direction-free flow (and NPA's DNAT form), for matching keys.
-    flows: HashMap<FlowTuple, u64>,
+    /// The agent's namespace, where the snapshot was taken.
+    netns: u32,
+    /// Original tuple -> (engine id, monotonic ns its snapshot timeout runs out).
+    live: FastMap<FlowTuple, (u64, u64)>,
+    /// DNAT form (`orig.src:sport -> reply.src:sport`, direction-free) -> the same timeout.
+    dnat: FastMap<FlowTuple, u64>,
     /// Kernel entry id -> engine id of the same pre-existing entry.
-    alias: HashMap<u64, u64>,
+    alias: FastMap<u64, u64>,
 }
+
+/// Hash maps with foldhash: seeded per process (see the engine's `LruMap` on hash flooding),
+/// several times faster than SipHash on the snapshot's half a million inserts.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// One name for both directions of a flow.
 fn canonical(t: FlowTuple) -> FlowTuple {
@@ -124,23 +134,40 @@ fn canonical(t: FlowTuple) -> FlowTuple {
 }
 
 impl Preexisting {
-    fn insert(&mut self, netns: u32, orig: FlowTuple, reply: FlowTuple, id: u64, until: u64) {
-        self.live.insert((netns, orig), (id, until));
-        self.flows.insert(canonical(orig), until);
+    fn new(netns: u32) -> Self {
+        Self {
+            netns,
+            live: FastMap::default(),
+            dnat: FastMap::default(),
+            alias: FastMap::default(),
+        }
+    }
+
+    fn insert(&mut self, orig: FlowTuple, reply: FlowTuple, id: u64, until: u64) {
+        self.live.insert(orig, (id, until));
         if reply.src != orig.dst {
             let dnat = FlowTuple {
                 dst: reply.src,
                 dport: reply.sport,
                 ..orig
             };
-            self.flows.insert(canonical(dnat), until);
+            self.dnat.insert(canonical(dnat), until);
         }
     }
 
-    fn remove(&mut self, slot: &(u32, FlowTuple)) -> Option<u64> {
-        let (id, _) = self.live.remove(slot)?;
-        self.flows.remove(&canonical(slot.1));
-        Some(id)
+    /// The snapshot entry of `netns` with original tuple `orig`, if still held.
+    fn get(&self, netns: u32, orig: &FlowTuple) -> Option<(u64, u64)> {
+        (netns == self.netns)
+            .then(|| self.live.get(orig).copied())
+            .flatten()
+    }
+
+    fn remove(&mut self, netns: u32, orig: &FlowTuple) -> Option<u64> {
+        if netns != self.netns {
+            return None;
+        }
+        // Its DNAT form, if any, is left to run out with its snapshot timeout.
+        self.live.remove(orig).map(|(id, _)| id)
     }
 
     /// A key whose flow is a snapshot entry whose timeout has not run out.
@@ -152,9 +179,15 @@ impl Preexisting {
             dst: key.dst,
             dport: key.dport,
         };
-        self.flows
-            .get(&canonical(t))
-            .is_some_and(|until| now_ns < *until)
+        let alive = |until: u64| now_ns < until;
+        // Either direction of the key may be the entry's original tuple.
+        [t, t.reversed()]
+            .iter()
+            .any(|o| self.live.get(o).is_some_and(|&(_, until)| alive(until)))
+            || self
+                .dnat
+                .get(&canonical(t))
+                .is_some_and(|&until| alive(until))
     }
 }
 
@@ -170,7 +203,6 @@ impl State {
                         output::json_line(&Event::Ct(c.clone()), &self.units)
                     )?;
                 }
-                let slot = (c.netns, c.orig);
                 match c.kind {
                     CtKind::New => {
                         // The skb-based insert probe reports an entry from the snapshot when it
@@ -180,7 +212,7 @@ impl State {
                             c.source,
                             Source::NetDevQueue | Source::ConsumeSkb | Source::KfreeSkb
                         );
-                        if let Some(&(id, until)) = self.pre.live.get(&slot)
+                        if let Some((id, until)) = self.pre.get(c.netns, &c.orig)
                             && first_seen
                             && c.ts_ns < until
                         {
@@ -191,9 +223,9 @@ impl State {
                     CtKind::Destroy => {
                         if let Some(id) = self.pre.alias.remove(&c.id) {
                             c.id = id;
-                            self.pre.remove(&slot);
+                            self.pre.remove(c.netns, &c.orig);
                         } else if c.born_ns == 0
-                            && let Some(id) = self.pre.remove(&slot)
+                            && let Some(id) = self.pre.remove(c.netns, &c.orig)
                         {
                             // Destroyed before any packet of it was seen.
                             c.id = id;
@@ -480,25 +512,30 @@ pub async fn run(args: RunArgs) -> Result<()> {
         last_trace: None,
         drop_reasons: probe
             .kernel_btf()
-            .enum_values("skb_drop_reason")
+            .map(|b| b.enum_values("skb_drop_reason"))
+            .unwrap_or_default()
             .into_iter()
             .map(|(v, n)| (v, n.trim_start_matches("SKB_DROP_REASON_").to_string()))
             .collect(),
-        pre: Preexisting::default(),
+        pre: Preexisting::new(agent_netns),
         drops_ignored: 0,
         latencies: HashMap::new(),
         agent_netns,
     };
+    // Every program is loaded: the parsed BTF is no longer needed.
+    probe.release_btf();
     // Start-up snapshot of the kernel table, taken after the probes are attached so that no
     // entry slips between the dump and the first event. (A dump also evicts entries that have
     // already expired: those come through as DESTROY events.)
     let dump_ns = clock::monotonic_ns();
     let table = crate::snapshot::dump(netns_path.as_deref().map(std::path::Path::new))
         .context("start-up snapshot of the kernel conntrack table")?;
-    for e in &table {
+    let n_entries = table.len();
+    // Consumed here so that neither snapshot outlives the start-up.
+    for e in table {
         let id = (1 << 63) | u64::from(e.id);
         let until = dump_ns + u64::from(e.timeout_s) * 1_000_000_000;
-        st.pre.insert(agent_netns, e.orig, e.reply, id, until);
+        st.pre.insert(e.orig, e.reply, id, until);
         st.engine.push(Input::CtExisting {
             id,
             netns: agent_netns,
@@ -508,14 +545,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     // Start-up snapshot of the map, so deletes of keys inserted before we started are known.
     let snapshot = target::keys(&map)?;
-    for k in &snapshot {
-        if let Ok(key) = NpaKey::decode(map.layout.key, k) {
+    let n_keys = snapshot.len();
+    for k in snapshot {
+        if let Ok(key) = NpaKey::decode(map.layout.key, &k) {
             st.engine.push(Input::MapExisting {
                 map_id: map.id,
                 key,
             });
         }
     }
+    super::trim_heap();
     eprintln!(
         "detector: watching map {} `{}` (found by {}, layout {}, {} keys now) and conntrack \
          ({} entries now) with the {backend} backend; traces in {}; Ctrl-C to stop",
@@ -523,8 +562,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         map.name,
         map.found_by,
         map.layout,
-        snapshot.len(),
-        table.len(),
+        n_keys,
+        n_entries,
         st.traces.dir().display()
     );
     let holders = target::holders(map.id);
