@@ -336,6 +336,64 @@ mod tests {
     }
 
     #[test]
+    fn lru_slab_stays_consistent_against_a_model() {
+        // A plain Vec of (key, value), oldest first, is the model; random operations on a
+        // small table exercise eviction, removal from the middle (slab swaps) and retain.
+        let mut m: LruMap<u16, u32> = LruMap::new(8);
+        let mut model: Vec<(u16, u32)> = Vec::new();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for step in 0..20_000u32 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let k = (x % 13) as u16;
+            match (x >> 32) % 10 {
+                0..=4 => {
+                    let (v, evicted) = m.get_or_insert_with(k, || step);
+                    let want_evicted = if let Some(p) = model.iter().position(|e| e.0 == k) {
+                        let e = model.remove(p);
+                        model.push(e);
+                        None
+                    } else {
+                        let ev = (model.len() >= 8).then(|| model.remove(0));
+                        model.push((k, step));
+                        ev
+                    };
+                    assert_eq!(*v, model.last().unwrap().1);
+                    assert_eq!(evicted, want_evicted);
+                }
+                5 | 6 => {
+                    let got = m.get_mut(&k).map(|v| *v);
+                    let want = model.iter().position(|e| e.0 == k).map(|p| {
+                        let e = model.remove(p);
+                        model.push(e);
+                        e.1
+                    });
+                    assert_eq!(got, want);
+                }
+                7 | 8 => {
+                    let want = model
+                        .iter()
+                        .position(|e| e.0 == k)
+                        .map(|p| model.remove(p).1);
+                    assert_eq!(m.remove(&k), want);
+                }
+                _ => {
+                    m.retain(|k, _| k % 3 != 0);
+                    model.retain(|e| e.0 % 3 != 0);
+                }
+            }
+            let keys: Vec<u16> = m.keys_by_age().into_iter().copied().collect();
+            let want: Vec<u16> = model.iter().map(|e| e.0).collect();
+            assert_eq!(keys, want, "step {step}");
+            assert_eq!(m.len(), model.len());
+            for (k, v) in &model {
+                assert_eq!(m.get(k), Some(v));
+            }
+        }
+    }
+
+    #[test]
     fn flow_ids_ignore_direction_and_add_the_dnat_form() {
         let t = |s: &str, sp, d: &str, dp| FlowTuple {
             proto: 6,
