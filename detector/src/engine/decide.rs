@@ -50,8 +50,8 @@ impl Engine {
             DeleteResult::Deleted => self.map.remove(&d.key),
             _ => self.map.get(&d.key).copied(),
         };
-        self.recorder.record(ev, [Some(fid), None]);
-        let flow = self.flow_mut(fid);
+        self.recorder.record(ev, [Some(fid.clone()), None]);
+        let flow = self.flow_mut(fid.clone());
         let known = map_entry.is_some() || flow.has_kernel_state();
         match d.result {
             DeleteResult::Deleted => {}

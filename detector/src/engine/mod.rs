@@ -331,9 +331,10 @@ impl Engine {
             what,
         };
         let (first, dnat) = FlowId::of_entry(&entry.orig, &entry.reply);
-        self.recorder.record(ev, [Some(first), dnat]);
+        let fids = [Some(first), dnat];
+        self.recorder.record(ev, fids.clone());
         let mut implicit = 0;
-        for fid in [Some(first), dnat].into_iter().flatten() {
+        for fid in fids.into_iter().flatten() {
             let flow = self.flow_mut(fid);
             // Its destroy was processed first (late insert record): do not resurrect it.
             if flow.last_destroyed.is_some_and(|d| d.id == entry.id) {
@@ -389,8 +390,9 @@ impl Engine {
             },
         };
         let (first, dnat) = FlowId::of_entry(orig, reply);
-        self.recorder.record(ev, [Some(first), dnat]);
-        for fid in [Some(first), dnat].into_iter().flatten() {
+        let fids = [Some(first), dnat];
+        self.recorder.record(ev, fids.clone());
+        for fid in fids.into_iter().flatten() {
             let flow = self.flow_mut(fid);
             let born = born_ns.or_else(|| {
                 flow.live
@@ -431,7 +433,7 @@ impl Engine {
             ts_ns,
             what,
         };
-        self.recorder.record(ev, [Some(fid), None]);
+        self.recorder.record(ev, [Some(fid.clone()), None]);
         // The flow is touched as well, as a key of it is a reason to keep its state.
         self.flow_mut(fid);
     }

@@ -16,17 +16,44 @@ use crate::event::FlowTuple;
 ///
 /// Agent keys carry no netns, so neither does the id: one id gathers the flow's entries in
 /// every netns (see [`FlowState::live`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub(crate) struct FlowId {
-    proto: u8,
-    lo: (IpAddr, u16),
-    hi: (IpAddr, u16),
+///
+/// Packed, as the flow table holds one per tracked flow: an IPv4 flow in 13 bytes inline
+/// (proto, then address and port of each end), an IPv6 one (or a mixed one, which the kernel
+/// never reports) boxed with a family byte per end, so the id is 16 bytes either way.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) enum FlowId {
+    V4([u8; 13]),
+    V6(Box<[u8; 39]>),
 }
 
 impl FlowId {
     fn new(proto: u8, a: (IpAddr, u16), b: (IpAddr, u16)) -> Self {
         let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
-        Self { proto, lo, hi }
+        match (lo.0, hi.0) {
+            (IpAddr::V4(l), IpAddr::V4(h)) => {
+                let mut id = [0u8; 13];
+                id[0] = proto;
+                id[1..5].copy_from_slice(&l.octets());
+                id[5..7].copy_from_slice(&lo.1.to_be_bytes());
+                id[7..11].copy_from_slice(&h.octets());
+                id[11..13].copy_from_slice(&hi.1.to_be_bytes());
+                FlowId::V4(id)
+            }
+            _ => {
+                let mut id = [0u8; 39];
+                id[0] = proto;
+                for (at, (addr, port)) in [(1, lo), (20, hi)] {
+                    let (family, bytes) = match addr {
+                        IpAddr::V4(a) => (4, a.to_ipv6_mapped().octets()),
+                        IpAddr::V6(a) => (6, a.octets()),
+                    };
+                    id[at] = family;
+                    id[at + 1..at + 17].copy_from_slice(&bytes);
+                    id[at + 17..at + 19].copy_from_slice(&port.to_be_bytes());
+                }
+                FlowId::V6(Box::new(id))
+            }
+        }
     }
 
     pub(crate) fn of_tuple(t: &FlowTuple) -> Self {
