@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use detector::agent::NpaKey;
-use detector::engine::{Engine, EngineConfig, Input};
-use detector::event::FlowTuple;
+use detector::engine::{AgentDelete, DeleteResult, Engine, EngineConfig, Input};
+use detector::event::{FlowTuple, Task};
 
 /// Counts live heap bytes and their peak.
 struct Counting;
@@ -107,6 +107,41 @@ fn main() {
         peak as f64 / n as f64,
         took.as_secs_f64(),
         took.as_nanos() as f64 / n as f64
+    );
+    // Cost of a verdict with a full flight recorder: wrongful deletes of snapshot flows.
+    let t1 = Instant::now();
+    let verdicts = 1000.min(n as u32);
+    let mut emitted = 0;
+    for i in 0..verdicts {
+        let src = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | (i >> 8)));
+        let sport = 1024 + (i & 0xff) as u16;
+        let key = NpaKey {
+            src,
+            sport,
+            dst: IpAddr::V4(Ipv4Addr::new(10, 200, 0, 1)),
+            dport: 53,
+            proto: 17,
+            owner: src,
+            ifindex: None,
+        };
+        let outs = engine.push(Input::AgentDelete(AgentDelete {
+            ts_ns: 1_000_000_000 + u64::from(i),
+            task: Task {
+                pid: 1,
+                tid: 1,
+                comm: "agent".into(),
+            },
+            map_id: 7,
+            key,
+            layout: "v4-24/16".parse().expect("a valid layout"),
+            result: DeleteResult::Deleted,
+            kernel_view: None,
+        }));
+        emitted += outs.len();
+    }
+    println!(
+        "{emitted} verdicts: {:.1} us each",
+        t1.elapsed().as_secs_f64() * 1e6 / f64::from(verdicts)
     );
     drop(engine);
 }
