@@ -1,5 +1,6 @@
 //! Deciding a delete, and assembling traces when their window closes.
 
+use super::recorder::NO_EVENT;
 use super::shadow::FlowId;
 use super::verdict;
 use super::{
@@ -25,7 +26,11 @@ impl Engine {
         extra: &[TimelineEvent],
         since_ns: u64,
     ) -> (Vec<TimelineEvent>, bool) {
-        let (mut events, capped) = self.recorder.extract(fids, self.cfg.timeline_len);
+        let heads: Vec<(FlowId, u64)> = fids
+            .iter()
+            .filter_map(|f| self.flows.get(f).map(|s| (f.clone(), s.last_event)))
+            .collect();
+        let (mut events, capped) = self.recorder.extract(&heads, self.cfg.timeline_len);
         events.extend(extra.iter().cloned());
         events.sort_by_key(|e| (e.ts_ns, e.seq));
         events.dedup_by_key(|e| e.seq);
@@ -50,7 +55,10 @@ impl Engine {
             DeleteResult::Deleted => self.map.remove(&d.key),
             _ => self.map.get(&d.key).copied(),
         };
-        self.recorder.record(ev, [Some(fid.clone()), None]);
+        let idx = self.recorder.next_index();
+        let prev = std::mem::replace(&mut self.flow_mut(fid.clone()).last_event, idx);
+        self.recorder
+            .record(ev, [Some(fid.clone()), None], [prev, NO_EVENT]);
         let flow = self.flow_mut(fid.clone());
         let known = map_entry.is_some() || flow.has_kernel_state();
         match d.result {

@@ -76,7 +76,7 @@ use smallvec::SmallVec;
 
 use serde::Serialize;
 
-use recorder::Recorder;
+use recorder::{NO_EVENT, Recorder};
 use shadow::{FlowId, FlowState, KEntry, LruMap, MapEntry, insert_sorted};
 
 pub use input::{AgentDelete, DeleteResult, Input, KernelView};
@@ -332,10 +332,13 @@ impl Engine {
         };
         let (first, dnat) = FlowId::of_entry(&entry.orig, &entry.reply);
         let fids = [Some(first), dnat];
-        self.recorder.record(ev, fids.clone());
+        let idx = self.recorder.next_index();
+        let mut prev = [NO_EVENT; 2];
         let mut implicit = 0;
-        for fid in fids.into_iter().flatten() {
-            let flow = self.flow_mut(fid);
+        for (j, fid) in fids.iter().enumerate() {
+            let Some(fid) = fid else { continue };
+            let flow = self.flow_mut(fid.clone());
+            prev[j] = std::mem::replace(&mut flow.last_event, idx);
             // Its destroy was processed first (late insert record): do not resurrect it.
             if flow.last_destroyed.is_some_and(|d| d.id == entry.id) {
                 continue;
@@ -365,6 +368,7 @@ impl Engine {
             }
             flow.live.push(entry);
         }
+        self.recorder.record(ev, fids, prev);
         self.stats.implicit_destroys += implicit;
     }
 
@@ -391,9 +395,12 @@ impl Engine {
         };
         let (first, dnat) = FlowId::of_entry(orig, reply);
         let fids = [Some(first), dnat];
-        self.recorder.record(ev, fids.clone());
-        for fid in fids.into_iter().flatten() {
-            let flow = self.flow_mut(fid);
+        let idx = self.recorder.next_index();
+        let mut prev = [NO_EVENT; 2];
+        for (j, fid) in fids.iter().enumerate() {
+            let Some(fid) = fid else { continue };
+            let flow = self.flow_mut(fid.clone());
+            prev[j] = std::mem::replace(&mut flow.last_event, idx);
             let born = born_ns.or_else(|| {
                 flow.live
                     .iter()
@@ -408,6 +415,7 @@ impl Engine {
                 reason: Some(reason),
             });
         }
+        self.recorder.record(ev, fids, prev);
     }
 
     fn on_map_key(
@@ -433,9 +441,12 @@ impl Engine {
             ts_ns,
             what,
         };
-        self.recorder.record(ev, [Some(fid.clone()), None]);
         // The flow is touched as well, as a key of it is a reason to keep its state.
-        self.flow_mut(fid);
+        let idx = self.recorder.next_index();
+        let flow = self.flow_mut(fid.clone());
+        let prev = std::mem::replace(&mut flow.last_event, idx);
+        self.recorder
+            .record(ev, [Some(fid), None], [prev, NO_EVENT]);
     }
 
     fn on_drop(&mut self, ts_ns: u64, netns: u32, tuple: FlowTuple, reason: String) {
@@ -458,7 +469,9 @@ impl Engine {
         }
         // Drops of flows the engine knows nothing about (scans, policy denials of new flows)
         // would only crowd out useful state, so they are not given a flow of their own.
-        if self.flows.get_mut(&fid).is_some() {
+        if let Some(flow) = self.flows.get_mut(&fid) {
+            let idx = self.recorder.next_index();
+            let prev = std::mem::replace(&mut flow.last_event, idx);
             self.recorder.record(
                 TimelineEvent {
                     seq,
@@ -470,6 +483,7 @@ impl Engine {
                     },
                 },
                 [Some(fid), None],
+                [prev, NO_EVENT],
             );
         }
     }

@@ -290,13 +290,25 @@ pub(crate) struct KEntry {
 }
 
 /// Everything known about one [`FlowId`].
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct FlowState {
     /// Live entries; usually one (kept inline, no allocation), more when the flow is tracked
     /// in several netns (host and pod) since agent keys cannot tell netns apart.
     pub live: SmallVec<[KEntry; 1]>,
     /// The most recently destroyed entry, so a reused tuple can be recognised.
     pub last_destroyed: Option<OldEntry>,
+    /// The flow's newest event in the flight recorder (the head of its chain there).
+    pub last_event: u64,
+}
+
+impl Default for FlowState {
+    fn default() -> Self {
+        Self {
+            live: SmallVec::new(),
+            last_destroyed: None,
+            last_event: super::recorder::NO_EVENT,
+        }
+    }
 }
 
 impl FlowState {
