@@ -111,21 +111,74 @@ struct State {
 /// because it never indexed the entry is left to the engine's shadow while the snapshot's
 /// timeout says the entry is still alive.
 ///
-/// Kept for the whole run (entries can live for days), so it is lean: one table by original
-/// tuple, and a second one only for NPA's DNAT form of the few entries that have one.
+/// Kept for the whole run (entries can live for days), so it is lean: the entries sorted by
+/// packed original tuple in one vector (24 bytes each for IPv4; it never grows), and a hash
+/// map only for NPA's DNAT form of the few entries that have one.
 struct Preexisting {
     /// The agent's namespace, where the snapshot was taken.
     netns: u32,
-    /// Original tuple -> (engine id, monotonic ns its snapshot timeout runs out).
-    live: FastMap<FlowTuple, (u64, u64)>,
-    /// DNAT form (`orig.src:sport -> reply.src:sport`, direction-free) -> the same timeout.
+    /// Monotonic ns of the dump: the snapshot's timeouts count from it.
+    dump_ns: u64,
+    /// Sorted by `orig` once the snapshot is in ([`Preexisting::seal`]).
+    live: Vec<PreEntry>,
+    /// DNAT form (`orig.src:sport -> reply.src:sport`, direction-free) -> monotonic ns its
+    /// entry's snapshot timeout runs out.
     dnat: FastMap<FlowTuple, u64>,
     /// Kernel entry id -> engine id of the same pre-existing entry.
     alias: FastMap<u64, u64>,
 }
 
+struct PreEntry {
+    orig: Packed,
+    /// ctnetlink's id of the entry.
+    id: u32,
+    /// Seconds of timeout left at the dump; [`GONE`] set once the entry is destroyed.
+    timeout_s: u32,
+}
+
+/// Marks a [`PreEntry`] whose entry ended (no timeout is anywhere near 2^31 s).
+const GONE: u32 = 1 << 31;
+
+/// A [`FlowTuple`] packed for [`Preexisting`]: IPv4 in 13 bytes inline, IPv6 (or mixed)
+/// boxed, 16 bytes either way.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Packed {
+    V4([u8; 13]),
+    V6(Box<[u8; 39]>),
+}
+
+impl Packed {
+    fn of(t: &FlowTuple) -> Self {
+        match (t.src, t.dst) {
+            (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => {
+                let mut b = [0u8; 13];
+                b[0] = t.proto;
+                b[1..5].copy_from_slice(&s.octets());
+                b[5..7].copy_from_slice(&t.sport.to_be_bytes());
+                b[7..11].copy_from_slice(&d.octets());
+                b[11..13].copy_from_slice(&t.dport.to_be_bytes());
+                Packed::V4(b)
+            }
+            _ => {
+                let mut b = [0u8; 39];
+                b[0] = t.proto;
+                for (at, addr, port) in [(1, t.src, t.sport), (20, t.dst, t.dport)] {
+                    let (family, bytes) = match addr {
+                        std::net::IpAddr::V4(a) => (4, a.to_ipv6_mapped().octets()),
+                        std::net::IpAddr::V6(a) => (6, a.octets()),
+                    };
+                    b[at] = family;
+                    b[at + 1..at + 17].copy_from_slice(&bytes);
+                    b[at + 17..at + 19].copy_from_slice(&port.to_be_bytes());
+                }
+                Packed::V6(Box::new(b))
+            }
+        }
+    }
+}
+
 /// Hash maps with foldhash: seeded per process (see the engine's `LruMap` on hash flooding),
-/// several times faster than SipHash on the snapshot's half a million inserts.
+/// several times faster than SipHash.
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// One name for both directions of a flow.
@@ -134,40 +187,70 @@ fn canonical(t: FlowTuple) -> FlowTuple {
 }
 
 impl Preexisting {
-    fn new(netns: u32) -> Self {
+    fn new(netns: u32, dump_ns: u64) -> Self {
         Self {
             netns,
-            live: FastMap::default(),
+            dump_ns,
+            live: Vec::new(),
             dnat: FastMap::default(),
             alias: FastMap::default(),
         }
     }
 
-    fn insert(&mut self, orig: FlowTuple, reply: FlowTuple, id: u64, until: u64) {
-        self.live.insert(orig, (id, until));
+    fn until(&self, timeout_s: u32) -> u64 {
+        self.dump_ns + u64::from(timeout_s) * 1_000_000_000
+    }
+
+    /// The engine id of snapshot entry `id`.
+    fn engine_id(id: u32) -> u64 {
+        (1 << 63) | u64::from(id)
+    }
+
+    fn insert(&mut self, orig: FlowTuple, reply: FlowTuple, id: u32, timeout_s: u32) {
+        self.live.push(PreEntry {
+            orig: Packed::of(&orig),
+            id,
+            timeout_s: timeout_s.min(GONE - 1),
+        });
         if reply.src != orig.dst {
             let dnat = FlowTuple {
                 dst: reply.src,
                 dport: reply.sport,
                 ..orig
             };
-            self.dnat.insert(canonical(dnat), until);
+            self.dnat.insert(canonical(dnat), self.until(timeout_s));
         }
     }
 
-    /// The snapshot entry of `netns` with original tuple `orig`, if still held.
+    /// Sorts the entries for lookups, once the snapshot is in. (A tuple is in one netns's
+    /// table at most once, so there are no duplicates to worry about.)
+    fn seal(&mut self) {
+        self.live.sort_unstable_by(|a, b| a.orig.cmp(&b.orig));
+        self.live.shrink_to_fit();
+    }
+
+    fn find(&self, netns: u32, orig: &FlowTuple) -> Option<usize> {
+        if netns != self.netns || self.live.is_empty() {
+            return None;
+        }
+        let p = Packed::of(orig);
+        let i = self.live.binary_search_by(|e| e.orig.cmp(&p)).ok()?;
+        (self.live[i].timeout_s & GONE == 0).then_some(i)
+    }
+
+    /// The snapshot entry of `netns` with original tuple `orig`, if still held: its engine
+    /// id and the monotonic ns its snapshot timeout runs out.
     fn get(&self, netns: u32, orig: &FlowTuple) -> Option<(u64, u64)> {
-        (netns == self.netns)
-            .then(|| self.live.get(orig).copied())
-            .flatten()
+        let e = &self.live[self.find(netns, orig)?];
+        Some((Self::engine_id(e.id), self.until(e.timeout_s)))
     }
 
     fn remove(&mut self, netns: u32, orig: &FlowTuple) -> Option<u64> {
-        if netns != self.netns {
-            return None;
-        }
+        let i = self.find(netns, orig)?;
         // Its DNAT form, if any, is left to run out with its snapshot timeout.
-        self.live.remove(orig).map(|(id, _)| id)
+        let e = &mut self.live[i];
+        e.timeout_s |= GONE;
+        Some(Self::engine_id(e.id))
     }
 
     /// A key whose flow is a snapshot entry whose timeout has not run out.
@@ -179,15 +262,14 @@ impl Preexisting {
             dst: key.dst,
             dport: key.dport,
         };
-        let alive = |until: u64| now_ns < until;
         // Either direction of the key may be the entry's original tuple.
-        [t, t.reversed()]
-            .iter()
-            .any(|o| self.live.get(o).is_some_and(|&(_, until)| alive(until)))
-            || self
-                .dnat
-                .get(&canonical(t))
-                .is_some_and(|&until| alive(until))
+        [t, t.reversed()].iter().any(|o| {
+            self.get(self.netns, o)
+                .is_some_and(|(_, until)| now_ns < until)
+        }) || self
+            .dnat
+            .get(&canonical(t))
+            .is_some_and(|&until| now_ns < until)
     }
 }
 
@@ -517,7 +599,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             .into_iter()
             .map(|(v, n)| (v, n.trim_start_matches("SKB_DROP_REASON_").to_string()))
             .collect(),
-        pre: Preexisting::new(agent_netns),
+        pre: Preexisting::new(agent_netns, 0),
         drops_ignored: 0,
         latencies: HashMap::new(),
         agent_netns,
@@ -532,17 +614,17 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .context("start-up snapshot of the kernel conntrack table")?;
     let n_entries = table.len();
     // Consumed here so that neither snapshot outlives the start-up.
+    st.pre = Preexisting::new(agent_netns, dump_ns);
     for e in table {
-        let id = (1 << 63) | u64::from(e.id);
-        let until = dump_ns + u64::from(e.timeout_s) * 1_000_000_000;
-        st.pre.insert(e.orig, e.reply, id, until);
+        st.pre.insert(e.orig, e.reply, e.id, e.timeout_s);
         st.engine.push(Input::CtExisting {
-            id,
+            id: Preexisting::engine_id(e.id),
             netns: agent_netns,
             orig: e.orig,
             reply: e.reply,
         });
     }
+    st.pre.seal();
     // Start-up snapshot of the map, so deletes of keys inserted before we started are known.
     let snapshot = target::keys(&map)?;
     let n_keys = snapshot.len();
@@ -740,4 +822,61 @@ fn summary(
         "kernel": kernel,
         "reorder": reorder,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str, sp: u16, d: &str, dp: u16) -> FlowTuple {
+        FlowTuple {
+            proto: 17,
+            src: s.parse().unwrap(),
+            sport: sp,
+            dst: d.parse().unwrap(),
+            dport: dp,
+        }
+    }
+
+    fn key(t: &FlowTuple) -> NpaKey {
+        NpaKey {
+            src: t.src,
+            sport: t.sport,
+            dst: t.dst,
+            dport: t.dport,
+            proto: t.proto,
+            owner: t.src,
+            ifindex: None,
+        }
+    }
+
+    #[test]
+    fn preexisting_entries_are_found_matched_and_removed() {
+        const S: u64 = 1_000_000_000;
+        let mut p = Preexisting::new(7, 100 * S);
+        let a = t("10.0.0.1", 1000, "10.0.0.2", 53);
+        let b = t("fd00::1", 2000, "fd00::2", 53);
+        let vip = t("10.0.0.1", 3000, "172.20.0.10", 80);
+        let backend = t("10.0.1.9", 8080, "10.0.0.1", 3000);
+        for (i, o) in [a, b].iter().enumerate() {
+            p.insert(*o, o.reversed(), i as u32 + 1, 60);
+        }
+        p.insert(vip, backend, 3, 10);
+        p.seal();
+        assert_eq!(p.get(7, &a), Some(((1 << 63) | 1, 160 * S)));
+        assert_eq!(p.get(7, &b), Some(((1 << 63) | 2, 160 * S)));
+        assert_eq!(p.get(8, &a), None, "another netns");
+        assert_eq!(p.get(7, &a.reversed()), None, "by original tuple only");
+        // Keys match either direction, and the DNAT form, until the timeout runs out.
+        assert!(p.key_matches(&key(&a.reversed()), 159 * S));
+        assert!(!p.key_matches(&key(&a), 160 * S));
+        let dnat = t("10.0.0.1", 3000, "10.0.1.9", 8080);
+        assert!(p.key_matches(&key(&dnat), 105 * S));
+        assert!(!p.key_matches(&key(&dnat), 110 * S));
+        assert_eq!(p.remove(7, &a), Some((1 << 63) | 1));
+        assert_eq!(p.remove(7, &a), None);
+        assert_eq!(p.get(7, &a), None);
+        assert!(!p.key_matches(&key(&a), 101 * S));
+        assert!(p.key_matches(&key(&b), 101 * S));
+    }
 }
