@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use detector::agent::NpaKey;
-use detector::engine::{AgentDelete, DeleteResult, Engine, EngineConfig, Input};
+use detector::clock::WallClock;
+use detector::engine::{AgentDelete, DeleteResult, Engine, EngineConfig, Input, Output};
+use detector::sinks::add_wall_times;
 use detector::event::{FlowTuple, Task};
 
 /// Counts live heap bytes and their peak.
@@ -112,6 +114,7 @@ fn main() {
     let t1 = Instant::now();
     let verdicts = 1000.min(n as u32);
     let mut emitted = 0;
+    let mut last = None;
     for i in 0..verdicts {
         let src = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | (i >> 8)));
         let sport = 1024 + (i & 0xff) as u16;
@@ -138,10 +141,28 @@ fn main() {
             kernel_view: None,
         }));
         emitted += outs.len();
+        last = outs.into_iter().next().or(last);
     }
     println!(
         "{emitted} verdicts: {:.1} us each",
         t1.elapsed().as_secs_f64() * 1e6 / f64::from(verdicts)
     );
+    // What `detector run --json` then does with each verdict: its JSON line with wall times.
+    if let Some(Output::Verdict(v)) = last {
+        let wall = WallClock::measure();
+        let t2 = Instant::now();
+        let mut bytes = 0;
+        for _ in 0..1000 {
+            let mut body = serde_json::to_value(&v).expect("a verdict serializes");
+            add_wall_times(&mut body, &wall);
+            bytes += body.to_string().len();
+        }
+        println!(
+            "verdict JSON line ({} timeline events, {} B): {:.1} us each",
+            v.timeline.len(),
+            bytes / 1000,
+            t2.elapsed().as_secs_f64() * 1e3
+        );
+    }
     drop(engine);
 }
