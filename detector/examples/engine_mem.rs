@@ -12,8 +12,8 @@ use std::time::Instant;
 use detector::agent::NpaKey;
 use detector::clock::WallClock;
 use detector::engine::{AgentDelete, DeleteResult, Engine, EngineConfig, Input, Output};
-use detector::sinks::add_wall_times;
 use detector::event::{FlowTuple, Task};
+use detector::sinks::{add_wall_times, json_with_wall_times};
 
 /// Counts live heap bytes and their peak.
 struct Counting;
@@ -147,6 +147,68 @@ fn main() {
         "{emitted} verdicts: {:.1} us each",
         t1.elapsed().as_secs_f64() * 1e6 / f64::from(verdicts)
     );
+    // A lab-like flow: eight port reuses, each with a wrongful delete and four denied
+    // packets, so its verdict carries a full timeline.
+    let c = FlowTuple {
+        proto: 6,
+        src: IpAddr::V4(Ipv4Addr::new(10, 78, 1, 2)),
+        sport: 42000,
+        dst: IpAddr::V4(Ipv4Addr::new(10, 78, 2, 2)),
+        dport: 8080,
+    };
+    let ckey = NpaKey {
+        src: c.src,
+        sport: c.sport,
+        dst: c.dst,
+        dport: c.dport,
+        proto: 6,
+        owner: c.src,
+        ifindex: None,
+    };
+    for cycle in 0..8u64 {
+        let t = 2_000_000_000 + cycle * 10_000_000;
+        let id = 1_000_000 + cycle;
+        engine.push(Input::CtNew {
+            ts_ns: t,
+            id,
+            netns: 1,
+            orig: c,
+            reply: c.reversed(),
+        });
+        if cycle > 0 {
+            engine.push(Input::CtDestroy {
+                ts_ns: t - 1000,
+                id: id - 1,
+                netns: 1,
+                orig: c,
+                reply: c.reversed(),
+                born_ns: None,
+                reason: detector::event::DestroyReason::Killed,
+            });
+        }
+        let outs = engine.push(Input::AgentDelete(AgentDelete {
+            ts_ns: t + 1_000_000,
+            task: Task {
+                pid: 1,
+                tid: 1,
+                comm: "agent".into(),
+            },
+            map_id: 7,
+            key: ckey.clone(),
+            layout: "v4-24/16".parse().expect("a valid layout"),
+            result: DeleteResult::Deleted,
+            kernel_view: None,
+        }));
+        last = outs.into_iter().next().or(last);
+        for k in 0..4 {
+            engine.push(Input::PacketDrop {
+                ts_ns: t + 2_000_000 + k,
+                netns: 1,
+                tuple: c.reversed(),
+                reason: "NO_KEY".into(),
+            });
+        }
+    }
     // What `detector run --json` then does with each verdict: its JSON line with wall times.
     if let Some(Output::Verdict(v)) = last {
         let wall = WallClock::measure();
@@ -158,10 +220,47 @@ fn main() {
             bytes += body.to_string().len();
         }
         println!(
-            "verdict JSON line ({} timeline events, {} B): {:.1} us each",
+            "verdict JSON line through a Value tree ({} timeline events, {} B): {:.1} us each",
             v.timeline.len(),
             bytes / 1000,
             t2.elapsed().as_secs_f64() * 1e3
+        );
+        let t3 = Instant::now();
+        let mut vals = Vec::new();
+        for _ in 0..1000 {
+            vals.push(serde_json::to_value(&v).expect("a verdict serializes"));
+        }
+        let to_value = t3.elapsed().as_secs_f64() * 1e3;
+        let t4 = Instant::now();
+        for b in vals.iter_mut() {
+            add_wall_times(b, &wall);
+        }
+        let wall_t = t4.elapsed().as_secs_f64() * 1e3;
+        let t5 = Instant::now();
+        for b in &vals {
+            bytes += b.to_string().len();
+        }
+        let to_string = t5.elapsed().as_secs_f64() * 1e3;
+        let t6 = Instant::now();
+        for _ in 0..1000 {
+            bytes += serde_json::to_string(&v)
+                .expect("a verdict serializes")
+                .len();
+        }
+        let t7 = Instant::now();
+        for _ in 0..1000 {
+            bytes += json_with_wall_times(&v, &wall)
+                .expect("a verdict serializes")
+                .len();
+        }
+        println!(
+            "verdict JSON line, straight to text (detector run): {:.1} us each",
+            t7.elapsed().as_secs_f64() * 1e3
+        );
+        println!(
+            "  of which to_value {to_value:.1} us, wall times {wall_t:.1} us, to_string {to_string:.1} us; \
+             direct to_string {:.1} us",
+            t6.elapsed().as_secs_f64() * 1e3
         );
     }
     drop(engine);

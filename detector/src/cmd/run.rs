@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use crate::event::{CtKind, DeleteView, Event, FlowTuple, MapDeleteRecord, MapOp, Source};
 use crate::output::{self, Units};
 use crate::probe::{CounterSnapshot, Probe};
-use crate::sinks::{self, TraceDir, add_wall_times};
+use crate::sinks::{self, TraceDir, json_with_wall_times};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
@@ -448,17 +448,15 @@ impl State {
                 self.latencies
                     .insert((v.delete_ts_ns, v.key.to_string()), latency);
                 if self.json {
-                    let mut body = serde_json::to_value(&v)?;
-                    add_wall_times(&mut body, &self.units.wall);
-                    let line = json!({
-                        "type": "verdict",
-                        "ts_ns": v.delete_ts_ns,
-                        "time": self.units.wall.iso(v.delete_ts_ns),
-                        "trace_file": self.traces.path_for(v.delete_ts_ns, v.class.name(), &v.key),
-                        "detection_latency_ns": latency,
-                        "verdict": body,
-                    });
-                    writeln!(out, "{line}")?;
+                    // `time` and the verdict's own wall times are added after its `ts_ns`.
+                    let line = VerdictLine {
+                        kind: "verdict",
+                        ts_ns: v.delete_ts_ns,
+                        trace_file: self.traces.path_for(v.delete_ts_ns, v.class.name(), &v.key),
+                        detection_latency_ns: latency,
+                        verdict: &v,
+                    };
+                    writeln!(out, "{}", json_with_wall_times(&line, &self.units.wall)?)?;
                 } else {
                     writeln!(
                         out,
@@ -491,6 +489,17 @@ impl State {
         }
         Ok(())
     }
+}
+
+/// A verdict on the NDJSON stream.
+#[derive(serde::Serialize)]
+struct VerdictLine<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    ts_ns: u64,
+    trace_file: PathBuf,
+    detection_latency_ns: u64,
+    verdict: &'a Verdict,
 }
 
 /// One readable line per race.
