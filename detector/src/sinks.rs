@@ -67,7 +67,7 @@ fn wall_time_name(key: &str) -> Option<String> {
 
 /// `value` as one line of JSON with the same wall-clock fields as [`add_wall_times`] (each
 /// right after its timestamp rather than in sorted order). Serializes straight to text:
-/// going through a `Value` tree costs about 20 times as much, which a burst of verdicts
+/// going through a `Value` tree costs several times as much, which a burst of verdicts
 /// waits for. `value` must not itself have the added field names (`time`, ...).
 pub fn json_with_wall_times<T: serde::Serialize>(
     value: &T,
