@@ -18,7 +18,9 @@ use crate::engine::{
 };
 use std::collections::HashMap;
 
-use crate::event::{CtKind, DeleteView, Event, FlowTuple, MapDeleteRecord, MapOp, Source};
+use crate::event::{
+    CtKind, DeleteView, Event, FlowTuple, MapDeleteRecord, MapOp, PackedTuple, Source,
+};
 use crate::output::{self, Units};
 use crate::probe::{CounterSnapshot, Probe};
 use crate::sinks::{self, TraceDir, json_with_wall_times};
@@ -129,7 +131,7 @@ struct Preexisting {
 }
 
 struct PreEntry {
-    orig: Packed,
+    orig: PackedTuple,
     /// ctnetlink's id of the entry.
     id: u32,
     /// Seconds of timeout left at the dump; [`GONE`] set once the entry is destroyed.
@@ -138,44 +140,6 @@ struct PreEntry {
 
 /// Marks a [`PreEntry`] whose entry ended (no timeout is anywhere near 2^31 s).
 const GONE: u32 = 1 << 31;
-
-/// A [`FlowTuple`] packed for [`Preexisting`]: IPv4 in 13 bytes inline, IPv6 (or mixed)
-/// boxed, 16 bytes either way.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-enum Packed {
-    V4([u8; 13]),
-    V6(Box<[u8; 39]>),
-}
-
-impl Packed {
-    fn of(t: &FlowTuple) -> Self {
-        match (t.src, t.dst) {
-            (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => {
-                let mut b = [0u8; 13];
-                b[0] = t.proto;
-                b[1..5].copy_from_slice(&s.octets());
-                b[5..7].copy_from_slice(&t.sport.to_be_bytes());
-                b[7..11].copy_from_slice(&d.octets());
-                b[11..13].copy_from_slice(&t.dport.to_be_bytes());
-                Packed::V4(b)
-            }
-            _ => {
-                let mut b = [0u8; 39];
-                b[0] = t.proto;
-                for (at, addr, port) in [(1, t.src, t.sport), (20, t.dst, t.dport)] {
-                    let (family, bytes) = match addr {
-                        std::net::IpAddr::V4(a) => (4, a.to_ipv6_mapped().octets()),
-                        std::net::IpAddr::V6(a) => (6, a.octets()),
-                    };
-                    b[at] = family;
-                    b[at + 1..at + 17].copy_from_slice(&bytes);
-                    b[at + 17..at + 19].copy_from_slice(&port.to_be_bytes());
-                }
-                Packed::V6(Box::new(b))
-            }
-        }
-    }
-}
 
 /// Hash maps with foldhash: seeded per process (see the engine's `LruMap` on hash flooding),
 /// several times faster than SipHash.
@@ -208,7 +172,7 @@ impl Preexisting {
 
     fn insert(&mut self, orig: FlowTuple, reply: FlowTuple, id: u32, timeout_s: u32) {
         self.live.push(PreEntry {
-            orig: Packed::of(&orig),
+            orig: PackedTuple::of(&orig),
             id,
             timeout_s: timeout_s.min(GONE - 1),
         });
@@ -233,7 +197,7 @@ impl Preexisting {
         if netns != self.netns || self.live.is_empty() {
             return None;
         }
-        let p = Packed::of(orig);
+        let p = PackedTuple::of(orig);
         let i = self.live.binary_search_by(|e| e.orig.cmp(&p)).ok()?;
         (self.live[i].timeout_s & GONE == 0).then_some(i)
     }

@@ -1,7 +1,7 @@
 //! Deciding a delete, and assembling traces when their window closes.
 
 use super::recorder::NO_EVENT;
-use super::shadow::FlowId;
+use super::shadow::{FlowId, KEntry, MapKey};
 use super::verdict;
 use super::{
     AgentDelete, DecidedBy, DeleteResult, Engine, KernelView, LiveEntry, Output, Pending,
@@ -52,8 +52,8 @@ impl Engine {
         };
         // Only a successful delete removes the key; the others leave the map as it was.
         let map_entry = match d.result {
-            DeleteResult::Deleted => self.map.remove(&d.key),
-            _ => self.map.get(&d.key).copied(),
+            DeleteResult::Deleted => self.map.remove(&MapKey::of(&d.key)),
+            _ => self.map.get(&MapKey::of(&d.key)).copied(),
         };
         let idx = self.recorder.next_index();
         let prev = std::mem::replace(&mut self.flow_mut(fid.clone()).last_event, idx);
@@ -73,11 +73,11 @@ impl Engine {
             }
         }
         // Copied out so that the flow's borrow of `self` ends here.
-        let shadow_live = flow.youngest_live().copied();
+        let shadow_live = flow.youngest_live().cloned();
         let live_entries: Vec<_> = flow.live.to_vec();
         let last_destroyed = flow.last_destroyed;
         let n_live = live_entries.len();
-        let by_id = |id: u64| live_entries.iter().find(|e| e.id == id).copied();
+        let by_id = |id: u64| live_entries.iter().find(|e| e.id == id).cloned();
 
         let mut notes = Vec::new();
         if !d.key.owner_is_endpoint() {
@@ -112,9 +112,9 @@ impl Engine {
                         id: entry_id,
                         // 0 is what the kernel side reports when it does not know the birth.
                         born_ns: (born_ns != 0).then_some(born_ns),
-                        netns: in_shadow.map(|e| e.netns),
-                        orig: in_shadow.map(|e| e.orig),
-                        reply: in_shadow.map(|e| e.reply),
+                        netns: in_shadow.as_ref().map(|e| e.netns),
+                        orig: in_shadow.as_ref().map(KEntry::orig),
+                        reply: in_shadow.as_ref().map(KEntry::reply),
                         timeout_left_ns: Some(timeout_left_ns),
                     },
                     DecidedBy::Kernel,
@@ -139,8 +139,8 @@ impl Engine {
                         id: e.id,
                         born_ns: e.born_ns,
                         netns: Some(e.netns),
-                        orig: Some(e.orig),
-                        reply: Some(e.reply),
+                        orig: Some(e.orig()),
+                        reply: Some(e.reply()),
                         timeout_left_ns: None,
                     },
                     DecidedBy::Shadow,

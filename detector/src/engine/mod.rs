@@ -77,7 +77,7 @@ use smallvec::SmallVec;
 use serde::Serialize;
 
 use recorder::{NO_EVENT, Recorder};
-use shadow::{FlowId, FlowState, KEntry, LruMap, MapEntry, insert_sorted};
+use shadow::{FlowId, FlowState, KEntry, LruMap, MapEntry, MapKey, insert_sorted};
 
 pub use input::{AgentDelete, DeleteResult, Input, KernelView};
 pub use stats::{DeleteCounts, EvictionCounts, InputCounts, Stats, VerdictCounts};
@@ -141,7 +141,7 @@ struct Pending {
 pub struct Engine {
     cfg: EngineConfig,
     flows: LruMap<FlowId, FlowState>,
-    map: LruMap<NpaKey, MapEntry>,
+    map: LruMap<MapKey, MapEntry>,
     recorder: Recorder,
     /// Lost-record and map-recreation markers, sorted by timestamp.
     markers: VecDeque<TimelineEvent>,
@@ -203,13 +203,7 @@ impl Engine {
                 orig,
                 reply,
             } => {
-                let e = KEntry {
-                    id,
-                    netns,
-                    orig,
-                    reply,
-                    born_ns: Some(ts_ns),
-                };
+                let e = KEntry::new(id, netns, &orig, &reply, Some(ts_ns));
                 let what = TimelineKind::CtNew {
                     id,
                     netns,
@@ -224,13 +218,7 @@ impl Engine {
                 orig,
                 reply,
             } => {
-                let e = KEntry {
-                    id,
-                    netns,
-                    orig,
-                    reply,
-                    born_ns: None,
-                };
+                let e = KEntry::new(id, netns, &orig, &reply, None);
                 let what = TimelineKind::CtExisting {
                     id,
                     netns,
@@ -330,7 +318,7 @@ impl Engine {
             ts_ns,
             what,
         };
-        let (first, dnat) = FlowId::of_entry(&entry.orig, &entry.reply);
+        let (first, dnat) = FlowId::of_entry(&entry.orig(), &entry.reply());
         let fids = [Some(first), dnat];
         let idx = self.recorder.next_index();
         let mut prev = [NO_EVENT; 2];
@@ -354,7 +342,7 @@ impl Engine {
                 .live
                 .iter()
                 .filter(|e| e.netns == entry.netns)
-                .copied()
+                .cloned()
                 .collect();
             for s in superseded {
                 implicit += 1;
@@ -366,7 +354,7 @@ impl Engine {
                     reason: None,
                 });
             }
-            flow.live.push(entry);
+            flow.live.push(entry.clone());
         }
         self.recorder.record(ev, fids, prev);
         self.stats.implicit_destroys += implicit;
@@ -427,7 +415,7 @@ impl Engine {
         what: TimelineKind,
     ) {
         let fid = FlowId::of_key(&key);
-        let (entry, evicted) = self.map.get_or_insert_with(key, || MapEntry {
+        let (entry, evicted) = self.map.get_or_insert_with(MapKey::of(&key), || MapEntry {
             map_id,
             inserted_ns,
         });

@@ -10,7 +10,7 @@ use smallvec::SmallVec;
 
 use super::verdict::{OldEntry, TimelineEvent};
 use crate::agent::NpaKey;
-use crate::event::FlowTuple;
+use crate::event::{FlowTuple, PackedTuple};
 
 /// A 5-tuple with its two ends sorted, so both directions of a flow name the same id.
 ///
@@ -279,14 +279,46 @@ impl<K: Eq + Hash, V> LruMap<K, V> {
 }
 
 /// A kernel entry the shadow believes live (confirmed, not yet destroyed).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// Packed, as every tracked flow holds one: the original tuple in 16 bytes, and the reply
+/// tuple only when NAT made it differ from the original reversed.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct KEntry {
     pub id: u64,
-    pub netns: u32,
-    pub orig: FlowTuple,
-    pub reply: FlowTuple,
     /// `None` for entries that predate the detector.
     pub born_ns: Option<u64>,
+    orig: PackedTuple,
+    nat_reply: Option<Box<FlowTuple>>,
+    pub netns: u32,
+}
+
+impl KEntry {
+    pub(crate) fn new(
+        id: u64,
+        netns: u32,
+        orig: &FlowTuple,
+        reply: &FlowTuple,
+        born_ns: Option<u64>,
+    ) -> Self {
+        Self {
+            id,
+            born_ns,
+            orig: PackedTuple::of(orig),
+            nat_reply: (*reply != orig.reversed()).then(|| Box::new(*reply)),
+            netns,
+        }
+    }
+
+    pub(crate) fn orig(&self) -> FlowTuple {
+        self.orig.tuple()
+    }
+
+    pub(crate) fn reply(&self) -> FlowTuple {
+        match &self.nat_reply {
+            Some(r) => **r,
+            None => self.orig().reversed(),
+        }
+    }
 }
 
 /// Everything known about one [`FlowId`].
@@ -344,6 +376,40 @@ pub(crate) fn insert_sorted(ring: &mut VecDeque<TimelineEvent>, ev: TimelineEven
         .rposition(|e| e.ts_ns <= ev.ts_ns)
         .map_or(0, |p| p + 1);
     ring.insert(pos, ev);
+}
+
+/// An agent-map key as the map shadow stores it: the 5-tuple packed, the owner as which end
+/// of the key it is (NPA always uses one; another address is boxed), 40 bytes against 64.
+/// Equal exactly when the [`NpaKey`]s are.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct MapKey {
+    tuple: PackedTuple,
+    /// `None`: the owner is `src`; `Some(None)`: `dst`; `Some(Some(a))`: another address.
+    owner: Option<Option<Box<IpAddr>>>,
+    ifindex: Option<u32>,
+}
+
+impl MapKey {
+    pub(crate) fn of(k: &NpaKey) -> Self {
+        let owner = if k.owner == k.src {
+            None
+        } else if k.owner == k.dst {
+            Some(None)
+        } else {
+            Some(Some(Box::new(k.owner)))
+        };
+        Self {
+            tuple: PackedTuple::of(&FlowTuple {
+                proto: k.proto,
+                src: k.src,
+                sport: k.sport,
+                dst: k.dst,
+                dport: k.dport,
+            }),
+            owner,
+            ifindex: k.ifindex,
+        }
+    }
 }
 
 /// What the shadow knows of one key in the agent's map.
@@ -430,6 +496,73 @@ mod tests {
                 assert_eq!(m.get(k), Some(v));
             }
         }
+    }
+
+    #[test]
+    fn map_keys_are_equal_exactly_when_npa_keys_are() {
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let base = NpaKey {
+            src: ip("10.0.0.5"),
+            sport: 40000,
+            dst: ip("10.0.1.7"),
+            dport: 80,
+            proto: 6,
+            owner: ip("10.0.0.5"),
+            ifindex: None,
+        };
+        let variants = [
+            base.clone(),
+            NpaKey {
+                owner: ip("10.0.1.7"),
+                ..base.clone()
+            },
+            NpaKey {
+                owner: ip("10.9.9.9"),
+                ..base.clone()
+            },
+            NpaKey {
+                ifindex: Some(3),
+                ..base.clone()
+            },
+            NpaKey {
+                sport: 40001,
+                ..base.clone()
+            },
+            NpaKey {
+                src: ip("fd00::5"),
+                owner: ip("fd00::5"),
+                ..base.clone()
+            },
+        ];
+        for a in &variants {
+            for b in &variants {
+                assert_eq!(MapKey::of(a) == MapKey::of(b), a == b, "{a:?} vs {b:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn kernel_entries_keep_both_tuples() {
+        let t = |s: &str, sp, d: &str, dp| FlowTuple {
+            proto: 17,
+            src: s.parse().unwrap(),
+            sport: sp,
+            dst: d.parse().unwrap(),
+            dport: dp,
+        };
+        let orig = t("10.0.0.5", 40000, "172.20.0.10", 53);
+        let plain = KEntry::new(1, 7, &orig, &orig.reversed(), None);
+        assert!(plain.nat_reply.is_none(), "no NAT: the reply is not stored");
+        assert_eq!((plain.orig(), plain.reply()), (orig, orig.reversed()));
+        let nat = t("10.0.1.7", 5353, "10.0.0.5", 40000);
+        let dnat = KEntry::new(2, 7, &orig, &nat, Some(9));
+        assert_eq!(
+            (dnat.orig(), dnat.reply(), dnat.born_ns),
+            (orig, nat, Some(9))
+        );
+        let v6 = t("fd00::1", 1, "fd00::2", 2);
+        let e = KEntry::new(3, 7, &v6, &v6.reversed(), None);
+        assert_eq!((e.orig(), e.reply()), (v6, v6.reversed()));
     }
 
     #[test]
