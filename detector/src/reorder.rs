@@ -85,6 +85,14 @@ impl<T> Reorder<T> {
         }
     }
 
+    /// When (monotonic ns) the oldest held record passes the watermark, if any is held: the
+    /// event loop sleeps until then rather than polling.
+    pub fn next_release_ns(&self) -> Option<u64> {
+        self.heap
+            .peek()
+            .map(|Reverse((ts, _, _))| ts.saturating_add(self.watermark_ns))
+    }
+
     /// Releases every record whose timestamp is at least `watermark` older than `now_ns`.
     pub fn release(&mut self, now_ns: u64, out: &mut Vec<T>) {
         let limit = now_ns.saturating_sub(self.watermark_ns);
@@ -147,6 +155,19 @@ mod tests {
         r.push(50, 50, &mut out);
         assert_eq!(out, vec![100, 50]);
         assert_eq!(r.stats().late, 1);
+    }
+
+    #[test]
+    fn next_release_is_the_oldest_record_plus_the_watermark() {
+        let mut r = Reorder::new(100, 10);
+        let mut out = Vec::new();
+        assert_eq!(r.next_release_ns(), None);
+        r.push(500, 500, &mut out);
+        r.push(300, 300, &mut out);
+        assert_eq!(r.next_release_ns(), Some(400));
+        r.release(400, &mut out);
+        assert_eq!(out, vec![300]);
+        assert_eq!(r.next_release_ns(), Some(600));
     }
 
     #[test]

@@ -105,7 +105,7 @@ pub fn run(args: DoctorArgs) -> Result<()> {
                     probe.offsets.clone(),
                     probe
                         .kernel_btf()
-                        .struct_home("nf_conn")
+                        .and_then(|b| b.struct_home("nf_conn"))
                         .map(str::to_string),
                 ))
             }

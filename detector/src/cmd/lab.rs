@@ -230,7 +230,7 @@ fn run_lab(args: &LabArgs) -> Result<LabReport> {
         "run",
         "--json",
         "--watermark-ms",
-        "5",
+        "2",
         "--trace-after",
         "1.5",
     ])

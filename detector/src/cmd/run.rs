@@ -18,13 +18,15 @@ use crate::engine::{
 };
 use std::collections::HashMap;
 
-use crate::event::{CtKind, DeleteView, Event, FlowTuple, MapDeleteRecord, MapOp, Source};
+use crate::event::{
+    CtKind, DeleteView, Event, FlowTuple, MapDeleteRecord, MapOp, PackedTuple, Source,
+};
 use crate::k8s::{KubeArgs, PodRef, RaceNotice};
 use crate::output::{self, Units};
 use crate::probe::{CounterSnapshot, Probe};
 use crate::serve::stream::Item;
 use crate::serve::{Live, ServeArgs};
-use crate::sinks::{self, TraceDir, add_wall_times};
+use crate::sinks::{self, TraceDir, json_with_wall_times};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
@@ -71,8 +73,10 @@ pub struct RunArgs {
     /// Stop after this many seconds (default: until Ctrl-C or SIGTERM).
     #[arg(long, value_name = "SECS")]
     pub duration: Option<f64>,
-    /// How long to hold events to put them in kernel-timestamp order, in ms.
-    #[arg(long, default_value_t = 20, value_name = "MS")]
+    /// How long to hold events to put them in kernel-timestamp order, in ms. Records reach
+    /// the ring buffer microseconds after their timestamp, so 2 ms keeps late records rare
+    /// (counted in the summary's `reorder.late`) while verdicts wait little.
+    #[arg(long, default_value_t = 2, value_name = "MS")]
     pub watermark_ms: u64,
     #[command(flatten)]
     pub serve: ServeArgs,
@@ -141,15 +145,38 @@ fn pods_suffix(pods: &[PodRef]) -> String {
 /// the snapshot's, so the engine sees one entry), and a delete the kernel judged `absent`
 /// because it never indexed the entry is left to the engine's shadow while the snapshot's
 /// timeout says the entry is still alive.
-#[derive(Default)]
+///
+/// Kept for the whole run (entries can live for days), so it is lean: the entries sorted by
+/// packed original tuple in one vector (24 bytes each for IPv4; it never grows), and a hash
+/// map only for NPA's DNAT form of the few entries that have one.
 struct Preexisting {
-    /// (netns, original tuple) -> (engine id, monotonic ns its snapshot timeout runs out).
-    live: HashMap<(u32, FlowTuple), (u64, u64)>,
-    /// The same entries by direction-free flow (and NPA's DNAT form), for matching keys.
-    flows: HashMap<FlowTuple, u64>,
+    /// The agent's namespace, where the snapshot was taken.
+    netns: u32,
+    /// Monotonic ns of the dump: the snapshot's timeouts count from it.
+    dump_ns: u64,
+    /// Sorted by `orig` once the snapshot is in ([`Preexisting::seal`]).
+    live: Vec<PreEntry>,
+    /// DNAT form (`orig.src:sport -> reply.src:sport`, direction-free) -> monotonic ns its
+    /// entry's snapshot timeout runs out.
+    dnat: FastMap<FlowTuple, u64>,
     /// Kernel entry id -> engine id of the same pre-existing entry.
-    alias: HashMap<u64, u64>,
+    alias: FastMap<u64, u64>,
 }
+
+struct PreEntry {
+    orig: PackedTuple,
+    /// ctnetlink's id of the entry.
+    id: u32,
+    /// Seconds of timeout left at the dump; [`GONE`] set once the entry is destroyed.
+    timeout_s: u32,
+}
+
+/// Marks a [`PreEntry`] whose entry ended (no timeout is anywhere near 2^31 s).
+const GONE: u32 = 1 << 31;
+
+/// Hash maps with foldhash: seeded per process (see the engine's `LruMap` on hash flooding),
+/// several times faster than SipHash.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// One name for both directions of a flow.
 fn canonical(t: FlowTuple) -> FlowTuple {
@@ -157,23 +184,70 @@ fn canonical(t: FlowTuple) -> FlowTuple {
 }
 
 impl Preexisting {
-    fn insert(&mut self, netns: u32, orig: FlowTuple, reply: FlowTuple, id: u64, until: u64) {
-        self.live.insert((netns, orig), (id, until));
-        self.flows.insert(canonical(orig), until);
+    fn new(netns: u32, dump_ns: u64) -> Self {
+        Self {
+            netns,
+            dump_ns,
+            live: Vec::new(),
+            dnat: FastMap::default(),
+            alias: FastMap::default(),
+        }
+    }
+
+    fn until(&self, timeout_s: u32) -> u64 {
+        self.dump_ns + u64::from(timeout_s) * 1_000_000_000
+    }
+
+    /// The engine id of snapshot entry `id`.
+    fn engine_id(id: u32) -> u64 {
+        (1 << 63) | u64::from(id)
+    }
+
+    fn insert(&mut self, orig: FlowTuple, reply: FlowTuple, id: u32, timeout_s: u32) {
+        self.live.push(PreEntry {
+            orig: PackedTuple::of(&orig),
+            id,
+            timeout_s: timeout_s.min(GONE - 1),
+        });
         if reply.src != orig.dst {
             let dnat = FlowTuple {
                 dst: reply.src,
                 dport: reply.sport,
                 ..orig
             };
-            self.flows.insert(canonical(dnat), until);
+            self.dnat.insert(canonical(dnat), self.until(timeout_s));
         }
     }
 
-    fn remove(&mut self, slot: &(u32, FlowTuple)) -> Option<u64> {
-        let (id, _) = self.live.remove(slot)?;
-        self.flows.remove(&canonical(slot.1));
-        Some(id)
+    /// Sorts the entries for lookups, once the snapshot is in. (A tuple is in one netns's
+    /// table at most once, so there are no duplicates to worry about.)
+    fn seal(&mut self) {
+        self.live.sort_unstable_by(|a, b| a.orig.cmp(&b.orig));
+        self.live.shrink_to_fit();
+    }
+
+    fn find(&self, netns: u32, orig: &FlowTuple) -> Option<usize> {
+        if netns != self.netns || self.live.is_empty() {
+            return None;
+        }
+        let p = PackedTuple::of(orig);
+        let i = self.live.binary_search_by(|e| e.orig.cmp(&p)).ok()?;
+        (self.live[i].timeout_s & GONE == 0).then_some(i)
+    }
+
+    /// The snapshot entry of `netns` with original tuple `orig`, if still held: its engine
+    /// id and the monotonic ns its snapshot timeout runs out.
+    fn get(&self, netns: u32, orig: &FlowTuple) -> Option<(u64, u64)> {
+        let e = &self.live[self.find(netns, orig)?];
+        Some((Self::engine_id(e.id), self.until(e.timeout_s)))
+    }
+
+    fn remove(&mut self, netns: u32, orig: &FlowTuple) -> Option<u64> {
+        let i = self.find(netns, orig)?;
+        // Its DNAT form, if any, is left to run out with its snapshot timeout.
+        let e = &mut self.live[i];
+        e.timeout_s |= GONE;
+        Some(Self::engine_id(e.id))
     }
 
     /// A key whose flow is a snapshot entry whose timeout has not run out.
@@ -185,9 +259,14 @@ impl Preexisting {
             dst: key.dst,
             dport: key.dport,
         };
-        self.flows
+        // Either direction of the key may be the entry's original tuple.
+        [t, t.reversed()].iter().any(|o| {
+            self.get(self.netns, o)
+                .is_some_and(|(_, until)| now_ns < until)
+        }) || self
+            .dnat
             .get(&canonical(t))
-            .is_some_and(|until| now_ns < *until)
+            .is_some_and(|&until| now_ns < until)
     }
 }
 
@@ -225,7 +304,6 @@ impl State {
                     || output::json_line(&Event::Ct(c.clone()), &u),
                     || output::text_line(&Event::Ct(c.clone()), &u),
                 )?;
-                let slot = (c.netns, c.orig);
                 match c.kind {
                     CtKind::New => {
                         // The skb-based insert probe reports an entry from the snapshot when it
@@ -235,7 +313,7 @@ impl State {
                             c.source,
                             Source::NetDevQueue | Source::ConsumeSkb | Source::KfreeSkb
                         );
-                        if let Some(&(id, until)) = self.pre.live.get(&slot)
+                        if let Some((id, until)) = self.pre.get(c.netns, &c.orig)
                             && first_seen
                             && c.ts_ns < until
                         {
@@ -246,9 +324,9 @@ impl State {
                     CtKind::Destroy => {
                         if let Some(id) = self.pre.alias.remove(&c.id) {
                             c.id = id;
-                            self.pre.remove(&slot);
+                            self.pre.remove(c.netns, &c.orig);
                         } else if c.born_ns == 0
-                            && let Some(id) = self.pre.remove(&slot)
+                            && let Some(id) = self.pre.remove(c.netns, &c.orig)
                         {
                             // Destroyed before any packet of it was seen.
                             c.id = id;
@@ -384,23 +462,25 @@ impl State {
                     .insert((v.delete_ts_ns, v.key.to_string()), latency);
                 // Pod names, when Kubernetes is on: outside the engine, on the way out.
                 let pods = self.live.pods(&v);
-                let mut body = serde_json::to_value(&v)?;
-                add_wall_times(&mut body, &self.units.wall);
                 if !pods.is_empty() {
-                    body["pods"] = serde_json::to_value(&pods)?;
                     self.trace_pods
                         .insert((v.delete_ts_ns, v.key.to_string()), pods.clone());
                 }
                 let trace_file = self.traces.path_for(v.delete_ts_ns, v.class.name(), &v.key);
-                let line = json!({
-                    "type": "verdict",
-                    "ts_ns": v.delete_ts_ns,
-                    "time": self.units.wall.iso(v.delete_ts_ns),
-                    "trace_file": trace_file,
-                    "detection_latency_ns": latency,
-                    "verdict": body,
-                })
-                .to_string();
+                // `time` and the verdict's own wall times are added after its `ts_ns`.
+                let line = json_with_wall_times(
+                    &VerdictLine {
+                        kind: "verdict",
+                        ts_ns: v.delete_ts_ns,
+                        trace_file: trace_file.clone(),
+                        detection_latency_ns: latency,
+                        verdict: VerdictBody {
+                            verdict: &v,
+                            pods: &pods,
+                        },
+                    },
+                    &self.units.wall,
+                )?;
                 let text = format!(
                     "{}{} (detected {:.1} ms after the delete)",
                     race_line(&v, &self.units),
@@ -458,6 +538,27 @@ impl State {
         }
         Ok(())
     }
+}
+
+/// A verdict on the NDJSON stream.
+#[derive(serde::Serialize)]
+struct VerdictLine<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    ts_ns: u64,
+    trace_file: PathBuf,
+    detection_latency_ns: u64,
+    verdict: VerdictBody<'a>,
+}
+
+/// The verdict with its pods, when Kubernetes enrichment named any (an optional field of the
+/// verdict object: docs/trace-schema.md).
+#[derive(serde::Serialize)]
+struct VerdictBody<'a> {
+    #[serde(flatten)]
+    verdict: &'a Verdict,
+    #[serde(skip_serializing_if = "<[PodRef]>::is_empty")]
+    pods: &'a [PodRef],
 }
 
 /// One readable line per race.
@@ -571,17 +672,20 @@ pub async fn run(args: RunArgs) -> Result<()> {
         last_trace: None,
         drop_reasons: probe
             .kernel_btf()
-            .enum_values("skb_drop_reason")
+            .map(|b| b.enum_values("skb_drop_reason"))
+            .unwrap_or_default()
             .into_iter()
             .map(|(v, n)| (v, n.trim_start_matches("SKB_DROP_REASON_").to_string()))
             .collect(),
-        pre: Preexisting::default(),
+        pre: Preexisting::new(agent_netns, 0),
         drops_ignored: 0,
         latencies: HashMap::new(),
         agent_netns,
         live,
         trace_pods: HashMap::new(),
     };
+    // Every program is loaded: the parsed BTF is no longer needed.
+    probe.release_btf();
     // Start-up snapshot of the kernel table, taken after the probes are attached so that no
     // entry slips between the dump and the first event. (A dump also evicts entries that have
     // already expired: those come through as DESTROY events.)
@@ -592,17 +696,19 @@ pub async fn run(args: RunArgs) -> Result<()> {
         "conntrack",
         clock::monotonic_ns().saturating_sub(dump_ns) as f64 / 1e9,
     );
-    for e in &table {
-        let id = (1 << 63) | u64::from(e.id);
-        let until = dump_ns + u64::from(e.timeout_s) * 1_000_000_000;
-        st.pre.insert(agent_netns, e.orig, e.reply, id, until);
+    let n_entries = table.len();
+    // Consumed here so that neither snapshot outlives the start-up.
+    st.pre = Preexisting::new(agent_netns, dump_ns);
+    for e in table {
+        st.pre.insert(e.orig, e.reply, e.id, e.timeout_s);
         st.engine.push(Input::CtExisting {
-            id,
+            id: Preexisting::engine_id(e.id),
             netns: agent_netns,
             orig: e.orig,
             reply: e.reply,
         });
     }
+    st.pre.seal();
     // Start-up snapshot of the map, so deletes of keys inserted before we started are known.
     let keys_ns = clock::monotonic_ns();
     let snapshot = target::keys(&map)?;
@@ -610,14 +716,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
         "map",
         clock::monotonic_ns().saturating_sub(keys_ns) as f64 / 1e9,
     );
-    for k in &snapshot {
-        if let Ok(key) = NpaKey::decode(map.layout.key, k) {
+    let n_keys = snapshot.len();
+    for k in snapshot {
+        if let Ok(key) = NpaKey::decode(map.layout.key, &k) {
             st.engine.push(Input::MapExisting {
                 map_id: map.id,
                 key,
             });
         }
     }
+    super::trim_heap();
     eprintln!(
         "detector: watching map {} `{}` (found by {}, layout {}, {} keys now) and conntrack \
          ({} entries now) with the {backend} backend; traces in {}; Ctrl-C to stop",
@@ -625,8 +733,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         map.name,
         map.found_by,
         map.layout,
-        snapshot.len(),
-        table.len(),
+        n_keys,
+        n_entries,
         st.traces.dir().display()
     );
     let holders = target::holders(map.id);
@@ -817,4 +925,61 @@ fn summary(
         "kernel": kernel,
         "reorder": reorder,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str, sp: u16, d: &str, dp: u16) -> FlowTuple {
+        FlowTuple {
+            proto: 17,
+            src: s.parse().unwrap(),
+            sport: sp,
+            dst: d.parse().unwrap(),
+            dport: dp,
+        }
+    }
+
+    fn key(t: &FlowTuple) -> NpaKey {
+        NpaKey {
+            src: t.src,
+            sport: t.sport,
+            dst: t.dst,
+            dport: t.dport,
+            proto: t.proto,
+            owner: t.src,
+            ifindex: None,
+        }
+    }
+
+    #[test]
+    fn preexisting_entries_are_found_matched_and_removed() {
+        const S: u64 = 1_000_000_000;
+        let mut p = Preexisting::new(7, 100 * S);
+        let a = t("10.0.0.1", 1000, "10.0.0.2", 53);
+        let b = t("fd00::1", 2000, "fd00::2", 53);
+        let vip = t("10.0.0.1", 3000, "172.20.0.10", 80);
+        let backend = t("10.0.1.9", 8080, "10.0.0.1", 3000);
+        for (i, o) in [a, b].iter().enumerate() {
+            p.insert(*o, o.reversed(), i as u32 + 1, 60);
+        }
+        p.insert(vip, backend, 3, 10);
+        p.seal();
+        assert_eq!(p.get(7, &a), Some(((1 << 63) | 1, 160 * S)));
+        assert_eq!(p.get(7, &b), Some(((1 << 63) | 2, 160 * S)));
+        assert_eq!(p.get(8, &a), None, "another netns");
+        assert_eq!(p.get(7, &a.reversed()), None, "by original tuple only");
+        // Keys match either direction, and the DNAT form, until the timeout runs out.
+        assert!(p.key_matches(&key(&a.reversed()), 159 * S));
+        assert!(!p.key_matches(&key(&a), 160 * S));
+        let dnat = t("10.0.0.1", 3000, "10.0.1.9", 8080);
+        assert!(p.key_matches(&key(&dnat), 105 * S));
+        assert!(!p.key_matches(&key(&dnat), 110 * S));
+        assert_eq!(p.remove(7, &a), Some((1 << 63) | 1));
+        assert_eq!(p.remove(7, &a), None);
+        assert_eq!(p.get(7, &a), None);
+        assert!(!p.key_matches(&key(&a), 101 * S));
+        assert!(p.key_matches(&key(&b), 101 * S));
+    }
 }

@@ -73,8 +73,17 @@ impl Stream {
     }
 
     /// Waits for the next thing to do.
+    ///
+    /// Records are released as soon as they pass the watermark: the loop wakes when the ring
+    /// buffer has data and at the instant the oldest held record is due, so a verdict waits
+    /// the watermark (plus the timer's 1 ms granularity), not an extra polling period.
     pub async fn next(&mut self, ready: &mut Vec<Event>) -> Result<Step> {
         let deadline = self.deadline;
+        // Both clocks are CLOCK_MONOTONIC (tokio's Instant is std's), so the wait is exact.
+        let due = self
+            .reorder
+            .next_release_ns()
+            .map(|t| Duration::from_nanos(t.saturating_sub(clock::monotonic_ns())));
         tokio::select! {
             _ = self.sigint.recv() => Ok(Step::Stop),
             _ = self.sigterm.recv() => Ok(Step::Stop),
@@ -87,6 +96,18 @@ impl Stream {
             r = self.reader.readable() => {
                 r.context("waiting on the ring buffer")?;
                 self.take_incoming(ready);
+                self.reorder.release(clock::monotonic_ns(), ready);
+                Ok(Step::Events)
+            }
+            _ = async {
+                match due {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                // Read first, so nothing older than the release point stays behind.
+                self.take_incoming(ready);
+                self.reorder.release(clock::monotonic_ns(), ready);
                 Ok(Step::Events)
             }
             _ = self.tick.tick() => {

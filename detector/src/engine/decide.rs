@@ -1,6 +1,7 @@
 //! Deciding a delete, and assembling traces when their window closes.
 
-use super::shadow::FlowId;
+use super::recorder::NO_EVENT;
+use super::shadow::{FlowId, KEntry, MapKey};
 use super::verdict;
 use super::{
     AgentDelete, DecidedBy, DeleteResult, Engine, KernelView, LiveEntry, Output, Pending,
@@ -16,17 +17,24 @@ impl Engine {
             })
     }
 
-    /// The retained events of `fids`, merged, de-duplicated and sorted.
-    fn timeline_of(&self, fids: &[FlowId], extra: &[TimelineEvent]) -> Vec<TimelineEvent> {
-        let mut events: Vec<TimelineEvent> = extra.to_vec();
-        for fid in fids {
-            if let Some(f) = self.flows.get(fid) {
-                events.extend(f.timeline.iter().cloned());
-            }
-        }
+    /// The recorded events of `fids`, merged with `extra`, de-duplicated and sorted, and
+    /// whether events from `since_ns` on may be missing (pushed out of the flight recorder,
+    /// or beyond `timeline_len` for a flow).
+    fn timeline_of(
+        &self,
+        fids: &[FlowId],
+        extra: &[TimelineEvent],
+        since_ns: u64,
+    ) -> (Vec<TimelineEvent>, bool) {
+        let heads: Vec<(FlowId, u64)> = fids
+            .iter()
+            .filter_map(|f| self.flows.get(f).map(|s| (f.clone(), s.last_event)))
+            .collect();
+        let (mut events, capped) = self.recorder.extract(&heads, self.cfg.timeline_len);
+        events.extend(extra.iter().cloned());
         events.sort_by_key(|e| (e.ts_ns, e.seq));
         events.dedup_by_key(|e| e.seq);
-        events
+        (events, capped || self.recorder.lost_since(since_ns))
     }
 
     pub(super) fn on_delete(&mut self, d: AgentDelete, out: &mut Vec<Output>) {
@@ -44,13 +52,15 @@ impl Engine {
         };
         // Only a successful delete removes the key; the others leave the map as it was.
         let map_entry = match d.result {
-            DeleteResult::Deleted => self.map.remove(&d.key),
-            _ => self.map.get(&d.key).copied(),
+            DeleteResult::Deleted => self.map.remove(&MapKey::of(&d.key)),
+            _ => self.map.get(&MapKey::of(&d.key)).copied(),
         };
-        let cap = self.cfg.timeline_len;
-        let flow = self.flow_mut(fid);
+        let idx = self.recorder.next_index();
+        let prev = std::mem::replace(&mut self.flow_mut(fid.clone()).last_event, idx);
+        self.recorder
+            .record(ev, [Some(fid.clone()), None], [prev, NO_EVENT]);
+        let flow = self.flow_mut(fid.clone());
         let known = map_entry.is_some() || flow.has_kernel_state();
-        flow.record(ev, cap);
         match d.result {
             DeleteResult::Deleted => {}
             DeleteResult::NotFound => {
@@ -63,11 +73,11 @@ impl Engine {
             }
         }
         // Copied out so that the flow's borrow of `self` ends here.
-        let shadow_live = flow.youngest_live().copied();
-        let live_entries = flow.live.clone();
+        let shadow_live = flow.youngest_live().cloned();
+        let live_entries: Vec<_> = flow.live.to_vec();
         let last_destroyed = flow.last_destroyed;
         let n_live = live_entries.len();
-        let by_id = |id: u64| live_entries.iter().find(|e| e.id == id).copied();
+        let by_id = |id: u64| live_entries.iter().find(|e| e.id == id).cloned();
 
         let mut notes = Vec::new();
         if !d.key.owner_is_endpoint() {
@@ -102,9 +112,9 @@ impl Engine {
                         id: entry_id,
                         // 0 is what the kernel side reports when it does not know the birth.
                         born_ns: (born_ns != 0).then_some(born_ns),
-                        netns: in_shadow.map(|e| e.netns),
-                        orig: in_shadow.map(|e| e.orig),
-                        reply: in_shadow.map(|e| e.reply),
+                        netns: in_shadow.as_ref().map(|e| e.netns),
+                        orig: in_shadow.as_ref().map(KEntry::orig),
+                        reply: in_shadow.as_ref().map(KEntry::reply),
                         timeout_left_ns: Some(timeout_left_ns),
                     },
                     DecidedBy::Kernel,
@@ -129,8 +139,8 @@ impl Engine {
                         id: e.id,
                         born_ns: e.born_ns,
                         netns: Some(e.netns),
-                        orig: Some(e.orig),
-                        reply: Some(e.reply),
+                        orig: Some(e.orig()),
+                        reply: Some(e.reply()),
                         timeout_left_ns: None,
                     },
                     DecidedBy::Shadow,
@@ -185,6 +195,7 @@ impl Engine {
         }
         fids.sort();
         fids.dedup();
+        let (timeline, timeline_truncated) = self.timeline_of(&fids, &[], story_start_ns);
 
         let v = Verdict {
             kind: VerdictKind::LiveEntryDelete,
@@ -204,7 +215,8 @@ impl Engine {
             first_denied: None,
             maybe_incomplete: self.lost_between(story_start_ns, d.ts_ns),
             notes,
-            timeline: self.timeline_of(&fids, &[]),
+            timeline,
+            timeline_truncated,
         };
         self.stats.deletes.live += 1;
         self.stats.verdicts.count(class);
@@ -249,7 +261,7 @@ impl Engine {
         let delete = verdict.delete_ts_ns;
         let start = delete.saturating_sub(self.cfg.before_window_ns);
         let end = delete.saturating_add(self.cfg.after_window_ns);
-        let mut timeline = self.timeline_of(&flows, &verdict.timeline);
+        let (mut timeline, timeline_truncated) = self.timeline_of(&flows, &verdict.timeline, start);
         let markers = self
             .markers
             .iter()
@@ -268,6 +280,7 @@ impl Engine {
             window_end_ns: end,
             timeline,
             after_window_incomplete,
+            timeline_truncated,
         }));
     }
 }

@@ -46,7 +46,8 @@
 //!
 //! # Bounds
 //! Flow states and agent-map keys are each kept in tables of at most `max_flows` entries,
-//! least recently touched first out; per-flow timelines hold `timeline_len` events; pending
+//! least recently touched first out; timelines come from one flight recorder of
+//! `recorder_len` events (all flows) and show at most `timeline_len` events per flow; pending
 //! traces are capped at `max_flows`; global markers (lost records, map re-creations) at
 //! `max_markers`. Every eviction is counted in [`Stats::evictions`].
 //!
@@ -59,6 +60,7 @@
 
 mod decide;
 mod input;
+mod recorder;
 mod shadow;
 mod stats;
 mod verdict;
@@ -70,9 +72,12 @@ mod tests;
 
 use std::collections::VecDeque;
 
+use smallvec::SmallVec;
+
 use serde::Serialize;
 
-use shadow::{FlowId, FlowState, KEntry, LruMap, MapEntry, insert_sorted};
+use recorder::{NO_EVENT, Recorder};
+use shadow::{FlowId, FlowState, KEntry, LruMap, MapEntry, MapKey, insert_sorted};
 
 pub use input::{AgentDelete, DeleteResult, Input, KernelView};
 pub use stats::{DeleteCounts, EvictionCounts, InputCounts, Stats, VerdictCounts};
@@ -101,8 +106,11 @@ pub struct EngineConfig {
     pub before_window_ns: u64,
     /// How long after the delete a trace waits for the denial. Default 5 s.
     pub after_window_ns: u64,
-    /// Events kept per flow. Default 32.
+    /// Events a timeline shows per flow. Default 32.
     pub timeline_len: usize,
+    /// Events kept in the flight recorder, all flows together (the source of timelines).
+    /// Default 32768 (a few MiB).
+    pub recorder_len: usize,
     /// Global markers (lost records, map re-creations) kept. Default 4096.
     pub max_markers: usize,
 }
@@ -115,6 +123,7 @@ impl Default for EngineConfig {
             before_window_ns: 30 * NS_PER_SEC,
             after_window_ns: 5 * NS_PER_SEC,
             timeline_len: 32,
+            recorder_len: 32 * 1024,
             max_markers: 4096,
         }
     }
@@ -132,7 +141,8 @@ struct Pending {
 pub struct Engine {
     cfg: EngineConfig,
     flows: LruMap<FlowId, FlowState>,
-    map: LruMap<NpaKey, MapEntry>,
+    map: LruMap<MapKey, MapEntry>,
+    recorder: Recorder,
     /// Lost-record and map-recreation markers, sorted by timestamp.
     markers: VecDeque<TimelineEvent>,
     /// Newest lost-record marker pushed out of `markers`: a window starting before it may
@@ -150,6 +160,7 @@ impl Engine {
         Self {
             flows: LruMap::new(cfg.max_flows),
             map: LruMap::new(cfg.max_flows),
+            recorder: Recorder::new(cfg.recorder_len),
             markers: VecDeque::new(),
             lost_horizon_ns: None,
             pending: VecDeque::new(),
@@ -192,13 +203,7 @@ impl Engine {
                 orig,
                 reply,
             } => {
-                let e = KEntry {
-                    id,
-                    netns,
-                    orig,
-                    reply,
-                    born_ns: Some(ts_ns),
-                };
+                let e = KEntry::new(id, netns, &orig, &reply, Some(ts_ns));
                 let what = TimelineKind::CtNew {
                     id,
                     netns,
@@ -213,13 +218,7 @@ impl Engine {
                 orig,
                 reply,
             } => {
-                let e = KEntry {
-                    id,
-                    netns,
-                    orig,
-                    reply,
-                    born_ns: None,
-                };
+                let e = KEntry::new(id, netns, &orig, &reply, None);
                 let what = TimelineKind::CtExisting {
                     id,
                     netns,
@@ -287,6 +286,7 @@ impl Engine {
         self.flush_ready(out);
         self.stats.flows_tracked = self.flows.len() as u64;
         self.stats.map_keys_tracked = self.map.len() as u64;
+        self.stats.timeline_events_pushed_out = self.recorder.pushed_out();
     }
 
     /// Emits every pending trace now (at shutdown), whether or not its window has closed.
@@ -318,12 +318,15 @@ impl Engine {
             ts_ns,
             what,
         };
-        let cap = self.cfg.timeline_len;
-        let (first, dnat) = FlowId::of_entry(&entry.orig, &entry.reply);
+        let (first, dnat) = FlowId::of_entry(&entry.orig(), &entry.reply());
+        let fids = [Some(first), dnat];
+        let idx = self.recorder.next_index();
+        let mut prev = [NO_EVENT; 2];
         let mut implicit = 0;
-        for fid in [Some(first), dnat].into_iter().flatten() {
-            let flow = self.flow_mut(fid);
-            flow.record(ev.clone(), cap);
+        for (j, fid) in fids.iter().enumerate() {
+            let Some(fid) = fid else { continue };
+            let flow = self.flow_mut(fid.clone());
+            prev[j] = std::mem::replace(&mut flow.last_event, idx);
             // Its destroy was processed first (late insert record): do not resurrect it.
             if flow.last_destroyed.is_some_and(|d| d.id == entry.id) {
                 continue;
@@ -335,11 +338,11 @@ impl Engine {
             }
             // One netns cannot hold two entries of one flow, so a live one there ended
             // without its destroy reaching us.
-            let superseded: Vec<KEntry> = flow
+            let superseded: SmallVec<[KEntry; 1]> = flow
                 .live
                 .iter()
                 .filter(|e| e.netns == entry.netns)
-                .copied()
+                .cloned()
                 .collect();
             for s in superseded {
                 implicit += 1;
@@ -351,8 +354,9 @@ impl Engine {
                     reason: None,
                 });
             }
-            flow.live.push(entry);
+            flow.live.push(entry.clone());
         }
+        self.recorder.record(ev, fids, prev);
         self.stats.implicit_destroys += implicit;
     }
 
@@ -377,11 +381,14 @@ impl Engine {
                 reason,
             },
         };
-        let cap = self.cfg.timeline_len;
         let (first, dnat) = FlowId::of_entry(orig, reply);
-        for fid in [Some(first), dnat].into_iter().flatten() {
-            let flow = self.flow_mut(fid);
-            flow.record(ev.clone(), cap);
+        let fids = [Some(first), dnat];
+        let idx = self.recorder.next_index();
+        let mut prev = [NO_EVENT; 2];
+        for (j, fid) in fids.iter().enumerate() {
+            let Some(fid) = fid else { continue };
+            let flow = self.flow_mut(fid.clone());
+            prev[j] = std::mem::replace(&mut flow.last_event, idx);
             let born = born_ns.or_else(|| {
                 flow.live
                     .iter()
@@ -396,6 +403,7 @@ impl Engine {
                 reason: Some(reason),
             });
         }
+        self.recorder.record(ev, fids, prev);
     }
 
     fn on_map_key(
@@ -407,7 +415,7 @@ impl Engine {
         what: TimelineKind,
     ) {
         let fid = FlowId::of_key(&key);
-        let (entry, evicted) = self.map.get_or_insert_with(key, || MapEntry {
+        let (entry, evicted) = self.map.get_or_insert_with(MapKey::of(&key), || MapEntry {
             map_id,
             inserted_ns,
         });
@@ -421,8 +429,12 @@ impl Engine {
             ts_ns,
             what,
         };
-        let cap = self.cfg.timeline_len;
-        self.flow_mut(fid).record(ev, cap);
+        // The flow is touched as well, as a key of it is a reason to keep its state.
+        let idx = self.recorder.next_index();
+        let flow = self.flow_mut(fid.clone());
+        let prev = std::mem::replace(&mut flow.last_event, idx);
+        self.recorder
+            .record(ev, [Some(fid), None], [prev, NO_EVENT]);
     }
 
     fn on_drop(&mut self, ts_ns: u64, netns: u32, tuple: FlowTuple, reason: String) {
@@ -445,9 +457,10 @@ impl Engine {
         }
         // Drops of flows the engine knows nothing about (scans, policy denials of new flows)
         // would only crowd out useful state, so they are not given a flow of their own.
-        let cap = self.cfg.timeline_len;
         if let Some(flow) = self.flows.get_mut(&fid) {
-            flow.record(
+            let idx = self.recorder.next_index();
+            let prev = std::mem::replace(&mut flow.last_event, idx);
+            self.recorder.record(
                 TimelineEvent {
                     seq,
                     ts_ns,
@@ -457,7 +470,8 @@ impl Engine {
                         reason,
                     },
                 },
-                cap,
+                [Some(fid), None],
+                [prev, NO_EVENT],
             );
         }
     }

@@ -27,6 +27,9 @@ pub struct Stats {
     pub flows_tracked: u64,
     /// Gauge: agent-map keys held now.
     pub map_keys_tracked: u64,
+    /// Timeline events pushed out of the bounded flight recorder (routine: it keeps the
+    /// newest `recorder_len`); timelines that reach back past them say so.
+    pub timeline_events_pushed_out: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]

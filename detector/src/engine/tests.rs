@@ -174,6 +174,7 @@ fn port_reuse_is_recognised() {
     assert_eq!(v.agent.comm, "aws-network-pol");
     assert_eq!(v.map_id, 42);
     assert!(!v.maybe_incomplete);
+    assert!(!v.timeline_truncated);
     assert_eq!(
         event_names(&v.timeline),
         [
@@ -1022,4 +1023,40 @@ fn every_input_and_output_serializes() {
     assert_eq!(delete["kernel_view"]["state"], "live");
     assert!(serde_json::to_value(e.stats()).is_ok());
     assert!(serde_json::to_value(e.config()).is_ok());
+}
+
+#[test]
+fn flight_recorder_is_bounded_and_says_what_it_pushed_out() {
+    let mut e = Engine::new(EngineConfig {
+        recorder_len: 4,
+        ..EngineConfig::default()
+    });
+    let t = client();
+    e.push(ct_new(10 * S, 1, t));
+    // Other flows' events push the flow's NEW out of the shared ring.
+    for i in 0..4u16 {
+        e.push(ct_new(
+            11 * S + u64::from(i),
+            100 + u64::from(i),
+            tcp("10.0.0.9", 3000 + i, "10.0.1.7", 80),
+        ));
+    }
+    let outs = e.push(delete(12 * S, key_of(&t)));
+    let v = verdicts(&outs);
+    assert_eq!(v.len(), 1, "the decision does not depend on the recorder");
+    assert_eq!(v[0].live.id, 1);
+    assert_eq!(event_names(&v[0].timeline), ["agent_delete"]);
+    assert!(v[0].timeline_truncated);
+    assert_eq!(e.stats().timeline_events_pushed_out, 2);
+    let outs = e.push(Input::Tick { now_ns: 30 * S });
+    let tr = traces(&outs);
+    assert_eq!(tr.len(), 1);
+    assert!(tr[0].timeline_truncated);
+    // A window after the pushed-out events is complete.
+    let t2 = tcp("10.0.0.5", 5555, "10.0.1.7", 80);
+    e.push(ct_new(50 * S, 9, t2));
+    let outs = e.push(delete(51 * S, key_of(&t2)));
+    let v = verdicts(&outs);
+    assert_eq!(event_names(&v[0].timeline), ["ct_new", "agent_delete"]);
+    assert!(!v[0].timeline_truncated);
 }

@@ -128,6 +128,10 @@ pub struct Verdict {
     pub notes: Vec<String>,
     /// Every retained event touching the flow up to and including the delete, by time.
     pub timeline: Vec<TimelineEvent>,
+    /// Events of the story may be missing from `timeline`: the bounded flight recorder
+    /// pushed out events from after the story's start, or a flow had more than
+    /// `timeline_len` events (only its newest are shown).
+    pub timeline_truncated: bool,
 }
 
 /// A verdict with the flow's flight-recorder timeline around it.
@@ -141,6 +145,10 @@ pub struct Trace {
     pub timeline: Vec<TimelineEvent>,
     /// Records were lost after the delete within the window (a denial may be missing).
     pub after_window_incomplete: bool,
+    /// Events of the window may be missing from `timeline`: the bounded flight recorder
+    /// pushed out events from inside the window, or a flow had more than `timeline_len`
+    /// events (only its newest are shown).
+    pub timeline_truncated: bool,
 }
 
 /// One entry of a flow's timeline.

@@ -33,6 +33,11 @@ pub enum ProbeError {
          (CAP_SYS_ADMIN on kernels before 5.8). Run it with sudo, or grant those capabilities"
     )]
     NotPrivileged,
+    #[error(
+        "the parsed BTF was already released (Probe::release_btf); load every program before \
+         releasing it"
+    )]
+    BtfReleased,
     #[error(transparent)]
     Btf(#[from] BtfError),
     #[error("cannot parse {path} for the loader: {source}")]
@@ -122,8 +127,10 @@ pub struct BackendSupport {
 /// Loaded object, with the offsets it was given.
 pub struct Probe {
     ebpf: Ebpf,
-    aya_btf: Btf,
-    kernel_btf: KernelBtf,
+    /// Both parsed BTFs are needed only until the programs are loaded (tens of MiB):
+    /// [`Probe::release_btf`] frees them.
+    aya_btf: Option<Btf>,
+    kernel_btf: Option<KernelBtf>,
     pub offsets: Vec<Resolved>,
     pub config: ProbeConfig,
     watch_agent: bool,
@@ -168,8 +175,8 @@ impl Probe {
             .load(OBJECT)?;
         Ok(Self {
             ebpf,
-            aya_btf,
-            kernel_btf,
+            aya_btf: Some(aya_btf),
+            kernel_btf: Some(kernel_btf),
             offsets,
             config,
             watch_agent: settings.watch_agent,
@@ -178,8 +185,16 @@ impl Probe {
         })
     }
 
-    pub fn kernel_btf(&self) -> &KernelBtf {
-        &self.kernel_btf
+    /// The parsed kernel BTF; `None` after [`Probe::release_btf`].
+    pub fn kernel_btf(&self) -> Option<&KernelBtf> {
+        self.kernel_btf.as_ref()
+    }
+
+    /// Frees both parsed BTFs, once every program that will ever be loaded is loaded. Later
+    /// loads fail with [`ProbeError::BtfReleased`].
+    pub fn release_btf(&mut self) {
+        self.aya_btf = None;
+        self.kernel_btf = None;
     }
 
     /// Checks a backend without attaching it: kernel preconditions first (they give better
@@ -228,11 +243,14 @@ impl Probe {
                 }
             }
             Backend::Fentry => {
+                let Some(kbtf) = self.kernel_btf.as_ref() else {
+                    return Err(ProbeError::BtfReleased.to_string());
+                };
                 for f in &funcs {
-                    if self.kernel_btf.vmlinux_has_func(f) {
+                    if kbtf.vmlinux_has_func(f) {
                         continue;
                     }
-                    return Err(match self.kernel_btf.module_of_func(f) {
+                    return Err(match kbtf.module_of_func(f) {
                         Some(m) => format!(
                             "{f} lives in module {m}; aya 0.16 attaches fentry only to vmlinux \
                              functions (use the kprobe backend)"
@@ -247,6 +265,9 @@ impl Probe {
     }
 
     fn try_load(&mut self, backend: Backend) -> Result<(), String> {
+        if self.aya_btf.is_none() {
+            return Err(ProbeError::BtfReleased.to_string());
+        }
         for spec in backend.programs() {
             self.load_one(spec).map_err(|e| {
                 format!(
@@ -261,7 +282,10 @@ impl Probe {
     }
 
     fn load_one(&mut self, spec: &ProgSpec) -> Result<(), ProgramError> {
-        let btf = &self.aya_btf;
+        // Callers check first that the BTF is still there.
+        let Some(btf) = self.aya_btf.as_ref() else {
+            return Err(ProgramError::NotLoaded);
+        };
         let prog = self
             .ebpf
             .program_mut(spec.name)
@@ -371,6 +395,9 @@ impl Probe {
             what: format!("{} to {}", spec.name, spec.attach.describe()),
             source,
         };
+        if self.aya_btf.is_none() {
+            return Err(ProbeError::BtfReleased);
+        }
         self.load_one(spec).map_err(err)?;
         let prog = self
             .ebpf
