@@ -828,8 +828,8 @@ impl Bench {
             wrongful_deletes: v["wrongful_deletes"].as_u64().unwrap_or(0),
             verdicts: samples.len() as u64,
             events_lost: v["events_lost"].as_u64().unwrap_or(0),
-            // The lab runs its detector with --watermark-ms 5 (detector/src/cmd/lab.rs).
-            watermark_ms: 5,
+            // The lab runs its detector with --watermark-ms 2 (detector/src/cmd/lab.rs).
+            watermark_ms: 2,
             samples,
         };
         eprintln!(
