@@ -268,15 +268,7 @@ fn kernel() -> Result<Kernel> {
     let t = step(&format!("downloading {package} {version}"));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir)?;
-    output(
-        Command::new("apt-get")
-            .current_dir(&dir)
-            .args(["download", &format!("{package}={version}")]),
-    )?;
-    let deb = fs::read_dir(&dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|e| e == "deb"))
-        .context("apt-get download produced no .deb")?;
+    let deb = apt_download(&dir, &package, &version)?;
     done(t, "downloaded");
     let t = step("unpacking the kernel, depmod, extracting vmlinux");
     output(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&k.root))?;
@@ -288,6 +280,20 @@ fn kernel() -> Result<Kernel> {
     fs::write(dir.join("ready"), format!("{package} {version}\n"))?;
     done(t, "kernel ready");
     Ok(k)
+}
+
+/// `apt-get download`s `package` at `version` into `dir` (never installs it) and returns the
+/// .deb's path.
+fn apt_download(dir: &Path, package: &str, version: &str) -> Result<PathBuf> {
+    output(
+        Command::new("apt-get")
+            .current_dir(dir)
+            .args(["download", &format!("{package}={version}")]),
+    )?;
+    fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .context("apt-get download produced no .deb")
 }
 
 /// Debian's static busybox, unpacked from its package into the cache (not installed: the
@@ -304,15 +310,7 @@ fn busybox() -> Result<PathBuf> {
     let t = step(&format!("downloading {package} {version}"));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir)?;
-    output(
-        Command::new("apt-get")
-            .current_dir(&dir)
-            .args(["download", &format!("{package}={version}")]),
-    )?;
-    let deb = fs::read_dir(&dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|e| e == "deb"))
-        .context("apt-get download produced no .deb")?;
+    let deb = apt_download(&dir, package, &version)?;
     output(
         Command::new("dpkg-deb")
             .arg("-x")

@@ -600,7 +600,7 @@ fn notes(s: &mut String, r: &Results) {
              and each verdict of a burst waits for the ones before it: every verdict line carries \
              the flow's whole timeline (about 9 KB of JSON), written by the detector and parsed \
              by the lab's reader on the same two CPUs, so the tail grows by tens to hundreds of \
-             microseconds per verdict of the burst. The first verdict of a burst arrives 2-3 ms \
+             microseconds per verdict of the burst. The first verdict of a burst arrives about 3 ms \
              after its delete. A slimmer live line (the timeline only in the trace file) is what \
              would bring p99 under 5 ms.",
             l.watermark_ms
