@@ -31,6 +31,9 @@ pub enum Step {
     Stop,
 }
 
+/// tokio's timer resolution.
+const TIMER_GRANULARITY_NS: u64 = 1_000_000;
+
 pub struct Stream {
     pub reader: Reader,
     reorder: Reorder<Event>,
@@ -76,7 +79,7 @@ impl Stream {
     ///
     /// Records are released as soon as they pass the watermark: the loop wakes when the ring
     /// buffer has data and at the instant the oldest held record is due, so a verdict waits
-    /// the watermark (plus the timer's 1 ms granularity), not an extra polling period.
+    /// the watermark (less up to the timer's 1 ms granularity), not an extra polling period.
     pub async fn next(&mut self, ready: &mut Vec<Event>) -> Result<Step> {
         let deadline = self.deadline;
         // Both clocks are CLOCK_MONOTONIC (tokio's Instant is std's), so the wait is exact.
@@ -107,7 +110,13 @@ impl Stream {
             } => {
                 // Read first, so nothing older than the release point stays behind.
                 self.take_incoming(ready);
-                self.reorder.release(clock::monotonic_ns(), ready);
+                // tokio's timer fires on whole milliseconds: a record due a few microseconds
+                // after this one would wait for the next millisecond, and a burst of deletes
+                // (spread over a fraction of a millisecond) would come out in stalls of about
+                // 1 ms each. So release what falls due within the timer's granularity now: each
+                // record is still held at least the watermark less 1 ms, and one that arrives
+                // later than that is counted as late, never dropped.
+                self.reorder.release(clock::monotonic_ns() + TIMER_GRANULARITY_NS, ready);
                 Ok(Step::Events)
             }
             _ = self.tick.tick() => {
