@@ -561,6 +561,22 @@ struct VerdictBody<'a> {
     pods: &'a [PodRef],
 }
 
+/// Gives a piped stdout room for a burst of verdicts (each NDJSON line carries its timeline,
+/// about 9 KB), so that a reader (the lab, a container runtime's log pipe) that is a little slow
+/// does not block the event loop on a full 64 KiB pipe. Best effort: 1 MiB is the default
+/// pipe-max-size, and a failure leaves the pipe as it was.
+fn widen_stdout_pipe() {
+    use std::os::fd::AsRawFd;
+    let fd = std::io::stdout().as_raw_fd();
+    // SAFETY: fstat and fcntl on our own stdout, with a zeroed stat buffer they fill.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd, &mut st) == 0 && (st.st_mode & libc::S_IFMT) == libc::S_IFIFO {
+            libc::fcntl(fd, libc::F_SETPIPE_SZ, 1 << 20);
+        }
+    }
+}
+
 /// One readable line per race.
 pub fn race_line(v: &Verdict, u: &Units) -> String {
     let time = u.wall.iso(v.delete_ts_ns);
@@ -602,6 +618,7 @@ pub fn race_line(v: &Verdict, u: &Units) -> String {
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
+    widen_stdout_pipe();
     let spec = MapSpec {
         id: args.map_id,
         pin: args.map_pin.clone(),
