@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # Installs what building and testing the detector needs on a Debian machine, as root:
-#   - Debian packages the tests drive (iproute2, nftables, conntrack, util-linux, procps);
-#   - the pinned stable toolchain (rust-toolchain.toml) and the pinned nightly with rust-src
-#     (detector-ebpf/rust-toolchain.toml), with rustup;
+#   - Debian packages: those the tests drive (iproute2, nftables, conntrack, util-linux, procps,
+#     kmod), C toolchains for linking and for C in dependencies (gcc, libc6-dev, musl-tools),
+#     deploy/'s tests (python3-venv, busybox) and the qemu guest stage (qemu-system-x86,
+#     xz-utils, binutils); see APT_PACKAGES below;
+#   - the pinned stable toolchain (rust-toolchain.toml) with the musl target, and the pinned
+#     nightly with rust-src (detector-ebpf/rust-toolchain.toml), with rustup;
 #   - bpf-linker, built from crates.io against that nightly's own libLLVM.
+# Fetched on first use, not here: the guest's Debian kernel and static busybox (apt-get
+# download, never installed; cargo xtask vm-test) and kubernetes-validate (PyPI, in a cached
+# venv; cargo xtask validate-manifests).
 # Idempotent: each step checks first, so a second run takes about a second.
 set -euo pipefail
 

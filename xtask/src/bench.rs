@@ -896,16 +896,7 @@ impl Bench {
             t.elapsed().as_secs_f64()
         );
         let map = fs.dir.join("big_map");
-        let am = bpfmap::AgentMap::create(&map, entries)?;
-        let (src, dst): (Ipv4Addr, Ipv4Addr) = (sys::CLI_IP.parse()?, sys::SRV_IP.parse()?);
-        let keys: Vec<[u8; bpfmap::KEY_SIZE]> = (0..n)
-            .map(|i| {
-                let (sport, dport) = load::udp_flow(i);
-                bpfmap::key(src.octets(), sport, dst.octets(), dport, 2)
-            })
-            .collect();
-        let now = monotonic_ns();
-        am.fill(&keys, now)?;
+        let am = agent_map_of_udp_flows(&map, entries, n)?;
         let fill_s = t.elapsed().as_secs_f64();
         let mut ready = Vec::new();
         let (mut rss, mut hwm, mut kmem, mut nmaps, mut keys_seen) = (0, 0, 0, 0, 0);
@@ -983,15 +974,7 @@ impl Bench {
         let udp = UdpGen::new(&topo.cli_path(), sys::CLI_IP.parse()?, sys::SRV_IP.parse()?)?;
         udp.run(2, Duration::from_secs(60), None, Some(n))?;
         let map = fs.dir.join("heap_map");
-        let am = bpfmap::AgentMap::create(&map, n as u32)?;
-        let (src, dst): (Ipv4Addr, Ipv4Addr) = (sys::CLI_IP.parse()?, sys::SRV_IP.parse()?);
-        let keys: Vec<[u8; bpfmap::KEY_SIZE]> = (0..n)
-            .map(|i| {
-                let (sport, dport) = load::udp_flow(i);
-                bpfmap::key(src.octets(), sport, dst.octets(), dport, 2)
-            })
-            .collect();
-        am.fill(&keys, monotonic_ns())?;
+        let _am = agent_map_of_udp_flows(&map, n as u32, n)?;
         let out = self.work.join("dhat.json");
         let wrap = format!("valgrind -q --tool=dhat --dhat-out-file={}", out.display());
         self.sample(&topo.ct_path(), &map, n as u32, Some(&wrap))?;
@@ -1109,4 +1092,19 @@ fn perf_top(data: &Path, sort: &str, n: usize) -> Result<Vec<String>> {
             l.chars().take(160).collect()
         })
         .collect())
+}
+
+/// Creates and pins, at `path`, an NPA-layout agent map of `max_entries` holding the keys of
+/// the generator's first `n` UDP flows (client to server), as NPA's datapath would have them.
+fn agent_map_of_udp_flows(path: &Path, max_entries: u32, n: u64) -> Result<bpfmap::AgentMap> {
+    let am = bpfmap::AgentMap::create(path, max_entries)?;
+    let (src, dst): (Ipv4Addr, Ipv4Addr) = (sys::CLI_IP.parse()?, sys::SRV_IP.parse()?);
+    let keys: Vec<[u8; bpfmap::KEY_SIZE]> = (0..n)
+        .map(|i| {
+            let (sport, dport) = load::udp_flow(i);
+            bpfmap::key(src.octets(), sport, dst.octets(), dport, 2)
+        })
+        .collect();
+    am.fill(&keys, monotonic_ns())?;
+    Ok(am)
 }
