@@ -10,43 +10,18 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::thread::sleep;
 use std::time::Duration;
 
 use aya::maps::{HashMap, Map, MapData};
-use common::{Detector, in_netns, privileged};
+use common::{Detector, in_netns, privileged, start_echo_server_on};
 use detector::agent::{KeyLayout, Layout, NpaKey};
 use detector::lab::datapath::Datapath;
 use detector::lab::topology::{self, CLIENT_IP, SERVER_IP, Topology};
 use serde_json::Value;
 
 const PORT: u16 = 8090;
-
-fn serve(ns: &str) {
-    let path = topology::netns_path(ns);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let f = std::fs::File::open(&path).unwrap();
-        // SAFETY: valid fd; affects only this thread.
-        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0);
-        let l = TcpListener::bind((SERVER_IP, PORT)).unwrap();
-        tx.send(()).unwrap();
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            std::thread::spawn(move || {
-                let mut b = [0u8; 1];
-                while let Ok(1) = s.read(&mut b) {
-                    if s.write_all(&b).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(5)).unwrap();
-}
 
 #[test]
 fn datapath_writes_are_seen() {
@@ -60,7 +35,7 @@ fn datapath_writes_are_seen() {
     let topo = Topology::create(&id).unwrap();
     let layout: Layout = "v4-24/16".parse().unwrap();
     let dp = Datapath::attach(&topo.node, &dir, layout, PORT).unwrap();
-    serve(&topo.server);
+    start_echo_server_on(&topo.server, SERVER_IP, PORT);
     let traces = dir.join("traces");
     let node = topology::netns_path(&topo.node);
     let det = Detector::run(&[

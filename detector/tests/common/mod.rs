@@ -190,6 +190,11 @@ pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'sta
 /// A TCP server in a namespace that answers one byte per byte received and keeps every
 /// connection open until the process ends.
 pub fn start_echo_server(ns: &str, ip: &str) -> SocketAddr {
+    start_echo_server_on(ns, ip, 0)
+}
+
+/// [`start_echo_server`] on a given port (0: any free one), for datapaths set up for a port.
+pub fn start_echo_server_on(ns: &str, ip: &str, port: u16) -> SocketAddr {
     let (tx, rx) = mpsc::channel();
     let path = NetnsPair::path(ns);
     let ip = ip.to_string();
@@ -197,7 +202,7 @@ pub fn start_echo_server(ns: &str, ip: &str) -> SocketAddr {
         let file = File::open(&path).unwrap();
         let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
         assert_eq!(rc, 0);
-        let l = TcpListener::bind((ip.as_str(), 0)).unwrap();
+        let l = TcpListener::bind((ip.as_str(), port)).unwrap();
         tx.send(l.local_addr().unwrap()).unwrap();
         for s in l.incoming() {
             let Ok(mut s) = s else { continue };
