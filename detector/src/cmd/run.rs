@@ -105,14 +105,13 @@ struct State {
     pre: Preexisting,
     /// Drop records of socket teardown (not network denials), not reported.
     drops_ignored: u64,
-    /// Detection latency of each verdict whose trace is not written yet, by delete.
-    latencies: HashMap<(u64, String), u64>,
+    /// What the trace file of a verdict adds to the engine's trace (detection latency, pods),
+    /// kept until the trace is ready, by delete.
+    pending_traces: HashMap<(u64, String), (u64, Vec<PodRef>)>,
     /// The agent's network namespace (inode): its entries judge the deletes.
     agent_netns: u32,
     /// HTTP streams, metrics and Kubernetes.
     live: Live,
-    /// Pods of each verdict whose trace is not written yet, by delete.
-    trace_pods: HashMap<(u64, String), Vec<PodRef>>,
 }
 
 /// The NDJSON `type` of a record, for the events counter.
@@ -458,14 +457,10 @@ impl State {
                 self.verdicts += 1;
                 // The delete (kernel time) to this verdict: what a live watcher waits.
                 let latency = clock::monotonic_ns().saturating_sub(v.delete_ts_ns);
-                self.latencies
-                    .insert((v.delete_ts_ns, v.key.to_string()), latency);
                 // Pod names, when Kubernetes is on: outside the engine, on the way out.
                 let pods = self.live.pods(&v);
-                if !pods.is_empty() {
-                    self.trace_pods
-                        .insert((v.delete_ts_ns, v.key.to_string()), pods.clone());
-                }
+                self.pending_traces
+                    .insert((v.delete_ts_ns, v.key.to_string()), (latency, pods.clone()));
                 let trace_file = self.traces.path_for(v.delete_ts_ns, v.class.name(), &v.key);
                 // `time` and the verdict's own wall times are added after its `ts_ns`.
                 let line = json_with_wall_times(
@@ -506,12 +501,10 @@ impl State {
                     .race(&v, latency, Item { json: line, text }, notice);
             }
             Output::TraceReady(t) => {
-                let latency = self
-                    .latencies
-                    .remove(&(t.verdict.delete_ts_ns, t.verdict.key.to_string()));
-                let pods = self
-                    .trace_pods
-                    .remove(&(t.verdict.delete_ts_ns, t.verdict.key.to_string()));
+                let (latency, pods) = self
+                    .pending_traces
+                    .remove(&(t.verdict.delete_ts_ns, t.verdict.key.to_string()))
+                    .unzip();
                 let path = self.traces.write_enriched(
                     &t,
                     latency,
@@ -696,10 +689,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
             .collect(),
         pre: Preexisting::new(agent_netns, 0),
         drops_ignored: 0,
-        latencies: HashMap::new(),
+        pending_traces: HashMap::new(),
         agent_netns,
         live,
-        trace_pods: HashMap::new(),
     };
     // Every program is loaded: the parsed BTF is no longer needed.
     probe.release_btf();
