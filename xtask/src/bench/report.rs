@@ -598,7 +598,7 @@ fn notes(s: &mut String, r: &Results) {
              timestamp (the event loop wakes on the ring buffer and at each held record's due \
              time: detector/src/cmd/stream.rs). The lab's cleanup deletes its keys in one burst, \
              and each verdict of a burst waits for the ones before it: every verdict line carries \
-             the flow's whole timeline (about 9 KB of JSON), written by the detector and parsed \
+             the flow's whole timeline (8 KB of JSON for 32 events: engine_mem), written by the detector and parsed \
              by the lab's reader on the same two CPUs, so the tail grows by tens to hundreds of \
              microseconds per verdict of the burst. The first verdict of a burst arrives about 3 ms \
              after its delete. A slimmer live line (the timeline only in the trace file) is what \
@@ -611,10 +611,11 @@ fn notes(s: &mut String, r: &Results) {
             n.push(
                 "Memory: per tracked flow the detector keeps, in user space, a node in the \
                  engine's flow table (a dense slab with a u32-linked recency list: packed tuple, \
-                 the live entry inline, the last destroyed entry; about 136 B), a node in its \
-                 agent-key table (about 72 B), both tables' hash indexes (about 20 B) and the \
-                 pre-existing-entry index (24 B); the flight recorder of the last 32768 events \
-                 is a fixed 7 MB. The flow and key tables hold the same 5-tuple twice: folding \
+                 the live entry inline, the last destroyed entry), a node in its agent-key table, \
+                 both tables' hash indexes and the pre-existing-entry index; the engine's part is \
+                 262 B per flow at 524288 flows (`cargo run --release -p detector --example \
+                 engine_mem`), and its flight recorder of the last 32768 events is a fixed cost. \
+                 The flow and key tables hold the same 5-tuple twice: folding \
                  the key table into the flow table is the next step toward 160 B. The peak \
                  (VmHWM) is above the steady RSS because of the start-up snapshots (the \
                  ctnetlink dump and the map's keys as vectors), freed once fed to the engine; \
