@@ -9,11 +9,11 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use detector::agent::NpaKey;
 use detector::clock::WallClock;
 use detector::engine::{AgentDelete, DeleteResult, Engine, EngineConfig, Input, Output};
-use detector::event::{FlowTuple, Task};
-use detector::sinks::{add_wall_times, json_with_wall_times};
+use detector::npa::NpaKey;
+use detector::record::{FlowTuple, Task};
+use detector::report::trace_file::{add_wall_times, json_with_wall_times};
 
 /// Counts live heap bytes and their peak.
 struct Counting;
@@ -183,7 +183,7 @@ fn main() {
                 orig: c,
                 reply: c.reversed(),
                 born_ns: None,
-                reason: detector::event::DestroyReason::Killed,
+                reason: detector::record::DestroyReason::Killed,
             });
         }
         let outs = engine.push(Input::AgentDelete(AgentDelete {

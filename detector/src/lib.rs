@@ -1,22 +1,24 @@
 //! detector: finds conntrack-cache cleanup races of the AWS network policy agent with eBPF.
 //!
-//! Layers: `probe` (kernel: BTF offsets, backends, ring buffer), `event` (decoding),
-//! `reorder` (kernel-timestamp order), `engine` (pure correlation: events in, verdicts out),
-//! `agent` (NPA map layouts, finding the map), `snapshot` (ctnetlink dump), `output`
-//! (text/NDJSON), `sinks` (trace files), `cmd` (the CLI's commands).
+//! The modules read as the pipeline: `kernel` (BTF offsets, backends, loading, the ring
+//! buffer), `record` (decoding ring records), `pipeline` (event loop, reorder by kernel
+//! timestamp), `engine` (pure correlation: events in, verdicts out), `npa` (the agent's map
+//! layouts and finding its map), `snapshot` (ctnetlink dump), `report` (readable lines, NDJSON,
+//! trace files), `telemetry` (metrics), `http` (server and streams), `k8s` (pods, Events),
+//! `cli` (the commands), and `lab` (the local reproducer, behind the `lab` feature).
 
-pub mod agent;
+pub mod cli;
 pub mod clock;
-pub mod cmd;
 pub mod engine;
-pub mod event;
+pub mod http;
 pub mod k8s;
+pub mod kernel;
 pub mod lab;
-pub mod output;
-pub mod probe;
-pub mod reorder;
-pub mod serve;
-pub mod sinks;
+pub mod npa;
+pub mod pipeline;
+pub mod record;
+pub mod report;
 pub mod snapshot;
+pub mod telemetry;
 #[cfg(test)]
 mod testutil;

@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use detector::cmd::{doctor, lab, run, trace, watch};
+use detector::cli::{doctor, lab, run, trace, watch};
 
 /// eBPF detector for conntrack-cache cleanup races of the AWS network policy agent.
 #[derive(Debug, Parser)]

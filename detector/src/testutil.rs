@@ -34,8 +34,8 @@ impl Rng {
 }
 
 /// A flow tuple from text addresses.
-pub fn tuple(proto: u8, src: &str, sport: u16, dst: &str, dport: u16) -> crate::event::FlowTuple {
-    crate::event::FlowTuple {
+pub fn tuple(proto: u8, src: &str, sport: u16, dst: &str, dport: u16) -> crate::record::FlowTuple {
+    crate::record::FlowTuple {
         proto,
         src: src.parse().expect("test address"),
         sport,

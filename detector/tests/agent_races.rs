@@ -13,7 +13,7 @@ use common::bpfmap::{AgentMap, Bpffs, unique_name};
 use common::{
     Detector, NetnsPair, connect_from, connect_from_port, privileged, reset, start_echo_server,
 };
-use detector::agent::{Layout, NpaKey};
+use detector::npa::{Layout, NpaKey};
 use serde_json::Value;
 
 fn key(sport: u16, server: std::net::SocketAddr, layout: Layout) -> NpaKey {

@@ -14,7 +14,7 @@ use std::time::Duration;
 mod common;
 
 use common::{run, run_ok};
-use detector::event::FlowTuple;
+use detector::record::FlowTuple;
 use detector::snapshot::{self, CtSnapshotEntry, SnapshotError};
 
 const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 1);

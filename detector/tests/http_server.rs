@@ -6,9 +6,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use detector::engine::VerdictClass;
-use detector::serve::metrics::Metrics;
-use detector::serve::stream::{Hub, Item};
-use detector::serve::{router, spawn};
+use detector::http::stream::{Hub, Item};
+use detector::http::{router, spawn};
+use detector::telemetry::metrics::Metrics;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 

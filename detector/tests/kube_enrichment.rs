@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::bpfmap::{AgentMap, Bpffs, unique_name};
 use common::{Detector, NetnsPair, connect_from, privileged, start_echo_server};
-use detector::agent::{Layout, NpaKey};
+use detector::npa::{Layout, NpaKey};
 use serde_json::{Value, json};
 
 #[derive(Default)]

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use aya::maps::{HashMap, Map, MapData};
 use common::{in_netns, privileged};
-use detector::agent::{KeyLayout, Layout, NpaKey, NpaValue};
 use detector::lab::datapath::Datapath;
 use detector::lab::topology::{self, SERVER_IP, Topology};
+use detector::npa::{KeyLayout, Layout, NpaKey, NpaValue};
 
 fn serve(ns: &str, port: u16) {
     let path = topology::netns_path(ns);
@@ -53,7 +53,7 @@ fn keys(pin: &std::path::Path) -> Vec<(NpaKey, NpaValue)> {
             let (k, v) = r.unwrap();
             (
                 NpaKey::decode(KeyLayout::V4Ifindex, &k).unwrap(),
-                NpaValue::decode(detector::agent::ValueLayout::LastSeen16, &v).unwrap(),
+                NpaValue::decode(detector::npa::ValueLayout::LastSeen16, &v).unwrap(),
             )
         })
         .collect()

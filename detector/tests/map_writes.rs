@@ -16,9 +16,9 @@ use std::time::Duration;
 
 use aya::maps::{HashMap, Map, MapData};
 use common::{Detector, in_netns, privileged, start_echo_server_on};
-use detector::agent::{KeyLayout, Layout, NpaKey};
 use detector::lab::datapath::Datapath;
 use detector::lab::topology::{self, CLIENT_IP, SERVER_IP, Topology};
+use detector::npa::{KeyLayout, Layout, NpaKey};
 use serde_json::Value;
 
 const PORT: u16 = 8090;

@@ -71,14 +71,14 @@ pub const CHECKS: &[CheckSpec] = &[
         scope: "kernel",
         name: "btf-offsets",
         target: "lib",
-        test: "probe::offsets::tests::resolves_every_field_on_this_kernel",
+        test: "kernel::offsets::tests::resolves_every_field_on_this_kernel",
         env: "-",
     },
     CheckSpec {
         scope: "kernel",
         name: "module-split-btf",
         target: "lib",
-        test: "probe::offsets::tests::module_split_btf_on_this_kernel",
+        test: "kernel::offsets::tests::module_split_btf_on_this_kernel",
         env: "-",
     },
     CheckSpec {

@@ -3,8 +3,8 @@
 
 use serde::Serialize;
 
-use crate::agent::{Layout, NpaKey};
-use crate::event::{CtKind, CtRecord, DestroyReason, FlowTuple, Task};
+use crate::npa::{Layout, NpaKey};
+use crate::record::{CtKind, CtRecord, DestroyReason, FlowTuple, Task};
 
 /// One observation. Kernel conntrack inputs carry the entry's original and reply tuples;
 /// agent inputs carry the decoded map key.

@@ -86,8 +86,8 @@ pub use verdict::{
     Verdict, VerdictClass, VerdictKind,
 };
 
-use crate::agent::NpaKey;
-use crate::event::{DestroyReason, FlowTuple};
+use crate::npa::NpaKey;
+use crate::record::{DestroyReason, FlowTuple};
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 

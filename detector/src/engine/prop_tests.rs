@@ -8,8 +8,8 @@
 use std::net::IpAddr;
 
 use super::*;
-use crate::agent::{KeyLayout, Layout, NpaKey, ValueLayout};
-use crate::event::{DestroyReason, FlowTuple, Task};
+use crate::npa::{KeyLayout, Layout, NpaKey, ValueLayout};
+use crate::record::{DestroyReason, FlowTuple, Task};
 
 use crate::testutil::Rng;
 

@@ -110,7 +110,7 @@ impl Recorder {
 mod tests {
     use super::*;
     use crate::engine::TimelineKind;
-    use crate::event::FlowTuple;
+    use crate::record::FlowTuple;
 
     fn fid(port: u16) -> FlowId {
         FlowId::of_tuple(&FlowTuple {

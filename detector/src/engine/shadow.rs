@@ -9,8 +9,8 @@ use hashbrown::HashTable;
 use smallvec::SmallVec;
 
 use super::verdict::{OldEntry, TimelineEvent};
-use crate::agent::NpaKey;
-use crate::event::{FlowTuple, PackedTuple};
+use crate::npa::NpaKey;
+use crate::record::{FlowTuple, PackedTuple};
 
 /// A 5-tuple with its two ends sorted, so both directions of a flow name the same id.
 ///

@@ -3,8 +3,8 @@
 use std::net::IpAddr;
 
 use super::*;
-use crate::agent::{KeyLayout, Layout, NpaKey, ValueLayout};
-use crate::event::{DestroyReason, FlowTuple, Task};
+use crate::npa::{KeyLayout, Layout, NpaKey, ValueLayout};
+use crate::record::{DestroyReason, FlowTuple, Task};
 
 const S: u64 = 1_000_000_000;
 const MS: u64 = 1_000_000;
@@ -898,11 +898,11 @@ fn inputs_are_counted_by_kind() {
 
 #[test]
 fn adapts_decoded_kernel_records() {
-    use crate::event::tests::{bytes_of, raw_ct};
+    use crate::record::tests::{bytes_of, raw_ct};
     use detector_common::kind;
 
-    let crate::event::Event::Ct(ev) =
-        crate::event::decode(&bytes_of(&raw_ct(kind::CT_NEW))).unwrap()
+    let crate::record::Event::Ct(ev) =
+        crate::record::decode(&bytes_of(&raw_ct(kind::CT_NEW))).unwrap()
     else {
         panic!("not a ct record");
     };
@@ -911,8 +911,8 @@ fn adapts_decoded_kernel_records() {
     };
     assert_eq!((ts_ns, netns), (123, 4026532177));
 
-    let crate::event::Event::Ct(rec) =
-        crate::event::decode(&bytes_of(&raw_ct(kind::CT_DESTROY))).unwrap()
+    let crate::record::Event::Ct(rec) =
+        crate::record::decode(&bytes_of(&raw_ct(kind::CT_DESTROY))).unwrap()
     else {
         panic!("not a ct record");
     };

@@ -4,8 +4,8 @@
 use serde::Serialize;
 
 use super::input::{DeleteResult, KernelView};
-use crate::agent::{Layout, NpaKey};
-use crate::event::{DestroyReason, FlowTuple, Task};
+use crate::npa::{Layout, NpaKey};
+use crate::record::{DestroyReason, FlowTuple, Task};
 
 /// One output of [`super::Engine::push`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

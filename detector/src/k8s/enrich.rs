@@ -14,7 +14,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use serde::Serialize;
 
-use crate::agent::NpaKey;
+use crate::npa::NpaKey;
 
 /// A pod an address of a race belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

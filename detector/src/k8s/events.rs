@@ -16,7 +16,7 @@ use kube::{Api, Client};
 use tokio::sync::mpsc;
 
 use super::enrich::PodRef;
-use crate::serve::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 /// The Event's reason (one word, as Kubernetes wants it).
 pub const REASON: &str = "ConntrackCacheRace";

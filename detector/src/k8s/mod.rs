@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use kube::Client;
 
-use crate::serve::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 pub use enrich::{PodIndex, PodRef};
 pub use events::{EventSender, RaceNotice};
 

@@ -13,7 +13,7 @@ use tower_test::mock::{Handle, SendResponse};
 
 use super::enrich::{self, PodIndex, PodRef};
 use super::events::{self, Limiter, RaceNotice};
-use crate::serve::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 type Mock = Handle<Request<Body>, Response<Body>>;
 
@@ -146,7 +146,7 @@ async fn pod_watch_lists_and_watches_only_this_nodes_pods_and_indexes_their_addr
     assert_eq!(index.len(), 2);
 
     // The enrichment a verdict gets: both ends of its key that are pods, source first.
-    let key = crate::agent::NpaKey {
+    let key = crate::npa::NpaKey {
         src: "10.0.3.3".parse().unwrap(),
         sport: 42000,
         dst: "10.0.1.2".parse().unwrap(),

@@ -17,9 +17,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData};
 
-use crate::agent::{KeyLayout, Layout, NpaKey, NpaValue};
 use crate::clock;
-use crate::event::FlowTuple;
+use crate::npa::{KeyLayout, Layout, NpaKey, NpaValue};
+use crate::record::FlowTuple;
 use crate::snapshot;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
@@ -82,7 +82,7 @@ fn key_flow(k: &NpaKey) -> FlowTuple {
 impl Cleanup {
     /// The fixed cleanup needs `last_seen`, which only the 16-byte value has.
     pub fn new(mode: CleanupMode, pin: &Path, layout: Layout, netns: &Path) -> Result<Self> {
-        if mode == CleanupMode::Fixed && layout.value != crate::agent::ValueLayout::LastSeen16 {
+        if mode == CleanupMode::Fixed && layout.value != crate::npa::ValueLayout::LastSeen16 {
             anyhow::bail!(
                 "the fixed cleanup re-reads last_seen, which the {layout} layout's value does \
                  not have: use a /16 layout"
@@ -209,7 +209,7 @@ impl LabMap {
         let LabMap::Key24(h) = self else { return None };
         let k = <[u8; 24]>::try_from(raw).ok()?;
         let v = h.get(&k, 0).ok()?;
-        NpaValue::decode(crate::agent::ValueLayout::LastSeen16, &v)
+        NpaValue::decode(crate::npa::ValueLayout::LastSeen16, &v)
             .ok()?
             .last_seen_ns
     }

@@ -11,7 +11,7 @@ use aya::{Ebpf, EbpfLoader};
 use detector_common::LabConfig;
 
 use super::topology::{SERVER_IP, SERVER_VETH, netns_path};
-use crate::agent::{KeyLayout, Layout};
+use crate::npa::{KeyLayout, Layout};
 
 /// The datapath's programs and map; detached and unpinned on drop.
 pub struct Datapath {
@@ -90,7 +90,7 @@ impl Datapath {
                     .map_max_entries("EVENTS", 4096)
                     .map_max_entries("LAB_CT24", 65_536)
                     .map_max_entries("LAB_CT20", 65_536)
-                    .load(crate::probe::OBJECT)
+                    .load(crate::kernel::OBJECT)
                     .context("loading the lab datapath")?;
                 let _ = tc::qdisc_add_clsact(name.as_c_str());
                 for (prog, dir) in [

@@ -16,7 +16,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use thiserror::Error;
 
 use super::CtSnapshotEntry;
-use crate::event::FlowTuple;
+use crate::record::FlowTuple;
 
 // --- include/uapi/linux/netlink.h -----------------------------------------------------------
 

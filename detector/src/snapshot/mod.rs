@@ -28,7 +28,7 @@ use thiserror::Error;
 
 pub use ctnetlink::{DecodeError, Decoded, decode_messages, dump_request};
 
-use crate::event::FlowTuple;
+use crate::record::FlowTuple;
 
 /// One conntrack entry as the kernel dumped it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]

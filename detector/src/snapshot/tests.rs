@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::ctnetlink::*;
 use super::{CtSnapshotEntry, SnapshotError};
-use crate::event::FlowTuple;
+use crate::record::FlowTuple;
 
 // --- encoder (tests only) -------------------------------------------------------------------
 

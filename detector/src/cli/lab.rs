@@ -15,12 +15,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use crate::agent::Layout;
+use crate::kernel::caps;
 use crate::lab::agent::{Cleanup, CleanupMode, GroundTruth};
 use crate::lab::datapath::Datapath;
 use crate::lab::reproducer::{Client, ReproStats, start_server};
 use crate::lab::topology::{self, CLIENT_IP, SERVER_IP, Topology};
-use crate::probe::caps;
+use crate::npa::Layout;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct LabArgs {
@@ -237,7 +237,7 @@ fn run_lab(args: &LabArgs) -> Result<LabReport> {
     .arg("--map-pin")
     .arg(&dp.pin)
     .arg("--map-name")
-    .arg(if layout.key == crate::agent::KeyLayout::V4 {
+    .arg(if layout.key == crate::npa::KeyLayout::V4 {
         "LAB_CT20"
     } else {
         "LAB_CT24"

@@ -9,24 +9,24 @@ use anyhow::{Context, Result};
 use serde_json::json;
 
 use super::ProbeArgs;
-use super::stream::{Step, Stream};
-use crate::agent::target::{self, AgentMap, MapSpec, NPA_NAME, NPA_PIN};
-use crate::agent::{Layout, NpaKey};
 use crate::clock::{self, WallClock};
 use crate::engine::{
     AgentDelete, DeleteResult, Engine, EngineConfig, Input, KernelView, Output, Verdict,
 };
+use crate::npa::target::{self, AgentMap, MapSpec, NPA_NAME, NPA_PIN};
+use crate::npa::{Layout, NpaKey};
+use crate::pipeline::event_loop::{Step, Stream};
 use std::collections::HashMap;
 
-use crate::event::{
+use crate::http::stream::Item;
+use crate::http::{Live, ServeArgs};
+use crate::k8s::{KubeArgs, PodRef, RaceNotice};
+use crate::kernel::{CounterSnapshot, Probe};
+use crate::record::{
     CtKind, DeleteView, Event, FlowTuple, MapDeleteRecord, MapOp, PackedTuple, Source,
 };
-use crate::k8s::{KubeArgs, PodRef, RaceNotice};
-use crate::output::{self, Units};
-use crate::probe::{CounterSnapshot, Probe};
-use crate::serve::stream::Item;
-use crate::serve::{Live, ServeArgs};
-use crate::sinks::{self, TraceDir, json_with_wall_times};
+use crate::report::render::{self, Units};
+use crate::report::trace_file::{self, TraceDir, json_with_wall_times};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
@@ -300,8 +300,8 @@ impl State {
                 let u = self.units;
                 self.record(
                     out,
-                    || output::json_line(&Event::Ct(c.clone()), &u),
-                    || output::text_line(&Event::Ct(c.clone()), &u),
+                    || render::json_line(&Event::Ct(c.clone()), &u),
+                    || render::text_line(&Event::Ct(c.clone()), &u),
                 )?;
                 match c.kind {
                     CtKind::New => {
@@ -340,8 +340,8 @@ impl State {
                 let u = self.units;
                 self.record(
                     out,
-                    || output::write_json(&w, key.as_ref().ok(), &u).to_string(),
-                    || output::text_line(&Event::MapWrite(w.clone()), &u),
+                    || render::write_json(&w, key.as_ref().ok(), &u).to_string(),
+                    || render::text_line(&Event::MapWrite(w.clone()), &u),
                 )?;
                 // The datapath's inserts/updates date the key; the agent's own writes (through
                 // bpf(2)) and deletes are already covered by the syscall probes.
@@ -366,12 +366,12 @@ impl State {
                 }
                 let u = self.units;
                 if !self.json {
-                    writeln!(out, "{}", output::drop_text(&p, reason.as_deref(), &u))?;
+                    writeln!(out, "{}", render::drop_text(&p, reason.as_deref(), &u))?;
                 }
                 self.record(
                     out,
-                    || output::drop_json(&p, reason.as_deref(), &u).to_string(),
-                    || output::drop_text(&p, reason.as_deref(), &u),
+                    || render::drop_json(&p, reason.as_deref(), &u).to_string(),
+                    || render::drop_text(&p, reason.as_deref(), &u),
                 )?;
                 let input = Input::PacketDrop {
                     ts_ns: p.ts_ns,
@@ -388,8 +388,8 @@ impl State {
                 let u = self.units;
                 self.record(
                     out,
-                    || output::delete_json(&d, key.as_ref().ok(), &u).to_string(),
-                    || output::delete_text(&d, key.as_ref().ok(), &u),
+                    || render::delete_json(&d, key.as_ref().ok(), &u).to_string(),
+                    || render::delete_text(&d, key.as_ref().ok(), &u),
                 )?;
                 match key {
                     Ok(key) => {
@@ -401,7 +401,7 @@ impl State {
                         tracing::warn!(
                             "map {} delete of an undecodable key {} ({e}); wrong --layout?",
                             d.map_id,
-                            output::hex(&d.key)
+                            render::hex(&d.key)
                         );
                         Ok(())
                     }
@@ -483,7 +483,7 @@ impl State {
                     latency as f64 / 1e6
                 );
                 writeln!(out, "{}", if self.json { &line } else { &text })?;
-                let flow = crate::event::FlowTuple {
+                let flow = crate::record::FlowTuple {
                     proto: v.key.proto,
                     src: v.key.src,
                     sport: v.key.sport,
@@ -492,7 +492,7 @@ impl State {
                 };
                 let notice = RaceNotice {
                     class: v.class.name(),
-                    flow: format!("{} {flow}", crate::event::proto_name(v.key.proto)),
+                    flow: format!("{} {flow}", crate::record::proto_name(v.key.proto)),
                     deleted_by: format!("{}/{}", v.agent.comm, v.agent.pid),
                     trace_file: trace_file.display().to_string(),
                     pods,
@@ -578,8 +578,8 @@ pub fn race_line(v: &Verdict, u: &Units) -> String {
         "{} RACE {}  {} {}  owner {}  deleted by {}/{} while entry {:016x} was live",
         time.get(11..26).unwrap_or(&time),
         v.class.name(),
-        crate::event::proto_name(v.key.proto),
-        crate::event::FlowTuple {
+        crate::record::proto_name(v.key.proto),
+        crate::record::FlowTuple {
             proto: v.key.proto,
             src: v.key.src,
             sport: v.key.sport,
@@ -675,7 +675,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         },
         map: map.clone(),
         traces,
-        host: sinks::hostname(),
+        host: trace_file::hostname(),
         json: args.json,
         verdicts: 0,
         undecodable_keys: 0,
@@ -841,7 +841,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .traces
         .dir()
         .join(format!("summary-{}.json", started.replace([':', '.'], "")));
-    sinks::write_atomic(&path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    trace_file::write_atomic(&path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
     let stats = st.engine.stats();
     eprintln!(
         "detector: {} race(s) ({} traces written), {} rightful deletes, {} deletes of unknown \
@@ -913,13 +913,13 @@ fn summary(
     st: &State,
     undecodable_records: u64,
     kernel: &CounterSnapshot,
-    reorder: &crate::reorder::ReorderStats,
+    reorder: &crate::pipeline::reorder::ReorderStats,
     started: &str,
     backend: &str,
 ) -> serde_json::Value {
     json!({
         "type": "summary",
-        "schema_version": sinks::TRACE_SCHEMA_VERSION,
+        "schema_version": trace_file::TRACE_SCHEMA_VERSION,
         "started_at": started,
         "ended_at": clock::now_iso(),
         "host": st.host,

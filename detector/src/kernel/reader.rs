@@ -4,7 +4,7 @@ use aya::maps::{MapData, RingBuf};
 use tokio::io::{Interest, unix::AsyncFd};
 
 use super::{CounterSnapshot, Counters};
-use crate::event::{self, DecodeError, Event};
+use crate::record::{self, DecodeError, Event};
 
 pub struct Reader {
     ring: AsyncFd<RingBuf<MapData>>,
@@ -42,7 +42,7 @@ impl Reader {
     pub fn drain(&mut self, out: &mut Vec<Event>) {
         let ring = self.ring.get_mut();
         while let Some(item) = ring.next() {
-            match event::decode(&item) {
+            match record::decode(&item) {
                 Ok(ev) => out.push(ev),
                 Err(e) => {
                     self.undecodable += 1;

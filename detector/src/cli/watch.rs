@@ -16,7 +16,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use crate::serve::DEFAULT_LISTEN;
+use crate::http::DEFAULT_LISTEN;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct WatchArgs {

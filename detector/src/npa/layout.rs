@@ -400,7 +400,7 @@ impl fmt::Display for NpaKey {
         write!(
             f,
             "{} {} -> {} owner {}",
-            crate::event::proto_name(self.proto),
+            crate::record::proto_name(self.proto),
             ep(&self.src, self.sport),
             ep(&self.dst, self.dport),
             self.owner

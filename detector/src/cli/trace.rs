@@ -7,12 +7,12 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 
 use super::ProbeArgs;
-use super::stream::{Step, Stream};
 use crate::clock::{self, WallClock};
-use crate::event::{Event, Kind};
-use crate::output::{self, Units};
-use crate::probe::{CounterSnapshot, Probe};
-use crate::reorder::ReorderStats;
+use crate::kernel::{CounterSnapshot, Probe};
+use crate::pipeline::event_loop::{Step, Stream};
+use crate::pipeline::reorder::ReorderStats;
+use crate::record::{Event, Kind};
+use crate::report::render::{self, Units};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct TraceArgs {
@@ -175,9 +175,9 @@ fn write_ready(
             continue;
         }
         let line = if args.json {
-            output::json_line(&ev, units)
+            render::json_line(&ev, units)
         } else {
-            output::text_line(&ev, units)
+            render::text_line(&ev, units)
         };
         if let Err(e) = writeln!(out, "{line}") {
             if e.kind() == std::io::ErrorKind::BrokenPipe {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 
 use crate::clock;
-use crate::probe::{Backend, BackendSupport, Probe, ProbeSettings, caps, offsets};
+use crate::kernel::{Backend, BackendSupport, Probe, ProbeSettings, caps, offsets};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DoctorArgs {

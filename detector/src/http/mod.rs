@@ -5,7 +5,6 @@
 //! `text/event-stream`, and the readable lines of `detector run` with `?format=text`. With a
 //! token every endpoint but the probes wants `Authorization: Bearer <token>`.
 
-pub mod metrics;
 pub mod stream;
 
 use std::convert::Infallible;
@@ -26,7 +25,7 @@ use tokio::net::TcpListener;
 
 use crate::engine::Verdict;
 use crate::k8s::{Kube, PodRef, RaceNotice};
-use metrics::Metrics;
+use crate::telemetry::metrics::{self, Metrics};
 use stream::{Channel, Frame, Hub, Item};
 
 /// Default address of `--listen`.

@@ -3,9 +3,9 @@
 use serde::Serialize;
 use serde_json::json;
 
-use crate::agent::NpaKey;
 use crate::clock::WallClock;
-use crate::event::{
+use crate::npa::NpaKey;
+use crate::record::{
     CtKind, CtRecord, DeleteView, DestroyReason, Event, FlowTuple, MapDeleteRecord, MapWriteRecord,
     PacketDropRecord, proto_name,
 };
@@ -248,7 +248,7 @@ pub fn text_line(ev: &Event, u: &Units) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{
+    use crate::record::{
         decode,
         tests::{bytes_of, raw_ct},
     };

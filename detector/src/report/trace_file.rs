@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
-use crate::agent::NpaKey;
 use crate::clock::WallClock;
 use crate::engine::Trace;
+use crate::npa::NpaKey;
 
 /// Version of the trace-file schema (see docs/trace-schema.md).
 pub const TRACE_SCHEMA_VERSION: u32 = 1;

@@ -266,7 +266,7 @@ pub fn keys(map: &AgentMap) -> Result<Vec<Vec<u8>>, TargetError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::NpaKey;
+    use crate::npa::NpaKey;
 
     #[test]
     fn kernel_offsets_match_the_codec() {

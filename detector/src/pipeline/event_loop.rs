@@ -8,9 +8,9 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::time::{Instant, Interval};
 
 use crate::clock;
-use crate::event::Event;
-use crate::probe::reader::Reader;
-use crate::reorder::{Reorder, ReorderStats};
+use crate::kernel::reader::Reader;
+use crate::pipeline::reorder::{Reorder, ReorderStats};
+use crate::record::Event;
 
 /// What one turn of the loop produced (released events are appended to the caller's vector).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

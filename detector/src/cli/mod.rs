@@ -3,13 +3,12 @@
 pub mod doctor;
 pub mod lab;
 pub mod run;
-pub mod stream;
 pub mod trace;
 pub mod watch;
 
 use std::path::PathBuf;
 
-use crate::probe::{BackendChoice, ProbeSettings, WritesHook};
+use crate::kernel::{BackendChoice, ProbeSettings, WritesHook};
 
 /// Options shared by every command that loads programs.
 #[derive(Debug, Clone, clap::Args)]
