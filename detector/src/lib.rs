@@ -13,6 +13,7 @@ pub mod engine;
 pub mod http;
 pub mod k8s;
 pub mod kernel;
+#[cfg(feature = "lab")]
 pub mod lab;
 pub mod npa;
 pub mod pipeline;

@@ -1,7 +1,9 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use detector::cli::{doctor, lab, run, trace, watch};
+#[cfg(feature = "lab")]
+use detector::cli::lab;
+use detector::cli::{doctor, run, trace, watch};
 
 /// eBPF detector for conntrack-cache cleanup races of the AWS network policy agent.
 #[derive(Debug, Parser)]
@@ -25,9 +27,11 @@ enum Command {
     Run(run::RunArgs),
     /// Reproduce the race on this machine and catch it: namespaces for a node and two pods, an
     /// emulated network policy agent, the tuner, a port-reuse reproducer and the detector.
+    #[cfg(feature = "lab")]
     Lab(lab::LabArgs),
     /// The lab for a fixed number of cycles; exits 0 only if no race was detected (for CI of
     /// an agent fix: `--mode fixed`), 1 with the verdicts otherwise.
+    #[cfg(feature = "lab")]
     Validate(lab::LabArgs),
     /// Stream races (or every event) live from a running detector's HTTP server.
     Watch(watch::WatchArgs),
@@ -54,8 +58,10 @@ fn main() -> ExitCode {
         Command::Doctor(a) => doctor::run(a),
         Command::Trace(a) => runtime().and_then(|rt| rt.block_on(trace::run(a))),
         Command::Run(a) => runtime().and_then(|rt| rt.block_on(run::run(a))),
+        #[cfg(feature = "lab")]
         Command::Lab(a) => lab::lab(a),
         Command::Watch(a) => runtime().and_then(|rt| rt.block_on(watch::run(a))),
+        #[cfg(feature = "lab")]
         Command::Validate(a) => match lab::validate(a) {
             Ok(true) => Ok(()),
             Ok(false) => {

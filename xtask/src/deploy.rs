@@ -172,6 +172,7 @@ pub fn image() -> Result<()> {
         "detector",
         "--bin",
         "detector",
+        "--no-default-features",
         "--target",
         MUSL,
     ]))

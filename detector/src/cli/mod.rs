@@ -1,6 +1,7 @@
 //! The CLI's commands.
 
 pub mod doctor;
+#[cfg(feature = "lab")]
 pub mod lab;
 pub mod run;
 pub mod trace;
