@@ -12,7 +12,7 @@ use crate::kernel::{CounterSnapshot, Probe};
 use crate::pipeline::event_loop::{Step, Stream};
 use crate::pipeline::reorder::ReorderStats;
 use crate::record::{Event, Kind};
-use crate::report::render::{self, Units};
+use crate::report::render::{self, TimeBase};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct TraceArgs {
@@ -88,7 +88,7 @@ pub async fn run(args: TraceArgs) -> Result<()> {
         tracing::warn!("could not measure the kernel's HZ from /proc/timer_list; assuming 250");
         250
     });
-    let mut units = Units {
+    let mut units = TimeBase {
         wall: WallClock::measure(),
         hz,
     };
@@ -156,7 +156,7 @@ fn write_ready(
     out: &mut impl Write,
     ready: &mut Vec<Event>,
     args: &TraceArgs,
-    units: &Units,
+    units: &TimeBase,
     summary: &mut Summary,
 ) -> Result<bool> {
     if ready.is_empty() {

@@ -5,6 +5,7 @@
 //! `text/event-stream`, and the readable lines of `detector run` with `?format=text`. With a
 //! token every endpoint but the probes wants `Authorization: Bearer <token>`.
 
+pub mod sink;
 pub mod stream;
 
 use std::convert::Infallible;

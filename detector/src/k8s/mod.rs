@@ -4,6 +4,7 @@
 
 pub mod enrich;
 pub mod events;
+pub mod sink;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -10,15 +10,15 @@ use crate::record::{
     PacketDropRecord, proto_name,
 };
 
-/// Context that turns kernel units into time.
+/// Kernel time and tick units, turned into wall time and milliseconds.
 #[derive(Debug, Clone, Copy)]
-pub struct Units {
+pub struct TimeBase {
     pub wall: WallClock,
     /// Kernel tick rate, for jiffies.
     pub hz: u32,
 }
 
-impl Units {
+impl TimeBase {
     pub fn jiffies_ms(&self, j: i64) -> i64 {
         j * 1000 / self.hz.max(1) as i64
     }
@@ -43,7 +43,7 @@ impl From<&FlowTuple> for Endpoint {
     }
 }
 
-fn ct_json(c: &CtRecord, u: &Units) -> serde_json::Value {
+fn ct_json(c: &CtRecord, u: &TimeBase) -> serde_json::Value {
     json!({
         "type": c.kind.name(),
         "ts_ns": c.ts_ns,
@@ -70,7 +70,7 @@ fn lifetime(c: &CtRecord) -> Option<u64> {
     (c.kind == CtKind::Destroy && c.born_ns != 0).then(|| c.ts_ns.saturating_sub(c.born_ns))
 }
 
-pub fn json_line(ev: &Event, u: &Units) -> String {
+pub fn json_line(ev: &Event, u: &TimeBase) -> String {
     match ev {
         Event::Ct(c) => ct_json(c, u).to_string(),
         Event::MapDelete(d) => delete_json(d, None, u).to_string(),
@@ -80,7 +80,7 @@ pub fn json_line(ev: &Event, u: &Units) -> String {
 }
 
 /// A write to the agent's map seen inside the kernel; `key` decoded when the layout is known.
-pub fn write_json(w: &MapWriteRecord, key: Option<&NpaKey>, u: &Units) -> serde_json::Value {
+pub fn write_json(w: &MapWriteRecord, key: Option<&NpaKey>, u: &TimeBase) -> serde_json::Value {
     json!({
         "type": "map_write",
         "ts_ns": w.ts_ns,
@@ -97,7 +97,7 @@ pub fn write_json(w: &MapWriteRecord, key: Option<&NpaKey>, u: &Units) -> serde_
 }
 
 /// A dropped packet; `reason` is the drop reason's name when BTF gave one.
-pub fn drop_json(p: &PacketDropRecord, reason: Option<&str>, u: &Units) -> serde_json::Value {
+pub fn drop_json(p: &PacketDropRecord, reason: Option<&str>, u: &TimeBase) -> serde_json::Value {
     json!({
         "type": "packet_drop",
         "ts_ns": p.ts_ns,
@@ -111,7 +111,7 @@ pub fn drop_json(p: &PacketDropRecord, reason: Option<&str>, u: &Units) -> serde
     })
 }
 
-pub fn drop_text(p: &PacketDropRecord, reason: Option<&str>, u: &Units) -> String {
+pub fn drop_text(p: &PacketDropRecord, reason: Option<&str>, u: &TimeBase) -> String {
     let time = u.wall.iso(p.ts_ns);
     format!(
         "{} DROP    {} {}  {} ({} after the delete)",
@@ -124,7 +124,7 @@ pub fn drop_text(p: &PacketDropRecord, reason: Option<&str>, u: &Units) -> Strin
 }
 
 /// A userspace delete on the agent's map; `key` is its decoded form when the layout is known.
-pub fn delete_json(d: &MapDeleteRecord, key: Option<&NpaKey>, u: &Units) -> serde_json::Value {
+pub fn delete_json(d: &MapDeleteRecord, key: Option<&NpaKey>, u: &TimeBase) -> serde_json::Value {
     json!({
         "type": "agent_delete",
         "ts_ns": d.ts_ns,
@@ -150,7 +150,7 @@ pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-pub fn delete_text(d: &MapDeleteRecord, key: Option<&NpaKey>, u: &Units) -> String {
+pub fn delete_text(d: &MapDeleteRecord, key: Option<&NpaKey>, u: &TimeBase) -> String {
     let time = u.wall.iso(d.ts_ns);
     let time = time.get(11..26).unwrap_or(&time);
     let result = match d.ret {
@@ -180,7 +180,7 @@ fn secs(ns: i128) -> String {
     format!("{:.3}s", ns as f64 / 1e9)
 }
 
-pub fn text_line(ev: &Event, u: &Units) -> String {
+pub fn text_line(ev: &Event, u: &TimeBase) -> String {
     match ev {
         Event::Ct(c) => {
             let time = u.wall.iso(c.ts_ns);
@@ -254,8 +254,8 @@ mod tests {
     };
     use detector_common::kind;
 
-    fn units() -> Units {
-        Units {
+    fn units() -> TimeBase {
+        TimeBase {
             wall: WallClock::from_offset(1_795_678_405_000_000_000),
             hz: 250,
         }

@@ -225,6 +225,47 @@ pub fn hostname() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// The trace files of `detector run` as an output: one file per race trace, and the run's
+/// summary at the end.
+pub struct TraceFiles {
+    pub dir: TraceDir,
+    host: String,
+    /// File name of the summary (from the run's start time).
+    summary: PathBuf,
+}
+
+impl TraceFiles {
+    pub fn new(dir: TraceDir, host: String, started: &str) -> Self {
+        let summary = dir
+            .dir()
+            .join(format!("summary-{}.json", started.replace([':', '.'], "")));
+        Self { dir, host, summary }
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn summary_path(&self) -> &Path {
+        &self.summary
+    }
+}
+
+impl super::Sink for TraceFiles {
+    fn trace(&mut self, t: &super::TraceOut<'_>) -> Result<()> {
+        self.dir
+            .write_enriched(t.trace, t.latency_ns, t.wall, &self.host, t.pods)?;
+        Ok(())
+    }
+
+    fn finish(&mut self, summary: &Value) -> Result<()> {
+        write_atomic(
+            &self.summary,
+            serde_json::to_string_pretty(summary)?.as_bytes(),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,359 @@
+//! Dispatch: each reordered record becomes engine input (after start-up reconciliation), and
+//! each engine output goes to every [`Sink`]. Metrics are counted here, at the points where
+//! records come in and verdicts go out, since they count every record (also those no output
+//! shows) and are not an output of their own.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::Arc;
+
+use anyhow::Result;
+use serde_json::json;
+
+use super::startup::Preexisting;
+use crate::clock;
+use crate::engine::{AgentDelete, DeleteResult, Engine, Input, KernelView, Output};
+use crate::k8s::{PodIndex, PodRef};
+use crate::npa::NpaKey;
+use crate::npa::target::AgentMap;
+use crate::record::{CtKind, DeleteView, Event, MapDeleteRecord, MapOp, Source};
+use crate::report::console::Console;
+use crate::report::render::{self, TimeBase};
+use crate::report::trace_file::TraceFiles;
+use crate::report::verdict::{verdict_json, verdict_text};
+use crate::report::{Record, Sink, TextTo, TraceOut, VerdictOut};
+use crate::telemetry::metrics::Metrics;
+
+/// Where `detector run` sends what it finds: stdout, the trace files, and any other sinks
+/// (the HTTP hub, Kubernetes Events).
+pub struct Outputs<W: Write> {
+    pub console: Console<W>,
+    pub traces: TraceFiles,
+    pub others: Vec<Box<dyn Sink + Send>>,
+}
+
+impl<W: Write> Outputs<W> {
+    fn each(&mut self, mut f: impl FnMut(&mut dyn Sink) -> Result<()>) -> Result<()> {
+        f(&mut self.console)?;
+        f(&mut self.traces)?;
+        for s in &mut self.others {
+            f(s.as_mut())?;
+        }
+        Ok(())
+    }
+
+    pub fn event(&mut self, r: &Record<'_>) -> Result<()> {
+        self.each(|s| s.event(r))
+    }
+
+    pub fn finish(&mut self, summary: &serde_json::Value) -> Result<()> {
+        self.each(|s| s.finish(summary))
+    }
+}
+
+/// What the run counts besides the engine.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DispatchCounts {
+    pub races: u64,
+    /// Deletes whose key did not decode with the map's layout.
+    pub undecodable_keys: u64,
+    /// Drop records of socket teardown (not network denials), not reported.
+    pub drops_ignored: u64,
+}
+
+/// The detector between the reorder buffer and the outputs: the engine and everything the
+/// event loop mutates, so steps can take it whole.
+pub struct Detector<W: Write> {
+    pub engine: Engine,
+    pub time: TimeBase,
+    pub map: AgentMap,
+    pub counts: DispatchCounts,
+    /// `enum skb_drop_reason` names from BTF, without the SKB_DROP_REASON_ prefix.
+    pub drop_reasons: HashMap<u32, String>,
+    /// Entries of the start-up snapshot still believed alive.
+    pub pre: Preexisting,
+    /// What the trace file of a verdict adds to the engine's trace (detection latency, pods),
+    /// kept until the trace is ready, by delete.
+    pub pending_traces: HashMap<(u64, String), (u64, Vec<PodRef>)>,
+    /// The agent's network namespace (inode): its entries judge the deletes.
+    pub agent_netns: u32,
+    pub metrics: Arc<Metrics>,
+    /// The backend's name, a label of the events counter.
+    pub backend: &'static str,
+    /// The pods on this node, when Kubernetes enrichment is on.
+    pub pods: Option<PodIndex>,
+    pub out: Outputs<W>,
+}
+
+/// The NDJSON `type` of a record, for the events counter.
+fn kind_of(ev: &Event) -> &'static str {
+    match ev {
+        Event::Ct(c) => c.kind.name(),
+        Event::MapDelete(_) => "agent_delete",
+        Event::PacketDrop(_) => "packet_drop",
+        Event::MapWrite(_) => "map_write",
+    }
+}
+
+impl<W: Write> Detector<W> {
+    /// Sends one record to the sinks, rendered only by those that show it.
+    fn record(
+        &mut self,
+        text_to: TextTo,
+        json: &dyn Fn() -> String,
+        text: &dyn Fn() -> String,
+    ) -> Result<()> {
+        self.out.event(&Record::new(text_to, json, text))
+    }
+
+    /// Converts one reordered event into engine input, and shows it where wanted.
+    pub fn input(&mut self, ev: Event) -> Result<()> {
+        self.metrics.event(kind_of(&ev), self.backend);
+        let u = self.time;
+        match ev {
+            Event::Ct(mut c) => {
+                self.record(
+                    TextTo::Nowhere,
+                    &|| render::json_line(&Event::Ct(c.clone()), &u),
+                    &|| render::text_line(&Event::Ct(c.clone()), &u),
+                )?;
+                match c.kind {
+                    CtKind::New => {
+                        // The skb-based insert probe reports an entry from the snapshot when it
+                        // first sees a packet of it: that is the same entry, not a new one.
+                        // (Confirm-based probes never report old entries.)
+                        let first_seen = matches!(
+                            c.source,
+                            Source::NetDevQueue | Source::ConsumeSkb | Source::KfreeSkb
+                        );
+                        if let Some((id, until)) = self.pre.get(c.netns, &c.orig)
+                            && first_seen
+                            && c.ts_ns < until
+                        {
+                            self.pre.alias.insert(c.id, id);
+                            return Ok(());
+                        }
+                    }
+                    CtKind::Destroy => {
+                        if let Some(id) = self.pre.alias.remove(&c.id) {
+                            c.id = id;
+                            self.pre.remove(c.netns, &c.orig);
+                        } else if c.born_ns == 0
+                            && let Some(id) = self.pre.remove(c.netns, &c.orig)
+                        {
+                            // Destroyed before any packet of it was seen.
+                            c.id = id;
+                        }
+                    }
+                }
+                let input = Input::from(&c);
+                self.push(input)
+            }
+            Event::MapWrite(w) => {
+                let key = NpaKey::decode(self.map.layout.key, &w.key);
+                self.record(
+                    TextTo::Nowhere,
+                    &|| render::write_json(&w, key.as_ref().ok(), &u).to_string(),
+                    &|| render::text_line(&Event::MapWrite(w.clone()), &u),
+                )?;
+                // The datapath's inserts/updates date the key; the agent's own writes (through
+                // bpf(2)) and deletes are already covered by the syscall probes.
+                match key {
+                    Ok(key) if w.op == MapOp::Update && !w.from_syscall => {
+                        self.push(Input::AgentInsert {
+                            ts_ns: w.ts_ns,
+                            map_id: w.map_id,
+                            key,
+                        })
+                    }
+                    _ => Ok(()),
+                }
+            }
+            Event::PacketDrop(p) => {
+                let reason = self.drop_reasons.get(&p.reason).cloned();
+                // Buffers freed because a socket closed are not packets the network denied.
+                if matches!(reason.as_deref(), Some("QUEUE_PURGE" | "SOCKET_CLOSE")) {
+                    self.counts.drops_ignored += 1;
+                    return Ok(());
+                }
+                self.record(
+                    TextTo::Stdout,
+                    &|| render::drop_json(&p, reason.as_deref(), &u).to_string(),
+                    &|| render::drop_text(&p, reason.as_deref(), &u),
+                )?;
+                let input = Input::PacketDrop {
+                    ts_ns: p.ts_ns,
+                    // The drop probe does not read the packet's namespace; the engine matches
+                    // drops by tuple.
+                    netns: 0,
+                    tuple: p.tuple,
+                    reason: reason.unwrap_or_else(|| format!("reason {}", p.reason)),
+                };
+                self.push(input)
+            }
+            Event::MapDelete(d) => {
+                let key = NpaKey::decode(self.map.layout.key, &d.key);
+                self.record(
+                    TextTo::Nowhere,
+                    &|| render::delete_json(&d, key.as_ref().ok(), &u).to_string(),
+                    &|| render::delete_text(&d, key.as_ref().ok(), &u),
+                )?;
+                match key {
+                    Ok(key) => {
+                        let input = Input::AgentDelete(self.agent_delete(&d, key));
+                        self.push(input)
+                    }
+                    Err(e) => {
+                        self.counts.undecodable_keys += 1;
+                        tracing::warn!(
+                            "map {} delete of an undecodable key {} ({e}); wrong --layout?",
+                            d.map_id,
+                            render::hex(&d.key)
+                        );
+                        Ok(())
+                    }
+                }
+            }
+        }
+    }
+
+    fn agent_delete(&self, d: &MapDeleteRecord, key: NpaKey) -> AgentDelete {
+        let ns = |j: i32| self.time.jiffies_ms(j as i64) * 1_000_000;
+        let kernel_id = d.entry_id();
+        let aliased = kernel_id.and_then(|id| self.pre.alias.get(&id).copied());
+        let entry_id = aliased.or(kernel_id).unwrap_or(0);
+        // For an entry from the snapshot the kernel's "birth" is only when it first saw it.
+        let born_ns = if aliased.is_some() { 0 } else { d.ct_born_ns };
+        let kernel_view = match d.view {
+            DeleteView::Unknown => None,
+            // Never indexed in the kernel, but alive per the snapshot: the shadow decides.
+            DeleteView::Absent if self.pre.key_matches(&key, d.ts_ns) => None,
+            DeleteView::Absent => Some(KernelView::Absent),
+            DeleteView::Live => Some(KernelView::Live {
+                entry_id,
+                born_ns,
+                timeout_left_ns: ns(d.ct_timeout_left_jiffies),
+            }),
+            DeleteView::Expired => Some(KernelView::ExpiredNotReaped {
+                entry_id,
+                born_ns,
+                expired_for_ns: (-ns(d.ct_timeout_left_jiffies)).max(0) as u64,
+            }),
+        };
+        AgentDelete {
+            ts_ns: d.ts_ns,
+            task: d.task.clone(),
+            map_id: d.map_id,
+            key,
+            layout: self.map.layout,
+            result: DeleteResult::from_ret(d.ret),
+            kernel_view,
+        }
+    }
+
+    /// The agent re-created its map and the probes now watch the new one: tell the sinks and
+    /// the engine.
+    pub fn map_recreated(&mut self, old: &AgentMap, now_ns: u64) -> Result<()> {
+        let new = self.map.clone();
+        let u = self.time;
+        let text = format!(
+            "detector: the agent re-created its map: now watching map {} (was {})",
+            new.id, old.id
+        );
+        self.record(
+            TextTo::Stderr,
+            &|| {
+                json!({"type": "map_recreated", "ts_ns": now_ns, "time": u.wall.iso(now_ns),
+                       "old_id": old.id, "new_id": new.id, "map": new})
+                .to_string()
+            },
+            &|| text.clone(),
+        )?;
+        self.push(Input::MapRecreated {
+            ts_ns: now_ns,
+            old_id: old.id,
+            new_id: new.id,
+        })
+    }
+
+    pub fn push(&mut self, input: Input) -> Result<()> {
+        for o in self.engine.push(input) {
+            self.output(o)?;
+        }
+        Ok(())
+    }
+
+    /// The engine's last outputs, at the end of the run.
+    pub fn finish_engine(&mut self) -> Result<()> {
+        for o in self.engine.finish() {
+            self.output(o)?;
+        }
+        Ok(())
+    }
+
+    fn output(&mut self, o: Output) -> Result<()> {
+        match o {
+            Output::Verdict(v) => {
+                self.counts.races += 1;
+                // The delete (kernel time) to this verdict: what a live watcher waits.
+                let latency = clock::monotonic_ns().saturating_sub(v.delete_ts_ns);
+                self.metrics.verdict(v.class, latency);
+                // Pod names, when Kubernetes is on: outside the engine, on the way out.
+                let pods = self
+                    .pods
+                    .as_ref()
+                    .map(|p| p.for_key(&v.key))
+                    .unwrap_or_default();
+                self.pending_traces
+                    .insert((v.delete_ts_ns, v.key.to_string()), (latency, pods.clone()));
+                let trace_file =
+                    self.out
+                        .traces
+                        .dir
+                        .path_for(v.delete_ts_ns, v.class.name(), &v.key);
+                let json = verdict_json(&v, latency, &pods, trace_file.clone(), &self.time)?;
+                let text = verdict_text(&v, latency, &pods, &self.time);
+                let out = VerdictOut {
+                    verdict: &v,
+                    latency_ns: latency,
+                    pods: &pods,
+                    trace_file: &trace_file,
+                    json: &json,
+                    text: &text,
+                };
+                self.out.each(|s| s.verdict(&out))?;
+            }
+            Output::TraceReady(t) => {
+                let (latency, pods) = self
+                    .pending_traces
+                    .remove(&(t.verdict.delete_ts_ns, t.verdict.key.to_string()))
+                    .unzip();
+                let wall = self.time.wall;
+                let trace = TraceOut {
+                    trace: &t,
+                    latency_ns: latency,
+                    pods: pods.as_deref(),
+                    wall: &wall,
+                };
+                self.out.each(|s| s.trace(&trace))?;
+                let path = self.out.traces.dir.path_for(
+                    t.verdict.delete_ts_ns,
+                    t.verdict.class.name(),
+                    &t.verdict.key,
+                );
+                let u = self.time;
+                self.record(
+                    TextTo::Stderr,
+                    &|| {
+                        json!({"type": "trace_written", "ts_ns": t.verdict.delete_ts_ns,
+                               "time": u.wall.iso(t.verdict.delete_ts_ns),
+                               "path": path})
+                        .to_string()
+                    },
+                    &|| format!("detector: trace written: {}", path.display()),
+                )?;
+            }
+        }
+        Ok(())
+    }
+}

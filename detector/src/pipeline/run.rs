@@ -1,0 +1,361 @@
+//! `detector run` as named steps: resolve the agent's map, attach the probes, take both
+//! start-up snapshots, run the event loop, and finish with the summary. The command line and
+//! the HTTP server and Kubernetes start-up are the CLI's (`crate::cli::run`).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use super::dispatch::{Detector, DispatchCounts, Outputs};
+use super::event_loop::{Step, Stream};
+use super::startup::{self, Preexisting};
+use crate::clock::{self, WallClock};
+use crate::engine::{Engine, EngineConfig, Input};
+use crate::http::Live;
+use crate::http::sink::HubSink;
+use crate::k8s::sink::EventSink;
+use crate::kernel::reader::Reader;
+use crate::kernel::{Backend, Probe, ProbeSettings};
+use crate::npa::target::{self, AgentMap, MapSpec};
+use crate::report::Sink;
+use crate::report::console::Console;
+use crate::report::render::TimeBase;
+use crate::report::summary::{RunCounts, RunInfo, summary};
+use crate::report::trace_file::{self, TraceDir, TraceFiles};
+
+/// What `detector run` was asked to do, in the pipeline's terms.
+pub struct RunOptions {
+    pub spec: MapSpec,
+    /// The agent's network namespace as a path, when one was named.
+    pub netns_path: Option<String>,
+    /// Its inode (the detector's own namespace when none was named).
+    pub agent_netns: u32,
+    pub trace_dir: PathBuf,
+    pub settings: ProbeSettings,
+    pub engine: EngineConfig,
+    pub json: bool,
+    pub duration: Option<f64>,
+    pub watermark_ms: u64,
+}
+
+/// The probes, attached and watching the map.
+struct Attached {
+    probe: Probe,
+    backend: Backend,
+    /// Why datapath writes to the map cannot be observed, if they cannot.
+    no_writes: Option<String>,
+    writes_hook: &'static str,
+    /// Taken right after attaching, before the start-up snapshots.
+    reader: Option<Reader>,
+}
+
+/// Loads the programs, picks the backend and attaches everything to `map`.
+fn attach_probes(settings: &ProbeSettings, map: &AgentMap, agent_netns: u32) -> Result<Attached> {
+    let mut probe = Probe::open(settings)?;
+    let (backend, _) = probe.choose(settings.backend)?;
+    probe.set_target(map.id, target::target_map(map.layout.key, agent_netns))?;
+    probe.attach(backend)?;
+    let no_writes = probe.attach_agent(backend)?;
+    let writes_hook = probe.writes_hook().unwrap_or("none");
+    let reader = Some(probe.take_reader()?);
+    Ok(Attached {
+        probe,
+        backend,
+        no_writes,
+        writes_hook,
+        reader,
+    })
+}
+
+/// `enum skb_drop_reason` names from the kernel's BTF, without the SKB_DROP_REASON_ prefix.
+fn drop_reasons(probe: &Probe) -> HashMap<u32, String> {
+    probe
+        .kernel_btf()
+        .map(|b| b.enum_values("skb_drop_reason"))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(v, n)| (v, n.trim_start_matches("SKB_DROP_REASON_").to_string()))
+        .collect()
+}
+
+/// How many entries and keys the start-up snapshots held.
+struct Snapshots {
+    entries: usize,
+    keys: usize,
+}
+
+/// Start-up snapshots of the kernel table and of the map, taken after the probes are attached
+/// so that no entry slips between the dump and the first event. (A dump also evicts entries
+/// that have already expired: those come through as DESTROY events.) Consumed here so that
+/// neither snapshot outlives the start-up.
+fn take_snapshots<W: Write>(
+    det: &mut Detector<W>,
+    netns_path: Option<&str>,
+) -> Result<(Snapshots, u64)> {
+    let dump_ns = clock::monotonic_ns();
+    let table = crate::snapshot::dump(netns_path.map(Path::new))
+        .context("start-up snapshot of the kernel conntrack table")?;
+    det.metrics.snapshot(
+        "conntrack",
+        clock::monotonic_ns().saturating_sub(dump_ns) as f64 / 1e9,
+    );
+    let entries = table.len();
+    det.pre = startup::load_conntrack(&mut det.engine, table, det.agent_netns, dump_ns);
+    let keys_ns = clock::monotonic_ns();
+    let keys = target::keys(&det.map)?;
+    det.metrics.snapshot(
+        "map",
+        clock::monotonic_ns().saturating_sub(keys_ns) as f64 / 1e9,
+    );
+    let n_keys = keys.len();
+    let undecodable = startup::load_map_keys(&mut det.engine, det.map.id, det.map.layout.key, keys);
+    if undecodable > 0 {
+        tracing::warn!(
+            "{undecodable} of the map's {n_keys} keys at start-up did not decode with layout {}; \
+             they are left out (wrong --layout?)",
+            det.map.layout
+        );
+    }
+    Ok((
+        Snapshots {
+            entries,
+            keys: n_keys,
+        },
+        undecodable,
+    ))
+}
+
+/// The start-up lines on stderr: what is watched, by whom the map is held, whether writes
+/// are observed.
+fn announce(map: &AgentMap, a: &Attached, snap: &Snapshots, traces: &Path) {
+    eprintln!(
+        "detector: watching map {} `{}` (found by {}, layout {}, {} keys now) and conntrack \
+         ({} entries now) with the {} backend; traces in {}; Ctrl-C to stop",
+        map.id,
+        map.name,
+        map.found_by,
+        map.layout,
+        snap.keys,
+        snap.entries,
+        a.backend,
+        traces.display()
+    );
+    let holders = target::holders(map.id);
+    eprintln!(
+        "detector: map {} is open in {}",
+        map.id,
+        if holders.is_empty() {
+            "no process (only pinned)".to_string()
+        } else {
+            holders
+                .iter()
+                .map(|h| format!("{}/{} fd {}", h.comm, h.pid, h.fd))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    );
+    match &a.no_writes {
+        Some(why) => eprintln!(
+            "detector: datapath writes to the map are not observable ({why}); deletes are \
+             judged by the kernel's conntrack entry at the delete"
+        ),
+        None => eprintln!(
+            "detector: datapath writes to the map are observed ({} on \
+             htab_lru_map_update_elem/htab_lru_map_delete_elem)",
+            a.writes_hook
+        ),
+    }
+}
+
+/// Re-resolves the map by pin or name; when the agent re-created it, watch the new one.
+fn follow_map<W: Write>(
+    spec: &MapSpec,
+    det: &mut Detector<W>,
+    probe: &mut Probe,
+    now_ns: u64,
+) -> Result<()> {
+    if spec.id.is_some() {
+        return Ok(());
+    }
+    let Ok(new) = target::resolve(spec) else {
+        return Ok(()); // the agent is restarting; keep the old target until a new map shows
+    };
+    if new.id == det.map.id {
+        return Ok(());
+    }
+    let old = std::mem::replace(&mut det.map, new.clone());
+    tracing::info!(
+        "agent map re-created: id {} -> {} (layout {})",
+        old.id,
+        new.id,
+        new.layout
+    );
+    probe.set_target(new.id, target::target_map(new.layout.key, det.agent_netns))?;
+    probe.remove_target(old.id)?;
+    det.map_recreated(&old, now_ns)
+}
+
+/// Reads the ring until the duration ends or a signal stops it; returns the stream for its
+/// final counters.
+async fn event_loop<W: Write>(
+    det: &mut Detector<W>,
+    attached: &mut Attached,
+    spec: &MapSpec,
+    watermark_ms: u64,
+    duration: Option<f64>,
+) -> Result<Stream> {
+    let reader = attached
+        .reader
+        .take()
+        .context("the ring buffer's reader was already taken")?;
+    let mut stream = Stream::new(reader, watermark_ms, duration)?;
+    let mut ready = Vec::new();
+    loop {
+        let step = stream.next(&mut ready).await?;
+        // Released records first: the tick's time is after all of them.
+        for ev in ready.drain(..) {
+            det.input(ev)?;
+        }
+        match step {
+            Step::Stop => break,
+            Step::Events => {}
+            Step::Tick {
+                now_ns,
+                second,
+                losses,
+            } => {
+                // Losses first: they belong to windows the tick may close.
+                if let Some((count, since_ns)) = losses {
+                    det.push(Input::Lost {
+                        ts_ns: since_ns,
+                        count,
+                    })?;
+                }
+                det.push(Input::Tick { now_ns })?;
+                if second {
+                    det.metrics
+                        .update(det.engine.stats(), &stream.reader.counters());
+                    follow_map(spec, det, &mut attached.probe, now_ns)?;
+                    // Keep wall time true across NTP steps and suspend.
+                    det.time.wall = WallClock::measure();
+                }
+            }
+        }
+        det.out.console.flush();
+    }
+    stream.finish(&mut ready);
+    for ev in ready.drain(..) {
+        det.input(ev)?;
+    }
+    det.finish_engine()?;
+    Ok(stream)
+}
+
+pub async fn run(opts: RunOptions, mut live: Live) -> Result<()> {
+    let map = target::resolve(&opts.spec)?;
+    let traces = TraceDir::create(&opts.trace_dir)?;
+    let mut attached = attach_probes(&opts.settings, &map, opts.agent_netns)?;
+    live.backend = attached.backend.name();
+    let hz = clock::kernel_hz().unwrap_or_else(|| {
+        tracing::warn!("could not measure the kernel's HZ from /proc/timer_list; assuming 250");
+        250
+    });
+    let started = clock::now_iso();
+    let mut others: Vec<Box<dyn Sink + Send>> = vec![Box::new(HubSink(live.hub.clone()))];
+    let kube = live.kube.take();
+    let (pods, events) = kube.map(|k| (Some(k.pods), k.events)).unwrap_or_default();
+    if let Some(events) = events {
+        others.push(Box::new(EventSink(events)));
+    }
+    let stdout = std::io::stdout();
+    let mut det = Detector {
+        engine: Engine::new(opts.engine),
+        time: TimeBase {
+            wall: WallClock::measure(),
+            hz,
+        },
+        map: map.clone(),
+        counts: DispatchCounts::default(),
+        drop_reasons: drop_reasons(&attached.probe),
+        pre: Preexisting::new(opts.agent_netns, 0),
+        pending_traces: HashMap::new(),
+        agent_netns: opts.agent_netns,
+        metrics: live.metrics.clone(),
+        backend: attached.backend.name(),
+        pods,
+        out: Outputs {
+            console: Console::new(std::io::BufWriter::new(stdout.lock()), opts.json),
+            traces: TraceFiles::new(traces, trace_file::hostname(), &started),
+            others,
+        },
+    };
+    // Every program is loaded: the parsed BTF is no longer needed.
+    attached.probe.release_btf();
+    let (snap, undecodable_startup_keys) = take_snapshots(&mut det, opts.netns_path.as_deref())?;
+    crate::cli::trim_heap();
+    announce(&map, &attached, &snap, det.out.traces.dir.dir());
+    // Probes attached and both start-up snapshots taken.
+    det.metrics.set_ready(true);
+
+    let stream = event_loop(
+        &mut det,
+        &mut attached,
+        &opts.spec,
+        opts.watermark_ms,
+        opts.duration,
+    )
+    .await?;
+
+    let kernel = stream.reader.counters();
+    det.metrics.update(det.engine.stats(), &kernel);
+    let counts = RunCounts {
+        races: det.counts.races,
+        traces_written: det.out.traces.dir.written(),
+        undecodable_keys: det.counts.undecodable_keys,
+        undecodable_startup_keys,
+        undecodable_records: stream.reader.undecodable,
+        socket_teardown_drops_ignored: det.counts.drops_ignored,
+    };
+    let ended = clock::now_iso();
+    let info = RunInfo {
+        started: &started,
+        ended: &ended,
+        host: det.out.traces.host(),
+        backend: attached.backend.name(),
+        map: &det.map,
+    };
+    let summary = summary(
+        &info,
+        &counts,
+        det.engine.stats(),
+        &kernel,
+        &stream.reorder_stats(),
+    );
+    // stdout's summary line, then the streams end, then the summary file (as before the
+    // split: a client sees the end of its stream only after the last line on stdout).
+    det.out.console.finish(&summary)?;
+    live.shutdown().await;
+    det.out.traces.finish(&summary)?;
+    for s in &mut det.out.others {
+        s.finish(&summary)?;
+    }
+    let stats = det.engine.stats();
+    eprintln!(
+        "detector: {} race(s) ({} traces written), {} rightful deletes, {} deletes of unknown \
+         keys; events lost in kernel: {}; summary: {}{}",
+        counts.races,
+        counts.traces_written,
+        stats.deletes.rightful,
+        stats.deletes.unseen,
+        kernel.lost_total(),
+        det.out.traces.summary_path().display(),
+        if undecodable_startup_keys > 0 {
+            format!("; {undecodable_startup_keys} undecodable keys at start-up left out")
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
+}
