@@ -43,6 +43,8 @@ enum End {
     Failed(String),
     /// Retrying will not help.
     Fatal(anyhow::Error),
+    /// stdout was closed (e.g. `| head`): nothing more to show, a normal end.
+    OutputClosed,
 }
 
 /// Lines already shown, so a replay after a reconnect does not repeat them.
@@ -130,6 +132,7 @@ pub async fn run(args: WatchArgs) -> Result<()> {
         )
         .await;
         let why = match end {
+            End::OutputClosed => return Ok(()),
             End::Fatal(e) => return Err(e),
             End::Failed(e) if !connected_once => bail!(
                 "cannot reach the detector at {url}: {e}; check that it runs with --listen on \
@@ -212,8 +215,7 @@ async fn stream_once(
                 continue;
             }
             if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
-                // stdout closed (e.g. `| head`): nothing more to do.
-                std::process::exit(0);
+                return End::OutputClosed;
             }
         }
     }

@@ -5,4 +5,5 @@
 pub mod agent;
 pub mod datapath;
 pub mod reproducer;
+pub mod session;
 pub mod topology;
