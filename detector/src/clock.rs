@@ -52,8 +52,8 @@ impl WallClock {
     }
 }
 
-/// Formats ns since the Unix epoch as ISO-8601 UTC with microseconds (truncated, like the
-/// kernel's own `ts_ns / 1000`). Times beyond jiff's range (about years -9999 to 9999) are
+/// Formats ns since the Unix epoch as ISO-8601 UTC with microseconds (truncated, not
+/// rounded). Times beyond jiff's range (about years -9999 to 9999) are
 /// clamped to its ends: only a broken clock yields them.
 pub fn iso8601(wall_ns: i128) -> String {
     let ts = jiff::Timestamp::from_nanosecond(wall_ns).unwrap_or(if wall_ns < 0 {
