@@ -39,7 +39,6 @@
 //! canonical form, which parses back.
 
 use std::fmt;
-
 use std::str::FromStr;
 
 use serde::Serialize;
