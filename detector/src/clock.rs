@@ -109,6 +109,11 @@ pub fn kernel_hz() -> Option<u32> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        reason = "tests: a panic is the failure report"
+    )]
     use super::*;
 
     #[test]

@@ -76,6 +76,11 @@ impl FlowId {
 
 #[cfg(test)]
 mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        reason = "tests: a panic is the failure report"
+    )]
     use super::*;
 
     #[test]

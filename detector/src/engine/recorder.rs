@@ -105,6 +105,11 @@ impl Recorder {
 
 #[cfg(test)]
 mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        reason = "tests: a panic is the failure report"
+    )]
     use super::*;
     use crate::engine::TimelineKind;
     use crate::record::FlowTuple;

@@ -358,6 +358,11 @@ pub(crate) struct MapEntry {
 
 #[cfg(test)]
 mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        reason = "tests: a panic is the failure report"
+    )]
     use super::*;
 
     #[test]

@@ -247,16 +247,18 @@ impl Probe {
         let auto = survey.iter().find(|s| s.ok).map(|s| s.backend);
         match choice.fixed() {
             Some(b) => {
-                let s = survey
-                    .iter()
-                    .find(|s| s.backend == b)
-                    .expect("every backend surveyed");
-                if s.ok {
+                // The survey covers every backend in `Backend::PREFERENCE`; a backend missing
+                // from it is reported as unsupported rather than trusted.
+                let fixed = survey.iter().find(|s| s.backend == b);
+                if fixed.is_some_and(|s| s.ok) {
                     Ok((b, survey))
                 } else {
                     Err(ProbeError::Unsupported {
                         backend: b,
-                        reason: s.reason.clone(),
+                        reason: fixed.map_or_else(
+                            || "not among the backends this build surveys".into(),
+                            |s| s.reason.clone(),
+                        ),
                         auto: auto.map_or("none".into(), |a| a.to_string()),
                     })
                 }
