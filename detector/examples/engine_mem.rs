@@ -4,14 +4,15 @@
 //!
 //! `cargo run --release -p detector --example engine_mem -- [FLOWS]` (default 524288).
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
+use anyhow::Context;
 use detector::clock::WallClock;
 use detector::engine::{AgentDelete, DeleteResult, Engine, EngineConfig, Input, Output};
-use detector::npa::NpaKey;
+use detector::npa::{Layout, NpaKey};
 use detector::record::{FlowTuple, Task};
 use detector::report::trace_file::{add_wall_times, json_with_wall_times};
 
@@ -23,7 +24,7 @@ static PEAK: AtomicUsize = AtomicUsize::new(0);
 
 // SAFETY: forwards to the system allocator; only adds counters.
 unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+    unsafe fn alloc(&self, layout: AllocLayout) -> *mut u8 {
         // SAFETY: same contract as the caller's.
         let p = unsafe { System.alloc(layout) };
         if !p.is_null() {
@@ -32,12 +33,12 @@ unsafe impl GlobalAlloc for Counting {
         }
         p
     }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: AllocLayout) {
         // SAFETY: same contract as the caller's.
         unsafe { System.dealloc(ptr, layout) };
         LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
     }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+    unsafe fn realloc(&self, ptr: *mut u8, layout: AllocLayout, new_size: usize) -> *mut u8 {
         // SAFETY: same contract as the caller's.
         let p = unsafe { System.realloc(ptr, layout, new_size) };
         if !p.is_null() {
@@ -52,11 +53,12 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-fn main() {
-    let n: usize = std::env::args()
-        .nth(1)
-        .map(|s| s.parse().expect("FLOWS must be a number"))
-        .unwrap_or(512 * 1024);
+fn main() -> anyhow::Result<()> {
+    let n: usize = match std::env::args().nth(1) {
+        Some(s) => s.parse().context("FLOWS must be a number")?,
+        None => 512 * 1024,
+    };
+    let layout: Layout = "v4-24/16".parse()?;
     let base = LIVE.load(Ordering::Relaxed);
     let mut engine = Engine::new(EngineConfig {
         max_flows: n,
@@ -136,7 +138,7 @@ fn main() {
             },
             map_id: 7,
             key,
-            layout: "v4-24/16".parse().expect("a valid layout"),
+            layout,
             result: DeleteResult::Deleted,
             kernel_view: None,
         }));
@@ -195,7 +197,7 @@ fn main() {
             },
             map_id: 7,
             key: ckey.clone(),
-            layout: "v4-24/16".parse().expect("a valid layout"),
+            layout,
             result: DeleteResult::Deleted,
             kernel_view: None,
         }));
@@ -215,7 +217,7 @@ fn main() {
         let t2 = Instant::now();
         let mut bytes = 0;
         for _ in 0..1000 {
-            let mut body = serde_json::to_value(&v).expect("a verdict serializes");
+            let mut body = serde_json::to_value(&v)?;
             add_wall_times(&mut body, &wall);
             bytes += body.to_string().len();
         }
@@ -227,7 +229,7 @@ fn main() {
         );
         let t7 = Instant::now();
         for _ in 0..1000 {
-            std::hint::black_box(json_with_wall_times(&v, &wall).expect("a verdict serializes"));
+            std::hint::black_box(json_with_wall_times(&v, &wall)?);
         }
         println!(
             "verdict JSON line, straight to text (detector run): {:.1} us each",
@@ -235,4 +237,5 @@ fn main() {
         );
     }
     drop(engine);
+    Ok(())
 }

@@ -52,33 +52,16 @@ impl WallClock {
     }
 }
 
-/// Formats ns since the Unix epoch as ISO-8601 UTC (no time-zone database needed).
+/// Formats ns since the Unix epoch as ISO-8601 UTC with microseconds (truncated, not
+/// rounded). Times beyond jiff's range (about years -9999 to 9999) are
+/// clamped to its ends: only a broken clock yields them.
 pub fn iso8601(wall_ns: i128) -> String {
-    let secs = wall_ns.div_euclid(1_000_000_000) as i64;
-    let micros = (wall_ns.rem_euclid(1_000_000_000) / 1000) as u32;
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
-}
-
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
+    let ts = jiff::Timestamp::from_nanosecond(wall_ns).unwrap_or(if wall_ns < 0 {
+        jiff::Timestamp::MIN
+    } else {
+        jiff::Timestamp::MAX
+    });
+    format!("{ts:.6}")
 }
 
 pub fn now_iso() -> String {
@@ -126,6 +109,11 @@ pub fn kernel_hz() -> Option<u32> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        reason = "tests: a panic is the failure report"
+    )]
     use super::*;
 
     #[test]

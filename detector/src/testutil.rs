@@ -1,5 +1,11 @@
 //! Helpers shared by unit tests.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests: a panic is the failure report"
+)]
+
 /// splitmix64: tiny, fast and deterministic, so randomised tests replay from their seed.
 pub struct Rng(pub u64);
 

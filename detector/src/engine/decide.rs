@@ -1,7 +1,7 @@
 //! Deciding a delete, and assembling traces when their window closes.
 
-use super::recorder::NO_EVENT;
-use super::shadow::{FlowId, KEntry, MapKey};
+use super::flow_id::{FlowId, NO_EVENT};
+use super::shadow::{KEntry, MapKey};
 use super::verdict;
 use super::{
     AgentDelete, DecidedBy, DeleteResult, Engine, KernelView, LiveEntry, Output, Pending,

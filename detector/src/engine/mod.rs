@@ -59,6 +59,7 @@
 //! verdict already emitted.
 
 mod decide;
+mod flow_id;
 mod input;
 mod recorder;
 mod shadow;
@@ -76,8 +77,9 @@ use smallvec::SmallVec;
 
 use serde::Serialize;
 
-use recorder::{NO_EVENT, Recorder};
-use shadow::{FlowId, FlowState, KEntry, LruMap, MapEntry, MapKey, insert_sorted};
+use flow_id::{FlowId, NO_EVENT};
+use recorder::Recorder;
+use shadow::{FlowState, KEntry, LruMap, MapEntry, MapKey, insert_sorted};
 
 pub use input::{AgentDelete, DeleteResult, Input, KernelView};
 pub use stats::{DeleteCounts, EvictionCounts, InputCounts, Stats, VerdictCounts};

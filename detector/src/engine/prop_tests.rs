@@ -5,6 +5,12 @@
 //! reports), so whenever a matching entry is expired but not reaped the delete carries a
 //! kernel view, as the kernel side would provide; otherwise the view is given at random.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests: a panic is the failure report"
+)]
+
 use std::net::IpAddr;
 
 use super::*;

@@ -5,11 +5,8 @@
 
 use std::collections::VecDeque;
 
-use super::shadow::FlowId;
+use super::flow_id::{FlowId, NO_EVENT};
 use super::verdict::TimelineEvent;
-
-/// No event: the end of a flow's chain.
-pub(crate) const NO_EVENT: u64 = u64::MAX;
 
 /// An event, the flow ids it concerns (a conntrack entry may concern two: its original tuple
 /// and NPA's DNAT form) and, for each, the previous event of that flow, so that a flow's
@@ -108,6 +105,11 @@ impl Recorder {
 
 #[cfg(test)]
 mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        reason = "tests: a panic is the failure report"
+    )]
     use super::*;
     use crate::engine::TimelineKind;
     use crate::record::FlowTuple;

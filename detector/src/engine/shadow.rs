@@ -8,74 +8,10 @@ use std::net::IpAddr;
 use hashbrown::HashTable;
 use smallvec::SmallVec;
 
+use super::flow_id::NO_EVENT;
 use super::verdict::{OldEntry, TimelineEvent};
 use crate::npa::NpaKey;
 use crate::record::{FlowTuple, PackedTuple};
-
-/// A 5-tuple with its two ends sorted, so both directions of a flow name the same id.
-///
-/// Agent keys carry no netns, so neither does the id: one id gathers the flow's entries in
-/// every netns (see [`FlowState::live`]).
-///
-/// Packed, as the flow table holds one per tracked flow: an IPv4 flow in 13 bytes inline
-/// (proto, then address and port of each end), an IPv6 one (or a mixed one, which the kernel
-/// never reports) boxed with a family byte per end, so the id is 16 bytes either way.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub(crate) enum FlowId {
-    V4([u8; 13]),
-    V6(Box<[u8; 39]>),
-}
-
-impl FlowId {
-    fn new(proto: u8, a: (IpAddr, u16), b: (IpAddr, u16)) -> Self {
-        let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
-        match (lo.0, hi.0) {
-            (IpAddr::V4(l), IpAddr::V4(h)) => {
-                let mut id = [0u8; 13];
-                id[0] = proto;
-                id[1..5].copy_from_slice(&l.octets());
-                id[5..7].copy_from_slice(&lo.1.to_be_bytes());
-                id[7..11].copy_from_slice(&h.octets());
-                id[11..13].copy_from_slice(&hi.1.to_be_bytes());
-                FlowId::V4(id)
-            }
-            _ => {
-                let mut id = [0u8; 39];
-                id[0] = proto;
-                for (at, (addr, port)) in [(1, lo), (20, hi)] {
-                    let (family, bytes) = match addr {
-                        IpAddr::V4(a) => (4, a.to_ipv6_mapped().octets()),
-                        IpAddr::V6(a) => (6, a.octets()),
-                    };
-                    id[at] = family;
-                    id[at + 1..at + 17].copy_from_slice(&bytes);
-                    id[at + 17..at + 19].copy_from_slice(&port.to_be_bytes());
-                }
-                FlowId::V6(Box::new(id))
-            }
-        }
-    }
-
-    pub(crate) fn of_tuple(t: &FlowTuple) -> Self {
-        Self::new(t.proto, (t.src, t.sport), (t.dst, t.dport))
-    }
-
-    pub(crate) fn of_key(k: &NpaKey) -> Self {
-        Self::new(k.proto, (k.src, k.sport), (k.dst, k.dport))
-    }
-
-    /// The ids under which NPA's cleanup would find a kernel entry: its original tuple and,
-    /// when the reply comes from elsewhere than the original destination (DNAT, e.g. a
-    /// Service VIP), `orig.src:sport -> reply.src:sport`. Like NPA, only the address decides
-    /// whether the second form exists.
-    pub(crate) fn of_entry(orig: &FlowTuple, reply: &FlowTuple) -> (FlowId, Option<FlowId>) {
-        let first = Self::of_tuple(orig);
-        let dnat = (reply.src != orig.dst)
-            .then(|| Self::new(orig.proto, (orig.src, orig.sport), (reply.src, reply.sport)))
-            .filter(|d| *d != first);
-        (first, dnat)
-    }
-}
 
 /// No node: the end of the recency list.
 const NIL: u32 = u32::MAX;
@@ -321,7 +257,7 @@ impl KEntry {
     }
 }
 
-/// Everything known about one [`FlowId`].
+/// Everything known about one [`FlowId`](super::flow_id::FlowId).
 #[derive(Debug)]
 pub(crate) struct FlowState {
     /// Live entries; usually one (kept inline, no allocation), more when the flow is tracked
@@ -338,7 +274,7 @@ impl Default for FlowState {
         Self {
             live: SmallVec::new(),
             last_destroyed: None,
-            last_event: super::recorder::NO_EVENT,
+            last_event: NO_EVENT,
         }
     }
 }
@@ -422,6 +358,11 @@ pub(crate) struct MapEntry {
 
 #[cfg(test)]
 mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        reason = "tests: a panic is the failure report"
+    )]
     use super::*;
 
     #[test]
@@ -563,24 +504,5 @@ mod tests {
         let v6 = t("fd00::1", 1, "fd00::2", 2);
         let e = KEntry::new(3, 7, &v6, &v6.reversed(), None);
         assert_eq!((e.orig(), e.reply()), (v6, v6.reversed()));
-    }
-
-    #[test]
-    fn flow_ids_ignore_direction_and_add_the_dnat_form() {
-        let t = |s: &str, sp, d: &str, dp| FlowTuple {
-            proto: 6,
-            src: s.parse().unwrap(),
-            sport: sp,
-            dst: d.parse().unwrap(),
-            dport: dp,
-        };
-        let orig = t("10.0.0.5", 40000, "172.20.0.10", 80);
-        assert_eq!(FlowId::of_tuple(&orig), FlowId::of_tuple(&orig.reversed()));
-        let (first, dnat) = FlowId::of_entry(&orig, &orig.reversed());
-        assert_eq!(first, FlowId::of_tuple(&orig));
-        assert!(dnat.is_none());
-        let reply = t("10.0.1.7", 8080, "10.0.0.5", 40000);
-        let (_, dnat) = FlowId::of_entry(&orig, &reply);
-        assert_eq!(dnat, Some(FlowId::of_tuple(&reply)));
     }
 }

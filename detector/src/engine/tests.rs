@@ -1,5 +1,11 @@
 //! Unit tests of the engine on synthetic timelines.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests: a panic is the failure report"
+)]
+
 use std::net::IpAddr;
 
 use super::*;

@@ -1,6 +1,12 @@
 //! kube's testing convention: a mock tower service behind `kube::Client`, asserting the exact
 //! requests the detector makes and what it does with the answers.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests: a panic is the failure report"
+)]
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -102,6 +102,11 @@ pub fn resolve(btf: &KernelBtf) -> Result<(ProbeConfig, Vec<Resolved>), BtfError
 
 #[cfg(test)]
 mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        reason = "tests: a panic is the failure report"
+    )]
     use super::*;
 
     /// Runs against this machine's kernel BTF when it has one (every CI machine does).

@@ -1,7 +1,12 @@
 //! The agent (NPA) side: conntrack-cache map layouts and key/value decoding (pure), and
 //! finding the map on this node (`target`).
 
+pub mod codec;
 pub mod layout;
 pub mod target;
 
-pub use layout::{CodecError, KeyLayout, Layout, LayoutError, NpaKey, NpaValue, ValueLayout};
+pub use codec::{CodecError, NpaKey, NpaValue};
+pub use layout::{KeyLayout, Layout, LayoutError, ValueLayout};
+
+#[cfg(test)]
+mod tests;

@@ -265,6 +265,11 @@ pub fn keys(map: &AgentMap) -> Result<Vec<Vec<u8>>, TargetError> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        reason = "tests: a panic is the failure report"
+    )]
     use super::*;
     use crate::npa::NpaKey;
 

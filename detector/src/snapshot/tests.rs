@@ -1,6 +1,12 @@
 //! Decoder tests: an encoder of kernel-shaped dumps (tests only), round trips, control
 //! messages, malformed input with exact offsets, and a deterministic mutation fuzzer.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests: a panic is the failure report"
+)]
+
 use std::collections::HashSet;
 use std::net::IpAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
