@@ -11,8 +11,8 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use detector_common::{
-    AF_INET, AF_INET6, DropWatch, MapDeleteEvent, PacketDropEvent, ProbeConfig, TargetMap,
-    Tuple, kind,
+    AF_INET, AF_INET6, DropWatch, MapDeleteEvent, PacketDropEvent, ProbeConfig, TargetMap, Tuple,
+    kind,
 };
 
 use crate::conntrack::index::reverse;
@@ -126,7 +126,11 @@ pub fn packet_drop_kfree_skb(ctx: BtfTracePointContext) -> u32 {
     }
     w.reported += 1;
     let ev = PacketDropEvent {
-        hdr: record_header(kind::PACKET_DROP, core::mem::size_of::<PacketDropEvent>(), now),
+        hdr: record_header(
+            kind::PACKET_DROP,
+            core::mem::size_of::<PacketDropEvent>(),
+            now,
+        ),
         tuple,
         reason: ctx.arg::<u32>(2),
         _pad: 0,

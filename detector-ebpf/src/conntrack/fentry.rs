@@ -19,7 +19,10 @@ use crate::kernel::{NfConn, Skb};
 #[fexit(function = "__nf_conntrack_confirm")]
 pub fn ct_confirm_fexit(ctx: FExitContext) -> u32 {
     if ctx.ret::<i32>() == Ok(NF_ACCEPT) {
-        report_new(Skb(ctx.arg::<u64>(0)).conntrack(&probe_config()), FEXIT_CONFIRM);
+        report_new(
+            Skb(ctx.arg::<u64>(0)).conntrack(&probe_config()),
+            FEXIT_CONFIRM,
+        );
     }
     0
 }

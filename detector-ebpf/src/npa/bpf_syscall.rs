@@ -289,7 +289,11 @@ extern "C" fn batch_key(index: u64, _ctx: *mut c_void) -> i64 {
     // `reserve::<MapDeleteEvent>`; it is fully written (ZERO) before any field is read.
     let ev = unsafe { &mut *entry.as_mut_ptr() };
     *ev = MapDeleteEvent::ZERO;
-    ev.hdr = record_header(kind::MAP_DELETE, core::mem::size_of::<MapDeleteEvent>(), l.b.ts_ns);
+    ev.hdr = record_header(
+        kind::MAP_DELETE,
+        core::mem::size_of::<MapDeleteEvent>(),
+        l.b.ts_ns,
+    );
     ev.task = l.b.task;
     ev.map_id = l.b.map_id;
     ev.cmd = l.b.cmd;
