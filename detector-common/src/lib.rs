@@ -7,6 +7,9 @@
 //! enums with `TryFrom` and rejects unknown values.
 #![no_std]
 
+#[cfg(feature = "lab")]
+pub mod lab;
+
 /// Version of the record layout. Bumped whenever a record changes shape.
 pub const RECORD_VERSION: u8 = 1;
 
@@ -287,32 +290,6 @@ pub struct MapWriteEvent {
     pub key: [u8; MAX_KEY],
 }
 
-/// The lab's emulated agent datapath (NPA's TC programs): which pod the policy protects and
-/// the map layout to write (`LAB` global of the object).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct LabConfig {
-    /// The server pod's IPv4 address, network order (as in the packet).
-    pub server_ip: u32,
-    /// The one port the server's ingress policy allows (host order).
-    pub allowed_port: u16,
-    pub _pad: u16,
-    /// Written into 24-byte keys (NPA v1.3.7+): the node-side interface of the pod.
-    pub ifindex: u32,
-    /// Key size: 24 (with ifindex, 16-byte value with last_seen) or 20 (1-byte value).
-    pub key_size: u32,
-}
-
-impl LabConfig {
-    pub const ZERO: Self = Self {
-        server_ip: 0,
-        allowed_port: 0,
-        _pad: 0,
-        ifindex: 0,
-        key_size: 0,
-    };
-}
-
 /// A watched map, as the kernel programs need to know it (map `TARGETS`, keyed by map id).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -492,24 +469,35 @@ const _: () = {
     assert!(size_of::<MapDeleteEvent>().is_multiple_of(8));
     assert!(size_of::<TargetMap>() == 7 * 4);
     assert!(size_of::<FlowKey>() == size_of::<Tuple>() + 8);
-    assert!(size_of::<LabConfig>() == 16);
     assert!(kind::COUNT <= counter::SEEN_FULL);
 };
 
+/// `aya::Pod` (userspace reads and writes these as plain bytes). Every record above is
+/// repr(C) and built only from integers and byte arrays, and the assertions above pin each
+/// size to the sum of its fields, so none has padding: every bit pattern is a valid value and
+/// none has uninitialised bytes. Each impl's SAFETY line names what it relies on.
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all of these are repr(C), contain only integers and byte arrays, and have no
-    // padding (checked above), so every bit pattern is valid and there are no uninit bytes.
+    // SAFETY: repr(C), integers and byte arrays only, no padding (size asserted above).
     unsafe impl aya::Pod for super::EventHeader {}
+    // SAFETY: repr(C), integers and byte arrays only, no padding (size asserted above).
     unsafe impl aya::Pod for super::Tuple {}
+    // SAFETY: repr(C), integers and byte arrays only, no padding (size asserted above).
     unsafe impl aya::Pod for super::TaskInfo {}
+    // SAFETY: repr(C), integers and byte arrays only, no padding (size asserted above).
     unsafe impl aya::Pod for super::CtEvent {}
+    // SAFETY: repr(C), integers and byte arrays only, no padding (size asserted above).
     unsafe impl aya::Pod for super::ProbeConfig {}
+    // SAFETY: repr(C), integers and byte arrays only, no padding (size asserted above).
     unsafe impl aya::Pod for super::MapDeleteEvent {}
+    // SAFETY: repr(C), integers and byte arrays only, no padding (size asserted above).
     unsafe impl aya::Pod for super::TargetMap {}
+    // SAFETY: repr(C), integers and byte arrays only, no padding (size asserted above).
     unsafe impl aya::Pod for super::FlowKey {}
-    unsafe impl aya::Pod for super::LabConfig {}
+    // SAFETY: repr(C), integers and byte arrays only, no padding (size asserted above).
     unsafe impl aya::Pod for super::PacketDropEvent {}
+    // SAFETY: repr(C), integers and byte arrays only, no padding (size asserted above).
     unsafe impl aya::Pod for super::DropWatch {}
+    // SAFETY: repr(C), integers and byte arrays only, no padding (size asserted above).
     unsafe impl aya::Pod for super::MapWriteEvent {}
 }

@@ -1,12 +1,16 @@
-//! Maps shared by every program, the load-time configuration, and the ring-buffer writer.
+//! What every program shares: the load-time configuration (`CONFIG`), the ring buffer
+//! (`EVENTS`) every record goes through, the per-CPU counters (`COUNTERS`), and the record
+//! header and task fields.
 
 use aya_ebpf::{
     Global,
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
 use detector_common::{EventHeader, ProbeConfig, RECORD_VERSION, TaskInfo, counter};
+
+use crate::kernel::cpu_id;
 
 /// Offsets and settings resolved by userspace from BTF (see `detector::probe::offsets`).
 #[unsafe(no_mangle)]
@@ -21,39 +25,44 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
+/// The configuration userspace wrote before load.
 #[inline(always)]
-pub fn config() -> ProbeConfig {
+pub fn probe_config() -> ProbeConfig {
     CONFIG.load()
 }
 
+/// Adds one to counter `index`.
 #[inline(always)]
-pub fn bump(index: u32) {
-    if let Some(p) = COUNTERS.get_ptr_mut(index) {
-        // Per-CPU slot: no other CPU writes it, and programs do not nest on one CPU here.
-        unsafe { *p += 1 };
-    }
+pub fn count(index: u32) {
+    count_by(index, 1);
 }
 
+/// Adds `n` to counter `index`.
 #[inline(always)]
-pub fn bump_by(index: u32, n: u64) {
+pub fn count_by(index: u32, n: u64) {
     if let Some(p) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: this CPU's slot of a per-CPU array: no other CPU writes it, and the object's
+        // programs do not nest on one CPU (none runs in NMI context, and a program that would
+        // interrupt another on its CPU is not run by the kernel's recursion guard).
         unsafe { *p += n };
     }
 }
 
+/// A record's header: kind, size, this CPU and the given kernel time.
 #[inline(always)]
-pub fn header(kind: u8, size: usize, ts_ns: u64) -> EventHeader {
+pub fn record_header(kind: u8, size: usize, ts_ns: u64) -> EventHeader {
     EventHeader {
         kind,
         version: RECORD_VERSION,
         size: size as u16,
-        cpu: unsafe { bpf_get_smp_processor_id() },
+        cpu: cpu_id(),
         ts_ns,
     }
 }
 
+/// Pid, tid and command of the task the program runs in (in softirq: whichever it interrupted).
 #[inline(always)]
-pub fn task() -> TaskInfo {
+pub fn current_task_info() -> TaskInfo {
     let pid_tgid = bpf_get_current_pid_tgid();
     TaskInfo {
         pid: (pid_tgid >> 32) as u32,
@@ -62,14 +71,14 @@ pub fn task() -> TaskInfo {
     }
 }
 
-/// Writes `record` into the ring buffer, or counts it as lost for `kind`.
+/// Copies `record` into the ring buffer, or counts it as lost for `kind`.
 #[inline(always)]
-pub fn output<T: Copy + 'static>(kind: u8, record: &T) {
+pub fn submit_record<T: Copy + 'static>(kind: u8, record: &T) {
     match EVENTS.reserve::<T>(0) {
         Some(mut entry) => {
             entry.write(*record);
             entry.submit(0);
         }
-        None => bump(counter::LOST_BASE + kind as u32),
+        None => count(counter::LOST_BASE + u32::from(kind)),
     }
 }

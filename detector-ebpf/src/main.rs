@@ -1,18 +1,21 @@
 //! The detector's kernel programs: one object, every backend's entry points. Userspace loads
 //! only the programs of the backend it picked (see `detector::probe::backend`).
 //!
-//! rustc emits no CO-RE relocations, so every kernel struct is read at an offset that the loader
-//! resolved from BTF and wrote into `CONFIG` before load. `struct nf_conn` is only ever reached
-//! through scalars here (`skb->_nfct`, a slab pointer, a kprobe argument), so it is read with
-//! `bpf_probe_read_kernel`; nf_conntrack's slab is SLAB_TYPESAFE_BY_RCU, so such a read of an
-//! entry that is being freed concurrently is harmless.
+//! - [`conntrack`]: conntrack entries' NEW and DESTROY, and the flow index the other programs
+//!   look flows up in; one file per backend (tracepoint, kprobe, fentry).
+//! - [`npa`]: the agent's (NPA's) map deletes at bpf(2), and writes to its map from either side.
+//! - [`drops`]: packets dropped after a delete that raced a live flow.
+//! - [`emit`]: configuration, ring buffer, counters; [`kernel`]: every read of kernel memory.
+//!
+//! The lab's emulated NPA datapath is another object (`src/lab/main.rs`).
 #![no_std]
 #![no_main]
 
-mod agent;
 mod conntrack;
+mod drops;
 mod emit;
-mod lab;
+mod kernel;
+mod npa;
 
 #[cfg(not(test))]
 #[panic_handler]

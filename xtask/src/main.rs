@@ -81,6 +81,11 @@ fn ebpf_object() -> PathBuf {
     root().join("target/ebpf/bpfel-unknown-none/release/detector-ebpf")
 }
 
+/// The lab's object, built beside it (the eBPF crate's second binary).
+fn lab_ebpf_object() -> PathBuf {
+    root().join("target/ebpf/bpfel-unknown-none/release/detector-lab-ebpf")
+}
+
 fn build_ebpf() -> Result<PathBuf> {
     let root = root();
     let mut cmd = Command::new("cargo");
@@ -88,6 +93,9 @@ fn build_ebpf() -> Result<PathBuf> {
         .args(["build", "--release", "--target-dir"])
         .arg(root.join("target/ebpf"));
     // Let detector-ebpf/rust-toolchain.toml pick the nightly, not this process's toolchain.
+    // The objects are for this host's architecture (kprobe argument registers; see
+    // detector/build.rs): aarch64 ones come from `cargo build --target aarch64-...`.
+    cmd.env("AYA_BPF_TARGET_ARCH", std::env::consts::ARCH);
     for var in [
         "RUSTUP_TOOLCHAIN",
         "RUSTC",
@@ -101,17 +109,20 @@ fn build_ebpf() -> Result<PathBuf> {
         "building the eBPF object (needs the pinned nightly with rust-src and bpf-linker: \
          run scripts/setup.sh)",
     )?;
-    let obj = ebpf_object();
-    let size = std::fs::metadata(&obj)
-        .with_context(|| format!("the build did not produce {}", obj.display()))?
-        .len();
-    Ok(obj).inspect(|o| {
+    for (what, obj) in [
+        ("eBPF object", ebpf_object()),
+        ("lab eBPF object", lab_ebpf_object()),
+    ] {
+        let size = std::fs::metadata(&obj)
+            .with_context(|| format!("the build did not produce {}", obj.display()))?
+            .len();
         println!(
-            "eBPF object: {} ({} KiB)",
-            o.strip_prefix(&root).unwrap_or(o).display(),
+            "{what}: {} ({} KiB)",
+            obj.strip_prefix(&root).unwrap_or(&obj).display(),
             size / 1024
-        )
-    })
+        );
+    }
+    Ok(ebpf_object())
 }
 
 fn test(args: &[String], no_vm: bool) -> Result<()> {

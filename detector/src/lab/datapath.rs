@@ -8,10 +8,15 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use aya::programs::{SchedClassifier, TcAttachType, tc};
 use aya::{Ebpf, EbpfLoader};
-use detector_common::LabConfig;
+use detector_common::lab::LabConfig;
 
 use super::topology::{SERVER_IP, SERVER_VETH, netns_path};
 use crate::npa::{KeyLayout, Layout};
+
+/// The lab's own eBPF object (TC classifiers and their maps), built by `detector/build.rs`
+/// beside the production object, which carries none of it.
+static LAB_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/detector-lab-ebpf.o"));
 
 /// The datapath's programs and map; detached and unpinned on drop.
 pub struct Datapath {
@@ -82,15 +87,11 @@ impl Datapath {
                     ifindex,
                     key_size,
                 };
-                // The detector's own tables are not used here: keep them tiny.
                 let mut ebpf = EbpfLoader::new()
                     .override_global("LAB", &cfg, true)
-                    .map_max_entries("SEEN", 1)
-                    .map_max_entries("FLOWS", 1)
-                    .map_max_entries("EVENTS", 4096)
                     .map_max_entries("LAB_CT24", 65_536)
                     .map_max_entries("LAB_CT20", 65_536)
-                    .load(crate::kernel::OBJECT)
+                    .load(LAB_OBJECT)
                     .context("loading the lab datapath")?;
                 let _ = tc::qdisc_add_clsact(name.as_c_str());
                 for (prog, dir) in [

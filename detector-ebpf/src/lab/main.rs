@@ -3,7 +3,12 @@
 //! egress (packets into the pod, NPA's handle_ingress), `lab_from_pod` on its tc ingress
 //! (packets out of the pod, NPA's handle_egress). A new allowed flow inserts its key into the
 //! conntrack-cache map; a packet from the pod passes only while its flow's key exists, and
-//! every hit stamps `last_seen` as the fixed NPA (#610) does. Not used by the detector itself.
+//! every hit stamps `last_seen` as the fixed NPA (#610) does.
+//!
+//! Its own object (`detector-lab-ebpf`), loaded only by `detector lab`: the detector's
+//! production object carries no TC program.
+#![no_std]
+#![no_main]
 
 use aya_ebpf::{
     Global,
@@ -13,7 +18,7 @@ use aya_ebpf::{
     maps::LruHashMap,
     programs::TcContext,
 };
-use detector_common::LabConfig;
+use detector_common::lab::LabConfig;
 
 #[unsafe(no_mangle)]
 static LAB: Global<LabConfig> = Global::new(LabConfig::ZERO);
@@ -87,6 +92,7 @@ fn flow(ctx: &TcContext) -> Option<(u32, u16, u32, u16, u8)> {
 #[inline(always)]
 fn touch(cfg: &LabConfig, k: (u32, u16, u32, u16, u8), insert: bool) -> bool {
     let (src_ip, src_port, dst_ip, dst_port, proto) = k;
+    // SAFETY: an argument-less helper that only returns a value.
     let now = unsafe { bpf_ktime_get_ns() };
     if cfg.key_size == 20 {
         let key = Key20 {
@@ -99,6 +105,7 @@ fn touch(cfg: &LabConfig, k: (u32, u16, u32, u16, u8), insert: bool) -> bool {
             _pad1: 0,
             owner_ip: cfg.server_ip,
         };
+        // SAFETY: only the presence of the value is tested; it is not read.
         if unsafe { LAB_CT20.get(&key) }.is_some() {
             return true;
         }
@@ -116,7 +123,8 @@ fn touch(cfg: &LabConfig, k: (u32, u16, u32, u16, u8), insert: bool) -> bool {
         ifindex: cfg.ifindex,
     };
     if let Some(v) = LAB_CT24.get_ptr_mut(&key) {
-        // SAFETY: a map value; a concurrent stamp writes a time just as good.
+        // SAFETY: a map value, valid for the program's run; a concurrent stamp writes a time
+        // just as good.
         unsafe { (*v).last_seen = now };
         return true;
     }
@@ -135,7 +143,7 @@ fn touch(cfg: &LabConfig, k: (u32, u16, u32, u16, u8), insert: bool) -> bool {
 
 /// Into the server pod: the ingress policy allows the allowed port; a new flow gets its key.
 #[classifier]
-pub fn lab_to_pod(ctx: TcContext) -> i32 {
+fn lab_to_pod(ctx: TcContext) -> i32 {
     let cfg = LAB.load();
     let Some(f) = flow(&ctx) else {
         return TC_ACT_OK;
@@ -152,7 +160,7 @@ pub fn lab_to_pod(ctx: TcContext) -> i32 {
 
 /// Out of the server pod: a reply passes only while its flow's key is in the map.
 #[classifier]
-pub fn lab_from_pod(ctx: TcContext) -> i32 {
+fn lab_from_pod(ctx: TcContext) -> i32 {
     let cfg = LAB.load();
     let Some((src, sport, dst, dport, proto)) = flow(&ctx) else {
         return TC_ACT_OK;
@@ -170,3 +178,13 @@ pub fn lab_from_pod(ctx: TcContext) -> i32 {
         TC_ACT_SHOT
     }
 }
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
