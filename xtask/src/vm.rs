@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::util::output;
+
 /// Debian's 6.1 LTS kernel (bookworm), the closest to EKS AL2023's 6.1 that apt can fetch.
 const KERNEL_PACKAGE: &str = "linux-image-6.1.0-56-amd64";
 const MUSL: &str = "x86_64-unknown-linux-musl";
@@ -184,22 +186,6 @@ fn step(what: &str) -> Instant {
 
 fn done(t: Instant, what: &str) {
     println!("vm-test: {what} ({:.1} s)", t.elapsed().as_secs_f64());
-}
-
-fn output(cmd: &mut Command) -> Result<String> {
-    let shown = format!("{cmd:?}");
-    let out = cmd
-        .stderr(Stdio::piped())
-        .output()
-        .with_context(|| format!("starting {shown}"))?;
-    if !out.status.success() {
-        bail!(
-            "{shown} failed with {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn need(tool: &str, package: &str) -> Result<()> {
@@ -527,7 +513,8 @@ fn base_initramfs(k: &Kernel, busybox: &Path) -> Result<Vec<u8>> {
 }
 
 /// Builds the detector and its test executables for musl; returns (target name -> path) and
-/// the detector binary's path (the tests find it at the path cargo compiled into them).
+/// the detector binary's path, both as cargo's JSON output reports them (so wherever the
+/// target directory is). In the guest the tests find the binary through `DETECTOR_BIN`.
 fn build_musl(root: &Path) -> Result<(BTreeMap<String, PathBuf>, PathBuf)> {
     let mut cmd = Command::new("cargo");
     // Release code (the guest is emulated: debug builds of the BTF parsing and the tests are
@@ -602,14 +589,20 @@ fn stripped(path: &Path, work: &Path) -> Result<Vec<u8>> {
     Ok(fs::read(&out)?)
 }
 
+/// Where the payload lives in the guest: its own directory, never the host's path of the
+/// binaries (a checkout under /tmp would be hidden by the guest's tmpfs on /tmp).
+const GUEST_DIR: &str = "detector";
+
 fn payload(tests: &BTreeMap<String, PathBuf>, detector: &Path, work: &Path) -> Result<Vec<u8>> {
     let mut c = Cpio::default();
-    let det = detector.to_string_lossy().to_string();
-    c.file(&det, 0o755, &stripped(detector, work)?);
-    c.file("payload/detector-path", 0o644, det.as_bytes());
+    c.file(
+        &format!("{GUEST_DIR}/bin/detector"),
+        0o755,
+        &stripped(detector, work)?,
+    );
     for (name, path) in tests {
         c.file(
-            &format!("payload/bin/{name}"),
+            &format!("{GUEST_DIR}/tests/{name}"),
             0o755,
             &stripped(path, work)?,
         );
@@ -618,8 +611,8 @@ fn payload(tests: &BTreeMap<String, PathBuf>, detector: &Path, work: &Path) -> R
         .iter()
         .map(|c| format!("{} {} {} {} {}\n", c.scope, c.name, c.target, c.test, c.env))
         .collect();
-    c.file("payload/checks", 0o644, checks.as_bytes());
-    c.file("payload/run.sh", 0o755, RUN.as_bytes());
+    c.file(&format!("{GUEST_DIR}/checks"), 0o644, checks.as_bytes());
+    c.file(&format!("{GUEST_DIR}/run.sh"), 0o755, RUN.as_bytes());
     Ok(c.finish())
 }
 
@@ -739,9 +732,10 @@ fn parse_results(text: &str) -> (Vec<CheckResult>, String) {
             continue;
         };
         let detail = it.next().unwrap_or_default().to_string();
-        if backend == "auto" {
-            auto = detail;
-            continue;
+        // The doctor line is a check of its own (a guest that cannot run the detector fails
+        // here), and a passing one names the backend `auto` picks.
+        if backend == "auto" && status == "pass" {
+            auto.clone_from(&detail);
         }
         out.push(CheckResult {
             backend: backend.into(),
@@ -857,12 +851,20 @@ pub fn host(
     passed_tests: &std::collections::HashSet<String>,
     ran: bool,
 ) -> Result<Vec<CheckResult>> {
-    let doctor = Command::new(root.join("target/debug/detector"))
+    let detector = crate::util::target_dir(root)?.join("debug/detector");
+    let doctor = Command::new(&detector)
         .args(["doctor", "--json"])
         .output()
-        .context("running target/debug/detector doctor --json")?;
-    let report: serde_json::Value = serde_json::from_slice(&doctor.stdout)
-        .context("parsing the host's detector doctor --json")?;
+        .with_context(|| format!("running {} doctor --json", detector.display()))?;
+    // doctor exits non-zero when no backend loads; its JSON report still says why.
+    let report: serde_json::Value = serde_json::from_slice(&doctor.stdout).with_context(|| {
+        format!(
+            "parsing {} doctor --json (exit {}): {}",
+            detector.display(),
+            doctor.status,
+            String::from_utf8_lossy(&doctor.stderr).trim()
+        )
+    })?;
     let support = |b: &str| -> (bool, String) {
         report["backends"]
             .as_array()

@@ -4,18 +4,42 @@
 
 pub mod bpfmap;
 
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc;
+use std::sync::{LazyLock, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-pub const DETECTOR: &str = env!("CARGO_BIN_EXE_detector");
+/// The detector binary: `DETECTOR_BIN` when set (the vm-test guest, where the payload is not at
+/// the path cargo built it at), else the one cargo built for these tests.
+pub struct DetectorBinary;
+
+pub const DETECTOR: DetectorBinary = DetectorBinary;
+
+static DETECTOR_PATH: LazyLock<PathBuf> = LazyLock::new(|| {
+    std::env::var_os("DETECTOR_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_detector")))
+});
+
+impl AsRef<OsStr> for DetectorBinary {
+    fn as_ref(&self) -> &OsStr {
+        DETECTOR_PATH.as_os_str()
+    }
+}
+
+impl AsRef<Path> for DetectorBinary {
+    fn as_ref(&self) -> &Path {
+        DETECTOR_PATH.as_path()
+    }
+}
 
 /// True when running as root. Privileged tests return early (with a note) when not root,
 /// unless DETECTOR_REQUIRE_PRIVILEGED=1 (set by `cargo xtask test` and CI): then they fail.
