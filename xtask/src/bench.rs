@@ -31,7 +31,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use load::{Count, TcpSink, UdpGen};
-use sys::{Bpffs, Proc, Sysctl, Topology, check_stop};
+use sys::{Bpffs, Proc, Topology, check_stop};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
@@ -235,7 +235,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     // Held to the end: with it, a state file or namespace of a bench is a leftover of a dead
     // one, never of one that is running.
     let _lock = sys::BenchLock::acquire(Duration::from_secs(20 * 60))?;
-    Sysctl::restore_leftover();
+    sys::restore_leftover_sysctls();
     sys::remove_leftovers();
     sys::unmount_leftovers();
     let root = crate::root();
@@ -283,11 +283,11 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         profile: args.profile || (!args.quick && !args.no_profile),
     };
     // Room for the 512k case plus the churn phases' entries (global; restored on drop).
-    let _max = Sysctl::set("/proc/sys/net/netfilter/nf_conntrack_max", "1048576")?;
+    let _max = sys::set_sysctl("/proc/sys/net/netfilter/nf_conntrack_max", "1048576")?;
     // BPF programs' run time and count in fdinfo: the detector's kernel-side cost per
     // operation, a figure the machine's other load does not distort.
-    let _stats = Sysctl::set("/proc/sys/kernel/bpf_stats_enabled", "1")?;
-    let fs = Bpffs::mount()?;
+    let _stats = sys::set_sysctl("/proc/sys/kernel/bpf_stats_enabled", "1")?;
+    let fs = sys::mount_bpffs()?;
     let topo = Topology::create("a")?;
     let small = fs.dir.join("small_map");
     let _small = bpfmap::AgentMap::create(&small, 4096)?;
