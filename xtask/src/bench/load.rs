@@ -375,6 +375,7 @@ pub fn slab_frees(ns: &Path, threads: usize, dur: Duration) -> Result<Count> {
                 // SAFETY: socket/close with constant arguments.
                 let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
                 if fd >= 0 {
+                    // SAFETY: `fd` is the socket just created here, closed once.
                     unsafe { libc::close(fd) };
                     n += 1;
                 }
