@@ -2,6 +2,7 @@
 
 mod bench;
 mod deploy;
+mod util;
 mod vm;
 
 use std::path::{Path, PathBuf};
@@ -10,6 +11,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use util::{root, run};
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "detector's build and test tasks")]
@@ -58,22 +60,6 @@ enum Task {
     /// Measure overhead, event completeness, verdict latency and memory side by side, in
     /// namespaces it creates; writes BENCHMARKS.md and benchmarks/bench.json. Needs root.
     Bench(bench::BenchArgs),
-}
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace root")
-        .to_path_buf()
-}
-
-fn run(cmd: &mut Command) -> Result<()> {
-    let shown = format!("{cmd:?}");
-    let status = cmd.status().with_context(|| format!("starting {shown}"))?;
-    if !status.success() {
-        bail!("{shown} failed with {status}");
-    }
-    Ok(())
 }
 
 /// The path of the eBPF object that `build_ebpf` writes (detector/build.rs uses the same).

@@ -4,33 +4,19 @@
 //! reply comes late enough to be caught by a delete. Every reply that never arrives is counted.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use testbed::tcp::LateReply;
 
 /// Runs `f` on a thread inside network namespace `ns`.
 pub fn in_netns<T: Send + 'static>(
     ns: &Path,
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
-    let ns = ns.to_path_buf();
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&ns).with_context(|| format!("{}", ns.display()))?;
-        // SAFETY: valid fd; setns affects only this thread.
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!(
-                "setns {}: {}",
-                ns.display(),
-                std::io::Error::last_os_error()
-            );
-        }
-        f()
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
+    testbed::netns::in_netns(ns, f)?
 }
 
 /// How long the server waits before answering a `d` request.
@@ -38,92 +24,24 @@ pub const LATE_REPLY: Duration = Duration::from_millis(500);
 
 /// Starts the server in `ns`: it echoes each byte, late for `d`.
 pub fn start_server(ns: &Path, addr: SocketAddrV4) -> Result<()> {
-    let listener = in_netns(ns, move || {
-        TcpListener::bind(addr).with_context(|| format!("binding the lab server on {addr}"))
-    })?;
-    std::thread::spawn(move || {
-        for s in listener.incoming() {
-            let Ok(mut s) = s else { continue };
-            std::thread::spawn(move || {
-                let mut b = [0u8; 1];
-                while let Ok(1) = s.read(&mut b) {
-                    if b[0] == b'd' {
-                        std::thread::sleep(LATE_REPLY);
-                    }
-                    if s.write_all(&b).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
+    let late = LateReply {
+        byte: b'd',
+        delay: LATE_REPLY,
+    };
+    testbed::tcp::start_echo_server(ns, addr.into(), Some(late))
+        .context("starting the lab server")?;
     Ok(())
 }
 
 /// A connection from `local:port` (SO_REUSEADDR: the port's previous connection was reset).
 pub fn connect(local: Ipv4Addr, port: u16, to: SocketAddrV4) -> Result<TcpStream> {
-    let sin = |a: Ipv4Addr, p: u16| libc::sockaddr_in {
-        sin_family: libc::AF_INET as u16,
-        sin_port: p.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(a.octets()),
-        },
-        sin_zero: [0; 8],
-    };
-    let len = size_of::<libc::sockaddr_in>() as u32;
-    // SAFETY: plain socket calls on a fresh fd, handed to TcpStream (which closes it).
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            bail!("socket: {}", std::io::Error::last_os_error());
-        }
-        let s = TcpStream::from_raw_fd(fd);
-        let one: libc::c_int = 1;
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            (&one as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as u32,
-        );
-        let me = sin(local, port);
-        if libc::bind(fd, (&me as *const libc::sockaddr_in).cast(), len) != 0 {
-            bail!("bind {local}:{port}: {}", std::io::Error::last_os_error());
-        }
-        let them = sin(*to.ip(), to.port());
-        // The previous connection's 4-tuple can linger a moment after its reset.
-        for attempt in 0.. {
-            if libc::connect(fd, (&them as *const libc::sockaddr_in).cast(), len) == 0 {
-                break;
-            }
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EADDRNOTAVAIL) || attempt >= 50 {
-                bail!("connect from port {port} to {to}: {e}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        s.set_read_timeout(Some(LATE_REPLY * 3))?;
-        Ok(s)
-    }
+    let s = testbed::tcp::connect_from_port(local, port, to)?;
+    s.set_read_timeout(Some(LATE_REPLY * 3))?;
+    Ok(s)
 }
 
 /// Closes with a RST: no FIN exchange, no TIME_WAIT, the port is free at once.
-pub fn reset(s: TcpStream) {
-    let l = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: valid socket and option buffer.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&l as *const libc::linger).cast(),
-            size_of::<libc::linger>() as u32,
-        )
-    };
-}
+pub use testbed::tcp::reset;
 
 /// One request and its reply; false when the reply never came.
 fn exchange(s: &mut TcpStream, what: u8) -> bool {

@@ -1,10 +1,14 @@
 //! Namespaces: a node with conntrack active, a client pod and a server pod, each pod joined to
 //! the node by a veth pair and routed through it.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
+use testbed::netns::{self, exec_in};
+use testbed::sysctl::InNetns;
+use testbed::veth::{self, End};
+
+pub use testbed::netns::path as netns_path;
 
 pub const CLIENT_IP: &str = "10.78.1.2";
 pub const SERVER_IP: &str = "10.78.2.2";
@@ -17,37 +21,10 @@ pub struct Topology {
     pub node: String,
     pub client: String,
     pub server: String,
-    /// The node namespace's established timeout before the lab changed it (restored on drop).
-    original_timeout: Option<String>,
+    /// The node namespace's established timeout, set by [`Topology::tune`] (restored on drop).
+    timeout: Option<InNetns>,
     /// Namespaces this lab created: only these are removed (a name clash is not ours).
     created: Vec<String>,
-}
-
-fn run(cmd: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {cmd} (scripts/setup.sh installs it)"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-pub fn netns_path(name: &str) -> PathBuf {
-    PathBuf::from(format!("/run/netns/{name}"))
-}
-
-/// Runs a command in a namespace (nsenter keeps /sys, unlike `ip netns exec`).
-pub fn exec_in(ns: &str, cmd: &str, args: &[&str]) -> Result<String> {
-    let net = format!("--net={}", netns_path(ns).display());
-    let mut all = vec![net.as_str(), cmd];
-    all.extend_from_slice(args);
-    run("nsenter", &all)
 }
 
 const TIMEOUT_SYSCTL: &str = "net.netfilter.nf_conntrack_tcp_timeout_established";
@@ -61,34 +38,31 @@ impl Topology {
             node: format!("lab-{id}-node"),
             client: format!("lab-{id}-cli"),
             server: format!("lab-{id}-srv"),
-            original_timeout: None,
+            timeout: None,
             created: Vec::new(),
         };
         // From here on, drop cleans up whatever was made.
         for ns in [t.node.clone(), t.client.clone(), t.server.clone()] {
-            run("ip", &["netns", "add", &ns])?;
+            netns::add(&ns)?;
             t.created.push(ns);
         }
-        for (pod, veth, node_ip, pod_ip) in [
+        for (pod, dev, node_ip, pod_ip) in [
             (&t.client, "vcli", "10.78.1.1/24", "10.78.1.2/24"),
             (&t.server, SERVER_VETH, "10.78.2.1/24", "10.78.2.2/24"),
         ] {
-            run(
-                "ip",
-                &[
-                    "link", "add", veth, "netns", &t.node, "type", "veth", "peer", "name", "eth0",
-                    "netns", pod,
-                ],
-            )?;
-            run("ip", &["-n", &t.node, "addr", "add", node_ip, "dev", veth])?;
-            run("ip", &["-n", &t.node, "link", "set", veth, "up"])?;
-            run("ip", &["-n", pod, "addr", "add", pod_ip, "dev", "eth0"])?;
-            run("ip", &["-n", pod, "link", "set", "eth0", "up"])?;
-            run("ip", &["-n", pod, "link", "set", "lo", "up"])?;
+            let node_end = End { dev, ns: &t.node };
+            let pod_end = End {
+                dev: "eth0",
+                ns: pod,
+            };
+            veth::add_pair(node_end, pod_end)?;
+            veth::add_address(node_end, node_ip)?;
+            veth::up(node_end)?;
+            veth::add_address(pod_end, pod_ip)?;
+            veth::up(pod_end)?;
             let gw = node_ip.split('/').next().unwrap_or_default();
-            run("ip", &["-n", pod, "route", "add", "default", "via", gw])?;
+            testbed::cmd::run("ip", &["-n", pod, "route", "add", "default", "via", gw])?;
         }
-        run("ip", &["-n", &t.node, "link", "set", "lo", "up"])?;
         exec_in(&t.node, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
         // Conntrack hooks register only when a rule needs them (like kube-proxy's rules on a
         // node).
@@ -104,31 +78,25 @@ impl Topology {
 
     /// Sets the node's established timeout (the tuner), remembering the original.
     pub fn tune(&mut self, seconds: u32) -> Result<()> {
-        let old = exec_in(&self.node, "sysctl", &["-n", TIMEOUT_SYSCTL])?;
-        self.original_timeout.get_or_insert(old.trim().to_string());
-        exec_in(
-            &self.node,
-            "sysctl",
-            &["-qw", &format!("{TIMEOUT_SYSCTL}={seconds}")],
-        )?;
+        let value = seconds.to_string();
+        match &mut self.timeout {
+            Some(t) => t.set_again(&value)?,
+            None => self.timeout = Some(InNetns::set(&self.node, TIMEOUT_SYSCTL, &value)?),
+        }
         Ok(())
     }
 
     /// Removes everything; errors are reported, not fatal (a namespace may already be gone).
     pub fn destroy(&mut self) -> Vec<String> {
         let mut errors = Vec::new();
-        if let Some(old) = self.original_timeout.take()
-            && let Err(e) = exec_in(
-                &self.node,
-                "sysctl",
-                &["-qw", &format!("{TIMEOUT_SYSCTL}={old}")],
-            )
+        if let Some(mut t) = self.timeout.take()
+            && let Err(e) = t.restore()
         {
             errors.push(e.to_string());
         }
         for ns in std::mem::take(&mut self.created) {
             if netns_path(&ns).exists()
-                && let Err(e) = run("ip", &["netns", "del", &ns])
+                && let Err(e) = netns::delete(&ns)
             {
                 errors.push(e.to_string());
             }

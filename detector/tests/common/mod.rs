@@ -1,21 +1,46 @@
-//! Helpers for privileged tests: network namespaces the test creates and removes, TCP in them,
-//! conntrack tools run inside them, and the detector binary run as a user would run it.
+//! Helpers for privileged tests: the detector binary run as a user would run it, and the
+//! namespace pair the tests share. Namespaces, veth pairs, TCP and BPF maps come from the
+//! `testbed` crate; these wrappers only turn its errors into test failures.
 #![allow(dead_code)]
 
 pub mod bpfmap;
 
-use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc;
+use std::sync::{LazyLock, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-pub const DETECTOR: &str = env!("CARGO_BIN_EXE_detector");
+use testbed::netns;
+use testbed::veth::{self, End};
+
+/// The detector binary: `DETECTOR_BIN` when set (the vm-test guest, where the payload is not at
+/// the path cargo built it at), else the one cargo built for these tests.
+pub struct DetectorBinary;
+
+pub const DETECTOR: DetectorBinary = DetectorBinary;
+
+static DETECTOR_PATH: LazyLock<PathBuf> = LazyLock::new(|| {
+    std::env::var_os("DETECTOR_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_detector")))
+});
+
+impl AsRef<OsStr> for DetectorBinary {
+    fn as_ref(&self) -> &OsStr {
+        DETECTOR_PATH.as_os_str()
+    }
+}
+
+impl AsRef<Path> for DetectorBinary {
+    fn as_ref(&self) -> &Path {
+        DETECTOR_PATH.as_path()
+    }
+}
 
 /// True when running as root. Privileged tests return early (with a note) when not root,
 /// unless DETECTOR_REQUIRE_PRIVILEGED=1 (set by `cargo xtask test` and CI): then they fail.
@@ -71,39 +96,25 @@ impl NetnsPair {
             server_ip: "10.77.0.1",
             client_ip: "10.77.0.2",
         };
-        run_ok("ip", &["netns", "add", &pair.server]);
-        run_ok("ip", &["netns", "add", &pair.client]);
-        run_ok(
-            "ip",
-            &[
-                "link",
-                "add",
-                "veth-s",
-                "netns",
-                &pair.server,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "veth-c",
-                "netns",
-                &pair.client,
-            ],
-        );
-        for (ns, dev, ip) in [
-            (&pair.server, "veth-s", "10.77.0.1/24"),
-            (&pair.client, "veth-c", "10.77.0.2/24"),
+        netns::add(&pair.server).unwrap();
+        netns::add(&pair.client).unwrap();
+        let server = End {
+            dev: "veth-s",
+            ns: &pair.server,
+        };
+        let client = End {
+            dev: "veth-c",
+            ns: &pair.client,
+        };
+        veth::add_pair(server, client).unwrap();
+        for (end, ip, ip6) in [
+            (server, "10.77.0.1/24", "fd77::1/64"),
+            (client, "10.77.0.2/24", "fd77::2/64"),
         ] {
-            run_ok("ip", &["-n", ns, "addr", "add", ip, "dev", dev]);
+            veth::add_address(end, ip).unwrap();
             // IPv6 too (no duplicate address detection, so the address is usable at once).
-            let ip6 = if dev == "veth-s" {
-                "fd77::1/64"
-            } else {
-                "fd77::2/64"
-            };
-            run_ok("ip", &["-n", ns, "addr", "add", ip6, "dev", dev, "nodad"]);
-            run_ok("ip", &["-n", ns, "link", "set", dev, "up"]);
-            run_ok("ip", &["-n", ns, "link", "set", "lo", "up"]);
+            veth::add_address(end, ip6).unwrap();
+            veth::up(end).unwrap();
         }
         // Conntrack hooks register only when a rule needs them.
         pair.exec_ok(
@@ -127,11 +138,11 @@ impl NetnsPair {
     }
 
     pub fn path(ns: &str) -> String {
-        format!("/run/netns/{ns}")
+        netns::path(ns).to_string_lossy().into_owned()
     }
 
     pub fn inode(&self, ns: &str) -> u32 {
-        std::fs::metadata(Self::path(ns)).unwrap().ino() as u32
+        netns::inode(ns).unwrap() as u32
     }
 
     /// Runs a command inside `ns` (nsenter keeps /sys and bpffs, unlike `ip netns exec`).
@@ -143,48 +154,25 @@ impl NetnsPair {
     }
 
     pub fn exec_ok(&self, ns: &str, cmd: &str, args: &[&str]) -> String {
-        let out = self.exec(ns, cmd, args);
-        assert!(
-            out.status.success(),
-            "{cmd} {args:?} in {ns} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        netns::exec_in(ns, cmd, args).unwrap_or_else(|e| panic!("{cmd} {args:?} in {ns}: {e}"))
     }
 
     pub fn spawn_in(&self, ns: &str, cmd: &str, args: &[&str]) -> Child {
-        let net = format!("--net={}", Self::path(ns));
-        Command::new("nsenter")
-            .arg(net)
-            .arg(cmd)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {cmd} in {ns}: {e}"))
+        netns::spawn_in(ns, cmd, args).unwrap_or_else(|e| panic!("spawning {cmd} in {ns}: {e}"))
     }
 }
 
 impl Drop for NetnsPair {
     fn drop(&mut self) {
         // Deleting a namespace removes its veth end, and with it the peer.
-        let _ = run("ip", &["netns", "del", &self.server]);
-        let _ = run("ip", &["netns", "del", &self.client]);
+        let _ = netns::delete(&self.server);
+        let _ = netns::delete(&self.client);
     }
 }
 
 /// Runs `f` on a thread that has entered network namespace `ns`.
 pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = NetnsPair::path(ns);
-    thread::spawn(move || {
-        let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-        // SAFETY: valid fd; setns affects only this thread.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .expect("netns thread panicked")
+    netns::in_netns(&netns::path(ns), f).unwrap_or_else(|e| panic!("in {ns}: {e}"))
 }
 
 /// A TCP server in a namespace that answers one byte per byte received and keeps every
@@ -195,41 +183,13 @@ pub fn start_echo_server(ns: &str, ip: &str) -> SocketAddr {
 
 /// [`start_echo_server`] on a given port (0: any free one), for datapaths set up for a port.
 pub fn start_echo_server_on(ns: &str, ip: &str, port: u16) -> SocketAddr {
-    let (tx, rx) = mpsc::channel();
-    let path = NetnsPair::path(ns);
-    let ip = ip.to_string();
-    thread::spawn(move || {
-        let file = File::open(&path).unwrap();
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0);
-        let l = TcpListener::bind((ip.as_str(), port)).unwrap();
-        tx.send(l.local_addr().unwrap()).unwrap();
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            thread::spawn(move || {
-                let mut b = [0u8; 1];
-                while let Ok(1) = s.read(&mut b) {
-                    if s.write_all(&b).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(5))
-        .expect("server did not start")
+    let addr = SocketAddr::new(ip.parse().unwrap(), port);
+    testbed::tcp::start_echo_server(&netns::path(ns), addr, None).expect("server did not start")
 }
 
 /// Opens a connection from namespace `ns`, does one request/reply, and returns the open stream.
 pub fn connect_from(ns: &str, to: SocketAddr) -> TcpStream {
-    in_netns(ns, move || {
-        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(b"x").unwrap();
-        let mut b = [0u8; 1];
-        s.read_exact(&mut b).expect("reply");
-        s
-    })
+    testbed::tcp::connect_from(&netns::path(ns), to).expect("connect")
 }
 
 /// A test that fails midway must not leave a detector running with its programs attached.
@@ -243,14 +203,8 @@ impl Drop for Detector {
 }
 
 /// Kills and reaps a helper process (e.g. `conntrack -E`) when dropped, even on a panic.
-pub struct ChildGuard(pub Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+#[allow(unused_imports, reason = "not every test binary uses every helper")]
+pub use testbed::process::ChildGuard;
 
 /// Opens a connection from `ns` bound to `local:port` (as the lab's reproducer does: the
 /// port's previous connection may just have been reset), does one request/reply, returns it.
@@ -260,19 +214,15 @@ pub fn connect_from_port(ns: &str, local: &str, port: u16, to: SocketAddr) -> Tc
         panic!("IPv4 only")
     };
     in_netns(ns, move || {
-        let mut s = detector::lab::reproducer::connect(local, port, to).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(b"x").unwrap();
-        let mut b = [0u8; 1];
-        s.read_exact(&mut b).expect("reply");
+        let mut s = testbed::tcp::connect_from_port(local, port, to).expect("connect");
+        testbed::tcp::exchange(&mut s).expect("reply");
         s
     })
 }
 
 /// Closes a connection with a RST (no TIME_WAIT, and no conntrack entry for the closing packet).
-pub fn reset(s: TcpStream) {
-    detector::lab::reproducer::reset(s);
-}
+#[allow(unused_imports, reason = "not every test binary uses every helper")]
+pub use testbed::tcp::reset;
 
 /// The detector running `trace --json`, as a user would run it.
 pub struct Detector {

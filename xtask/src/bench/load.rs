@@ -197,21 +197,7 @@ pub fn tcp_churn(ns: &Path, to: SocketAddrV4, threads: usize, dur: Duration) -> 
         |_| Ok(()),
         move |_| match TcpStream::connect_timeout(&to.into(), Duration::from_secs(5)) {
             Ok(s) => {
-                let linger = libc::linger {
-                    l_onoff: 1,
-                    l_linger: 0,
-                };
-                // SAFETY: a valid socket and a linger struct of the right size.
-                unsafe {
-                    libc::setsockopt(
-                        s.as_raw_fd(),
-                        libc::SOL_SOCKET,
-                        libc::SO_LINGER,
-                        (&linger as *const libc::linger).cast(),
-                        size_of::<libc::linger>() as u32,
-                    )
-                };
-                drop(s);
+                testbed::tcp::reset(s);
                 (1, 0)
             }
             Err(e) => {
@@ -389,6 +375,7 @@ pub fn slab_frees(ns: &Path, threads: usize, dur: Duration) -> Result<Count> {
                 // SAFETY: socket/close with constant arguments.
                 let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
                 if fd >= 0 {
+                    // SAFETY: `fd` is the socket just created here, closed once.
                     unsafe { libc::close(fd) };
                     n += 1;
                 }

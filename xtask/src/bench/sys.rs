@@ -6,11 +6,12 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use testbed::netns;
+use testbed::veth::{self, End};
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -47,32 +48,8 @@ pub fn nap(d: Duration) {
     }
 }
 
-pub fn run(cmd: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {cmd} (scripts/setup.sh installs it)"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-pub fn netns_path(name: &str) -> PathBuf {
-    PathBuf::from(format!("/run/netns/{name}"))
-}
-
-/// Runs a command in a namespace (nsenter keeps /sys, unlike `ip netns exec`).
-pub fn exec_in(ns: &str, cmd: &str, args: &[&str]) -> Result<String> {
-    let net = format!("--net={}", netns_path(ns).display());
-    let mut all = vec![net.as_str(), cmd];
-    all.extend_from_slice(args);
-    run("nsenter", &all)
-}
+pub use testbed::cmd::run;
+pub use testbed::netns::{enter, exec_in, in_netns, path as netns_path};
 
 /// Reads a file under /proc/sys/net of a namespace (per-namespace values such as
 /// nf_conntrack_count), from a thread that entered it.
@@ -80,27 +57,6 @@ pub fn ns_proc_read(ns: &Path, file: &'static str) -> Result<String> {
     in_netns(ns, move || {
         std::fs::read_to_string(file).with_context(|| format!("reading {file}"))
     })?
-}
-
-/// Runs `f` on a thread that entered the network namespace `ns`: sockets it creates belong to
-/// that namespace for their whole life, whichever thread uses them later.
-pub fn in_netns<T: Send + 'static>(ns: &Path, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-    let file = File::open(ns).with_context(|| format!("opening {}", ns.display()))?;
-    std::thread::spawn(move || -> Result<T> {
-        enter(&file)?;
-        Ok(f())
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("a namespace thread panicked"))?
-}
-
-/// Moves the calling thread into the network namespace open as `file`.
-pub fn enter(file: &File) -> Result<()> {
-    // SAFETY: setns on a valid fd; CLONE_NEWNET only affects the calling thread.
-    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        bail!("setns: {}", std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Prefix of every namespace the bench creates: `bench-<pid>-...`.
@@ -128,23 +84,21 @@ impl Topology {
             created: Vec::new(),
         };
         for ns in [t.cli.clone(), t.srv.clone()] {
-            run("ip", &["netns", "add", &ns])?;
+            netns::add(&ns)?;
             t.created.push(ns);
         }
-        run(
-            "ip",
-            &[
-                "link", "add", "eth0", "netns", &t.cli, "type", "veth", "peer", "name", "eth0",
-                "netns", &t.srv,
-            ],
-        )?;
-        for (ns, ip) in [(&t.cli, CLI_IP), (&t.srv, SRV_IP)] {
-            run(
-                "ip",
-                &["-n", ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
-            )?;
-            run("ip", &["-n", ns, "link", "set", "eth0", "up"])?;
-            run("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+        let cli = End {
+            dev: "eth0",
+            ns: &t.cli,
+        };
+        let srv = End {
+            dev: "eth0",
+            ns: &t.srv,
+        };
+        veth::add_pair(cli, srv)?;
+        for (end, ip) in [(cli, CLI_IP), (srv, SRV_IP)] {
+            veth::add_address(end, &format!("{ip}/24"))?;
+            veth::up(end)?;
         }
         // Conntrack hooks register only when a rule needs them.
         exec_in(
@@ -234,7 +188,7 @@ impl Topology {
 impl Drop for Topology {
     fn drop(&mut self) {
         for ns in self.created.drain(..) {
-            if let Err(e) = run("ip", &["netns", "del", &ns]) {
+            if let Err(e) = netns::delete(&ns) {
                 eprintln!("bench cleanup: {e}");
             }
         }
@@ -243,22 +197,9 @@ impl Drop for Topology {
 
 /// Namespaces left by a bench that was killed (its pid is gone): removed at start.
 pub fn remove_leftovers() {
-    let Ok(dir) = std::fs::read_dir("/run/netns") else {
-        return;
-    };
-    for e in dir.filter_map(|e| e.ok()) {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(NS_PREFIX) else {
-            continue;
-        };
-        let pid = rest.split('-').next().unwrap_or("");
-        if pid
-            .parse::<u32>()
-            .is_ok_and(|p| !Path::new(&format!("/proc/{p}")).exists())
-        {
-            let _ = run("ip", &["netns", "del", &name]);
-            eprintln!("bench: removed leftover namespace {name}");
-        }
+    for name in netns::orphans(NS_PREFIX) {
+        let _ = netns::delete(&name);
+        eprintln!("bench: removed leftover namespace {name}");
     }
 }
 
@@ -305,85 +246,27 @@ impl BenchLock {
     }
 }
 
-/// A global sysctl (a /proc/sys path) set for the bench, restored on drop. The original value
-/// is also written to a state file, so a bench that was killed outright is undone by the next.
-pub struct Sysctl {
-    path: &'static str,
-    original: String,
-    state: PathBuf,
-}
-
 const STATE_PREFIX: &str = "detector-bench-sysctl.";
 
-impl Sysctl {
-    pub fn set(path: &'static str, value: &str) -> Result<Self> {
-        let original = std::fs::read_to_string(path)
-            .with_context(|| format!("reading {path}"))?
-            .trim()
-            .to_string();
-        let state = Path::new("/run").join(format!(
-            "{STATE_PREFIX}{}",
-            path.trim_start_matches("/proc/sys/").replace('/', ".")
-        ));
-        std::fs::write(&state, format!("{path} {original}\n")).context("writing the state file")?;
-        std::fs::write(path, value).with_context(|| format!("setting {path} to {value}"))?;
-        Ok(Self {
-            path,
-            original,
-            state,
-        })
-    }
+/// Sets a global sysctl (a /proc/sys path) for the bench, restored when the guard drops; a
+/// bench that was killed outright is undone by the next ([`restore_leftover_sysctls`]).
+pub fn set_sysctl(path: &'static str, value: &str) -> Result<testbed::sysctl::Global> {
+    Ok(testbed::sysctl::Global::set(path, value, STATE_PREFIX)?)
+}
 
-    /// Restores what a killed bench left changed.
-    pub fn restore_leftover() {
-        let Ok(dir) = std::fs::read_dir("/run") else {
-            return;
-        };
-        for e in dir.filter_map(|e| e.ok()) {
-            if !e.file_name().to_string_lossy().starts_with(STATE_PREFIX) {
-                continue;
-            }
-            if let Ok(s) = std::fs::read_to_string(e.path())
-                && let Some((path, value)) = s.trim().split_once(' ')
-                && path.starts_with("/proc/sys/")
-                && std::fs::write(path, value).is_ok()
-            {
-                eprintln!("bench: restored {path} = {value} left by an earlier bench");
-            }
-            let _ = std::fs::remove_file(e.path());
-        }
+/// Restores what a killed bench left changed.
+pub fn restore_leftover_sysctls() {
+    for restored in testbed::sysctl::restore_leftovers(STATE_PREFIX) {
+        eprintln!("bench: restored {restored} left by an earlier bench");
     }
 }
 
-impl Drop for Sysctl {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::write(self.path, &self.original) {
-            eprintln!("bench cleanup: restoring {}: {e}", self.path);
-        }
-        let _ = std::fs::remove_file(&self.state);
-    }
-}
+pub use testbed::bpfmap::Bpffs;
 
-/// A bpffs mounted on a fresh directory; unmounted and removed on drop.
-pub struct Bpffs {
-    pub dir: PathBuf,
-}
-
-impl Bpffs {
-    pub fn mount() -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("dtbench-bpffs-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        let fs = Self { dir };
-        run("mount", &["-t", "bpf", "bpf", &fs.dir.to_string_lossy()])?;
-        Ok(fs)
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        let _ = run("umount", &[&self.dir.to_string_lossy()]);
-        let _ = std::fs::remove_dir(&self.dir);
-    }
+/// Mounts the bench's bpffs (`dtbench-bpffs-<pid>` in the temporary directory).
+pub fn mount_bpffs() -> Result<Bpffs> {
+    let dir = std::env::temp_dir().join(format!("dtbench-bpffs-{}", std::process::id()));
+    Ok(Bpffs::mount_at(dir)?)
 }
 
 /// Unmounts bpffs left by a killed bench.
@@ -405,64 +288,7 @@ pub fn unmount_leftovers() {
 }
 
 /// A child process that dies with the bench (PR_SET_PDEATHSIG) and is stopped on drop.
-pub struct Proc {
-    pub child: Child,
-    pub name: String,
-}
-
-impl Proc {
-    pub fn spawn(name: &str, mut cmd: Command) -> Result<Self> {
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let child = cmd
-            .stdin(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {name}"))?;
-        Ok(Self {
-            child,
-            name: name.to_string(),
-        })
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// SIGINT (a clean stop that prints summaries), then SIGKILL after `grace`.
-    pub fn stop(&mut self, grace: Duration) -> Result<std::process::ExitStatus> {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let end = Instant::now() + grace;
-        loop {
-            if let Some(st) = self.child.try_wait()? {
-                return Ok(st);
-            }
-            if Instant::now() > end {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                bail!(
-                    "{} did not stop within {grace:?} of SIGINT (killed)",
-                    self.name
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
+pub use testbed::process::Proc;
 
 /// Reads lines from a child's pipe on a thread until `pred` matches one (returns the time it
 /// took), then keeps draining the rest into the returned collector.

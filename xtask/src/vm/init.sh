@@ -13,7 +13,7 @@ mount -t tracefs tracefs /sys/kernel/tracing
 mount -t debugfs debugfs /sys/kernel/debug
 mkdir -p /run/netns
 echo "VMTEST-BOOTED kernel=$(uname -r) uptime=$(cut -d' ' -f1 /proc/uptime)"
-sh /payload/run.sh
+sh /detector/run.sh
 RC=$?
 echo "VMTEST-END rc=$RC uptime=$(cut -d' ' -f1 /proc/uptime)"
 echo "VMTEST-END rc=$RC" > /dev/ttyS1

@@ -1,0 +1,167 @@
+//! The report's notes on missed targets, and the heap profile's top allocation sites.
+
+use std::fmt::Write;
+
+use serde_json::Value;
+
+use super::{Results, median, thresholds, us};
+
+/// What dominates each missed target (from the code's structure and the profiles in section
+/// 5), written only for targets this run missed.
+pub(super) fn notes(s: &mut String, r: &Results) {
+    let mut n = Vec::new();
+    let default = r.backends.first().cloned().unwrap_or_default();
+    let overhead_missed = r.overhead.iter().any(|w| {
+        w.name != "unrelated slab frees"
+            && w.configs
+                .iter()
+                .any(|c| c.name.contains(&format!("run ({default})")) && (1.0 - c.ratio) > 0.03)
+    });
+    if overhead_missed {
+        let per_op: Vec<String> = r
+            .overhead
+            .iter()
+            .filter(|w| w.name != "unrelated slab frees")
+            .filter_map(|w| {
+                let c = w
+                    .configs
+                    .iter()
+                    .find(|c| c.name.contains(&format!("run ({default})")))?;
+                Some(format!(
+                    "{}: {} in the detector process and {} in {:.1} BPF program runs per \
+                     operation",
+                    w.name,
+                    us(median(&c.observer_cpu_ns_per_op)),
+                    us(median(&c.bpf_ns_per_op)),
+                    median(&c.bpf_runs_per_op)
+                ))
+            })
+            .collect();
+        n.push(format!(
+            "Overhead: the load generator keeps both CPUs of this machine busy, so every cycle the \
+             detector spends comes out of the throughput ({}). In the kernel, the tracepoint \
+             backend's programs run on every packet that leaves with a conntrack entry (the \
+             first-packet NEW probe looks the entry up in, and adds it to, its dedupe hash map: \
+             `htab_map_update_elem`/`lookup_nulls_elem_raw` in the profile) and on every slab free \
+             (each packet's own buffers are slab objects, hence the many runs per TCP \
+             connection); in user space, the loop reads two records per flow (NEW and DESTROY) \
+             through the reorder buffer into the engine's shadows. The cost is per operation, so \
+             at the rates of a real node (far below this saturating generator) it is the same \
+             microseconds per flow, not this share of the throughput. Section 5's system-wide \
+             profile shows the split. `conntrack -E` is measured the same way for comparison.",
+            per_op.join("; ")
+        ));
+    }
+    if let Some(l) = &r.latency
+        && l.p99_ns > 5_000_000
+    {
+        n.push(format!(
+            "Verdict latency: the liveness is decided in the kernel at the delete; the verdict is \
+             emitted when the delete's record leaves the reorder buffer, {} ms after its \
+             timestamp (the event loop wakes on the ring buffer and at each held record's due \
+             time: detector/src/cmd/stream.rs). The lab's cleanup deletes its keys in one burst, \
+             and each verdict of a burst waits for the ones before it: every verdict line carries \
+             the flow's whole timeline (8 KB of JSON for 32 events: engine_mem), written by the detector and parsed \
+             by the lab's reader on the same two CPUs, so the tail grows by tens to hundreds of \
+             microseconds per verdict of the burst. The first verdict of a burst arrives about 3 ms \
+             after its delete. A slimmer live line (the timeline only in the trace file) is what \
+             would bring p99 under 5 ms.",
+            l.watermark_ms
+        ));
+    }
+    if let Some(m) = &r.memory {
+        if m.user_bytes_per_flow > 160.0 || m.hwm > 96 << 20 {
+            n.push(
+                "Memory: per tracked flow the detector keeps, in user space, a node in the \
+                 engine's flow table (a dense slab with a u32-linked recency list: packed tuple, \
+                 the live entry inline, the last destroyed entry), a node in its agent-key table, \
+                 both tables' hash indexes and the pre-existing-entry index; the engine's part is \
+                 262 B per flow at 524288 flows (`cargo run --release -p detector --example \
+                 engine_mem`), and its flight recorder of the last 32768 events is a fixed cost. \
+                 The flow and key tables hold the same 5-tuple twice: folding \
+                 the key table into the flow table is the next step toward 160 B. The peak \
+                 (VmHWM) is above the steady RSS because of the start-up snapshots (the \
+                 ctnetlink dump and the map's keys as vectors), freed once fed to the engine; \
+                 the parsed kernel BTF is freed once the programs are loaded. The heap profile \
+                 in section 5 gives each part's bytes per flow."
+                    .to_string(),
+            );
+        }
+        if m.ready_median_s > 2.0 {
+            n.push(
+                "Start-up: the engine's inserts of 524288 entries and keys take about 0.45 s \
+                 (`cargo run --release -p detector --example engine_mem`); the rest goes to the \
+                 kernel's ctnetlink dump and to reading the agent map's keys one \
+                 `BPF_MAP_GET_NEXT_KEY` at a time (batched reads are the next step); see the \
+                 start-up profile in section 5."
+                    .to_string(),
+            );
+        }
+    }
+    let (_, c_lossy) = thresholds(r, "conntrack -E");
+    if c_lossy.is_some() {
+        n.push(
+            "`conntrack -E` (default socket buffer) loses DESTROY events first: the kernel's \
+             conntrack gc reaps expired entries in bursts, and a burst overflows the netlink \
+             socket (ENOBUFS) even when the average rate is low."
+                .to_string(),
+        );
+    }
+    if n.is_empty() {
+        return;
+    }
+    let _ = writeln!(s, "### Notes on the figures\n");
+    for x in n {
+        let _ = writeln!(s, "- {x}");
+    }
+    let _ = writeln!(s);
+}
+
+/// A dhat profile's heap at its peak (`gb` of each allocation point), summed by the first
+/// detector function on the stack (the allocator's and std's frames skipped), largest first,
+/// with bytes per flow.
+pub fn dhat_top(v: &Value, flows: u64, n: usize) -> Vec<String> {
+    let frames: Vec<&str> = v["ftbl"]
+        .as_array()
+        .map(|a| a.iter().map(|f| f.as_str().unwrap_or("")).collect())
+        .unwrap_or_default();
+    let mut by: std::collections::HashMap<String, u64> = Default::default();
+    let mut total = 0;
+    for pp in v["pps"].as_array().into_iter().flatten() {
+        let bytes = pp["gb"].as_u64().unwrap_or(0);
+        if bytes == 0 {
+            continue;
+        }
+        total += bytes;
+        let site = pp["fs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| frames.get(i.as_u64()? as usize))
+            .find(|f| f.contains("detector::"))
+            .map(|f| {
+                // "0x1234: <fn> (file.rs:12:5)" -> "<fn>"
+                let f = f.split_once(": ").map_or(*f, |(_, rest)| rest);
+                let f = f.rsplit_once(" (").map_or(f, |(name, _)| name);
+                f.chars().take(140).collect::<String>()
+            })
+            .unwrap_or_else(|| "(outside the detector's code)".into());
+        *by.entry(site).or_default() += bytes;
+    }
+    let mut sites: Vec<(String, u64)> = by.into_iter().collect();
+    sites.sort_by_key(|s| std::cmp::Reverse(s.1));
+    let per = |b: u64| b as f64 / flows.max(1) as f64;
+    let mut out = vec![format!(
+        "{:8.1} MiB {:7.0} B/flow  heap at peak, total",
+        total as f64 / 1048576.0,
+        per(total)
+    )];
+    out.extend(sites.into_iter().take(n).map(|(site, b)| {
+        format!(
+            "{:8.1} MiB {:7.0} B/flow  {site}",
+            b as f64 / 1048576.0,
+            per(b)
+        )
+    }));
+    out
+}
