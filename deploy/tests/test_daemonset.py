@@ -38,6 +38,9 @@ def manifest():
     caps = re.findall(r'"(\w+)"', re.search(r"add: \[(.*)\]", ds).group(1))
     settings = dict(re.findall(r'^  (\w+): "(.*)"$',
                                open(os.path.join(DEPLOY, "detector", "settings.yaml")).read(), re.M))
+    # The race-timing ConfigMap's values (deploy/timing/timing.env, also loaded with envFrom).
+    settings.update(re.findall(r"^(\w+)=(.*)$",
+                               open(os.path.join(DEPLOY, "timing", "timing.env")).read(), re.M))
     return args, caps, settings
 
 
