@@ -153,6 +153,46 @@ class ConntrackTimeoutScript(unittest.TestCase):
                     self.assertEqual(x.wait(), 0, x.output())
                 self.assertEqual(self.value(), ORIGINAL)
 
+    def test_drift_is_set_again_and_logged(self):
+        # kube-proxy writes its own value when it restarts: the tuner must notice, set the test
+        # value again and say so, and still restore the node's original (not the drifted value).
+        drifted = 555
+        for shell in shells():
+            with self.subTest(shell=shell):
+                netns.sysctl_set(self.ns, ORIGINAL)
+                r = self.start(shell, "tune", CHECK_INTERVAL=1)
+                self.wait_tuned(r)
+                netns.sysctl_set(self.ns, drifted)
+                netns.wait_for(lambda: "drift:" in r.output() or r.proc.poll() is not None, 10,
+                               "the tuner's drift line")
+                out = r.output()
+                self.assertIn(f"set {drifted} s -> {TEST} s", out)
+                self.assertEqual(self.value(), TEST, out)
+                self.assertEqual(self.start(shell, "ready").wait(), 0)
+                r.signal(signal.SIGTERM)
+                self.assertEqual(r.wait(), 0, r.output())
+                self.assertEqual(self.value(), ORIGINAL, r.output())
+                self.assertIn(f"restored {netns.KEY} from {TEST} s to the original {ORIGINAL} s",
+                              r.output())
+
+    def test_ready_checks_the_live_value(self):
+        shell = shells()[-1]
+        before = self.start(shell, "ready")
+        self.assertEqual(before.wait(), 1, before.output())
+        self.assertIn("not tuned", before.output())
+        # A check interval longer than the test: the drift stays until the test ends.
+        r = self.start(shell, "tune", CHECK_INTERVAL=600)
+        self.wait_tuned(r)
+        ok = self.start(shell, "ready")
+        self.assertEqual(ok.wait(), 0, ok.output())
+        netns.sysctl_set(self.ns, 555)
+        drifted = self.start(shell, "ready")
+        self.assertEqual(drifted.wait(), 1, drifted.output())
+        self.assertIn(f"{netns.KEY} is 555 s, not the test value {TEST} s", drifted.output())
+        r.signal(signal.SIGTERM)
+        self.assertEqual(r.wait(), 0, r.output())
+        self.assertEqual(self.value(), ORIGINAL)
+
     def test_killed_tuner_keeps_the_first_record(self):
         shell = shells()[-1]
         r = self.start(shell, "tune")

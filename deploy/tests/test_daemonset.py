@@ -2,7 +2,8 @@
 (its node namespace, an emulated agent whose map is pinned, the port-reuse races), and the
 detector runs the way the manifest says: with the args of deploy/detector/daemonset.yaml and
 the values of deploy/detector/settings.yaml, in the node's network namespace (hostNetwork),
-with exactly the capabilities the manifest adds, a read-only root, the agent's map at NPA's pin
+with exactly the capabilities the manifest adds, no_new_privs, the manifest's Localhost seccomp
+profile (deploy/detector/seccomp.json, loaded with libseccomp as a runtime does), a read-only root, the agent's map at NPA's pin
 path under a read-only /sys/fs/bpf, read-only BTF and tracefs, and the manifest's trace
 directory as the only writable place. It
 must start without error and report the lab's races.
@@ -21,11 +22,14 @@ import tempfile
 import time
 import unittest
 
+import yaml
+
 import netns
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEPLOY = os.path.normpath(os.path.join(HERE, ".."))
 CONTAINER = os.path.join(HERE, "container.py")
+SECCOMP_ROOT = "/var/lib/kubelet/seccomp"  # the kubelet's root for Localhost profiles
 MASKS = {"BPF": 39, "PERFMON": 38, "NET_ADMIN": 12, "SYS_ADMIN": 21, "SYS_PTRACE": 19}
 
 
@@ -38,7 +42,28 @@ def manifest():
     caps = re.findall(r'"(\w+)"', re.search(r"add: \[(.*)\]", ds).group(1))
     settings = dict(re.findall(r'^  (\w+): "(.*)"$',
                                open(os.path.join(DEPLOY, "detector", "settings.yaml")).read(), re.M))
+    # The race-timing ConfigMap's values (deploy/timing/timing.env, also loaded with envFrom).
+    settings.update(re.findall(r"^(\w+)=(.*)$",
+                               open(os.path.join(DEPLOY, "timing", "timing.env")).read(), re.M))
     return args, caps, settings
+
+
+def seccomp_profile():
+    """The shipped profile's path, after checking that the DaemonSet runs the detector with it
+    and that its init container installs it where the kubelet will look for that name."""
+    ds = yaml.safe_load(open(os.path.join(DEPLOY, "detector", "daemonset.yaml")))
+    pod = ds["spec"]["template"]["spec"]
+    detector = next(c for c in pod["containers"] if c["name"] == "detector")
+    sp = detector["securityContext"]["seccompProfile"]
+    assert sp["type"] == "Localhost", sp
+    init = next(c for c in pod["initContainers"] if c["name"] == "install-seccomp")
+    mount = next(m for m in init["volumeMounts"] if m["name"] == "kubelet-seccomp")
+    host = next(v for v in pod["volumes"] if v["name"] == "kubelet-seccomp")["hostPath"]["path"]
+    installed = os.path.join(host, os.path.basename(sp["localhostProfile"]))
+    assert installed == os.path.join(SECCOMP_ROOT, sp["localhostProfile"]), installed
+    assert f"{mount['mountPath']}/{os.path.basename(installed)}" in init["command"][-1], init
+    assert "/profile/seccomp.json" in init["command"][-1], init
+    return os.path.join(DEPLOY, "detector", "seccomp.json")
 
 
 class DaemonSet(unittest.TestCase):
@@ -101,7 +126,8 @@ class DaemonSet(unittest.TestCase):
         ] + [f"robind={d}" for d in ("/tmp", "/run") if os.path.ismount(d)]
         det = subprocess.Popen(
             ["nsenter", f"--net={node}", "unshare", "-m", "--propagation", "private",
-             sys.executable, CONTAINER, "--caps", ",".join(caps), *ops, "--", *argv],
+             sys.executable, CONTAINER, "--caps", ",".join(caps), "--seccomp", seccomp_profile(),
+             *ops, "--", *argv],
             stdout=out, stderr=err, text=True)
         self.procs.append(det)
 
@@ -116,6 +142,9 @@ class DaemonSet(unittest.TestCase):
         status = open(f"/proc/{det.pid}/status").read()
         cap_eff = int(re.search(r"CapEff:\s*([0-9a-f]+)", status).group(1), 16)
         self.assertEqual(cap_eff, sum(1 << MASKS[c] for c in caps))
+        # Under the seccomp filter (mode 2) with no_new_privs, as allowPrivilegeEscalation: false.
+        self.assertRegex(status, r"Seccomp:\s*2\n")
+        self.assertRegex(status, r"NoNewPrivs:\s*1\n")
         self.assertEqual(lab.wait(timeout=120), 0)
         det.send_signal(signal.SIGTERM)  # as the kubelet stops a pod
         self.assertEqual(det.wait(timeout=30), 0, log())

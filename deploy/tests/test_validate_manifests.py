@@ -103,5 +103,42 @@ class Validator(unittest.TestCase):
         self.assertTrue(any("deploy/lab/forgotten.yaml" in f for f in fails), out)
 
 
+    def test_pod_without_os_selector_fails(self):
+        self.edit(os.path.join("lab", "server.yaml"),
+                  "      nodeSelector:\n        kubernetes.io/os: linux\n", "")
+        rc, fails, _, out = self.validate()
+        self.assertEqual(rc, 1)
+        self.assertTrue(fails, out)
+        self.assertTrue(all("Deployment race-lab/race-server" in f and "nodeSelector" in f
+                            for f in fails), fails)
+
+    def test_token_left_to_the_default_fails(self):
+        self.edit(os.path.join("tuner", "reset", "daemonset.yaml"),
+                  "      automountServiceAccountToken: false\n", "")
+        rc, fails, _, out = self.validate()
+        self.assertEqual(rc, 1)
+        self.assertTrue(fails, out)
+        self.assertTrue(all("conntrack-reset" in f and "automountServiceAccountToken is not set" in f
+                            for f in fails), fails)
+
+    def test_idle_shorter_than_the_timeout_fails(self):
+        self.edit(os.path.join("timing", "timing.env"), "REPRODUCER_IDLE=45", "REPRODUCER_IDLE=30")
+        rc, fails, _, out = self.validate()
+        self.assertEqual(rc, 1)
+        # One race-timing ConfigMap per namespace that reads it, and deploy/timing's own.
+        namespaces = {f.split()[2].split("/")[0] for f in fails}
+        self.assertEqual(namespaces, {"detector", "conntrack-tuner", "conntrack-reset", "race-lab", "-"},
+                         fails)
+        self.assertTrue(all("REPRODUCER_IDLE=30 must exceed TEST_TIMEOUT=30" in f for f in fails), fails)
+
+    def test_servicemonitor_on_a_missing_port_fails(self):
+        self.edit(os.path.join("detector", "monitoring", "servicemonitor.yaml"),
+                  "port: http-metrics", "port: metrics")
+        rc, fails, _, out = self.validate()
+        self.assertEqual(rc, 1)
+        self.assertEqual(len(fails), 1, out)
+        self.assertIn("ServiceMonitor detector/detector", fails[0])
+        self.assertIn("['metrics']", fails[0])
+
 if __name__ == "__main__":
     unittest.main()

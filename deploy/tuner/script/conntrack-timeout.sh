@@ -7,7 +7,12 @@
 #
 #   tune     record the node's original value (once: a restarted tuner keeps the first record),
 #            set TEST_TIMEOUT, hold it until SIGTERM/SIGINT or until TTL seconds have passed,
-#            then restore the recorded original and remove the record.
+#            then restore the recorded original and remove the record. While holding, it reads
+#            the live value every CHECK_INTERVAL seconds and sets TEST_TIMEOUT again when
+#            something else changed it (kube-proxy writes its own value when it restarts),
+#            logging the value it found and the one it set.
+#   ready    the tuner's readiness probe: succeeds only while the node is tuned and the live
+#            value is TEST_TIMEOUT.
 #   restore  restore the recorded original now and remove the record (the tuner's preStop
 #            hook); without a record there is nothing to restore.
 #   reset    the safety net after the lab: restore the recorded original if a record is left
@@ -17,6 +22,7 @@
 #
 # Settings (environment): SYSCTL_DIR (/proc/sys/net/netfilter of the node), STATE_DIR (where
 # the record lives, a hostPath so it outlives the pod), TEST_TIMEOUT (30), TTL (3600),
+# CHECK_INTERVAL (5),
 # RESET_FALLBACK (86400: kube-proxy's default; the kernel's own is 432000), READY_FILE (created
 # while the node is tuned or once it is reset: the readiness probe), POD_UID, NODE_NAME, HOLD.
 set -u
@@ -26,6 +32,7 @@ SYSCTL_DIR=${SYSCTL_DIR:-/proc/sys/net/netfilter}
 STATE_DIR=${STATE_DIR:-/var/lib/detector-lab}
 TEST_TIMEOUT=${TEST_TIMEOUT:-30}
 TTL=${TTL:-3600}
+CHECK_INTERVAL=${CHECK_INTERVAL:-5}
 RESET_FALLBACK=${RESET_FALLBACK:-86400}
 READY_FILE=${READY_FILE:-/run/lab/ready}
 NODE=${NODE_NAME:-$(hostname)}
@@ -88,9 +95,43 @@ idle() {
   done
 }
 
+# Holds TEST_TIMEOUT until TTL seconds have passed: every CHECK_INTERVAL seconds, reads the
+# live value and writes TEST_TIMEOUT again if it changed. Returns at the TTL; a signal's handler
+# exits instead.
+hold() {
+  deadline=$(($(date +%s) + TTL))
+  while :; do
+    left=$((deadline - $(date +%s)))
+    [ "$left" -gt 0 ] || return 0
+    step=$CHECK_INTERVAL
+    [ "$left" -lt "$step" ] && step=$left
+    sleep "$step" &
+    sleeper=$!
+    wait "$sleeper"
+    sleeper=
+    live=$(read_value) || exit 1
+    if [ "$live" != "$TEST_TIMEOUT" ]; then
+      rm -f "$READY_FILE"
+      write_value "$TEST_TIMEOUT"
+      : >"$READY_FILE"
+      log "drift: $KEY was changed behind the tuner's back (kube-proxy restarted?): set $live s -> $TEST_TIMEOUT s"
+    fi
+  done
+}
+
+# The readiness probe: tuned (the ready file) and the live value is the test value.
+ready() {
+  [ -f "$READY_FILE" ] || { echo "not tuned: no $READY_FILE"; exit 1; }
+  live=$(read_value) || exit 1
+  [ "$live" = "$TEST_TIMEOUT" ] \
+    || { echo "$KEY is $live s, not the test value $TEST_TIMEOUT s (set again within $CHECK_INTERVAL s)"; exit 1; }
+  echo "tuned: $KEY is $live s"
+}
+
 tune() {
   check_secs TEST_TIMEOUT "$TEST_TIMEOUT"
   check_secs TTL "$TTL"
+  check_secs CHECK_INTERVAL "$CHECK_INTERVAL"
   mkdir -p "$STATE_DIR" || die "cannot create $STATE_DIR"
   rm -f "$READY_FILE"
   if [ -n "${POD_UID:-}" ] && [ -f "$STATE_DIR/ttl-expired.$POD_UID" ]; then
@@ -113,11 +154,9 @@ tune() {
   trap 'on_signal INT' INT
   write_value "$TEST_TIMEOUT"
   mkdir -p "$(dirname "$READY_FILE")" && : >"$READY_FILE"
-  log "set $KEY: $cur s -> $TEST_TIMEOUT s (restored on termination or after the TTL of $TTL s)"
-  sleep "$TTL" &
-  sleeper=$!
-  wait "$sleeper"
-  # Only the TTL ends the wait without a signal (a signal's handler exits).
+  log "set $KEY: $cur s -> $TEST_TIMEOUT s (restored on termination or after the TTL of $TTL s; checked every $CHECK_INTERVAL s)"
+  hold
+  # Only the TTL ends the hold (a signal's handler exits).
   rm -f "$READY_FILE"
   # Marked first: a container restart from here on must not tune again.
   if [ -n "${POD_UID:-}" ]; then : >"$STATE_DIR/ttl-expired.$POD_UID"; fi
@@ -155,5 +194,6 @@ case ${1:-} in
   tune) tune ;;
   restore) restore "restore" ;;
   reset) reset ;;
-  *) die "usage: $0 tune|restore|reset (got '${1:-}')" ;;
+  ready) ready ;;
+  *) die "usage: $0 tune|restore|reset|ready (got '${1:-}')" ;;
 esac
