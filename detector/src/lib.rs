@@ -13,6 +13,7 @@ pub mod event;
 pub mod k8s;
 pub mod lab;
 pub mod output;
+pub mod postmortem;
 pub mod probe;
 pub mod reorder;
 pub mod serve;

@@ -31,6 +31,9 @@ enum Command {
     Validate(lab::LabArgs),
     /// Stream races (or every event) live from a running detector's HTTP server.
     Watch(watch::WatchArgs),
+    /// Race timeline pictures (HTML, with an index for a directory) or Perfetto JSON from
+    /// trace files alone.
+    Report(detector::postmortem::cli::ReportArgs),
 }
 
 fn main() -> ExitCode {
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
         Command::Run(a) => runtime().and_then(|rt| rt.block_on(run::run(a))),
         Command::Lab(a) => lab::lab(a),
         Command::Watch(a) => runtime().and_then(|rt| rt.block_on(watch::run(a))),
+        Command::Report(a) => detector::postmortem::cli::run(a),
         Command::Validate(a) => match lab::validate(a) {
             Ok(true) => Ok(()),
             Ok(false) => {
