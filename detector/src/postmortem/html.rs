@@ -280,6 +280,20 @@ pub fn race_svg(doc: &TraceDocument, t: &RaceTimeline) -> String {
                 esc(&d.key),
                 esc(&d.result),
             );
+        } else {
+            // The agent's delete of another cycle: only when, the rest is in the tooltip.
+            let anchor = if x > PLOT_X0 + (PLOT_X1 - PLOT_X0) * 0.75 {
+                "end"
+            } else {
+                "middle"
+            };
+            let _ = write!(
+                s,
+                r#"<text class="small" x="{:.1}" y="{:.1}" text-anchor="{anchor}">other delete {}</text>"#,
+                x + if anchor == "end" { 9.0 } else { 0.0 },
+                mid + 26.0,
+                fmt_ms(d.at_ms),
+            );
         }
     }
     // Drops: a triangle and a tick each; the first denied one gets its time and reason.
@@ -361,7 +375,11 @@ pub fn race_svg(doc: &TraceDocument, t: &RaceTimeline) -> String {
 }
 
 fn lane_background(s: &mut String, y: f64, h: f64, i: usize) {
-    let fill = if i % 2 == 0 { "#f8fafc" } else { "#ffffff" };
+    let fill = if i.is_multiple_of(2) {
+        "#f8fafc"
+    } else {
+        "#ffffff"
+    };
     let _ = write!(
         s,
         r#"<rect x="0" y="{y:.1}" width="{WIDTH}" height="{h:.1}" fill="{fill}"/>"#
@@ -546,9 +564,9 @@ pub fn race_page(doc: &TraceDocument, source_name: &str) -> String {
     }
     s.push_str(&race_svg(doc, &t));
     s.push_str(&legend());
-    let _ = write!(
+    let _ = writeln!(
         s,
-        "<p style=\"font-size:12px;color:#64748b\">From {} · host {} · written {}</p></body></html>\n",
+        "<p style=\"font-size:12px;color:#64748b\">From {} · host {} · written {}</p></body></html>",
         esc(source_name),
         esc(doc.host.as_deref().unwrap_or("—")),
         esc(doc.written_at.as_deref().unwrap_or("—"))
