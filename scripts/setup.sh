@@ -3,7 +3,7 @@
 #   - Debian packages: those the tests drive (iproute2, nftables, conntrack, util-linux, procps,
 #     kmod), C toolchains for linking and for C in dependencies (gcc, libc6-dev, musl-tools),
 #     deploy/'s tests (python3-venv, busybox) and the qemu guest stage (qemu-system-x86,
-#     xz-utils, binutils); see APT_PACKAGES below;
+#     xz-utils, binutils), chromium for the report's screenshot test; see APT_PACKAGES below;
 #   - the pinned stable toolchain (rust-toolchain.toml) with the musl target, and the pinned
 #     nightly with rust-src (detector-ebpf/rust-toolchain.toml), with rustup;
 #   - bpf-linker, built from crates.io against that nightly's own libLLVM.
@@ -31,6 +31,8 @@ APT_PACKAGES+=(qemu-system-x86 xz-utils binutils)
 # musl-tools: C code in dependencies (ring, under the Kubernetes client's rustls) built for the
 # static musl target (x86_64-linux-musl-gcc).
 APT_PACKAGES+=(musl-tools)
+# chromium: detector/tests/report.rs renders a race page headless and checks the screenshot.
+APT_PACKAGES+=(chromium)
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/detector
 CARGO_BIN=${CARGO_HOME:-$HOME/.cargo}/bin
 

@@ -17,6 +17,7 @@ pub mod kernel;
 pub mod lab;
 pub mod npa;
 pub mod pipeline;
+pub mod postmortem;
 pub mod record;
 pub mod report;
 pub mod snapshot;

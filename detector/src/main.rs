@@ -35,6 +35,9 @@ enum Command {
     Validate(lab::LabArgs),
     /// Stream races (or every event) live from a running detector's HTTP server.
     Watch(watch::WatchArgs),
+    /// Race timeline pictures (HTML, with an index for a directory) or Perfetto JSON from
+    /// trace files alone.
+    Report(detector::postmortem::cli::ReportArgs),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +64,7 @@ fn main() -> ExitCode {
         #[cfg(feature = "lab")]
         Command::Lab(a) => lab::lab(a),
         Command::Watch(a) => runtime().and_then(|rt| rt.block_on(watch::run(a))),
+        Command::Report(a) => detector::postmortem::cli::run(a),
         #[cfg(feature = "lab")]
         Command::Validate(a) => match lab::validate(a) {
             Ok(true) => Ok(()),
