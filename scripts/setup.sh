@@ -6,7 +6,8 @@
 #     xz-utils, binutils), chromium for the report's screenshot test; see APT_PACKAGES below;
 #   - the pinned stable toolchain (rust-toolchain.toml) with the musl target, and the pinned
 #     nightly with rust-src (detector-ebpf/rust-toolchain.toml), with rustup;
-#   - bpf-linker, built from crates.io against that nightly's own libLLVM.
+#   - bpf-linker, built from crates.io against that nightly's own libLLVM;
+#   - cargo-fuzz from crates.io (`cargo xtask fuzz` builds fuzz/ with that nightly).
 # Fetched on first use, not here: the guest's Debian kernel and static busybox (apt-get
 # download, never installed; cargo xtask vm-test) and kubernetes-validate (PyPI, in a cached
 # venv; cargo xtask validate-manifests).
@@ -96,5 +97,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$CARGO_BIN/bpf-linker" --v
   mkdir -p "$CACHE"
   printf '%s' "$want" > "$stamp"
 fi
+
+# 4. cargo-fuzz (the fuzz targets build with the pinned nightly above).
+"$CARGO_BIN/cargo-fuzz" --version >/dev/null 2>&1 || { step "cargo install cargo-fuzz"; cargo install cargo-fuzz --locked --root "${CARGO_HOME:-$HOME/.cargo}" >&2; }
 
 step "setup complete: $STABLE, $NIGHTLY + rust-src, $("$CARGO_BIN/bpf-linker" --version)"

@@ -2,6 +2,7 @@
 
 mod bench;
 mod deploy;
+mod fuzz;
 mod util;
 mod vm;
 
@@ -60,6 +61,8 @@ enum Task {
     /// Measure overhead, event completeness, verdict latency and memory side by side, in
     /// namespaces it creates; writes BENCHMARKS.md and benchmarks/bench.json. Needs root.
     Bench(bench::BenchArgs),
+    /// Run each cargo-fuzz target in fuzz/ for a few seconds from its committed seeds.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 /// The path of the eBPF object that `build_ebpf` writes (detector/build.rs uses the same).
@@ -137,6 +140,9 @@ fn test(args: &[String], no_vm: bool) -> Result<()> {
     let (mut passed, mut failed, names) = cargo_test(&root, args)?;
     // deploy/: manifest validation and the tuner/reproducer script tests.
     let (p, f) = deploy::test_stages()?;
+    passed += p;
+    failed += f;
+    let (p, f) = fuzz::stage(fuzz::TEST_SECONDS)?;
     passed += p;
     failed += f;
     if !no_vm {
@@ -247,5 +253,6 @@ fn main() -> Result<()> {
         Task::Test { args, no_vm } => test(&args, no_vm),
         Task::VmTest { timeout } => vm_test(timeout),
         Task::Bench(args) => bench::bench(args),
+        Task::Fuzz(args) => fuzz::fuzz(&args),
     }
 }

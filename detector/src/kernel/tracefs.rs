@@ -75,7 +75,7 @@ pub fn field_offset(
 }
 
 /// Finds `field:<type> <field>;\toffset:N;` in a format file.
-fn parse_offset(format: &str, field: &str) -> Option<u32> {
+pub fn parse_offset(format: &str, field: &str) -> Option<u32> {
     format.lines().find_map(|line| {
         let line = line.trim();
         let decl = line.strip_prefix("field:")?.split(';').next()?;

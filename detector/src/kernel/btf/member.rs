@@ -21,9 +21,19 @@ pub(super) fn find_struct(btf: &Btf, name: &str) -> Result<Type, BtfError> {
         .ok_or_else(|| BtfError::NoStruct(name.to_string()))
 }
 
+/// How deep type chains (typedefs, qualifiers, nested arrays, anonymous members) may go. Real
+/// kernels stay under ten; malformed BTF can make them cycle.
+const MAX_TYPE_DEPTH: usize = 64;
+
+fn too_deep(what: &str) -> BtfError {
+    BtfError::BadPath(format!(
+        "{what} nests deeper than {MAX_TYPE_DEPTH} types (cyclic BTF?)"
+    ))
+}
+
 /// Follows typedefs and qualifiers to the underlying type.
 pub(super) fn strip(btf: &Btf, mut ty: Type) -> Result<Type, BtfError> {
-    loop {
+    for _ in 0..MAX_TYPE_DEPTH {
         ty = match &ty {
             Type::Typedef(t) => btf.resolve_chained_type(t),
             Type::Const(t) => btf.resolve_chained_type(t),
@@ -34,10 +44,14 @@ pub(super) fn strip(btf: &Btf, mut ty: Type) -> Result<Type, BtfError> {
         }
         .map_err(btf_err("a typedef chain"))?;
     }
+    Err(too_deep("a typedef chain"))
 }
 
 /// Size in bytes of a (stripped) type, for array indexing.
-fn type_size(btf: &Btf, ty: &Type) -> Result<u64, BtfError> {
+fn type_size(btf: &Btf, ty: &Type, depth: usize) -> Result<u64, BtfError> {
+    if depth >= MAX_TYPE_DEPTH {
+        return Err(too_deep("an array"));
+    }
     Ok(match strip(btf, ty.clone())? {
         Type::Int(i) => i.size() as u64,
         Type::Struct(s) | Type::Union(s) => s.size() as u64,
@@ -49,7 +63,9 @@ fn type_size(btf: &Btf, ty: &Type) -> Result<u64, BtfError> {
             let elem = btf
                 .resolve_chained_type(&a)
                 .map_err(btf_err("an array element"))?;
-            a.len() as u64 * type_size(btf, &elem)?
+            (a.len() as u64)
+                .checked_mul(type_size(btf, &elem, depth + 1)?)
+                .ok_or_else(|| BtfError::BadPath("an array larger than 2^64 bytes".into()))?
         }
         other => {
             return Err(BtfError::BadPath(format!(
@@ -62,7 +78,15 @@ fn type_size(btf: &Btf, ty: &Type) -> Result<u64, BtfError> {
 
 /// Finds member `name` in a struct/union, descending into anonymous members. Returns its bit
 /// offset from the start of `ty` and its type.
-fn find_member(btf: &Btf, ty: &Type, name: &str) -> Result<Option<(u64, Type)>, BtfError> {
+fn find_member(
+    btf: &Btf,
+    ty: &Type,
+    name: &str,
+    depth: usize,
+) -> Result<Option<(u64, Type)>, BtfError> {
+    if depth >= MAX_TYPE_DEPTH {
+        return Err(too_deep("an anonymous member"));
+    }
     let (Type::Struct(s) | Type::Union(s)) = ty else {
         return Ok(None);
     };
@@ -76,7 +100,7 @@ fn find_member(btf: &Btf, ty: &Type, name: &str) -> Result<Option<(u64, Type)>, 
         }
         if mname.is_empty() {
             let inner = strip(btf, mty)?;
-            if let Some((off, t)) = find_member(btf, &inner, name)? {
+            if let Some((off, t)) = find_member(btf, &inner, name, depth + 1)? {
                 return Ok(Some((m.bit_offset() as u64 + off, t)));
             }
         }
@@ -114,8 +138,8 @@ pub fn member_offset(btf: &Btf, strukt: &str, path: &str) -> Result<u32, BtfErro
     };
     for (name, index) in segments {
         let cur = strip(btf, ty)?;
-        let (off, mty) = find_member(btf, &cur, name)?.ok_or_else(no_member)?;
-        bits += off;
+        let (off, mty) = find_member(btf, &cur, name, 0)?.ok_or_else(no_member)?;
+        bits = bits.checked_add(off).ok_or_else(no_member)?;
         ty = mty;
         if let Some(i) = index {
             let Type::Array(a) = strip(btf, ty)? else {
@@ -127,7 +151,10 @@ pub fn member_offset(btf: &Btf, strukt: &str, path: &str) -> Result<u32, BtfErro
             let elem = btf
                 .resolve_chained_type(&a)
                 .map_err(btf_err(format!("{strukt}.{path}")))?;
-            bits += i * type_size(btf, &elem)? * 8;
+            bits = type_size(btf, &elem, 0)?
+                .checked_mul(i.saturating_mul(8))
+                .and_then(|b| b.checked_add(bits))
+                .ok_or_else(no_member)?;
             ty = elem;
         }
     }
