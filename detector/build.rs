@@ -18,6 +18,12 @@
 //! `RUSTFLAGS=--cfg bpf_target_arch=...`: RUSTFLAGS replaces the `[target]` rustflags of
 //! detector-ebpf/.cargo/config.toml, which ask the linker for the BTF the loader needs.)
 
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "a build script reports failure by panicking with a message"
+)]
+
 use std::{
     env,
     path::{Path, PathBuf},

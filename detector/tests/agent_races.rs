@@ -4,6 +4,12 @@
 //! including a genuine port reuse). `detector run` must report exactly the wrongful ones, with
 //! the right class, and write trace files that parse and match.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests: a panic is the failure report"
+)]
+
 mod common;
 
 use std::thread::sleep;

@@ -1,5 +1,11 @@
 //! Bad input gets a one-line error naming the cause and the fix, a non-zero exit, no panic.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests: a panic is the failure report"
+)]
+
 mod common;
 
 use std::process::{Command, Output};

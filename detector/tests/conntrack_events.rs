@@ -1,6 +1,12 @@
 //! Privileged: real conntrack entries in namespaces this test creates, observed by the detector
 //! binary with the backend `auto` picks on this kernel.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests: a panic is the failure report"
+)]
+
 mod common;
 
 use std::collections::HashMap;
@@ -218,6 +224,7 @@ fn lifetime_matches_conntrack_events() {
     ns.exec_ok(&ns.server, "taskset", &["-c", "0", "conntrack", "-L"]);
     sleep(Duration::from_millis(300));
     let (events, stderr) = det.stop();
+    // SAFETY: kill signals our own child's pid; no memory is involved.
     unsafe { libc::kill(ev.0.id() as i32, libc::SIGTERM) };
     let mut text = String::new();
     ev.0.stdout

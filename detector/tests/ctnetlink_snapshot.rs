@@ -1,14 +1,17 @@
 //! Privileged: `detector::snapshot::dump` against the real conntrack tables of network
 //! namespaces this test creates (and always deletes), checked against `conntrack -L`.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests: a panic is the failure report"
+)]
+
 use std::collections::HashSet;
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::thread;
 use std::time::Duration;
 
 mod common;
@@ -53,25 +56,9 @@ impl Drop for Namespaces {
     }
 }
 
-/// Runs `f` on a thread that has entered network namespace `ns`. Sockets created there stay
-/// in that namespace when returned.
+/// Runs `f` on a thread that has entered network namespace `ns` (testbed's helper).
 fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = netns_path(ns);
-    thread::spawn(move || {
-        let file = File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-        // SAFETY: a valid descriptor; setns changes the namespace of this thread only.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(
-            rc,
-            0,
-            "setns {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        );
-        f()
-    })
-    .join()
-    .expect("netns thread panicked")
+    testbed::netns::in_netns(&netns_path(ns), f).unwrap_or_else(|e| panic!("in {ns}: {e}"))
 }
 
 /// A connected pair: the client end, the server end, and the tuple of the client's SYN.
@@ -139,6 +126,7 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 
 #[test]
 fn snapshot_dumps_exactly_the_namespace_it_entered() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         if std::env::var("DETECTOR_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
             panic!("this test needs root (DETECTOR_REQUIRE_PRIVILEGED=1)");

@@ -2,6 +2,12 @@
 //! the bearer token, replay on connect, NDJSON/text/SSE framing, and a client too slow to keep
 //! up (it gets a `lagged` marker; publishing never waits for it).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests: a panic is the failure report"
+)]
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 

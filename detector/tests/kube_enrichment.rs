@@ -5,6 +5,12 @@
 //! The API server here is the test's own (plain HTTP on 127.0.0.1, named by a kubeconfig): it
 //! answers /version, the pod list and watch of the node, and records Event creations.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests: a panic is the failure report"
+)]
+
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -158,6 +164,7 @@ fn a_race_names_its_pods_and_makes_an_event_on_each() {
     )
     .unwrap();
     // SAFETY: the only test of this binary; set before any thread reads the environment.
+    // SAFETY: set before any thread of this test reads the environment.
     unsafe { std::env::set_var("KUBECONFIG", &kubeconfig) };
 
     let fs = Bpffs::mount();

@@ -2,6 +2,12 @@
 //! the detector catches exactly the wrongful deletes; the fixed cleanup makes none; `validate`
 //! says so with its exit code; nothing is left behind.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests: a panic is the failure report"
+)]
+
 mod common;
 
 use std::process::{Command, Stdio};

@@ -1,6 +1,12 @@
 //! Privileged: `detector lab --cleanup` unmounts the bpffs a dead lab left, and leaves alone
 //! the one of a lab that is still running (its directory is named by its pid).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests: a panic is the failure report"
+)]
+
 mod common;
 
 use std::process::Command;

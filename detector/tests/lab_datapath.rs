@@ -3,6 +3,12 @@
 //! `last_seen` stamped on every packet), a disallowed port is dropped, and once the key is
 //! deleted the flow's next reply is dropped.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests: a panic is the failure report"
+)]
+
 mod common;
 
 use std::io::{Read, Write};
@@ -20,10 +26,7 @@ fn serve(ns: &str, port: u16) {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let f = std::fs::File::open(&path).unwrap();
-        assert_eq!(
-            unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) },
-            0
-        );
+        testbed::netns::enter(&f).unwrap();
         let l = TcpListener::bind((SERVER_IP, port)).unwrap();
         tx.send(()).unwrap();
         for s in l.incoming() {

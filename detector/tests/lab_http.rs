@@ -3,6 +3,12 @@
 //! runs, are counted in `/metrics`, and the stream ends cleanly with the detector, having
 //! carried exactly the lab's verdicts.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests: a panic is the failure report"
+)]
+
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -7,6 +7,12 @@
 //! do not fire inside bpf(2)'s map operations); on the tracepoint
 //! backend it must say that datapath writes are not observable, and report none.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests: a panic is the failure report"
+)]
+
 mod common;
 
 use std::io::{Read, Write};

@@ -2,6 +2,12 @@
 //! race with the picture's elements, the Perfetto export, clear errors for bad input, and a
 //! headless-Chromium screenshot of a race page checked for the drawn elements.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests: a panic is the failure report"
+)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

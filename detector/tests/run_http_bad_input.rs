@@ -1,6 +1,12 @@
 //! Bad HTTP and Kubernetes settings of `detector run` get a one-line error naming the problem
 //! and the fix, before anything is loaded (no root needed).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests: a panic is the failure report"
+)]
+
 use std::process::{Command, Output};
 
 const DETECTOR: &str = env!("CARGO_BIN_EXE_detector");

@@ -187,6 +187,11 @@ pub fn load_map_keys(
 
 #[cfg(test)]
 mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        reason = "tests: a panic is the failure report"
+    )]
     use super::*;
 
     fn t(s: &str, sp: u16, d: &str, dp: u16) -> FlowTuple {

@@ -63,6 +63,11 @@ pub fn index_page(title: &str, rows: &[IndexRow<'_>]) -> String {
 
 #[cfg(test)]
 mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        reason = "tests: a panic is the failure report"
+    )]
     use super::super::trace_file::tests::fixture;
     use super::*;
 

@@ -224,6 +224,11 @@ pub fn check_trace_events(doc: &Value) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        reason = "tests: a panic is the failure report"
+    )]
     use super::super::trace_file::tests::fixture;
     use super::*;
 

@@ -318,6 +318,11 @@ pub fn nice_step(span: f64, count: f64) -> f64 {
 
 #[cfg(test)]
 mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        reason = "tests: a panic is the failure report"
+    )]
     use super::super::trace_file::tests::fixture;
     use super::*;
 

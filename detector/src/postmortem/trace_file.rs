@@ -272,6 +272,11 @@ impl TraceDocument {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        reason = "tests: a panic is the failure report"
+    )]
     use super::*;
 
     pub(crate) fn fixture_dir() -> std::path::PathBuf {

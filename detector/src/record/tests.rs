@@ -1,4 +1,9 @@
 //! Decoding tests, and raw records other tests build on.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests: a panic is the failure report"
+)]
 
 use std::net::Ipv6Addr;
 

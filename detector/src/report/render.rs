@@ -247,6 +247,11 @@ pub fn text_line(ev: &Event, u: &TimeBase) -> String {
 
 #[cfg(test)]
 mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        reason = "tests: a panic is the failure report"
+    )]
     use super::*;
     use crate::record::{
         decode,

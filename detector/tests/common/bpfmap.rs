@@ -2,6 +2,12 @@
 //! pinned with raw bpf(2) calls (testbed's), in a bpffs this test mounts and unmounts. Deletes go through
 //! the same syscall NPA's cleanup uses (BPF_MAP_DELETE_ELEM).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests: a panic is the failure report"
+)]
+
 use std::path::{Path, PathBuf};
 
 use detector::npa::{Layout, NpaKey, NpaValue};

@@ -1,6 +1,12 @@
 //! Helpers for privileged tests: the detector binary run as a user would run it, and the
 //! namespace pair the tests share. Namespaces, veth pairs, TCP and BPF maps come from the
 //! `testbed` crate; these wrappers only turn its errors into test failures.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests: a panic is the failure report"
+)]
 #![allow(dead_code)]
 
 pub mod bpfmap;
@@ -45,6 +51,7 @@ impl AsRef<Path> for DetectorBinary {
 /// True when running as root. Privileged tests return early (with a note) when not root,
 /// unless DETECTOR_REQUIRE_PRIVILEGED=1 (set by `cargo xtask test` and CI): then they fail.
 pub fn privileged() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
     if !root {
         if std::env::var("DETECTOR_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
@@ -304,6 +311,7 @@ impl Detector {
     /// Stops it with SIGINT (Ctrl-C) and returns (NDJSON objects, stderr). Fails the test if it
     /// does not exit within 15 s.
     pub fn stop(mut self) -> (Vec<serde_json::Value>, String) {
+        // SAFETY: kill sends a signal to our own child's pid; no memory is involved.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         let deadline = Instant::now() + Duration::from_secs(15);
         while self.child.try_wait().unwrap().is_none() {
