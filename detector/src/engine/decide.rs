@@ -4,8 +4,8 @@ use super::flow_id::{FlowId, NO_EVENT};
 use super::shadow::{KEntry, MapKey};
 use super::verdict;
 use super::{
-    AgentDelete, DecidedBy, DeleteResult, Engine, KernelView, LiveEntry, Output, Pending,
-    TimelineEvent, TimelineKind, Trace, Verdict, VerdictKind,
+    AgentDelete, ClosedFlowDelete, DecidedBy, DeleteResult, Engine, KernelView, LiveEntry, Output,
+    Pending, TimelineEvent, TimelineKind, Trace, Verdict, VerdictKind,
 };
 
 impl Engine {
@@ -93,6 +93,26 @@ impl Engine {
                 entry_id,
                 born_ns,
                 timeout_left_ns,
+                tcp_state: Some(tcp_state),
+            }) if tcp_state.carries_no_packets() => {
+                self.stats.deletes.closed_flow += 1;
+                out.push(Output::ClosedFlowDelete(ClosedFlowDelete {
+                    key: d.key,
+                    map_id: d.map_id,
+                    agent: d.task,
+                    delete_ts_ns: d.ts_ns,
+                    entry_id,
+                    born_ns,
+                    timeout_left_ns,
+                    tcp_state,
+                }));
+                return;
+            }
+            Some(KernelView::Live {
+                entry_id,
+                born_ns,
+                timeout_left_ns,
+                ..
             }) => {
                 let in_shadow = by_id(entry_id);
                 if shadow_live.is_none() {

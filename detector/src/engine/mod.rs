@@ -67,6 +67,8 @@ mod stats;
 mod verdict;
 
 #[cfg(test)]
+mod closed_flow_tests;
+#[cfg(test)]
 mod prop_tests;
 #[cfg(test)]
 mod tests;
@@ -84,8 +86,8 @@ use shadow::{FlowState, KEntry, LruMap, MapEntry, MapKey, insert_sorted};
 pub use input::{AgentDelete, DeleteResult, Input, KernelView};
 pub use stats::{DeleteCounts, EvictionCounts, InputCounts, Stats, VerdictCounts};
 pub use verdict::{
-    DecidedBy, DeniedPacket, LiveEntry, OldEntry, Output, TimelineEvent, TimelineKind, Trace,
-    Verdict, VerdictClass, VerdictKind,
+    ClosedFlowDelete, DecidedBy, DeniedPacket, LiveEntry, OldEntry, Output, TimelineEvent,
+    TimelineKind, Trace, Verdict, VerdictClass, VerdictKind,
 };
 
 use crate::npa::NpaKey;

@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use super::input::{DeleteResult, KernelView};
 use crate::npa::{Layout, NpaKey};
-use crate::record::{DestroyReason, FlowTuple, Task};
+use crate::record::{DestroyReason, FlowTuple, Task, TcpState};
 
 /// One output of [`super::Engine::push`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -15,6 +15,26 @@ pub enum Output {
     Verdict(Verdict),
     /// Emitted once the after-window of a verdict has passed.
     TraceReady(Trace),
+    /// Emitted at a delete of a key whose kernel entry was live but whose connection was
+    /// already closed (TCP CLOSE or TIME_WAIT): no packet of it must pass any more, so it is
+    /// no race; shown and counted apart.
+    ClosedFlowDelete(ClosedFlowDelete),
+}
+
+/// A delete of a closed connection's key: its entry had not timed out yet, but the flow
+/// carries no more packets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClosedFlowDelete {
+    pub key: NpaKey,
+    pub map_id: u32,
+    /// The deleting task.
+    pub agent: Task,
+    pub delete_ts_ns: u64,
+    pub entry_id: u64,
+    /// 0 when unknown.
+    pub born_ns: u64,
+    pub timeout_left_ns: i64,
+    pub tcp_state: TcpState,
 }
 
 /// The only verdict kind so far; a field of its own so consumers can tell kinds apart later.

@@ -17,6 +17,7 @@ use crate::k8s::{PodIndex, PodRef};
 use crate::npa::NpaKey;
 use crate::npa::target::AgentMap;
 use crate::record::{CtKind, DeleteView, Event, MapDeleteRecord, MapOp, Source};
+use crate::report::closed_flow::{closed_flow_json, closed_flow_text};
 use crate::report::console::Console;
 use crate::report::render::{self, TimeBase};
 use crate::report::trace_file::TraceFiles;
@@ -233,6 +234,7 @@ impl<W: Write> Detector<W> {
                 entry_id,
                 born_ns,
                 timeout_left_ns: ns(d.ct_timeout_left_jiffies),
+                tcp_state: d.ct_tcp_state,
             }),
             DeleteView::Expired => Some(KernelView::ExpiredNotReaped {
                 entry_id,
@@ -322,6 +324,13 @@ impl<W: Write> Detector<W> {
                     text: &text,
                 };
                 self.out.each(|s| s.verdict(&out))?;
+            }
+            Output::ClosedFlowDelete(c) => {
+                let u = self.time;
+                let json = closed_flow_json(&c, &u)?;
+                self.record(TextTo::Stdout, &|| json.clone(), &|| {
+                    closed_flow_text(&c, &u)
+                })?;
             }
             Output::TraceReady(t) => {
                 let (latency, pods) = self

@@ -3,6 +3,7 @@
 //! trace files (`trace_file`), the HTTP hub (`crate::http::sink`) and Kubernetes Events
 //! (`crate::k8s::sink`).
 
+pub mod closed_flow;
 pub mod console;
 pub mod render;
 pub mod summary;
