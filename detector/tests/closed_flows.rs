@@ -92,15 +92,58 @@ fn reset_flow_is_a_closed_flow_delete_and_a_live_flow_a_race() {
     let (events, stderr) = det.stop();
 
     let closed = of_type(&events, "closed_flow_delete");
-    assert_eq!(closed.len(), 1, "one closed-flow delete: {closed:#?}\n{stderr}");
+    assert_eq!(
+        closed.len(),
+        1,
+        "one closed-flow delete: {closed:#?}\n{stderr}"
+    );
     let cf = &closed[0]["closed_flow_delete"];
     assert_eq!(cf["key"]["sport"], kc.sport, "{cf:#}");
     assert_eq!(cf["tcp_state"], "CLOSE", "{cf:#}");
     assert!(cf["timeout_left_ns"].as_i64().unwrap() > 0, "{cf:#}");
 
     let verdicts = of_type(&events, "verdict");
-    assert_eq!(verdicts.len(), 1, "only E is a race: {verdicts:#?}\n{stderr}");
+    assert_eq!(
+        verdicts.len(),
+        1,
+        "only E is a race: {verdicts:#?}\n{stderr}"
+    );
     assert_eq!(verdicts[0]["verdict"]["key"]["sport"], ke.sport);
+
+    // E's denied reply confirms its race, with the delay and the drop reason.
+    let confirmed = of_type(&events, "race_confirmed");
+    assert_eq!(confirmed.len(), 1, "{confirmed:#?}\n{stderr}");
+    let rc = &confirmed[0]["race_confirmation"];
+    assert_eq!(rc["key"]["sport"], ke.sport, "{rc:#}");
+    assert_eq!(rc["confirmed"], true);
+    assert_eq!(rc["delete_ts_ns"], verdicts[0]["verdict"]["delete_ts_ns"]);
+    assert_eq!(rc["first_denied"]["reason"], "NETFILTER_DROP", "{rc:#}");
+    assert_eq!(
+        rc["first_denied"]["tuple"]["sport"],
+        server.port(),
+        "the reply"
+    );
+    let delay = rc["delete_to_denied_ns"].as_u64().unwrap();
+    assert!(delay > 0 && delay < 1_000_000_000, "{rc:#}");
+    assert!(of_type(&events, "race_unconfirmed").is_empty());
+    eprintln!("confirmed record: {}", confirmed[0]);
+    // Its trace file says so too.
+    let trace_files: Vec<_> = std::fs::read_dir(&traces)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("race-")
+        })
+        .collect();
+    assert_eq!(trace_files.len(), 1, "{trace_files:?}");
+    let doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(&trace_files[0]).unwrap()).unwrap();
+    assert_eq!(doc["trace"]["confirmed"], true);
+    assert_eq!(doc["trace"]["verdict"]["delete_to_denied_ns"], delay);
 
     let deletes = of_type(&events, "agent_delete");
     let state_of = |p: u16| {

@@ -5,7 +5,7 @@ use super::shadow::{KEntry, MapKey};
 use super::verdict;
 use super::{
     AgentDelete, ClosedFlowDelete, DecidedBy, DeleteResult, Engine, KernelView, LiveEntry, Output,
-    Pending, TimelineEvent, TimelineKind, Trace, Verdict, VerdictKind,
+    Pending, RaceConfirmation, TimelineEvent, TimelineKind, Trace, Verdict, VerdictKind,
 };
 
 impl Engine {
@@ -293,6 +293,21 @@ impl Engine {
         // A loss reported after the verdict went out can still concern its story.
         verdict.maybe_incomplete |= self.lost_between(story_start_ns, delete);
         let after_window_incomplete = self.lost_between(delete.saturating_add(1), end);
+        let confirmed = verdict.first_denied.is_some();
+        if !confirmed {
+            self.stats.verdicts.unconfirmed += 1;
+            out.push(Output::RaceConfirmation(RaceConfirmation {
+                confirmed: false,
+                class: verdict.class,
+                key: verdict.key.clone(),
+                delete_ts_ns: delete,
+                live_entry_id: verdict.live.id,
+                delete_to_denied_ns: None,
+                first_denied: None,
+                after_window_ns: self.cfg.after_window_ns,
+                maybe_incomplete: after_window_incomplete || self.now_ns < end,
+            }));
+        }
         self.stats.traces_emitted += 1;
         out.push(Output::TraceReady(Trace {
             verdict,
@@ -300,6 +315,7 @@ impl Engine {
             window_end_ns: end,
             timeline,
             after_window_incomplete,
+            confirmed,
             timeline_truncated,
         }));
     }

@@ -182,6 +182,7 @@ fn run_one(seed: u64, cfg: EngineConfig, exact: bool) -> Stats {
                 Output::Verdict(_) => *verdicts += 1,
                 Output::TraceReady(_) => *traces += 1,
                 Output::ClosedFlowDelete(_) => *closed += 1,
+                Output::RaceConfirmation(_) => {}
             }
         }
     };
@@ -391,7 +392,8 @@ fn run_one(seed: u64, cfg: EngineConfig, exact: bool) -> Stats {
             );
             if !is_delete {
                 assert!(
-                    outs.iter().all(|o| matches!(o, Output::TraceReady(_))),
+                    outs.iter()
+                        .all(|o| matches!(o, Output::TraceReady(_) | Output::RaceConfirmation(_))),
                     "seed {seed}: verdict outside a delete"
                 );
                 continue;

@@ -93,6 +93,10 @@ pub struct VerdictCounts {
     pub snapshot_lag: u64,
     pub stale_match: u64,
     pub decided_by_kernel: u64,
+    /// Races whose flow had a packet denied within the after-window.
+    pub confirmed: u64,
+    /// Races whose after-window closed with no denied packet.
+    pub unconfirmed: u64,
     pub decided_by_shadow: u64,
 }
 

@@ -102,7 +102,7 @@ pub(super) fn verdicts(outs: &[Output]) -> Vec<&Verdict> {
     outs.iter()
         .filter_map(|o| match o {
             Output::Verdict(v) => Some(v),
-            Output::TraceReady(_) | Output::ClosedFlowDelete(_) => None,
+            _ => None,
         })
         .collect()
 }
@@ -111,7 +111,7 @@ fn traces(outs: &[Output]) -> Vec<&Trace> {
     outs.iter()
         .filter_map(|o| match o {
             Output::TraceReady(t) => Some(t),
-            Output::Verdict(_) | Output::ClosedFlowDelete(_) => None,
+            _ => None,
         })
         .collect()
 }
@@ -737,7 +737,9 @@ fn trace_follows_the_after_window_with_the_denial() {
         tuple: t.reversed(),
         reason: "policy".into(),
     });
-    assert!(outs.is_empty());
+    // The denial confirms the race at once; the trace still waits for its window.
+    assert_eq!(outs.len(), 1, "{outs:#?}");
+    assert!(matches!(&outs[0], Output::RaceConfirmation(c) if c.confirmed));
     assert!(e.push(Input::Tick { now_ns: 104 * S }).is_empty());
     // A second drop is not the first denial.
     e.push(Input::PacketDrop {
@@ -1012,9 +1014,14 @@ fn every_input_and_output_serializes() {
         assert_eq!(j["input"], i.name());
         outs.extend(e.push(i));
     }
-    assert_eq!(outs.len(), 2);
-    let trace = serde_json::to_value(&outs[1]).unwrap();
+    assert_eq!(outs.len(), 3);
+    // The drop confirmed the race: verdict, confirmation, trace.
+    let confirmation = serde_json::to_value(&outs[1]).unwrap();
+    assert_eq!(confirmation["output"], "race_confirmation");
+    assert_eq!(confirmation["confirmed"], true);
+    let trace = serde_json::to_value(&outs[2]).unwrap();
     assert_eq!(trace["output"], "trace_ready");
+    assert_eq!(trace["confirmed"], true);
     assert_eq!(trace["verdict"]["decided_by"], "kernel");
     let kinds: Vec<&str> = trace["timeline"]
         .as_array()

@@ -18,11 +18,12 @@ use crate::npa::NpaKey;
 use crate::npa::target::AgentMap;
 use crate::record::{CtKind, DeleteView, Event, MapDeleteRecord, MapOp, Source};
 use crate::report::closed_flow::{closed_flow_json, closed_flow_text};
+use crate::report::confirmation::{confirmation_json, confirmation_text};
 use crate::report::console::Console;
 use crate::report::render::{self, TimeBase};
 use crate::report::trace_file::TraceFiles;
 use crate::report::verdict::{verdict_json, verdict_text};
-use crate::report::{Record, Sink, TextTo, TraceOut, VerdictOut};
+use crate::report::{ConfirmationOut, Record, Sink, TextTo, TraceOut, VerdictOut};
 use crate::telemetry::metrics::Metrics;
 
 /// Where `detector run` sends what it finds: stdout, the trace files, and any other sinks
@@ -331,6 +332,17 @@ impl<W: Write> Detector<W> {
                 self.record(TextTo::Stdout, &|| json.clone(), &|| {
                     closed_flow_text(&c, &u)
                 })?;
+            }
+            Output::RaceConfirmation(c) => {
+                self.metrics.confirmation(c.confirmed);
+                let json = confirmation_json(&c, &self.time)?;
+                let text = confirmation_text(&c, &self.time);
+                let out = ConfirmationOut {
+                    confirmation: &c,
+                    json: &json,
+                    text: &text,
+                };
+                self.out.each(|s| s.confirmation(&out))?;
             }
             Output::TraceReady(t) => {
                 let (latency, pods) = self

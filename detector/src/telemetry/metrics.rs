@@ -72,6 +72,8 @@ pub struct Metrics {
     verdicts: Family<ClassLabel, Counter>,
     rightful: Counter,
     closed_flow: Counter,
+    confirmed: Counter,
+    unconfirmed: Counter,
     shadow_entries: Family<TableLabel, Gauge>,
     shadow_evictions: Family<TableLabel, Counter>,
     snapshot_duration: Family<SnapshotLabel, Gauge<f64, AtomicU64>>,
@@ -111,6 +113,8 @@ impl Metrics {
         let verdicts = Family::<ClassLabel, Counter>::default();
         let rightful = Counter::default();
         let closed_flow = Counter::default();
+        let confirmed = Counter::default();
+        let unconfirmed = Counter::default();
         let shadow_entries = Family::<TableLabel, Gauge>::default();
         let shadow_evictions = Family::<TableLabel, Counter>::default();
         let snapshot_duration = Family::<SnapshotLabel, Gauge<f64, AtomicU64>>::default();
@@ -139,6 +143,16 @@ impl Metrics {
             "closed_flow_deletes",
             "Agent deletes of keys whose connection had closed (TCP CLOSE/TIME_WAIT): no race",
             closed_flow.clone(),
+        );
+        registry.register(
+            "races_confirmed",
+            "Races whose flow then had a packet denied (within the after-window)",
+            confirmed.clone(),
+        );
+        registry.register(
+            "races_unconfirmed",
+            "Races whose after-window closed with no denied packet",
+            unconfirmed.clone(),
         );
         registry.register(
             "shadow_entries",
@@ -201,6 +215,8 @@ impl Metrics {
             verdicts,
             rightful,
             closed_flow,
+            confirmed,
+            unconfirmed,
             shadow_entries,
             shadow_evictions,
             snapshot_duration,
@@ -228,6 +244,14 @@ impl Metrics {
             })
             .inc();
         self.latency.observe(latency_ns as f64 / 1e9);
+    }
+
+    pub fn confirmation(&self, confirmed: bool) {
+        if confirmed {
+            self.confirmed.inc();
+        } else {
+            self.unconfirmed.inc();
+        }
     }
 
     pub fn snapshot(&self, name: &str, seconds: f64) {
