@@ -159,6 +159,14 @@ fn print_report(r: &LabReport, json_out: bool) -> Result<()> {
         r.verdicts.len()
     );
     println!(
+        "    confirmed by a denied packet     {} (unconfirmed {})",
+        r.races_confirmed, r.races_unconfirmed
+    );
+    println!(
+        "  closed-flow deletes (not races)    {}",
+        r.closed_flow_deletes.len()
+    );
+    println!(
         "  emulator's wrongful deletes        {} (of {} deletes)",
         r.wrongful_deletes, r.cleanup_deletes
     );

@@ -71,6 +71,11 @@ pub struct LabReport {
     pub wrongful_deletes: usize,
     pub verdicts: Vec<Value>,
     pub races_by_class: serde_json::Map<String, Value>,
+    /// Deletes of keys whose connection had already closed (TCP CLOSE/TIME_WAIT): not races.
+    pub closed_flow_deletes: Vec<Value>,
+    /// Races whose flow then had a packet denied, and races whose window closed without one.
+    pub races_confirmed: usize,
+    pub races_unconfirmed: usize,
     pub events_lost: u64,
     pub ground_truth: Vec<GroundTruth>,
     pub seconds: f64,
@@ -252,6 +257,10 @@ pub fn run_lab(args: &LabSettings) -> Result<LabReport> {
         let n = by_class.get(&c).and_then(Value::as_u64).unwrap_or(0) + 1;
         by_class.insert(c, json!(n));
     }
+    let of_type = |t: &'static str| events.iter().filter(move |e| e["type"] == t);
+    let closed_flow_deletes: Vec<Value> = of_type("closed_flow_delete").cloned().collect();
+    let races_confirmed = of_type("race_confirmed").count();
+    let races_unconfirmed = of_type("race_unconfirmed").count();
     let summary = events.iter().find(|e| e["type"] == "summary");
     let events_lost = summary
         .and_then(|s| s["kernel"]["lost"].as_array())
@@ -265,6 +274,9 @@ pub fn run_lab(args: &LabSettings) -> Result<LabReport> {
         wrongful_deletes: cleanup.wrongful(),
         verdicts,
         races_by_class: by_class,
+        closed_flow_deletes,
+        races_confirmed,
+        races_unconfirmed,
         events_lost,
         ground_truth: cleanup.log.clone(),
         seconds: t0.elapsed().as_secs_f64(),
