@@ -28,6 +28,8 @@ pub struct LabSettings {
     pub mode: CleanupMode,
     pub ports: u16,
     pub idle_ports: u16,
+    /// Ports whose connection is reset (TCP CLOSE) between the cleanup's dump and its deletes.
+    pub reset_ports: u16,
     pub cycles: u32,
     pub timeout: u32,
     pub delay_ms: u64,
@@ -101,6 +103,9 @@ pub fn run_lab(args: &LabSettings) -> Result<LabReport> {
     let work = WorkDir(std::env::temp_dir().join(format!("detector-lab-{id}")));
     let mut topo = Topology::create(&id).context("building the lab's namespaces")?;
     topo.tune(args.timeout)?;
+    if args.reset_ports > 0 {
+        topo.tune_close(args.timeout)?;
+    }
     let dp = Datapath::attach(&topo.node, &work.0, layout, SERVER_PORT)?;
     let node = topology::netns_path(&topo.node);
     start_server(
@@ -213,6 +218,19 @@ pub fn run_lab(args: &LabSettings) -> Result<LabReport> {
             .collect(),
     );
     idle.reuse_all(false)?;
+    // Reset ports: each cycle a new connection from the port makes one exchange and is reset
+    // before the cleanup deletes the port's key: the key of a closed flow, which carries no
+    // packet any more (a closed-flow delete, not a race).
+    let mut resets = Client::new(
+        &topology::netns_path(&topo.client),
+        CLIENT_IP.parse()?,
+        std::net::SocketAddrV4::new(SERVER_IP.parse()?, SERVER_PORT),
+        (0..args.reset_ports)
+            .map(|i| FIRST_PORT + args.ports + args.idle_ports + i)
+            .collect(),
+    );
+    resets.reuse_all(false)?;
+    resets.reset_all();
     for cycle in 0..args.cycles {
         // Idle past the timeout: the kernel entries expire, the map keeps the keys.
         nap(period);
@@ -222,6 +240,8 @@ pub fn run_lab(args: &LabSettings) -> Result<LabReport> {
         }
         let pending = cleanup.dump_phase()?;
         client.reuse_all(true)?;
+        resets.reuse_all(false)?;
+        resets.reset_all();
         nap(Duration::from_millis(args.delay_ms));
         let n = cleanup.delete_phase(pending)?;
         client.collect();
@@ -283,6 +303,7 @@ pub fn run_lab(args: &LabSettings) -> Result<LabReport> {
     };
     drop(client);
     drop(idle);
+    drop(resets);
     drop(dp);
     for e in topo.destroy() {
         tracing::warn!("lab cleanup: {e}");
