@@ -11,7 +11,7 @@
 pub mod lab;
 
 /// Version of the record layout. Bumped whenever a record changes shape.
-pub const RECORD_VERSION: u8 = 1;
+pub const RECORD_VERSION: u8 = 2;
 
 /// Record kinds (`EventHeader::kind`).
 pub mod kind {
@@ -73,6 +73,23 @@ pub mod view {
     pub const LIVE: u8 = 2;
     /// An entry whose timeout has passed (or that is dying) but that is not freed yet.
     pub const EXPIRED: u8 = 3;
+}
+
+/// `enum tcp_conntrack` (include/uapi/linux/netfilter/nf_conntrack_tcp.h): conntrack's TCP
+/// state of an entry (`MapDeleteEvent::ct_tcp_state`).
+pub mod tcp_state {
+    pub const NONE: u8 = 0;
+    pub const SYN_SENT: u8 = 1;
+    pub const SYN_RECV: u8 = 2;
+    pub const ESTABLISHED: u8 = 3;
+    pub const FIN_WAIT: u8 = 4;
+    pub const CLOSE_WAIT: u8 = 5;
+    pub const LAST_ACK: u8 = 6;
+    pub const TIME_WAIT: u8 = 7;
+    pub const CLOSE: u8 = 8;
+    pub const SYN_SENT2: u8 = 9;
+    /// Not read: no entry, or not a TCP flow.
+    pub const UNKNOWN: u8 = 0xff;
 }
 
 /// bpf(2) commands the detector watches (include/uapi/linux/bpf.h).
@@ -209,6 +226,10 @@ pub struct MapDeleteEvent {
     pub ct_timeout_left: i32,
     pub ct_status: u32,
     pub key: [u8; MAX_KEY],
+    /// The entry's conntrack TCP state (one of [`tcp_state`]), [`tcp_state::UNKNOWN`] when no
+    /// entry was found or the flow is not TCP.
+    pub ct_tcp_state: u8,
+    pub _pad_tcp: [u8; 7],
 }
 
 impl MapDeleteEvent {
@@ -238,6 +259,8 @@ impl MapDeleteEvent {
         ct_timeout_left: 0,
         ct_status: 0,
         key: [0; MAX_KEY],
+        ct_tcp_state: tcp_state::UNKNOWN,
+        _pad_tcp: [0; 7],
     };
 }
 
@@ -361,6 +384,8 @@ pub struct ProbeConfig {
     /// 1 when the third argument of the `kmem_cache_free` tracepoint is the cache
     /// (`struct kmem_cache *`, kernels from 6.2), 0 when it is the cache's name (6.1 and older).
     pub kmem_free_arg_cache: u32,
+    /// `struct nf_conn`: `proto.tcp.state` (u8, `enum tcp_conntrack`).
+    pub ct_tcp_state: u32,
 }
 
 impl ProbeConfig {
@@ -396,6 +421,7 @@ impl ProbeConfig {
         skb_protocol: 0,
         drop_watch_ms: 0,
         kmem_free_arg_cache: 0,
+        ct_tcp_state: 0,
     };
 }
 
@@ -439,7 +465,7 @@ const _: () = {
                 + size_of::<TaskInfo>()
     );
     assert!(size_of::<CtEvent>().is_multiple_of(8));
-    assert!(size_of::<ProbeConfig>() == 30 * 4);
+    assert!(size_of::<ProbeConfig>() == 31 * 4);
     assert!(
         size_of::<PacketDropEvent>() == size_of::<EventHeader>() + size_of::<Tuple>() + 4 + 4 + 8
     );
@@ -465,6 +491,8 @@ const _: () = {
                 + 4
                 + 4
                 + MAX_KEY
+                + 1
+                + 7
     );
     assert!(size_of::<MapDeleteEvent>().is_multiple_of(8));
     assert!(size_of::<TargetMap>() == 7 * 4);

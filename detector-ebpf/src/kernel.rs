@@ -107,6 +107,12 @@ impl NfConn {
         read_kernel(self.0, cfg.ct_status)
     }
 
+    /// `ct->proto.tcp.state` (`detector_common::tcp_state`); meaningful for TCP entries only.
+    #[inline(always)]
+    pub fn tcp_state(self, cfg: &ProbeConfig) -> u8 {
+        read_kernel(self.0, cfg.ct_tcp_state)
+    }
+
     /// `ct->timeout`: an absolute u32 jiffies value (nfct_time_stamp is jiffies truncated).
     #[inline(always)]
     pub fn timeout(self, cfg: &ProbeConfig) -> u32 {

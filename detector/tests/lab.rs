@@ -203,3 +203,66 @@ fn validate_fails_on_the_legacy_cleanup() {
     assert_eq!(code, Some(1), "{stderr}");
     assert_nothing_left();
 }
+
+/// Flows reset before the cleanup deletes their keys (conntrack CLOSE) are closed-flow
+/// deletes, apart from the races: every wrongful delete of the ground truth is one or the
+/// other, by the port's kind.
+#[test]
+fn reset_flows_are_closed_flow_deletes_not_races() {
+    if !privileged() {
+        return;
+    }
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (code, report, stderr) = lab(
+        "lab",
+        &[
+            "--mode",
+            "legacy",
+            "--ports",
+            "8",
+            "--idle-ports",
+            "1",
+            "--reset-ports",
+            "3",
+            "--cycles",
+            "3",
+        ],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    // Ports 42000..42007 are reused, 42008 idle, 42009..42011 reset.
+    let is_reset = |p: &Value| (42_009..=42_011).contains(&p.as_u64().unwrap());
+    let truth: Vec<&Value> = report["ground_truth"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| g["live"] == true)
+        .collect();
+    let (truth_closed, truth_races): (Vec<&Value>, Vec<&Value>) =
+        truth.iter().partition(|g| is_reset(&g["key"]["sport"]));
+    let closed = report["closed_flow_deletes"].as_array().unwrap();
+    let verdicts = report["verdicts"].as_array().unwrap();
+    assert!(
+        !truth_closed.is_empty(),
+        "reset flows' keys were deleted: {stderr}"
+    );
+    assert_eq!(closed.len(), truth_closed.len(), "{closed:#?}\n{stderr}");
+    for c in closed {
+        let c = &c["closed_flow_delete"];
+        assert!(is_reset(&c["key"]["sport"]), "{c:#}");
+        assert_eq!(c["tcp_state"], "CLOSE", "{c:#}");
+    }
+    assert_eq!(verdicts.len(), truth_races.len(), "{stderr}");
+    assert!(
+        verdicts
+            .iter()
+            .all(|v| !is_reset(&v["verdict"]["key"]["sport"])),
+        "no race on a reset port"
+    );
+    assert_eq!(
+        report["races_confirmed"],
+        verdicts.len(),
+        "every race cost a reply"
+    );
+    assert_eq!(report["reproducer"]["failed"], verdicts.len());
+    assert_nothing_left();
+}

@@ -195,6 +195,34 @@ fn lab_races_reach_the_stream_the_metrics_and_watch() {
         .collect();
     let verdicts = report["verdicts"].as_array().unwrap();
     assert!(verdicts.len() >= 8, "{report}");
+    // Each race is followed on the stream by its confirmation (a denied packet) or, once its
+    // window closed with none, by an unconfirmed record.
+    let (streamed, confirmations): (Vec<Value>, Vec<Value>) =
+        streamed.into_iter().partition(|v| v["type"] == "verdict");
+    assert!(
+        confirmations
+            .iter()
+            .all(|c| c["type"] == "race_confirmed" || c["type"] == "race_unconfirmed"),
+        "{confirmations:#?}"
+    );
+    let confirmed_ids = |want: &str| {
+        let mut v: Vec<(u64, u64)> = confirmations
+            .iter()
+            .filter(|c| c["type"] == want)
+            .map(|c| {
+                let r = &c["race_confirmation"];
+                (
+                    r["delete_ts_ns"].as_u64().unwrap(),
+                    r["key"]["sport"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let mut all_confirmations = confirmed_ids("race_confirmed");
+    all_confirmations.extend(confirmed_ids("race_unconfirmed"));
+    all_confirmations.sort();
     let ids = |vs: &[Value]| {
         let mut v: Vec<(u64, u64)> = vs
             .iter()
@@ -212,6 +240,11 @@ fn lab_races_reach_the_stream_the_metrics_and_watch() {
         ids(&streamed),
         ids(verdicts),
         "the stream carried every verdict"
+    );
+    assert_eq!(
+        all_confirmations,
+        ids(&streamed),
+        "one confirmed or unconfirmed record per race"
     );
     let _ = watch.kill();
     let _ = watch.wait();

@@ -10,7 +10,7 @@ pub mod key;
 pub mod map_writes;
 
 use aya_ebpf::{macros::map, maps::HashMap};
-use detector_common::{FlowKey, MapDeleteEvent, ProbeConfig, TargetMap, ips, view};
+use detector_common::{FlowKey, MapDeleteEvent, ProbeConfig, TargetMap, ips, tcp_state, view};
 
 use crate::conntrack::born_ns;
 use crate::conntrack::index::{entry_of, reverse};
@@ -36,9 +36,11 @@ pub fn is_target(map_id: u32) -> bool {
 }
 
 /// Fills the record's view of the key's conntrack entry: live, expired, or absent from the
-/// flow index (looked up in both directions).
+/// flow index (looked up in both directions), and for TCP its conntrack state, which tells a
+/// closed connection (whose key may go) from one that still carries packets.
 #[inline(always)]
 pub fn take_view(ev: &mut MapDeleteEvent, t: &TargetMap, cfg: &ProbeConfig) {
+    ev.ct_tcp_state = tcp_state::UNKNOWN;
     let Some(tuple) = key::key_tuple(&ev.key, t) else {
         ev.view = view::UNKNOWN;
         return;
@@ -74,4 +76,11 @@ pub fn take_view(ev: &mut MapDeleteEvent, t: &TargetMap, cfg: &ProbeConfig) {
     ev.ct_born_ns = born_ns(ct);
     ev.ct_timeout_left = left;
     ev.ct_status = status as u32;
+    ev.ct_tcp_state = if tuple.proto == IPPROTO_TCP {
+        ct.tcp_state(cfg)
+    } else {
+        tcp_state::UNKNOWN
+    };
 }
+
+const IPPROTO_TCP: u8 = 6;

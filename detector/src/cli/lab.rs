@@ -24,6 +24,11 @@ pub struct LabArgs {
     /// (a fixed cleanup must still delete them, and the detector must not flag them).
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub idle_ports: u16,
+    /// Ports whose connection is reset between the cleanup's dump and its deletes: the
+    /// cleanup deletes keys of closed flows (conntrack CLOSE), which the detector must report
+    /// as closed-flow deletes, not races. Also sets the node's CLOSE timeout to `--timeout`.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub reset_ports: u16,
     /// Cleanup cycles.
     #[arg(long, default_value_t = 4, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -65,6 +70,7 @@ impl LabArgs {
             mode: self.mode,
             ports: self.ports,
             idle_ports: self.idle_ports,
+            reset_ports: self.reset_ports,
             cycles: self.cycles,
             timeout: self.timeout,
             delay_ms: self.delay_ms,
@@ -157,6 +163,14 @@ fn print_report(r: &LabReport, json_out: bool) -> Result<()> {
     println!(
         "  races detected                     {} ({classes})",
         r.verdicts.len()
+    );
+    println!(
+        "    confirmed by a denied packet     {} (unconfirmed {})",
+        r.races_confirmed, r.races_unconfirmed
+    );
+    println!(
+        "  closed-flow deletes (not races)    {}",
+        r.closed_flow_deletes.len()
     );
     println!(
         "  emulator's wrongful deletes        {} (of {} deletes)",

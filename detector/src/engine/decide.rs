@@ -4,8 +4,8 @@ use super::flow_id::{FlowId, NO_EVENT};
 use super::shadow::{KEntry, MapKey};
 use super::verdict;
 use super::{
-    AgentDelete, DecidedBy, DeleteResult, Engine, KernelView, LiveEntry, Output, Pending,
-    TimelineEvent, TimelineKind, Trace, Verdict, VerdictKind,
+    AgentDelete, ClosedFlowDelete, DecidedBy, DeleteResult, Engine, KernelView, LiveEntry, Output,
+    Pending, RaceConfirmation, TimelineEvent, TimelineKind, Trace, Verdict, VerdictKind,
 };
 
 impl Engine {
@@ -93,6 +93,26 @@ impl Engine {
                 entry_id,
                 born_ns,
                 timeout_left_ns,
+                tcp_state: Some(tcp_state),
+            }) if tcp_state.carries_no_packets() => {
+                self.stats.deletes.closed_flow += 1;
+                out.push(Output::ClosedFlowDelete(ClosedFlowDelete {
+                    key: d.key,
+                    map_id: d.map_id,
+                    agent: d.task,
+                    delete_ts_ns: d.ts_ns,
+                    entry_id,
+                    born_ns,
+                    timeout_left_ns,
+                    tcp_state,
+                }));
+                return;
+            }
+            Some(KernelView::Live {
+                entry_id,
+                born_ns,
+                timeout_left_ns,
+                ..
             }) => {
                 let in_shadow = by_id(entry_id);
                 if shadow_live.is_none() {
@@ -273,6 +293,21 @@ impl Engine {
         // A loss reported after the verdict went out can still concern its story.
         verdict.maybe_incomplete |= self.lost_between(story_start_ns, delete);
         let after_window_incomplete = self.lost_between(delete.saturating_add(1), end);
+        let confirmed = verdict.first_denied.is_some();
+        if !confirmed {
+            self.stats.verdicts.unconfirmed += 1;
+            out.push(Output::RaceConfirmation(RaceConfirmation {
+                confirmed: false,
+                class: verdict.class,
+                key: verdict.key.clone(),
+                delete_ts_ns: delete,
+                live_entry_id: verdict.live.id,
+                delete_to_denied_ns: None,
+                first_denied: None,
+                after_window_ns: self.cfg.after_window_ns,
+                maybe_incomplete: after_window_incomplete || self.now_ns < end,
+            }));
+        }
         self.stats.traces_emitted += 1;
         out.push(Output::TraceReady(Trace {
             verdict,
@@ -280,6 +315,7 @@ impl Engine {
             window_end_ns: end,
             timeline,
             after_window_incomplete,
+            confirmed,
             timeline_truncated,
         }));
     }

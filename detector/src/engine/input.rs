@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 use crate::npa::{Layout, NpaKey};
-use crate::record::{CtKind, CtRecord, DestroyReason, FlowTuple, Task};
+use crate::record::{CtKind, CtRecord, DestroyReason, FlowTuple, Task, TcpState};
 
 /// One observation. Kernel conntrack inputs carry the entry's original and reply tuples;
 /// agent inputs carry the decoded map key.
@@ -112,6 +112,8 @@ pub enum KernelView {
         entry_id: u64,
         born_ns: u64,
         timeout_left_ns: i64,
+        /// Conntrack's TCP state of the entry, when read (TCP flows on kernels that report it).
+        tcp_state: Option<TcpState>,
     },
     /// The entry's timeout has passed but no one has reaped it yet: deleting the key is right.
     ExpiredNotReaped {

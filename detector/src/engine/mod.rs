@@ -67,6 +67,10 @@ mod stats;
 mod verdict;
 
 #[cfg(test)]
+mod closed_flow_tests;
+#[cfg(test)]
+mod confirmation_tests;
+#[cfg(test)]
 mod prop_tests;
 #[cfg(test)]
 mod tests;
@@ -84,8 +88,8 @@ use shadow::{FlowState, KEntry, LruMap, MapEntry, MapKey, insert_sorted};
 pub use input::{AgentDelete, DeleteResult, Input, KernelView};
 pub use stats::{DeleteCounts, EvictionCounts, InputCounts, Stats, VerdictCounts};
 pub use verdict::{
-    DecidedBy, DeniedPacket, LiveEntry, OldEntry, Output, TimelineEvent, TimelineKind, Trace,
-    Verdict, VerdictClass, VerdictKind,
+    ClosedFlowDelete, DecidedBy, DeniedPacket, LiveEntry, OldEntry, Output, RaceConfirmation,
+    TimelineEvent, TimelineKind, Trace, Verdict, VerdictClass, VerdictKind,
 };
 
 use crate::npa::NpaKey;
@@ -258,7 +262,7 @@ impl Engine {
                 netns,
                 tuple,
                 reason,
-            } => self.on_drop(ts_ns, netns, tuple, reason),
+            } => self.on_drop(ts_ns, netns, tuple, reason, out),
             Input::Lost { ts_ns, count } => {
                 self.stats.lost_records += count;
                 let seq = self.next_seq();
@@ -439,7 +443,14 @@ impl Engine {
             .record(ev, [Some(fid), None], [prev, NO_EVENT]);
     }
 
-    fn on_drop(&mut self, ts_ns: u64, netns: u32, tuple: FlowTuple, reason: String) {
+    fn on_drop(
+        &mut self,
+        ts_ns: u64,
+        netns: u32,
+        tuple: FlowTuple,
+        reason: String,
+        out: &mut Vec<Output>,
+    ) {
         let fid = FlowId::of_tuple(&tuple);
         let seq = self.next_seq();
         let after = self.cfg.after_window_ns;
@@ -455,6 +466,18 @@ impl Engine {
                     tuple,
                     reason: reason.clone(),
                 });
+                self.stats.verdicts.confirmed += 1;
+                out.push(Output::RaceConfirmation(RaceConfirmation {
+                    confirmed: true,
+                    class: v.class,
+                    key: v.key.clone(),
+                    delete_ts_ns: v.delete_ts_ns,
+                    live_entry_id: v.live.id,
+                    delete_to_denied_ns: v.delete_to_denied_ns,
+                    first_denied: v.first_denied.clone(),
+                    after_window_ns: after,
+                    maybe_incomplete: false,
+                }));
             }
         }
         // Drops of flows the engine knows nothing about (scans, policy denials of new flows)

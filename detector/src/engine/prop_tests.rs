@@ -15,7 +15,7 @@ use std::net::IpAddr;
 
 use super::*;
 use crate::npa::{KeyLayout, Layout, NpaKey, ValueLayout};
-use crate::record::{DestroyReason, FlowTuple, Task};
+use crate::record::{DestroyReason, FlowTuple, Task, TcpState};
 
 use crate::testutil::Rng;
 
@@ -175,11 +175,14 @@ fn run_one(seed: u64, cfg: EngineConfig, exact: bool) -> Stats {
     let mut engine = Engine::new(cfg);
     let mut verdict_count = 0u64;
     let mut trace_count = 0u64;
-    let collect = |outs: &[Output], verdicts: &mut u64, traces: &mut u64| {
+    let mut closed_count = 0u64;
+    let collect = |outs: &[Output], verdicts: &mut u64, traces: &mut u64, closed: &mut u64| {
         for o in outs {
             match o {
                 Output::Verdict(_) => *verdicts += 1,
                 Output::TraceReady(_) => *traces += 1,
+                Output::ClosedFlowDelete(_) => *closed += 1,
+                Output::RaceConfirmation(_) => {}
             }
         }
     };
@@ -218,7 +221,7 @@ fn run_one(seed: u64, cfg: EngineConfig, exact: bool) -> Stats {
         ts += S + rng.below(2 * S);
         let op = rng.below(100);
         let mut inputs = Vec::new();
-        let mut expect: Option<(bool, Vec<u64>)> = None;
+        let mut expect: Option<(bool, bool, Vec<u64>)> = None;
         match op {
             0..=19 => {
                 let tpl = rng.index(model.tpls.len());
@@ -298,12 +301,23 @@ fn run_one(seed: u64, cfg: EngineConfig, exact: bool) -> Stats {
                     1 => DeleteResult::Error(-1),
                     _ => DeleteResult::Deleted,
                 };
+                // The live entry's TCP state as the kernel read it: unknown, still carrying
+                // data, or closed (then the delete is no race).
+                let tcp_state = match rng.below(6) {
+                    0 => None,
+                    1 => Some(TcpState::Established),
+                    2 => Some(TcpState::LastAck),
+                    3 => Some(TcpState::FinWait),
+                    4 => Some(TcpState::Close),
+                    _ => Some(TcpState::TimeWait),
+                };
                 let kernel_view = (!expired.is_empty() || rng.percent(50)).then(|| {
                     if let Some(e) = live.iter().max_by_key(|e| e.born) {
                         KernelView::Live {
                             entry_id: e.id,
                             born_ns: e.born.unwrap_or(0),
                             timeout_left_ns: 1,
+                            tcp_state,
                         }
                     } else if let Some(e) = expired.first() {
                         KernelView::ExpiredNotReaped {
@@ -315,8 +329,13 @@ fn run_one(seed: u64, cfg: EngineConfig, exact: bool) -> Stats {
                         KernelView::Absent
                     }
                 });
-                let harmful = result == DeleteResult::Deleted && !live.is_empty();
-                expect = Some((harmful, live.iter().map(|e| e.id).collect()));
+                let closed = result == DeleteResult::Deleted
+                    && matches!(
+                        kernel_view,
+                        Some(KernelView::Live { tcp_state: Some(t), .. }) if t.carries_no_packets()
+                    );
+                let harmful = result == DeleteResult::Deleted && !live.is_empty() && !closed;
+                expect = Some((harmful, closed, live.iter().map(|e| e.id).collect()));
                 inputs.push(Input::AgentDelete(AgentDelete {
                     ts_ns: ts,
                     task: Task {
@@ -365,22 +384,44 @@ fn run_one(seed: u64, cfg: EngineConfig, exact: bool) -> Stats {
         for input in inputs {
             let is_delete = matches!(input, Input::AgentDelete(_));
             let outs = engine.push(input);
-            collect(&outs, &mut verdict_count, &mut trace_count);
+            collect(
+                &outs,
+                &mut verdict_count,
+                &mut trace_count,
+                &mut closed_count,
+            );
             if !is_delete {
                 assert!(
-                    outs.iter().all(|o| matches!(o, Output::TraceReady(_))),
+                    outs.iter()
+                        .all(|o| matches!(o, Output::TraceReady(_) | Output::RaceConfirmation(_))),
                     "seed {seed}: verdict outside a delete"
                 );
                 continue;
             }
-            let Some((harmful, live_ids)) = &expect else {
+            let Some((harmful, closed, live_ids)) = &expect else {
                 continue;
             };
+            let closed_deletes: Vec<&ClosedFlowDelete> = outs
+                .iter()
+                .filter_map(|o| match o {
+                    Output::ClosedFlowDelete(c) => Some(c),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(
+                closed_deletes.len(),
+                usize::from(*closed),
+                "seed {seed}: a closed-flow delete iff the kernel saw a closed connection"
+            );
+            if let Some(c) = closed_deletes.first() {
+                assert!(live_ids.contains(&c.entry_id), "seed {seed}");
+                assert!(c.tcp_state.carries_no_packets(), "seed {seed}");
+            }
             let got: Vec<&Verdict> = outs
                 .iter()
                 .filter_map(|o| match o {
                     Output::Verdict(v) => Some(v),
-                    Output::TraceReady(_) => None,
+                    _ => None,
                 })
                 .collect();
             assert!(
@@ -411,9 +452,15 @@ fn run_one(seed: u64, cfg: EngineConfig, exact: bool) -> Stats {
     }
 
     let outs = engine.finish();
-    collect(&outs, &mut verdict_count, &mut trace_count);
+    collect(
+        &outs,
+        &mut verdict_count,
+        &mut trace_count,
+        &mut closed_count,
+    );
     let s = engine.stats();
     assert_eq!(s.deletes.live, verdict_count, "seed {seed}");
+    assert_eq!(s.deletes.closed_flow, closed_count, "seed {seed}");
     assert_eq!(s.verdicts.total(), verdict_count, "seed {seed}");
     assert_eq!(
         trace_count, verdict_count,
@@ -428,8 +475,8 @@ fn run_one(seed: u64, cfg: EngineConfig, exact: bool) -> Stats {
 }
 
 /// Sums the counters that show which paths the random timelines reached.
-fn coverage(all: &[Stats]) -> [u64; 10] {
-    let mut c = [0u64; 10];
+fn coverage(all: &[Stats]) -> [u64; 11] {
+    let mut c = [0u64; 11];
     for s in all {
         let add = [
             s.verdicts.port_reuse,
@@ -440,6 +487,7 @@ fn coverage(all: &[Stats]) -> [u64; 10] {
             s.deletes.rightful,
             s.deletes.rightful_expired_not_reaped,
             s.deletes.unseen,
+            s.deletes.closed_flow,
             s.deletes.not_found + s.deletes.error,
             s.out_of_order,
         ];

@@ -64,7 +64,8 @@ impl InputCounts {
     }
 }
 
-/// Agent deletes by outcome. `live + rightful + unseen` is the number of successful deletes.
+/// Agent deletes by outcome. `live + closed_flow + rightful + unseen` is the number of
+/// successful deletes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct DeleteCounts {
     /// Harmful: a live entry existed (each one is a verdict).
@@ -73,6 +74,9 @@ pub struct DeleteCounts {
     pub rightful: u64,
     /// Of `rightful`: the kernel saw an expired, not yet reaped entry.
     pub rightful_expired_not_reaped: u64,
+    /// The entry was live but its connection closed (TCP CLOSE/TIME_WAIT): no race, and not
+    /// in `rightful` either, so that the two stay apart in every summary.
+    pub closed_flow: u64,
     /// No live entry, and the engine held no state at all for the key (neither map nor kernel
     /// shadow nor history): harmless as far as anyone can tell, but a sign the detector
     /// started late or lost records.
@@ -89,6 +93,10 @@ pub struct VerdictCounts {
     pub snapshot_lag: u64,
     pub stale_match: u64,
     pub decided_by_kernel: u64,
+    /// Races whose flow had a packet denied within the after-window.
+    pub confirmed: u64,
+    /// Races whose after-window closed with no denied packet.
+    pub unconfirmed: u64,
     pub decided_by_shadow: u64,
 }
 

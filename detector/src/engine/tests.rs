@@ -12,7 +12,7 @@ use super::*;
 use crate::npa::{KeyLayout, Layout, NpaKey, ValueLayout};
 use crate::record::{DestroyReason, FlowTuple, Task};
 
-const S: u64 = 1_000_000_000;
+pub(super) const S: u64 = 1_000_000_000;
 const MS: u64 = 1_000_000;
 const NS: u32 = 4026531840;
 
@@ -30,11 +30,11 @@ fn tcp(src: &str, sport: u16, dst: &str, dport: u16) -> FlowTuple {
     }
 }
 
-fn client() -> FlowTuple {
+pub(super) fn client() -> FlowTuple {
     tcp("10.0.0.5", 40000, "10.0.1.7", 8080)
 }
 
-fn key_of(t: &FlowTuple) -> NpaKey {
+pub(super) fn key_of(t: &FlowTuple) -> NpaKey {
     NpaKey {
         src: t.src,
         sport: t.sport,
@@ -46,11 +46,11 @@ fn key_of(t: &FlowTuple) -> NpaKey {
     }
 }
 
-fn v4() -> Layout {
+pub(super) fn v4() -> Layout {
     Layout::new(KeyLayout::V4, ValueLayout::LastSeen16)
 }
 
-fn ct_new(ts: u64, id: u64, orig: FlowTuple) -> Input {
+pub(super) fn ct_new(ts: u64, id: u64, orig: FlowTuple) -> Input {
     Input::CtNew {
         ts_ns: ts,
         id,
@@ -72,7 +72,7 @@ fn ct_destroy(ts: u64, id: u64, orig: FlowTuple, reason: DestroyReason) -> Input
     }
 }
 
-fn delete_with(
+pub(super) fn delete_with(
     ts: u64,
     key: NpaKey,
     layout: Layout,
@@ -94,15 +94,15 @@ fn delete_with(
     })
 }
 
-fn delete(ts: u64, key: NpaKey) -> Input {
+pub(super) fn delete(ts: u64, key: NpaKey) -> Input {
     delete_with(ts, key, v4(), DeleteResult::Deleted, None)
 }
 
-fn verdicts(outs: &[Output]) -> Vec<&Verdict> {
+pub(super) fn verdicts(outs: &[Output]) -> Vec<&Verdict> {
     outs.iter()
         .filter_map(|o| match o {
             Output::Verdict(v) => Some(v),
-            Output::TraceReady(_) => None,
+            _ => None,
         })
         .collect()
 }
@@ -111,17 +111,17 @@ fn traces(outs: &[Output]) -> Vec<&Trace> {
     outs.iter()
         .filter_map(|o| match o {
             Output::TraceReady(t) => Some(t),
-            Output::Verdict(_) => None,
+            _ => None,
         })
         .collect()
 }
 
 /// Pushes all inputs, returning every output.
-fn run(engine: &mut Engine, inputs: Vec<Input>) -> Vec<Output> {
+pub(super) fn run(engine: &mut Engine, inputs: Vec<Input>) -> Vec<Output> {
     inputs.into_iter().flat_map(|i| engine.push(i)).collect()
 }
 
-fn engine() -> Engine {
+pub(super) fn engine() -> Engine {
     Engine::new(EngineConfig::default())
 }
 
@@ -275,6 +275,7 @@ fn kernel_live_view_overrides_an_empty_shadow() {
             entry_id: 7,
             born_ns: 49 * S,
             timeout_left_ns: 10 * S as i64,
+            tcp_state: None,
         }),
     ));
     let v = verdicts(&outs);
@@ -309,6 +310,7 @@ fn kernel_view_with_shadow_entry_and_history_still_classifies() {
                     entry_id: 2,
                     born_ns: 3 * S,
                     timeout_left_ns: 1,
+                    tcp_state: None,
                 }),
             ),
         ],
@@ -735,7 +737,9 @@ fn trace_follows_the_after_window_with_the_denial() {
         tuple: t.reversed(),
         reason: "policy".into(),
     });
-    assert!(outs.is_empty());
+    // The denial confirms the race at once; the trace still waits for its window.
+    assert_eq!(outs.len(), 1, "{outs:#?}");
+    assert!(matches!(&outs[0], Output::RaceConfirmation(c) if c.confirmed));
     assert!(e.push(Input::Tick { now_ns: 104 * S }).is_empty());
     // A second drop is not the first denial.
     e.push(Input::PacketDrop {
@@ -982,6 +986,7 @@ fn every_input_and_output_serializes() {
                 entry_id: 1,
                 born_ns: S,
                 timeout_left_ns: -1,
+                tcp_state: None,
             }),
         ),
         Input::PacketDrop {
@@ -1009,9 +1014,14 @@ fn every_input_and_output_serializes() {
         assert_eq!(j["input"], i.name());
         outs.extend(e.push(i));
     }
-    assert_eq!(outs.len(), 2);
-    let trace = serde_json::to_value(&outs[1]).unwrap();
+    assert_eq!(outs.len(), 3);
+    // The drop confirmed the race: verdict, confirmation, trace.
+    let confirmation = serde_json::to_value(&outs[1]).unwrap();
+    assert_eq!(confirmation["output"], "race_confirmation");
+    assert_eq!(confirmation["confirmed"], true);
+    let trace = serde_json::to_value(&outs[2]).unwrap();
     assert_eq!(trace["output"], "trace_ready");
+    assert_eq!(trace["confirmed"], true);
     assert_eq!(trace["verdict"]["decided_by"], "kernel");
     let kinds: Vec<&str> = trace["timeline"]
         .as_array()

@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use super::input::{DeleteResult, KernelView};
 use crate::npa::{Layout, NpaKey};
-use crate::record::{DestroyReason, FlowTuple, Task};
+use crate::record::{DestroyReason, FlowTuple, Task, TcpState};
 
 /// One output of [`super::Engine::push`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -15,6 +15,49 @@ pub enum Output {
     Verdict(Verdict),
     /// Emitted once the after-window of a verdict has passed.
     TraceReady(Trace),
+    /// Emitted at a delete of a key whose kernel entry was live but whose connection was
+    /// already closed (TCP CLOSE or TIME_WAIT): no packet of it must pass any more, so it is
+    /// no race; shown and counted apart.
+    ClosedFlowDelete(ClosedFlowDelete),
+    /// A race's harm seen or not: emitted at the first denied packet of the raced flow
+    /// (confirmed), or, when none came within the after-window, just before its trace
+    /// (unconfirmed).
+    RaceConfirmation(RaceConfirmation),
+}
+
+/// Whether a race's flow had a packet denied after the delete, and when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RaceConfirmation {
+    /// A packet of the flow was dropped within the after-window.
+    pub confirmed: bool,
+    pub class: VerdictClass,
+    pub key: NpaKey,
+    /// The race's delete (names the race with `key`).
+    pub delete_ts_ns: u64,
+    pub live_entry_id: u64,
+    /// The delete -> the first denied packet.
+    pub delete_to_denied_ns: Option<u64>,
+    pub first_denied: Option<DeniedPacket>,
+    pub after_window_ns: u64,
+    /// Unconfirmed only: records were lost after the delete, or the race's trace was emitted
+    /// before its window closed (bounded state), so a denial may have been missed.
+    pub maybe_incomplete: bool,
+}
+
+/// A delete of a closed connection's key: its entry had not timed out yet, but the flow
+/// carries no more packets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClosedFlowDelete {
+    pub key: NpaKey,
+    pub map_id: u32,
+    /// The deleting task.
+    pub agent: Task,
+    pub delete_ts_ns: u64,
+    pub entry_id: u64,
+    /// 0 when unknown.
+    pub born_ns: u64,
+    pub timeout_left_ns: i64,
+    pub tcp_state: TcpState,
 }
 
 /// The only verdict kind so far; a field of its own so consumers can tell kinds apart later.
@@ -145,6 +188,9 @@ pub struct Trace {
     pub timeline: Vec<TimelineEvent>,
     /// Records were lost after the delete within the window (a denial may be missing).
     pub after_window_incomplete: bool,
+    /// A packet of the flow was denied within the window (`verdict.first_denied`); false:
+    /// the race is unconfirmed.
+    pub confirmed: bool,
     /// Events of the window may be missing from `timeline`: the bounded flight recorder
     /// pushed out events from inside the window, or a flow had more than `timeline_len`
     /// events (only its newest are shown).

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Result;
 
 use super::stream::{Hub, Item};
-use crate::report::{Record, Sink, VerdictOut};
+use crate::report::{ConfirmationOut, Record, Sink, VerdictOut};
 
 pub struct HubSink(pub Arc<Hub>);
 
@@ -25,6 +25,18 @@ impl Sink for HubSink {
         let item = || Item {
             json: v.json.to_string(),
             text: v.text.to_string(),
+        };
+        self.0.events.publish(item());
+        self.0.races.publish(item());
+        Ok(())
+    }
+
+    /// Confirmations follow their race on both streams, so `/v1/races` (and `detector
+    /// watch`) show whether each race denied a packet.
+    fn confirmation(&mut self, c: &ConfirmationOut<'_>) -> Result<()> {
+        let item = || Item {
+            json: c.json.to_string(),
+            text: c.text.to_string(),
         };
         self.0.events.publish(item());
         self.0.races.publish(item());

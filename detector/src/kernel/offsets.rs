@@ -66,6 +66,9 @@ const FIELDS: &[(&str, &str, &str, Slot)] = &[
     ("skb_protocol", "sk_buff", "protocol", |c| {
         &mut c.skb_protocol
     }),
+    ("ct_tcp_state", "nf_conn", "proto.tcp.state", |c| {
+        &mut c.ct_tcp_state
+    }),
 ];
 
 /// One resolved offset, for display.

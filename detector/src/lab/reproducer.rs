@@ -121,6 +121,15 @@ impl Client {
         Ok(())
     }
 
+    /// Resets every open connection (RST: conntrack moves its entry to CLOSE).
+    pub fn reset_all(&mut self) {
+        for c in &mut self.conns {
+            if let Some(s) = c.take() {
+                reset(s);
+            }
+        }
+    }
+
     /// Waits for the late replies; a missing one is a failed request.
     pub fn collect(&mut self) {
         let mut handles = Vec::new();

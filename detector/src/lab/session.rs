@@ -28,6 +28,8 @@ pub struct LabSettings {
     pub mode: CleanupMode,
     pub ports: u16,
     pub idle_ports: u16,
+    /// Ports whose connection is reset (TCP CLOSE) between the cleanup's dump and its deletes.
+    pub reset_ports: u16,
     pub cycles: u32,
     pub timeout: u32,
     pub delay_ms: u64,
@@ -71,6 +73,11 @@ pub struct LabReport {
     pub wrongful_deletes: usize,
     pub verdicts: Vec<Value>,
     pub races_by_class: serde_json::Map<String, Value>,
+    /// Deletes of keys whose connection had already closed (TCP CLOSE/TIME_WAIT): not races.
+    pub closed_flow_deletes: Vec<Value>,
+    /// Races whose flow then had a packet denied, and races whose window closed without one.
+    pub races_confirmed: usize,
+    pub races_unconfirmed: usize,
     pub events_lost: u64,
     pub ground_truth: Vec<GroundTruth>,
     pub seconds: f64,
@@ -96,6 +103,9 @@ pub fn run_lab(args: &LabSettings) -> Result<LabReport> {
     let work = WorkDir(std::env::temp_dir().join(format!("detector-lab-{id}")));
     let mut topo = Topology::create(&id).context("building the lab's namespaces")?;
     topo.tune(args.timeout)?;
+    if args.reset_ports > 0 {
+        topo.tune_close(args.timeout)?;
+    }
     let dp = Datapath::attach(&topo.node, &work.0, layout, SERVER_PORT)?;
     let node = topology::netns_path(&topo.node);
     start_server(
@@ -208,6 +218,19 @@ pub fn run_lab(args: &LabSettings) -> Result<LabReport> {
             .collect(),
     );
     idle.reuse_all(false)?;
+    // Reset ports: each cycle a new connection from the port makes one exchange and is reset
+    // before the cleanup deletes the port's key: the key of a closed flow, which carries no
+    // packet any more (a closed-flow delete, not a race).
+    let mut resets = Client::new(
+        &topology::netns_path(&topo.client),
+        CLIENT_IP.parse()?,
+        std::net::SocketAddrV4::new(SERVER_IP.parse()?, SERVER_PORT),
+        (0..args.reset_ports)
+            .map(|i| FIRST_PORT + args.ports + args.idle_ports + i)
+            .collect(),
+    );
+    resets.reuse_all(false)?;
+    resets.reset_all();
     for cycle in 0..args.cycles {
         // Idle past the timeout: the kernel entries expire, the map keeps the keys.
         nap(period);
@@ -217,6 +240,8 @@ pub fn run_lab(args: &LabSettings) -> Result<LabReport> {
         }
         let pending = cleanup.dump_phase()?;
         client.reuse_all(true)?;
+        resets.reuse_all(false)?;
+        resets.reset_all();
         nap(Duration::from_millis(args.delay_ms));
         let n = cleanup.delete_phase(pending)?;
         client.collect();
@@ -252,6 +277,10 @@ pub fn run_lab(args: &LabSettings) -> Result<LabReport> {
         let n = by_class.get(&c).and_then(Value::as_u64).unwrap_or(0) + 1;
         by_class.insert(c, json!(n));
     }
+    let of_type = |t: &'static str| events.iter().filter(move |e| e["type"] == t);
+    let closed_flow_deletes: Vec<Value> = of_type("closed_flow_delete").cloned().collect();
+    let races_confirmed = of_type("race_confirmed").count();
+    let races_unconfirmed = of_type("race_unconfirmed").count();
     let summary = events.iter().find(|e| e["type"] == "summary");
     let events_lost = summary
         .and_then(|s| s["kernel"]["lost"].as_array())
@@ -265,12 +294,16 @@ pub fn run_lab(args: &LabSettings) -> Result<LabReport> {
         wrongful_deletes: cleanup.wrongful(),
         verdicts,
         races_by_class: by_class,
+        closed_flow_deletes,
+        races_confirmed,
+        races_unconfirmed,
         events_lost,
         ground_truth: cleanup.log.clone(),
         seconds: t0.elapsed().as_secs_f64(),
     };
     drop(client);
     drop(idle);
+    drop(resets);
     drop(dp);
     for e in topo.destroy() {
         tracing::warn!("lab cleanup: {e}");

@@ -23,6 +23,8 @@ pub struct Topology {
     pub server: String,
     /// The node namespace's established timeout, set by [`Topology::tune`] (restored on drop).
     timeout: Option<InNetns>,
+    /// The node namespace's CLOSE timeout, set by [`Topology::tune_close`] (restored on drop).
+    close_timeout: Option<InNetns>,
     /// Namespaces this lab created: only these are removed (a name clash is not ours).
     created: Vec<String>,
 }
@@ -39,6 +41,7 @@ impl Topology {
             client: format!("lab-{id}-cli"),
             server: format!("lab-{id}-srv"),
             timeout: None,
+            close_timeout: None,
             created: Vec::new(),
         };
         // From here on, drop cleans up whatever was made.
@@ -86,13 +89,30 @@ impl Topology {
         Ok(())
     }
 
+    /// Sets the node's timeout for entries of reset connections (TCP CLOSE), remembering the
+    /// original: the lab's reset flows must expire between two cleanup runs, as its idle
+    /// established flows do, or the cleanup never deletes their keys.
+    pub fn tune_close(&mut self, seconds: u32) -> Result<()> {
+        if self.close_timeout.is_none() {
+            self.close_timeout = Some(InNetns::set(
+                &self.node,
+                "net.netfilter.nf_conntrack_tcp_timeout_close",
+                &seconds.to_string(),
+            )?);
+        }
+        Ok(())
+    }
+
     /// Removes everything; errors are reported, not fatal (a namespace may already be gone).
     pub fn destroy(&mut self) -> Vec<String> {
         let mut errors = Vec::new();
-        if let Some(mut t) = self.timeout.take()
-            && let Err(e) = t.restore()
+        for mut t in [self.timeout.take(), self.close_timeout.take()]
+            .into_iter()
+            .flatten()
         {
-            errors.push(e.to_string());
+            if let Err(e) = t.restore() {
+                errors.push(e.to_string());
+            }
         }
         for ns in std::mem::take(&mut self.created) {
             if netns_path(&ns).exists()

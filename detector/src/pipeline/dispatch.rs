@@ -17,11 +17,13 @@ use crate::k8s::{PodIndex, PodRef};
 use crate::npa::NpaKey;
 use crate::npa::target::AgentMap;
 use crate::record::{CtKind, DeleteView, Event, MapDeleteRecord, MapOp, Source};
+use crate::report::closed_flow::{closed_flow_json, closed_flow_text};
+use crate::report::confirmation::{confirmation_json, confirmation_text};
 use crate::report::console::Console;
 use crate::report::render::{self, TimeBase};
 use crate::report::trace_file::TraceFiles;
 use crate::report::verdict::{verdict_json, verdict_text};
-use crate::report::{Record, Sink, TextTo, TraceOut, VerdictOut};
+use crate::report::{ConfirmationOut, Record, Sink, TextTo, TraceOut, VerdictOut};
 use crate::telemetry::metrics::Metrics;
 
 /// Where `detector run` sends what it finds: stdout, the trace files, and any other sinks
@@ -233,6 +235,7 @@ impl<W: Write> Detector<W> {
                 entry_id,
                 born_ns,
                 timeout_left_ns: ns(d.ct_timeout_left_jiffies),
+                tcp_state: d.ct_tcp_state,
             }),
             DeleteView::Expired => Some(KernelView::ExpiredNotReaped {
                 entry_id,
@@ -322,6 +325,24 @@ impl<W: Write> Detector<W> {
                     text: &text,
                 };
                 self.out.each(|s| s.verdict(&out))?;
+            }
+            Output::ClosedFlowDelete(c) => {
+                let u = self.time;
+                let json = closed_flow_json(&c, &u)?;
+                self.record(TextTo::Stdout, &|| json.clone(), &|| {
+                    closed_flow_text(&c, &u)
+                })?;
+            }
+            Output::RaceConfirmation(c) => {
+                self.metrics.confirmation(c.confirmed);
+                let json = confirmation_json(&c, &self.time)?;
+                let text = confirmation_text(&c, &self.time);
+                let out = ConfirmationOut {
+                    confirmation: &c,
+                    json: &json,
+                    text: &text,
+                };
+                self.out.each(|s| s.confirmation(&out))?;
             }
             Output::TraceReady(t) => {
                 let (latency, pods) = self

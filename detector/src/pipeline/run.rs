@@ -343,10 +343,11 @@ pub async fn run(opts: RunOptions, mut live: Live) -> Result<()> {
     }
     let stats = det.engine.stats();
     eprintln!(
-        "detector: {} race(s) ({} traces written), {} rightful deletes, {} deletes of unknown \
-         keys; events lost in kernel: {}; summary: {}{}",
+        "detector: {} race(s) ({} traces written), {} closed-flow deletes, {} rightful deletes, \
+         {} deletes of unknown keys; events lost in kernel: {}; summary: {}{}",
         counts.races,
         counts.traces_written,
+        stats.deletes.closed_flow,
         stats.deletes.rightful,
         stats.deletes.unseen,
         kernel.lost_total(),

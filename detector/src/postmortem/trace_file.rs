@@ -46,6 +46,9 @@ pub struct RaceTrace {
     pub timeline: Vec<TimelineEvent>,
     #[serde(default)]
     pub after_window_incomplete: bool,
+    /// Absent in traces written before confirmations existed.
+    #[serde(default)]
+    pub confirmed: Option<bool>,
     #[serde(default)]
     pub timeline_truncated: bool,
 }

@@ -18,6 +18,67 @@ pub enum DeleteView {
     Expired,
 }
 
+/// Conntrack's TCP state of an entry (`enum tcp_conntrack`), read in the kernel at a delete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TcpState {
+    None,
+    SynSent,
+    SynRecv,
+    Established,
+    FinWait,
+    CloseWait,
+    LastAck,
+    TimeWait,
+    Close,
+    SynSent2,
+}
+
+impl TcpState {
+    /// The state of a raw `enum tcp_conntrack` value; `None` for "not read" and for values
+    /// this detector does not know (a newer kernel's).
+    pub fn from_raw(v: u8) -> Option<Self> {
+        use common::tcp_state as t;
+        Some(match v {
+            t::NONE => Self::None,
+            t::SYN_SENT => Self::SynSent,
+            t::SYN_RECV => Self::SynRecv,
+            t::ESTABLISHED => Self::Established,
+            t::FIN_WAIT => Self::FinWait,
+            t::CLOSE_WAIT => Self::CloseWait,
+            t::LAST_ACK => Self::LastAck,
+            t::TIME_WAIT => Self::TimeWait,
+            t::CLOSE => Self::Close,
+            t::SYN_SENT2 => Self::SynSent2,
+            _ => return None,
+        })
+    }
+
+    /// The name conntrack itself prints (`/proc/net/nf_conntrack`, `conntrack -L`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "NONE",
+            Self::SynSent => "SYN_SENT",
+            Self::SynRecv => "SYN_RECV",
+            Self::Established => "ESTABLISHED",
+            Self::FinWait => "FIN_WAIT",
+            Self::CloseWait => "CLOSE_WAIT",
+            Self::LastAck => "LAST_ACK",
+            Self::TimeWait => "TIME_WAIT",
+            Self::Close => "CLOSE",
+            Self::SynSent2 => "SYN_SENT2",
+        }
+    }
+
+    /// True when the connection is over and no packet of it must pass any more: after a reset
+    /// (CLOSE) or after both FINs were acknowledged (TIME_WAIT). Deleting its key denies
+    /// nothing the endpoints still need. LAST_ACK is not closed: the final ACK of the second
+    /// FIN is still to pass, and without it the peer retransmits its FIN until it times out.
+    pub fn carries_no_packets(self) -> bool {
+        matches!(self, Self::Close | Self::TimeWait)
+    }
+}
+
 /// A userspace delete on a watched map.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MapDeleteRecord {
@@ -39,6 +100,8 @@ pub struct MapDeleteRecord {
     pub ct_born_ns: u64,
     pub ct_timeout_left_jiffies: i32,
     pub ct_status: u32,
+    /// The entry's conntrack TCP state, when an entry was found and the flow is TCP.
+    pub ct_tcp_state: Option<TcpState>,
 }
 
 impl MapDeleteRecord {
@@ -79,5 +142,6 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         ct_born_ns: raw.ct_born_ns,
         ct_timeout_left_jiffies: raw.ct_timeout_left,
         ct_status: raw.ct_status,
+        ct_tcp_state: TcpState::from_raw(raw.ct_tcp_state),
     }))
 }

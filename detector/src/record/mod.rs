@@ -17,7 +17,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 pub use ct::{CtKind, CtRecord, DestroyReason, Source, entry_id};
-pub use map_delete::{DeleteView, MapDeleteRecord};
+pub use map_delete::{DeleteView, MapDeleteRecord, TcpState};
 pub use map_write::{MapOp, MapWriteRecord};
 pub use packet_drop::PacketDropRecord;
 pub use tuple::{FlowTuple, PackedTuple, proto_name};

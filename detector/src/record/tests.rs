@@ -124,6 +124,20 @@ fn decodes_a_map_delete() {
     assert_eq!(d.key[0], 10);
     assert_eq!(d.view, DeleteView::Live);
     assert_eq!(d.entry_id(), Some(entry_id(0x1000, 5)));
+    assert_eq!(d.ct_tcp_state, None, "not read: UNKNOWN");
+    // The TCP state travels at the end of the record, after the key.
+    raw.ct_tcp_state = detector_common::tcp_state::CLOSE;
+    let Event::MapDelete(d) = decode(&bytes_of(&raw)).unwrap() else {
+        panic!("not a map delete");
+    };
+    assert_eq!(d.ct_tcp_state, Some(crate::record::TcpState::Close));
+    assert!(d.ct_tcp_state.unwrap().carries_no_packets());
+    // A state this detector does not know (a newer kernel's) is "not read", not an error.
+    raw.ct_tcp_state = 42;
+    let Event::MapDelete(d) = decode(&bytes_of(&raw)).unwrap() else {
+        panic!("not a map delete");
+    };
+    assert_eq!(d.ct_tcp_state, None);
     raw.view = 9;
     assert!(decode(&bytes_of(&raw)).is_err());
 }

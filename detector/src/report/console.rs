@@ -5,7 +5,7 @@ use std::io::Write;
 
 use anyhow::Result;
 
-use super::{Record, Sink, TextTo, VerdictOut};
+use super::{ConfirmationOut, Record, Sink, TextTo, VerdictOut};
 
 /// stdout, buffered (flushed by the event loop after each batch).
 pub struct Console<W: Write> {
@@ -39,6 +39,11 @@ impl<W: Write> Sink for Console<W> {
 
     fn verdict(&mut self, v: &VerdictOut<'_>) -> Result<()> {
         writeln!(self.out, "{}", if self.json { v.json } else { v.text })?;
+        Ok(())
+    }
+
+    fn confirmation(&mut self, c: &ConfirmationOut<'_>) -> Result<()> {
+        writeln!(self.out, "{}", if self.json { c.json } else { c.text })?;
         Ok(())
     }
 

@@ -3,6 +3,8 @@
 //! trace files (`trace_file`), the HTTP hub (`crate::http::sink`) and Kubernetes Events
 //! (`crate::k8s::sink`).
 
+pub mod closed_flow;
+pub mod confirmation;
 pub mod console;
 pub mod render;
 pub mod summary;
@@ -27,6 +29,10 @@ pub trait Sink {
     }
     /// One race, as soon as it is decided.
     fn verdict(&mut self, _verdict: &VerdictOut<'_>) -> Result<()> {
+        Ok(())
+    }
+    /// A race confirmed by its first denied packet, or unconfirmed when its window closed.
+    fn confirmation(&mut self, _c: &ConfirmationOut<'_>) -> Result<()> {
         Ok(())
     }
     /// A race's trace, complete once its window after the delete has passed.
@@ -94,6 +100,13 @@ pub struct VerdictOut<'a> {
     /// Where its trace file will be written.
     pub trace_file: &'a Path,
     /// The NDJSON line and the readable line.
+    pub json: &'a str,
+    pub text: &'a str,
+}
+
+/// A race's confirmation on its way out, with its NDJSON line and its readable line.
+pub struct ConfirmationOut<'a> {
+    pub confirmation: &'a crate::engine::RaceConfirmation,
     pub json: &'a str,
     pub text: &'a str,
 }

@@ -140,6 +140,7 @@ pub fn delete_json(d: &MapDeleteRecord, key: Option<&NpaKey>, u: &TimeBase) -> s
         "entry_id": d.entry_id().map(|id| format!("{id:016x}")),
         "entry_born_ns": (d.ct_born_ns != 0).then_some(d.ct_born_ns),
         "entry_timeout_left_ms": (d.ct_addr != 0).then(|| u.jiffies_ms(d.ct_timeout_left_jiffies as i64)),
+        "entry_tcp_state": d.ct_tcp_state,
         "pid": d.task.pid,
         "tid": d.task.tid,
         "comm": d.task.comm,
@@ -164,7 +165,10 @@ pub fn delete_text(d: &MapDeleteRecord, key: Option<&NpaKey>, u: &TimeBase) -> S
         d.map_id,
         match d.view {
             DeleteView::Live => format!(
-                "LIVE ({} left)",
+                "LIVE{} ({} left)",
+                d.ct_tcp_state
+                    .map(|t| format!(" {}", t.name()))
+                    .unwrap_or_default(),
                 secs(u.jiffies_ms(d.ct_timeout_left_jiffies as i64) as i128 * 1_000_000)
             ),
             DeleteView::Expired => "expired, not reaped".into(),

@@ -61,6 +61,7 @@ pub struct ResultLabel {
 struct Mirrored {
     lost: [u64; detector_common::kind::COUNT as usize],
     rightful: u64,
+    closed_flow: u64,
     evictions: [u64; 4],
 }
 
@@ -70,6 +71,9 @@ pub struct Metrics {
     lost: Family<KindLabel, Counter>,
     verdicts: Family<ClassLabel, Counter>,
     rightful: Counter,
+    closed_flow: Counter,
+    confirmed: Counter,
+    unconfirmed: Counter,
     shadow_entries: Family<TableLabel, Gauge>,
     shadow_evictions: Family<TableLabel, Counter>,
     snapshot_duration: Family<SnapshotLabel, Gauge<f64, AtomicU64>>,
@@ -108,6 +112,9 @@ impl Metrics {
         let lost = Family::<KindLabel, Counter>::default();
         let verdicts = Family::<ClassLabel, Counter>::default();
         let rightful = Counter::default();
+        let closed_flow = Counter::default();
+        let confirmed = Counter::default();
+        let unconfirmed = Counter::default();
         let shadow_entries = Family::<TableLabel, Gauge>::default();
         let shadow_evictions = Family::<TableLabel, Counter>::default();
         let snapshot_duration = Family::<SnapshotLabel, Gauge<f64, AtomicU64>>::default();
@@ -131,6 +138,21 @@ impl Metrics {
             "rightful_deletes",
             "Agent deletes of keys whose flow had really ended",
             rightful.clone(),
+        );
+        registry.register(
+            "closed_flow_deletes",
+            "Agent deletes of keys whose connection had closed (TCP CLOSE/TIME_WAIT): no race",
+            closed_flow.clone(),
+        );
+        registry.register(
+            "races_confirmed",
+            "Races whose flow then had a packet denied (within the after-window)",
+            confirmed.clone(),
+        );
+        registry.register(
+            "races_unconfirmed",
+            "Races whose after-window closed with no denied packet",
+            unconfirmed.clone(),
         );
         registry.register(
             "shadow_entries",
@@ -192,6 +214,9 @@ impl Metrics {
             lost,
             verdicts,
             rightful,
+            closed_flow,
+            confirmed,
+            unconfirmed,
             shadow_entries,
             shadow_evictions,
             snapshot_duration,
@@ -219,6 +244,14 @@ impl Metrics {
             })
             .inc();
         self.latency.observe(latency_ns as f64 / 1e9);
+    }
+
+    pub fn confirmation(&self, confirmed: bool) {
+        if confirmed {
+            self.confirmed.inc();
+        } else {
+            self.unconfirmed.inc();
+        }
     }
 
     pub fn snapshot(&self, name: &str, seconds: f64) {
@@ -268,6 +301,11 @@ impl Metrics {
             self.rightful.inc_by(stats.deletes.rightful - m.rightful);
             m.rightful = stats.deletes.rightful;
         }
+        if stats.deletes.closed_flow > m.closed_flow {
+            self.closed_flow
+                .inc_by(stats.deletes.closed_flow - m.closed_flow);
+            m.closed_flow = stats.deletes.closed_flow;
+        }
         let ev = &stats.evictions;
         for (i, now) in [ev.flows, ev.map_keys, ev.traces, ev.markers]
             .into_iter()
@@ -315,8 +353,13 @@ mod tests {
         m.update(&stats, &kernel);
         m.update(&stats, &kernel);
         stats.deletes.rightful = 4;
+        stats.deletes.closed_flow = 2;
         m.update(&stats, &kernel);
         let text = m.encode();
+        assert!(
+            text.contains("detector_closed_flow_deletes_total 2\n"),
+            "{text}"
+        );
         assert!(
             text.contains("detector_rightful_deletes_total 4\n"),
             "{text}"
