@@ -361,6 +361,9 @@ pub struct ProbeConfig {
     /// 1 when the third argument of the `kmem_cache_free` tracepoint is the cache
     /// (`struct kmem_cache *`, kernels from 6.2), 0 when it is the cache's name (6.1 and older).
     pub kmem_free_arg_cache: u32,
+    /// Keys of one batch delete reported key by key (bpf_loop iterations, at most 1 << 23);
+    /// more are counted in `counter::BATCH_TRUNCATED`.
+    pub max_batch_keys: u32,
 }
 
 impl ProbeConfig {
@@ -396,6 +399,7 @@ impl ProbeConfig {
         skb_protocol: 0,
         drop_watch_ms: 0,
         kmem_free_arg_cache: 0,
+        max_batch_keys: 0,
     };
 }
 
@@ -439,7 +443,7 @@ const _: () = {
                 + size_of::<TaskInfo>()
     );
     assert!(size_of::<CtEvent>().is_multiple_of(8));
-    assert!(size_of::<ProbeConfig>() == 30 * 4);
+    assert!(size_of::<ProbeConfig>() == 31 * 4);
     assert!(
         size_of::<PacketDropEvent>() == size_of::<EventHeader>() + size_of::<Tuple>() + 4 + 4 + 8
     );

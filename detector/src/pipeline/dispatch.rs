@@ -205,6 +205,8 @@ impl<W: Write> Detector<W> {
                     }
                     Err(e) => {
                         self.counts.undecodable_keys += 1;
+                        self.metrics
+                            .capacity_total("undecodable_keys", self.counts.undecodable_keys);
                         tracing::warn!(
                             "map {} delete of an undecodable key {} ({e}); wrong --layout?",
                             d.map_id,

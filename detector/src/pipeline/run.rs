@@ -22,7 +22,7 @@ use crate::npa::target::{self, AgentMap, MapSpec};
 use crate::report::Sink;
 use crate::report::console::Console;
 use crate::report::render::TimeBase;
-use crate::report::summary::{RunCounts, RunInfo, summary};
+use crate::report::summary::{RunCounts, RunInfo, capacity_line, summary};
 use crate::report::trace_file::{self, TraceDir, TraceFiles};
 
 /// What `detector run` was asked to do, in the pipeline's terms.
@@ -294,6 +294,8 @@ pub async fn run(opts: RunOptions, mut live: Live) -> Result<()> {
     // Every program is loaded: the parsed BTF is no longer needed.
     attached.probe.release_btf();
     let (snap, undecodable_startup_keys) = take_snapshots(&mut det, opts.netns_path.as_deref())?;
+    det.metrics
+        .capacity_total("undecodable_startup_keys", undecodable_startup_keys);
     crate::cli::trim_heap();
     announce(&map, &attached, &snap, det.out.traces.dir.dir());
     // Probes attached and both start-up snapshots taken.
@@ -344,18 +346,14 @@ pub async fn run(opts: RunOptions, mut live: Live) -> Result<()> {
     let stats = det.engine.stats();
     eprintln!(
         "detector: {} race(s) ({} traces written), {} rightful deletes, {} deletes of unknown \
-         keys; events lost in kernel: {}; summary: {}{}",
+         keys; events lost in kernel: {}; {}; summary: {}",
         counts.races,
         counts.traces_written,
         stats.deletes.rightful,
         stats.deletes.unseen,
         kernel.lost_total(),
+        capacity_line(&kernel, stats, &counts),
         det.out.traces.summary_path().display(),
-        if undecodable_startup_keys > 0 {
-            format!("; {undecodable_startup_keys} undecodable keys at start-up left out")
-        } else {
-            String::new()
-        }
     );
     Ok(())
 }

@@ -56,3 +56,69 @@ pub fn summary(
         "reorder": reorder,
     })
 }
+
+/// The exit line's account of what was not judged because a bound was hit: every capacity
+/// counter, zero or not, so that silence on the line means nothing overflowed.
+pub fn capacity_line(kernel: &CounterSnapshot, stats: &Stats, counts: &RunCounts) -> String {
+    let ev = &stats.evictions;
+    let line = format!(
+        "not judged: batch_truncated {}, seen_full {}, flows_full {}, pending_full {}, \
+         confirm_full {}, shadow evictions flows {} map_keys {}, undecodable keys {} \
+         (start-up {})",
+        kernel.batch_truncated,
+        kernel.seen_full,
+        kernel.flows_full,
+        kernel.pending_full,
+        kernel.confirm_full,
+        ev.flows,
+        ev.map_keys,
+        counts.undecodable_keys,
+        counts.undecodable_startup_keys,
+    );
+    let overflowed = kernel.batch_truncated
+        + kernel.seen_full
+        + kernel.flows_full
+        + kernel.pending_full
+        + kernel.confirm_full
+        + ev.flows
+        + ev.map_keys
+        + counts.undecodable_keys
+        + counts.undecodable_startup_keys;
+    if overflowed > 0 {
+        format!("{line} (MAYBE INCOMPLETE)")
+    } else {
+        line
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts() -> RunCounts {
+        RunCounts {
+            races: 0,
+            traces_written: 0,
+            undecodable_keys: 0,
+            undecodable_startup_keys: 0,
+            undecodable_records: 0,
+            socket_teardown_drops_ignored: 0,
+        }
+    }
+
+    #[test]
+    fn capacity_line_names_every_counter_and_flags_an_overflow() {
+        let mut kernel = CounterSnapshot::default();
+        let stats = Stats::default();
+        let clean = capacity_line(&kernel, &stats, &counts());
+        assert!(clean.contains("batch_truncated 0"), "{clean}");
+        assert!(!clean.contains("MAYBE INCOMPLETE"), "{clean}");
+        kernel.batch_truncated = 1968;
+        let mut c = counts();
+        c.undecodable_startup_keys = 3;
+        let line = capacity_line(&kernel, &stats, &c);
+        assert!(line.contains("batch_truncated 1968"), "{line}");
+        assert!(line.contains("(start-up 3)"), "{line}");
+        assert!(line.contains("MAYBE INCOMPLETE"), "{line}");
+    }
+}
