@@ -180,6 +180,7 @@ fn run_one(seed: u64, cfg: EngineConfig, exact: bool) -> Stats {
             match o {
                 Output::Verdict(_) => *verdicts += 1,
                 Output::TraceReady(_) => *traces += 1,
+                Output::Unjudged(_) => {}
             }
         }
     };
@@ -380,7 +381,7 @@ fn run_one(seed: u64, cfg: EngineConfig, exact: bool) -> Stats {
                 .iter()
                 .filter_map(|o| match o {
                     Output::Verdict(v) => Some(v),
-                    Output::TraceReady(_) => None,
+                    Output::TraceReady(_) | Output::Unjudged(_) => None,
                 })
                 .collect();
             assert!(

@@ -228,6 +228,10 @@ async fn event_loop<W: Write>(
             } => {
                 // Losses first: they belong to windows the tick may close.
                 if let Some((count, since_ns)) = losses {
+                    let kernel = stream.reader.counters();
+                    if kernel.seen_full + kernel.flows_full > 0 {
+                        det.engine.note_kernel_tables_full();
+                    }
                     det.push(Input::Lost {
                         ts_ns: since_ns,
                         count,
@@ -235,8 +239,8 @@ async fn event_loop<W: Write>(
                 }
                 det.push(Input::Tick { now_ns })?;
                 if second {
-                    det.metrics
-                        .update(det.engine.stats(), &stream.reader.counters());
+                    let kernel = stream.reader.counters();
+                    det.metrics.update(det.engine.stats(), &kernel);
                     follow_map(spec, det, &mut attached.probe, now_ns)?;
                     // Keep wall time true across NTP steps and suspend.
                     det.time.wall = WallClock::measure();

@@ -51,6 +51,8 @@ pub fn summary(
         "undecodable_startup_keys": counts.undecodable_startup_keys,
         "undecodable_records": counts.undecodable_records,
         "socket_teardown_drops_ignored": counts.socket_teardown_drops_ignored,
+        "unjudged_deletes": engine.deletes.unjudged,
+        "maybe_incomplete": overflowed(kernel, engine, counts) > 0 || kernel.lost_total() > 0,
         "engine": engine,
         "kernel": kernel,
         "reorder": reorder,
@@ -62,9 +64,10 @@ pub fn summary(
 pub fn capacity_line(kernel: &CounterSnapshot, stats: &Stats, counts: &RunCounts) -> String {
     let ev = &stats.evictions;
     let line = format!(
-        "not judged: batch_truncated {}, seen_full {}, flows_full {}, pending_full {}, \
-         confirm_full {}, shadow evictions flows {} map_keys {}, undecodable keys {} \
-         (start-up {})",
+        "not judged: {} unjudged deletes, batch_truncated {}, seen_full {}, flows_full {}, \
+         pending_full {}, confirm_full {}, shadow evictions flows {} map_keys {}, undecodable \
+         keys {} (start-up {})",
+        stats.deletes.unjudged,
         kernel.batch_truncated,
         kernel.seen_full,
         kernel.flows_full,
@@ -75,7 +78,18 @@ pub fn capacity_line(kernel: &CounterSnapshot, stats: &Stats, counts: &RunCounts
         counts.undecodable_keys,
         counts.undecodable_startup_keys,
     );
-    let overflowed = kernel.batch_truncated
+    if overflowed(kernel, stats, counts) > 0 {
+        format!("{line} (MAYBE INCOMPLETE)")
+    } else {
+        line
+    }
+}
+
+/// How many things a bound left unjudged (0: the run's silence means "no race").
+fn overflowed(kernel: &CounterSnapshot, stats: &Stats, counts: &RunCounts) -> u64 {
+    let ev = &stats.evictions;
+    stats.deletes.unjudged
+        + kernel.batch_truncated
         + kernel.seen_full
         + kernel.flows_full
         + kernel.pending_full
@@ -83,12 +97,7 @@ pub fn capacity_line(kernel: &CounterSnapshot, stats: &Stats, counts: &RunCounts
         + ev.flows
         + ev.map_keys
         + counts.undecodable_keys
-        + counts.undecodable_startup_keys;
-    if overflowed > 0 {
-        format!("{line} (MAYBE INCOMPLETE)")
-    } else {
-        line
-    }
+        + counts.undecodable_startup_keys
 }
 
 #[cfg(test)]

@@ -58,7 +58,9 @@ pub struct CounterLabel {
 
 /// What the detector could not judge, by the bound that was hit: the kernel's counters and
 /// the agent deletes whose key did not decode (live and in the start-up snapshot).
-pub const CAPACITY_COUNTERS: [&str; 8] = [
+pub const CAPACITY_COUNTERS: [&str; 10] = [
+    "unjudged_shadow_evicted",
+    "unjudged_kernel_table_full",
     "seen_full",
     "flows_full",
     "batch_truncated",
@@ -141,7 +143,8 @@ impl Metrics {
             "capacity_overflow",
             "Things not judged because a bound was hit: kernel tables full (seen_full, \
              flows_full, pending_full, confirm_full), batch keys beyond --max-batch-keys \
-             (batch_truncated), failed kernel reads, agent keys that did not decode",
+             (batch_truncated), failed kernel reads, agent keys that did not decode, agent deletes \
+             left unjudged (unjudged_*)",
             capacity.clone(),
         );
         for c in CAPACITY_COUNTERS {
@@ -313,6 +316,14 @@ impl Metrics {
             ("pending_full", kernel.pending_full),
             ("confirm_full", kernel.confirm_full),
             ("read_failed", kernel.read_failed),
+            (
+                "unjudged_shadow_evicted",
+                stats.deletes.unjudged_shadow_evicted,
+            ),
+            (
+                "unjudged_kernel_table_full",
+                stats.deletes.unjudged_kernel_table_full,
+            ),
         ] {
             self.mirror_capacity(&mut m, name, total);
         }
