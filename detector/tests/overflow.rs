@@ -175,6 +175,11 @@ fn full_kernel_tables_flag_deletes_and_export_counters() {
         "{text}"
     );
     assert!(stderr.contains("MAYBE INCOMPLETE"), "{stderr}");
+    assert!(
+        stderr.contains("kernel tables hold 16 live conntrack entries")
+            && stderr.contains("MiB of kernel memory"),
+        "the start-up line names the tables' size and cost: {stderr}"
+    );
     drop(streams);
     let _ = std::fs::remove_dir_all(&traces);
 }

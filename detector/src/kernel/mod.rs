@@ -8,6 +8,7 @@ mod counters;
 mod loader;
 pub mod offsets;
 pub mod reader;
+pub mod sizing;
 pub mod tracefs;
 
 use std::path::{Path, PathBuf};

@@ -261,6 +261,14 @@ pub async fn run(opts: RunOptions, mut live: Live) -> Result<()> {
     let map = target::resolve(&opts.spec)?;
     let traces = TraceDir::create(&opts.trace_dir)?;
     let mut attached = attach_probes(&opts.settings, &map, opts.agent_netns)?;
+    let (tables, too_small) = crate::kernel::sizing::describe(
+        opts.settings.max_entries,
+        crate::kernel::sizing::node_conntrack_max(),
+    );
+    eprintln!("{tables}");
+    if let Some(w) = too_small {
+        tracing::warn!("{w}");
+    }
     live.backend = attached.backend.name();
     let hz = clock::kernel_hz().unwrap_or_else(|| {
         tracing::warn!("could not measure the kernel's HZ from /proc/timer_list; assuming 250");
