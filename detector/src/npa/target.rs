@@ -84,14 +84,55 @@ pub struct AgentMap {
     pub pin: Option<PathBuf>,
 }
 
-fn info_by_name(name: &str) -> Option<MapInfo> {
+/// Whether a map of this type and these sizes can be the agent's conntrack map: a hash or LRU
+/// hash whose key and value sizes are a known layout (or `forced`'s sizes).
+fn could_be_agent_map(
+    kind: Option<MapType>,
+    key_size: u32,
+    value_size: u32,
+    forced: Option<Layout>,
+) -> bool {
+    let hash = matches!(kind, Some(MapType::LruHash | MapType::Hash));
+    let sizes = match forced {
+        Some(l) => l.key.size() as u32 == key_size && l.value.size() as u32 == value_size,
+        None => Layout::detect(key_size, value_size).is_ok(),
+    };
+    hash && sizes
+}
+
+fn info_by_name(name: &str, forced: Option<Layout>) -> Option<MapInfo> {
     let short = &name[..name.len().min(KERNEL_NAME_LEN)];
-    // Several maps of that name (an agent restart leaves the old one until its users close
-    // it): the newest has the highest id.
-    aya::maps::loaded_maps()
+    let (fit, skipped): (Vec<MapInfo>, Vec<MapInfo>) = aya::maps::loaded_maps()
         .filter_map(Result::ok)
         .filter(|m| m.name_as_str() == Some(short))
-        .max_by_key(|m| m.id())
+        .partition(|m| could_be_agent_map(m.map_type().ok(), m.key_size(), m.value_size(), forced));
+    for m in &skipped {
+        tracing::warn!(
+            "map {} is named `{short}` but is not a hash/LRU-hash map of a known layout ({:?}, \
+             key {} B, value {} B): skipped",
+            m.id(),
+            m.map_type(),
+            m.key_size(),
+            m.value_size()
+        );
+    }
+    // Several maps of that name (an agent restart leaves the old one until its users close
+    // it): the newest has the highest id.
+    fit.into_iter().max_by_key(|m| m.id())
+}
+
+/// A forced `--layout` whose sizes differ from a map whose own sizes are a known layout is a
+/// mistake (every key would be undecodable): an error naming both.
+fn check_forced_layout(forced: Layout, key_size: u32, value_size: u32) -> Result<(), LayoutError> {
+    match Layout::detect(key_size, value_size) {
+        Ok(actual) if actual != forced => Err(LayoutError::Mismatch {
+            forced,
+            actual,
+            key_size,
+            value_size,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Finds the map and checks it.
@@ -111,7 +152,7 @@ pub fn resolve(spec: &MapSpec) -> Result<AgentMap, TargetError> {
             format!("pin {}", spec.pin.display()),
             Some(spec.pin.clone()),
         )
-    } else if let Some(info) = info_by_name(&spec.name) {
+    } else if let Some(info) = info_by_name(&spec.name, spec.layout) {
         (info, "name".to_string(), None)
     } else {
         return Err(TargetError::NotFound {
@@ -132,7 +173,16 @@ pub fn resolve(spec: &MapSpec) -> Result<AgentMap, TargetError> {
         }
     }
     let layout = match spec.layout {
-        Some(l) => l,
+        Some(l) => {
+            check_forced_layout(l, info.key_size(), info.value_size()).map_err(|source| {
+                TargetError::Layout {
+                    id,
+                    name: name.clone(),
+                    source,
+                }
+            })?;
+            l
+        }
         None => Layout::detect(info.key_size(), info.value_size()).map_err(|source| {
             TargetError::Layout {
                 id,
@@ -260,6 +310,33 @@ pub fn keys(map: &AgentMap) -> Result<Vec<Vec<u8>>, TargetError> {
         (60, 16) => collect::<60, 16>(m, map.id),
         // A --layout override on a map of other sizes: no snapshot, deletes still decode.
         _ => Ok(Vec::new()),
+    }
+}
+
+#[cfg(test)]
+mod strict_tests {
+    use super::*;
+
+    #[test]
+    fn only_hash_maps_of_a_known_layout_are_taken_by_name() {
+        assert!(could_be_agent_map(Some(MapType::LruHash), 24, 16, None));
+        assert!(could_be_agent_map(Some(MapType::Hash), 20, 1, None));
+        assert!(!could_be_agent_map(Some(MapType::Array), 24, 16, None));
+        assert!(!could_be_agent_map(Some(MapType::LruHash), 4, 4, None));
+        assert!(!could_be_agent_map(None, 24, 16, None));
+    }
+
+    #[test]
+    fn a_forced_layout_must_match_a_known_layouts_sizes() {
+        let forced: Layout = "v4-20/1".parse().unwrap_or_else(|e| panic!("{e}"));
+        let err = check_forced_layout(forced, 24, 16)
+            .err()
+            .map(|e| e.to_string());
+        let err = err.unwrap_or_default();
+        assert!(err.contains("v4-20/1") && err.contains("v4-24/16"), "{err}");
+        assert!(check_forced_layout(forced, 20, 1).is_ok());
+        // Sizes of no known layout: forcing is what --layout is for.
+        assert!(check_forced_layout(forced, 28, 1).is_ok());
     }
 }
 
