@@ -93,3 +93,55 @@ fn a_layout_that_contradicts_the_maps_sizes_is_an_error_at_start() {
         "{stderr}"
     );
 }
+
+/// Loads a program that returns 0 (a socket filter) and pins it at `path`.
+fn pin_a_program(path: &std::path::Path) {
+    use std::os::unix::ffi::OsStrExt;
+    // mov r0, 0; exit
+    let insns: [u64; 2] = [0xb7, 0x95];
+    let license = c"GPL";
+    // union bpf_attr for BPF_PROG_LOAD: prog_type, insn_cnt, insns, license, ...
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&1u32.to_ne_bytes()); // BPF_PROG_TYPE_SOCKET_FILTER
+    attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
+    attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+    // SAFETY: bpf(2) reads the attr buffer and the instructions and license it points to.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 5, attr.as_mut_ptr(), attr.len()) };
+    assert!(
+        fd >= 0,
+        "BPF_PROG_LOAD: {}",
+        std::io::Error::last_os_error()
+    );
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // union bpf_attr for BPF_OBJ_PIN: pathname, bpf_fd.
+    let mut pin = [0u8; 128];
+    pin[0..8].copy_from_slice(&(c_path.as_ptr() as u64).to_ne_bytes());
+    pin[8..12].copy_from_slice(&(fd as u32).to_ne_bytes());
+    // SAFETY: bpf(2) reads the attr buffer and the path it points to.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, 6, pin.as_mut_ptr(), pin.len()) };
+    assert_eq!(rc, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    // SAFETY: closing the fd this function opened; the pin keeps the program.
+    unsafe { libc::close(fd as libc::c_int) };
+}
+
+#[test]
+fn a_program_at_the_pin_is_a_clear_error() {
+    if !privileged() {
+        return;
+    }
+    let fs = Bpffs::mount();
+    let pin = fs.dir.join("not_a_map");
+    pin_a_program(&pin);
+    let out = Command::new(DETECTOR)
+        .args(["run", "--json", "--map-pin", pin.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("holds a BPF program, not a map"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("key "), "no garbage sizes: {stderr}");
+}

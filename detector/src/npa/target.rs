@@ -35,6 +35,8 @@ pub enum TargetError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error("{path} holds a BPF {object}, not a map: point --map-pin at the agent's conntrack map")]
+    NotAMap { path: PathBuf, object: String },
     #[error("map {id} ({name}) is a {kind:?} map, not a hash map: wrong map selected")]
     WrongType { id: u32, name: String, kind: String },
     #[error("map {id} ({name}): {source}")]
@@ -135,6 +137,54 @@ fn check_forced_layout(forced: Layout, key_size: u32, value_size: u32) -> Result
     }
 }
 
+/// What kind of BPF object is pinned at `path` ("map", "program", "link"...), from the
+/// `*_type:` line of its fd's /proc/self/fdinfo; None when it cannot be opened or told.
+fn pinned_object_kind(path: &std::path::Path) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // union bpf_attr for BPF_OBJ_GET: { __aligned_u64 pathname; __u32 bpf_fd; __u32 file_flags;
+    // ... }; the rest zero.
+    let mut attr = [0u64; 16];
+    attr[0] = c_path.as_ptr() as u64;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    // SAFETY: bpf(2) reads `attr` (a zeroed buffer larger than the command's part of union
+    // bpf_attr) and the NUL-terminated path it points to, both alive across the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"));
+    // SAFETY: `fd` was just returned by bpf(2) to this function and is closed once, here.
+    unsafe { libc::close(fd as libc::c_int) };
+    info.ok()?.lines().find_map(|l| {
+        let (kind, _) = l.split_once("_type:")?;
+        Some(if kind == "prog" {
+            "program".to_string()
+        } else {
+            kind.to_string()
+        })
+    })
+}
+
+/// Something other than a map at the pin (a program, a link) is a clear error, not a map of
+/// garbage sizes.
+fn check_pin_is_a_map(path: &std::path::Path) -> Result<(), TargetError> {
+    match pinned_object_kind(path) {
+        Some(kind) if kind != "map" => Err(TargetError::NotAMap {
+            path: path.to_path_buf(),
+            object: kind,
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Finds the map and checks it.
 pub fn resolve(spec: &MapSpec) -> Result<AgentMap, TargetError> {
     let (info, found_by, pin) = if let Some(id) = spec.id {
@@ -144,6 +194,7 @@ pub fn resolve(spec: &MapSpec) -> Result<AgentMap, TargetError> {
             None,
         )
     } else if spec.pin.exists() {
+        check_pin_is_a_map(&spec.pin)?;
         (
             MapInfo::from_pin(&spec.pin).map_err(|source| TargetError::Pin {
                 path: spec.pin.clone(),
