@@ -386,6 +386,9 @@ pub struct ProbeConfig {
     pub kmem_free_arg_cache: u32,
     /// `struct nf_conn`: `proto.tcp.state` (u8, `enum tcp_conntrack`).
     pub ct_tcp_state: u32,
+    /// Keys of one batch delete reported key by key (bpf_loop iterations, at most 1 << 23);
+    /// more are counted in `counter::BATCH_TRUNCATED`.
+    pub max_batch_keys: u32,
 }
 
 impl ProbeConfig {
@@ -422,6 +425,7 @@ impl ProbeConfig {
         drop_watch_ms: 0,
         kmem_free_arg_cache: 0,
         ct_tcp_state: 0,
+        max_batch_keys: 0,
     };
 }
 
@@ -465,7 +469,7 @@ const _: () = {
                 + size_of::<TaskInfo>()
     );
     assert!(size_of::<CtEvent>().is_multiple_of(8));
-    assert!(size_of::<ProbeConfig>() == 31 * 4);
+    assert!(size_of::<ProbeConfig>() == 32 * 4);
     assert!(
         size_of::<PacketDropEvent>() == size_of::<EventHeader>() + size_of::<Tuple>() + 4 + 4 + 8
     );

@@ -311,6 +311,55 @@ fn batch_deletes_are_judged_key_by_key() {
     let _ = std::fs::remove_dir_all(&traces);
 }
 
+/// A batch delete far beyond one page of keys is judged key by key, every key: 2,000 keys of
+/// live flows deleted in one BPF_MAP_DELETE_BATCH are 2,000 races, none truncated.
+#[test]
+fn a_batch_of_2000_live_keys_is_2000_races() {
+    if !privileged() {
+        return;
+    }
+    const N: usize = 2000;
+    let layout: Layout = "v4-24/16".parse().unwrap();
+    let ns = NetnsPair::new(30);
+    let fs = Bpffs::mount();
+    let map = AgentMap::create(layout, &fs.dir.join("aws_conntrack_map"), &unique_name());
+    let server = start_echo_server(&ns.server, ns.server_ip);
+    let traces = fs.dir.with_extension("traces");
+    let det = start(&map, &ns, &traces, "0.2");
+    let streams: Vec<_> = (0..N).map(|_| connect_from(&ns.client, server)).collect();
+    let keys: Vec<NpaKey> = streams
+        .iter()
+        .map(|s| key(s.local_addr().unwrap().port(), server, layout))
+        .collect();
+    for k in &keys {
+        map.insert(k, 1);
+    }
+    let (rc, count) = map.delete_batch(&keys);
+    assert_eq!((rc, count), (0, N as u32), "BPF_MAP_DELETE_BATCH");
+    sleep(Duration::from_millis(1500));
+    let (events, stderr) = det.stop();
+    let deletes = events
+        .iter()
+        .filter(|e| e["type"] == "agent_delete")
+        .count();
+    assert_eq!(deletes, N, "one record per key\n{stderr}");
+    let v = verdicts(&events);
+    assert_eq!(v.len(), N, "every live key is a race\n{stderr}");
+    let summary = events.iter().find(|e| e["type"] == "summary").unwrap();
+    assert_eq!(summary["kernel"]["batch_deletes"], 1);
+    assert_eq!(summary["kernel"]["batch_truncated"], 0);
+    assert_eq!(
+        summary["kernel"]["lost"][3], 0,
+        "no agent delete record lost"
+    );
+    assert!(
+        stderr.contains("batch_truncated 0,"),
+        "the exit line accounts for truncation: {stderr}"
+    );
+    drop(streams);
+    let _ = std::fs::remove_dir_all(&traces);
+}
+
 /// Flows that existed before the detector started are known from the ctnetlink snapshot: a
 /// delete of an idle one (never seen by the kernel probes) and of one that has sent a packet
 /// since (first seen then) are both races of class stale-match, and the latter is not taken

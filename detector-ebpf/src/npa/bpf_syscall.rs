@@ -43,8 +43,10 @@ const ATTR_BATCH_KEYS: u64 = 16;
 const ATTR_BATCH_COUNT: u64 = 32;
 const ATTR_BATCH_MAP_FD: u64 = 36;
 
-/// Keys of one batch reported key by key; more are counted in BATCH_TRUNCATED.
-const MAX_BATCH: u32 = 32;
+/// The most keys of one batch reported key by key: bpf_loop's own limit (1 << 23 iterations).
+/// The loader's `max_batch_keys` is the effective cap; more keys are counted in
+/// BATCH_TRUNCATED.
+const BPF_LOOP_MAX: u32 = 1 << 23;
 
 /// One record under construction per CPU (see `agent_delete_enter`).
 #[map]
@@ -244,8 +246,14 @@ fn batch_exit(b: &BatchPending) {
     if keys == 0 || count == 0 {
         return;
     }
-    if count > MAX_BATCH {
-        count_by(counter::BATCH_TRUNCATED, u64::from(count - MAX_BATCH));
+    let cfg = probe_config();
+    let cap = if cfg.max_batch_keys == 0 || cfg.max_batch_keys > BPF_LOOP_MAX {
+        BPF_LOOP_MAX
+    } else {
+        cfg.max_batch_keys
+    };
+    if count > cap {
+        count_by(counter::BATCH_TRUNCATED, u64::from(count - cap));
     }
     // The loop's state lives in a per-CPU slot that the callback reads back (bpf_loop runs it
     // on this CPU, synchronously): on the stack it pushed the program's combined stack (this
@@ -262,7 +270,7 @@ fn batch_exit(b: &BatchPending) {
     l.exit_ns = now_ns();
     l.key_size = b.key_size;
     l._pad = 0;
-    let n = if count > MAX_BATCH { MAX_BATCH } else { count };
+    let n = if count > cap { cap } else { count };
     // SAFETY: `batch_key` has the callback signature bpf_loop expects and uses no context
     // (null); flags must be 0.
     unsafe { bpf_loop(n, batch_key as *mut c_void, core::ptr::null_mut(), 0) };

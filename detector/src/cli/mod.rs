@@ -30,6 +30,24 @@ pub struct ProbeArgs {
     /// Capacity of the in-kernel table of live conntrack entries (size it to nf_conntrack_max).
     #[arg(long, default_value_t = 262_144, value_name = "N")]
     pub max_entries: u32,
+    /// Keys of one BPF_MAP_DELETE_BATCH / LOOKUP_AND_DELETE_BATCH judged key by key (up to
+    /// 8388608); keys beyond are counted as `batch_truncated` (exit line, /metrics).
+    #[arg(long, default_value_t = crate::kernel::DEFAULT_MAX_BATCH_KEYS, value_name = "N",
+          value_parser = parse_max_batch_keys)]
+    pub max_batch_keys: u32,
+}
+
+fn parse_max_batch_keys(s: &str) -> Result<u32, String> {
+    let v: u32 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of keys"))?;
+    let limit = crate::kernel::MAX_BATCH_KEYS_LIMIT;
+    if v == 0 || v > limit {
+        return Err(format!(
+            "--max-batch-keys must be from 1 to {limit}, not {v}"
+        ));
+    }
+    Ok(v)
 }
 
 fn parse_ring_mib(s: &str) -> Result<u32, String> {
@@ -55,6 +73,7 @@ impl ProbeArgs {
             watch_agent,
             drop_watch_ms: 5_000,
             writes_hook: self.writes_hook,
+            max_batch_keys: self.max_batch_keys,
         }
     }
 }

@@ -2,7 +2,7 @@
 
 use super::flow_id::{FlowId, NO_EVENT};
 use super::shadow::{KEntry, MapKey};
-use super::verdict;
+use super::verdict::{self, Unjudged, UnjudgedReason};
 use super::{
     AgentDelete, ClosedFlowDelete, DecidedBy, DeleteResult, Engine, KernelView, LiveEntry, Output,
     Pending, RaceConfirmation, TimelineEvent, TimelineKind, Trace, Verdict, VerdictKind,
@@ -169,7 +169,27 @@ impl Engine {
         };
 
         let Some((live, decided_by)) = decision else {
+            let shadow_evicted =
+                self.evicted_live_overflowed || self.evicted_live.get(&fid).is_some();
+            let kernel_absent = matches!(d.kernel_view, Some(KernelView::Absent));
             let c = &mut self.stats.deletes;
+            if !expired_not_reaped && (shadow_evicted || kernel_absent && self.kernel_tables_full) {
+                // The state that would show a live entry was lost to a bound: never rightful.
+                c.unjudged += 1;
+                let reason = if shadow_evicted {
+                    c.unjudged_shadow_evicted += 1;
+                    UnjudgedReason::ShadowEvicted
+                } else {
+                    c.unjudged_kernel_table_full += 1;
+                    UnjudgedReason::KernelTableFull
+                };
+                out.push(Output::Unjudged(Unjudged {
+                    ts_ns: d.ts_ns,
+                    key: d.key.clone(),
+                    reason,
+                }));
+                return;
+            }
             if expired_not_reaped {
                 c.rightful += 1;
                 c.rightful_expired_not_reaped += 1;

@@ -89,7 +89,8 @@ pub use input::{AgentDelete, DeleteResult, Input, KernelView};
 pub use stats::{DeleteCounts, EvictionCounts, InputCounts, Stats, VerdictCounts};
 pub use verdict::{
     ClosedFlowDelete, DecidedBy, DeniedPacket, LiveEntry, OldEntry, Output, RaceConfirmation,
-    TimelineEvent, TimelineKind, Trace, Verdict, VerdictClass, VerdictKind,
+    TimelineEvent, TimelineKind, Trace, Unjudged, UnjudgedReason, Verdict, VerdictClass,
+    VerdictKind,
 };
 
 use crate::npa::NpaKey;
@@ -135,6 +136,9 @@ impl Default for EngineConfig {
     }
 }
 
+/// Evicted live flows remembered at least, however small `max_flows` is (a few hundred KiB).
+const MIN_EVICTED_REMEMBERED: usize = 4096;
+
 /// A verdict waiting for its after-window to close.
 struct Pending {
     verdict: Verdict,
@@ -159,6 +163,14 @@ pub struct Engine {
     now_ns: u64,
     seq: u64,
     stats: Stats,
+    /// Flows whose state was evicted while they had a live entry: a later delete of their key
+    /// cannot be judged from the shadow (bounded like the flows themselves).
+    evicted_live: LruMap<FlowId, ()>,
+    /// `evicted_live` itself overflowed: any flow may have lost its live state.
+    evicted_live_overflowed: bool,
+    /// The kernel's tables of live entries overflowed (seen_full / flows_full): a delete the
+    /// kernel saw as absent may concern an entry it could not index.
+    kernel_tables_full: bool,
 }
 
 impl Engine {
@@ -173,6 +185,9 @@ impl Engine {
             now_ns: 0,
             seq: 0,
             stats: Stats::default(),
+            evicted_live: LruMap::new(cfg.max_flows.max(MIN_EVICTED_REMEMBERED)),
+            evicted_live_overflowed: false,
+            kernel_tables_full: false,
             cfg,
         }
     }
@@ -183,6 +198,12 @@ impl Engine {
 
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// Tells the engine the kernel's tables of live entries overflowed: from now on a delete
+    /// the kernel saw as absent is unjudged, not rightful.
+    pub fn note_kernel_tables_full(&mut self) {
+        self.kernel_tables_full = true;
     }
 
     /// Feeds one input; returns what it caused.
@@ -312,8 +333,12 @@ impl Engine {
     /// The state of flow `id`, created if needed (possibly evicting the stalest flow).
     fn flow_mut(&mut self, id: FlowId) -> &mut FlowState {
         let (flow, evicted) = self.flows.get_or_insert_with(id, FlowState::default);
-        if evicted.is_some() {
+        if let Some((evicted_id, evicted_state)) = evicted {
             self.stats.evictions.flows += 1;
+            if !evicted_state.live.is_empty() {
+                let (_, forgotten) = self.evicted_live.get_or_insert_with(evicted_id, || ());
+                self.evicted_live_overflowed |= forgotten.is_some();
+            }
         }
         flow
     }

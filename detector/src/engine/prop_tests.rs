@@ -183,6 +183,7 @@ fn run_one(seed: u64, cfg: EngineConfig, exact: bool) -> Stats {
                 Output::TraceReady(_) => *traces += 1,
                 Output::ClosedFlowDelete(_) => *closed += 1,
                 Output::RaceConfirmation(_) => {}
+                Output::Unjudged(_) => {}
             }
         }
     };

@@ -81,6 +81,13 @@ pub struct DeleteCounts {
     /// shadow nor history): harmless as far as anyone can tell, but a sign the detector
     /// started late or lost records.
     pub unseen: u64,
+    /// Could not be judged: no live entry was found, but the state that would have shown one
+    /// was lost to a bound (never counted as rightful). By reason below.
+    pub unjudged: u64,
+    /// Of `unjudged`: the engine had evicted the flow's state while it had a live entry.
+    pub unjudged_shadow_evicted: u64,
+    /// Of `unjudged`: the kernel saw no entry, but its tables of live entries had overflowed.
+    pub unjudged_kernel_table_full: u64,
     /// ENOENT: nothing was deleted.
     pub not_found: u64,
     /// Any other failure.

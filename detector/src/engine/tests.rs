@@ -695,7 +695,88 @@ fn memory_is_bounded_and_evictions_counted() {
     let oldest = tcp("10.0.0.5", 1000, "10.0.1.7", 80);
     let outs = e.push(delete(3 * S, key_of(&oldest)));
     assert!(verdicts(&outs).is_empty());
-    assert_eq!(e.stats().deletes.unseen, 1);
+    // Its state went while it had a live entry: the delete cannot be judged, and says so.
+    assert_eq!(e.stats().deletes.unjudged, 1);
+    assert_eq!(e.stats().deletes.unseen + e.stats().deletes.rightful, 0);
+}
+
+fn unjudged(outs: &[Output]) -> Vec<&Unjudged> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::Unjudged(u) => Some(u),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A pre-existing live flow whose state the bounded flow table evicted: its wrongful delete is
+/// unjudged (with the reason), never rightful.
+#[test]
+fn delete_of_an_evicted_preexisting_live_flow_is_unjudged_not_rightful() {
+    let mut e = Engine::new(EngineConfig {
+        max_flows: 2,
+        ..EngineConfig::default()
+    });
+    let old = tcp("10.0.0.5", 999, "10.0.1.7", 80);
+    let mut inputs = vec![
+        Input::CtExisting {
+            id: 9,
+            netns: NS,
+            orig: old,
+            reply: old.reversed(),
+        },
+        Input::MapExisting {
+            map_id: 42,
+            key: key_of(&old),
+        },
+    ];
+    for i in 0..4u16 {
+        inputs.push(ct_new(
+            S + u64::from(i),
+            100 + u64::from(i),
+            tcp("10.0.0.5", 2000 + i, "10.0.1.7", 80),
+        ));
+    }
+    inputs.push(delete(5 * S, key_of(&old)));
+    let outs = run(&mut e, inputs);
+    assert!(verdicts(&outs).is_empty());
+    let u = unjudged(&outs);
+    assert_eq!(u.len(), 1, "{outs:#?}");
+    assert_eq!(u[0].reason, UnjudgedReason::ShadowEvicted);
+    assert_eq!(u[0].key, key_of(&old));
+    let d = &e.stats().deletes;
+    assert_eq!(
+        (d.unjudged, d.unjudged_shadow_evicted, d.rightful),
+        (1, 1, 0)
+    );
+}
+
+/// Once the kernel's tables of live entries overflowed, "absent" in the kernel proves nothing:
+/// the delete is unjudged, where before the overflow the same delete is rightful.
+#[test]
+fn kernel_absent_after_a_kernel_table_overflow_is_unjudged() {
+    let t = client();
+    let absent = |ts| {
+        delete_with(
+            ts,
+            key_of(&t),
+            v4(),
+            DeleteResult::Deleted,
+            Some(KernelView::Absent),
+        )
+    };
+    let mut e = engine();
+    let outs = run(&mut e, vec![ct_new(S, 1, t), absent(2 * S)]);
+    assert!(unjudged(&outs).is_empty());
+    assert_eq!(e.stats().deletes.rightful, 1);
+    e.note_kernel_tables_full();
+    let outs = run(&mut e, vec![ct_new(3 * S, 2, t), absent(4 * S)]);
+    assert!(verdicts(&outs).is_empty());
+    let u = unjudged(&outs);
+    assert_eq!(u.len(), 1, "{outs:#?}");
+    assert_eq!(u[0].reason, UnjudgedReason::KernelTableFull);
+    let d = &e.stats().deletes;
+    assert_eq!((d.rightful, d.unjudged_kernel_table_full), (1, 1));
 }
 
 #[test]

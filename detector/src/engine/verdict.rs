@@ -23,6 +23,45 @@ pub enum Output {
     /// (confirmed), or, when none came within the after-window, just before its trace
     /// (unconfirmed).
     RaceConfirmation(RaceConfirmation),
+    /// A delete the engine could not judge: no live entry was found, but the state that would
+    /// have shown one was lost to a bound. Never a rightful delete.
+    Unjudged(Unjudged),
+}
+
+
+/// A delete left unjudged, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Unjudged {
+    pub ts_ns: u64,
+    pub key: NpaKey,
+    pub reason: UnjudgedReason,
+}
+
+/// The bound that left a delete unjudged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnjudgedReason {
+    /// The engine's flow table (`--max-flows`) evicted the flow's state while it had a live
+    /// entry.
+    ShadowEvicted,
+    /// The kernel saw no entry, but its tables of live entries (`--max-entries`) had
+    /// overflowed.
+    KernelTableFull,
+}
+
+impl UnjudgedReason {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::ShadowEvicted => {
+                "the flow's state was evicted from the engine (--max-flows) while it had a live \
+                 entry"
+            }
+            Self::KernelTableFull => {
+                "the kernel's table of live entries was full (--max-entries): an absent entry \
+                 proves nothing"
+            }
+        }
+    }
 }
 
 /// Whether a race's flow had a packet denied after the delete, and when.

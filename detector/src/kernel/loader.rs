@@ -42,6 +42,8 @@ impl Probe {
         let (mut config, offsets) = offsets::resolve(&kernel_btf)?;
         config.netns_filter = settings.netns_filter;
         config.drop_watch_ms = settings.drop_watch_ms;
+        config.max_batch_keys = settings.max_batch_keys;
+        warn_if_ring_too_small_for_batches(settings);
         if settings.watch_agent {
             let root = tracefs::ensure()?;
             config.sys_enter_bpf_cmd =
@@ -411,6 +413,22 @@ impl Probe {
 }
 
 /// A short explanation of a program load failure (the verifier log is long; keep its end).
+/// A batch delete's records are written in one go at the syscall's exit, before the reader can
+/// drain any: a ring that cannot hold them all loses the rest (counted as lost, not silent).
+fn warn_if_ring_too_small_for_batches(settings: &ProbeSettings) {
+    // Each ring record carries an 8-byte header and is rounded up to 8 bytes.
+    let per_key = (std::mem::size_of::<detector_common::MapDeleteEvent>() as u64 + 8 + 7) & !7;
+    let needed = per_key * u64::from(settings.max_batch_keys);
+    if settings.watch_agent && needed > u64::from(settings.ring_bytes) / 2 {
+        tracing::warn!(
+            "a batch delete of --max-batch-keys {} keys needs {} KiB of ring buffer, more than              half of --ring-mib {}: the records of a full batch may be lost (counted in              events_lost)",
+            settings.max_batch_keys,
+            needed >> 10,
+            settings.ring_bytes >> 20
+        );
+    }
+}
+
 fn explain(e: &ProgramError) -> String {
     match e {
         ProgramError::LoadError {

@@ -8,6 +8,7 @@ mod counters;
 mod loader;
 pub mod offsets;
 pub mod reader;
+pub mod sizing;
 pub mod tracefs;
 
 use std::path::{Path, PathBuf};
@@ -79,6 +80,11 @@ pub enum ProbeError {
     },
 }
 
+/// Keys of one batch delete judged by default (the kernel's bpf_loop allows up to 1 << 23).
+pub const DEFAULT_MAX_BATCH_KEYS: u32 = 8192;
+/// bpf_loop's limit on iterations, and so on the keys of one batch judged.
+pub const MAX_BATCH_KEYS_LIMIT: u32 = 1 << 23;
+
 /// What the user asked for.
 #[derive(Debug, Clone)]
 pub struct ProbeSettings {
@@ -97,6 +103,8 @@ pub struct ProbeSettings {
     pub drop_watch_ms: u32,
     /// Where the agent map's in-kernel writes are hooked.
     pub writes_hook: WritesHook,
+    /// Keys of one batch delete judged one by one; more are counted as truncated.
+    pub max_batch_keys: u32,
 }
 
 impl Default for ProbeSettings {
@@ -110,6 +118,7 @@ impl Default for ProbeSettings {
             watch_agent: false,
             drop_watch_ms: 5_000,
             writes_hook: WritesHook::Auto,
+            max_batch_keys: DEFAULT_MAX_BATCH_KEYS,
         }
     }
 }

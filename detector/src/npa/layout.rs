@@ -190,6 +190,16 @@ pub enum LayoutError {
          v6-56 or v6-60 and value 1 or 16, e.g. v4-24/16"
     )]
     Parse { input: String, reason: String },
+    #[error(
+        "--layout {forced} does not match the map: its key {key_size} B / value {value_size} B \
+         are layout {actual}; drop --layout or point it at the right map"
+    )]
+    Mismatch {
+        forced: Layout,
+        actual: Layout,
+        key_size: u32,
+        value_size: u32,
+    },
 }
 
 impl Layout {

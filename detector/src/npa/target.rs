@@ -35,6 +35,8 @@ pub enum TargetError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error("{path} holds a BPF {object}, not a map: point --map-pin at the agent's conntrack map")]
+    NotAMap { path: PathBuf, object: String },
     #[error("map {id} ({name}) is a {kind:?} map, not a hash map: wrong map selected")]
     WrongType { id: u32, name: String, kind: String },
     #[error("map {id} ({name}): {source}")]
@@ -84,14 +86,103 @@ pub struct AgentMap {
     pub pin: Option<PathBuf>,
 }
 
-fn info_by_name(name: &str) -> Option<MapInfo> {
+/// Whether a map of this type and these sizes can be the agent's conntrack map: a hash or LRU
+/// hash whose key and value sizes are a known layout (or `forced`'s sizes).
+fn could_be_agent_map(
+    kind: Option<MapType>,
+    key_size: u32,
+    value_size: u32,
+    forced: Option<Layout>,
+) -> bool {
+    let hash = matches!(kind, Some(MapType::LruHash | MapType::Hash));
+    let sizes = match forced {
+        Some(l) => l.key.size() as u32 == key_size && l.value.size() as u32 == value_size,
+        None => Layout::detect(key_size, value_size).is_ok(),
+    };
+    hash && sizes
+}
+
+fn info_by_name(name: &str, forced: Option<Layout>) -> Option<MapInfo> {
     let short = &name[..name.len().min(KERNEL_NAME_LEN)];
-    // Several maps of that name (an agent restart leaves the old one until its users close
-    // it): the newest has the highest id.
-    aya::maps::loaded_maps()
+    let (fit, skipped): (Vec<MapInfo>, Vec<MapInfo>) = aya::maps::loaded_maps()
         .filter_map(Result::ok)
         .filter(|m| m.name_as_str() == Some(short))
-        .max_by_key(|m| m.id())
+        .partition(|m| could_be_agent_map(m.map_type().ok(), m.key_size(), m.value_size(), forced));
+    for m in &skipped {
+        tracing::warn!(
+            "map {} is named `{short}` but is not a hash/LRU-hash map of a known layout ({:?}, \
+             key {} B, value {} B): skipped",
+            m.id(),
+            m.map_type(),
+            m.key_size(),
+            m.value_size()
+        );
+    }
+    // Several maps of that name (an agent restart leaves the old one until its users close
+    // it): the newest has the highest id.
+    fit.into_iter().max_by_key(|m| m.id())
+}
+
+/// A forced `--layout` whose sizes differ from a map whose own sizes are a known layout is a
+/// mistake (every key would be undecodable): an error naming both.
+fn check_forced_layout(forced: Layout, key_size: u32, value_size: u32) -> Result<(), LayoutError> {
+    match Layout::detect(key_size, value_size) {
+        Ok(actual) if actual != forced => Err(LayoutError::Mismatch {
+            forced,
+            actual,
+            key_size,
+            value_size,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// What kind of BPF object is pinned at `path` ("map", "program", "link"...), from the
+/// `*_type:` line of its fd's /proc/self/fdinfo; None when it cannot be opened or told.
+fn pinned_object_kind(path: &std::path::Path) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // union bpf_attr for BPF_OBJ_GET: { __aligned_u64 pathname; __u32 bpf_fd; __u32 file_flags;
+    // ... }; the rest zero.
+    let mut attr = [0u64; 16];
+    attr[0] = c_path.as_ptr() as u64;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    // SAFETY: bpf(2) reads `attr` (a zeroed buffer larger than the command's part of union
+    // bpf_attr) and the NUL-terminated path it points to, both alive across the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"));
+    // SAFETY: `fd` was just returned by bpf(2) to this function and is closed once, here.
+    unsafe { libc::close(fd as libc::c_int) };
+    info.ok()?.lines().find_map(|l| {
+        let (kind, _) = l.split_once("_type:")?;
+        Some(if kind == "prog" {
+            "program".to_string()
+        } else {
+            kind.to_string()
+        })
+    })
+}
+
+/// Something other than a map at the pin (a program, a link) is a clear error, not a map of
+/// garbage sizes.
+fn check_pin_is_a_map(path: &std::path::Path) -> Result<(), TargetError> {
+    match pinned_object_kind(path) {
+        Some(kind) if kind != "map" => Err(TargetError::NotAMap {
+            path: path.to_path_buf(),
+            object: kind,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Finds the map and checks it.
@@ -103,6 +194,7 @@ pub fn resolve(spec: &MapSpec) -> Result<AgentMap, TargetError> {
             None,
         )
     } else if spec.pin.exists() {
+        check_pin_is_a_map(&spec.pin)?;
         (
             MapInfo::from_pin(&spec.pin).map_err(|source| TargetError::Pin {
                 path: spec.pin.clone(),
@@ -111,7 +203,7 @@ pub fn resolve(spec: &MapSpec) -> Result<AgentMap, TargetError> {
             format!("pin {}", spec.pin.display()),
             Some(spec.pin.clone()),
         )
-    } else if let Some(info) = info_by_name(&spec.name) {
+    } else if let Some(info) = info_by_name(&spec.name, spec.layout) {
         (info, "name".to_string(), None)
     } else {
         return Err(TargetError::NotFound {
@@ -132,7 +224,16 @@ pub fn resolve(spec: &MapSpec) -> Result<AgentMap, TargetError> {
         }
     }
     let layout = match spec.layout {
-        Some(l) => l,
+        Some(l) => {
+            check_forced_layout(l, info.key_size(), info.value_size()).map_err(|source| {
+                TargetError::Layout {
+                    id,
+                    name: name.clone(),
+                    source,
+                }
+            })?;
+            l
+        }
         None => Layout::detect(info.key_size(), info.value_size()).map_err(|source| {
             TargetError::Layout {
                 id,
@@ -260,6 +361,33 @@ pub fn keys(map: &AgentMap) -> Result<Vec<Vec<u8>>, TargetError> {
         (60, 16) => collect::<60, 16>(m, map.id),
         // A --layout override on a map of other sizes: no snapshot, deletes still decode.
         _ => Ok(Vec::new()),
+    }
+}
+
+#[cfg(test)]
+mod strict_tests {
+    use super::*;
+
+    #[test]
+    fn only_hash_maps_of_a_known_layout_are_taken_by_name() {
+        assert!(could_be_agent_map(Some(MapType::LruHash), 24, 16, None));
+        assert!(could_be_agent_map(Some(MapType::Hash), 20, 1, None));
+        assert!(!could_be_agent_map(Some(MapType::Array), 24, 16, None));
+        assert!(!could_be_agent_map(Some(MapType::LruHash), 4, 4, None));
+        assert!(!could_be_agent_map(None, 24, 16, None));
+    }
+
+    #[test]
+    fn a_forced_layout_must_match_a_known_layouts_sizes() {
+        let forced: Layout = "v4-20/1".parse().unwrap_or_else(|e| panic!("{e}"));
+        let err = check_forced_layout(forced, 24, 16)
+            .err()
+            .map(|e| e.to_string());
+        let err = err.unwrap_or_default();
+        assert!(err.contains("v4-20/1") && err.contains("v4-24/16"), "{err}");
+        assert!(check_forced_layout(forced, 20, 1).is_ok());
+        // Sizes of no known layout: forcing is what --layout is for.
+        assert!(check_forced_layout(forced, 28, 1).is_ok());
     }
 }
 

@@ -207,6 +207,8 @@ impl<W: Write> Detector<W> {
                     }
                     Err(e) => {
                         self.counts.undecodable_keys += 1;
+                        self.metrics
+                            .capacity_total("undecodable_keys", self.counts.undecodable_keys);
                         tracing::warn!(
                             "map {} delete of an undecodable key {} ({e}); wrong --layout?",
                             d.map_id,
@@ -296,6 +298,30 @@ impl<W: Write> Detector<W> {
 
     fn output(&mut self, o: Output) -> Result<()> {
         match o {
+            Output::Unjudged(u) => {
+                let wall = self.time.wall.iso(u.ts_ns);
+                self.record(
+                    TextTo::Stderr,
+                    &|| {
+                        serde_json::json!({
+                            "type": "unjudged",
+                            "ts": wall,
+                            "key": u.key,
+                            "reason": u.reason,
+                            "why": u.reason.describe(),
+                            "maybe_incomplete": true,
+                        })
+                        .to_string()
+                    },
+                    &|| {
+                        format!(
+                            "UNJUDGED delete of {} at {wall}: {} (not counted as rightful)",
+                            u.key,
+                            u.reason.describe()
+                        )
+                    },
+                )?;
+            }
             Output::Verdict(v) => {
                 self.counts.races += 1;
                 // The delete (kernel time) to this verdict: what a live watcher waits.

@@ -22,7 +22,7 @@ use crate::npa::target::{self, AgentMap, MapSpec};
 use crate::report::Sink;
 use crate::report::console::Console;
 use crate::report::render::TimeBase;
-use crate::report::summary::{RunCounts, RunInfo, summary};
+use crate::report::summary::{RunCounts, RunInfo, capacity_line, summary};
 use crate::report::trace_file::{self, TraceDir, TraceFiles};
 
 /// What `detector run` was asked to do, in the pipeline's terms.
@@ -228,6 +228,10 @@ async fn event_loop<W: Write>(
             } => {
                 // Losses first: they belong to windows the tick may close.
                 if let Some((count, since_ns)) = losses {
+                    let kernel = stream.reader.counters();
+                    if kernel.seen_full + kernel.flows_full > 0 {
+                        det.engine.note_kernel_tables_full();
+                    }
                     det.push(Input::Lost {
                         ts_ns: since_ns,
                         count,
@@ -235,8 +239,8 @@ async fn event_loop<W: Write>(
                 }
                 det.push(Input::Tick { now_ns })?;
                 if second {
-                    det.metrics
-                        .update(det.engine.stats(), &stream.reader.counters());
+                    let kernel = stream.reader.counters();
+                    det.metrics.update(det.engine.stats(), &kernel);
                     follow_map(spec, det, &mut attached.probe, now_ns)?;
                     // Keep wall time true across NTP steps and suspend.
                     det.time.wall = WallClock::measure();
@@ -257,6 +261,14 @@ pub async fn run(opts: RunOptions, mut live: Live) -> Result<()> {
     let map = target::resolve(&opts.spec)?;
     let traces = TraceDir::create(&opts.trace_dir)?;
     let mut attached = attach_probes(&opts.settings, &map, opts.agent_netns)?;
+    let (tables, too_small) = crate::kernel::sizing::describe(
+        opts.settings.max_entries,
+        crate::kernel::sizing::node_conntrack_max(),
+    );
+    eprintln!("{tables}");
+    if let Some(w) = too_small {
+        tracing::warn!("{w}");
+    }
     live.backend = attached.backend.name();
     let hz = clock::kernel_hz().unwrap_or_else(|| {
         tracing::warn!("could not measure the kernel's HZ from /proc/timer_list; assuming 250");
@@ -294,6 +306,8 @@ pub async fn run(opts: RunOptions, mut live: Live) -> Result<()> {
     // Every program is loaded: the parsed BTF is no longer needed.
     attached.probe.release_btf();
     let (snap, undecodable_startup_keys) = take_snapshots(&mut det, opts.netns_path.as_deref())?;
+    det.metrics
+        .capacity_total("undecodable_startup_keys", undecodable_startup_keys);
     super::trim_heap();
     announce(&map, &attached, &snap, det.out.traces.dir.dir());
     // Probes attached and both start-up snapshots taken.
@@ -344,19 +358,15 @@ pub async fn run(opts: RunOptions, mut live: Live) -> Result<()> {
     let stats = det.engine.stats();
     eprintln!(
         "detector: {} race(s) ({} traces written), {} closed-flow deletes, {} rightful deletes, \
-         {} deletes of unknown keys; events lost in kernel: {}; summary: {}{}",
+         {} deletes of unknown keys; events lost in kernel: {}; {}; summary: {}",
         counts.races,
         counts.traces_written,
         stats.deletes.closed_flow,
         stats.deletes.rightful,
         stats.deletes.unseen,
         kernel.lost_total(),
+        capacity_line(&kernel, stats, &counts),
         det.out.traces.summary_path().display(),
-        if undecodable_startup_keys > 0 {
-            format!("; {undecodable_startup_keys} undecodable keys at start-up left out")
-        } else {
-            String::new()
-        }
     );
     Ok(())
 }

@@ -51,8 +51,83 @@ pub fn summary(
         "undecodable_startup_keys": counts.undecodable_startup_keys,
         "undecodable_records": counts.undecodable_records,
         "socket_teardown_drops_ignored": counts.socket_teardown_drops_ignored,
+        "unjudged_deletes": engine.deletes.unjudged,
+        "maybe_incomplete": overflowed(kernel, engine, counts) > 0 || kernel.lost_total() > 0,
         "engine": engine,
         "kernel": kernel,
         "reorder": reorder,
     })
+}
+
+/// The exit line's account of what was not judged because a bound was hit: every capacity
+/// counter, zero or not, so that silence on the line means nothing overflowed.
+pub fn capacity_line(kernel: &CounterSnapshot, stats: &Stats, counts: &RunCounts) -> String {
+    let ev = &stats.evictions;
+    let line = format!(
+        "not judged: {} unjudged deletes, batch_truncated {}, seen_full {}, flows_full {}, \
+         pending_full {}, confirm_full {}, shadow evictions flows {} map_keys {}, undecodable \
+         keys {} (start-up {})",
+        stats.deletes.unjudged,
+        kernel.batch_truncated,
+        kernel.seen_full,
+        kernel.flows_full,
+        kernel.pending_full,
+        kernel.confirm_full,
+        ev.flows,
+        ev.map_keys,
+        counts.undecodable_keys,
+        counts.undecodable_startup_keys,
+    );
+    if overflowed(kernel, stats, counts) > 0 {
+        format!("{line} (MAYBE INCOMPLETE)")
+    } else {
+        line
+    }
+}
+
+/// How many things a bound left unjudged (0: the run's silence means "no race").
+fn overflowed(kernel: &CounterSnapshot, stats: &Stats, counts: &RunCounts) -> u64 {
+    let ev = &stats.evictions;
+    stats.deletes.unjudged
+        + kernel.batch_truncated
+        + kernel.seen_full
+        + kernel.flows_full
+        + kernel.pending_full
+        + kernel.confirm_full
+        + ev.flows
+        + ev.map_keys
+        + counts.undecodable_keys
+        + counts.undecodable_startup_keys
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts() -> RunCounts {
+        RunCounts {
+            races: 0,
+            traces_written: 0,
+            undecodable_keys: 0,
+            undecodable_startup_keys: 0,
+            undecodable_records: 0,
+            socket_teardown_drops_ignored: 0,
+        }
+    }
+
+    #[test]
+    fn capacity_line_names_every_counter_and_flags_an_overflow() {
+        let mut kernel = CounterSnapshot::default();
+        let stats = Stats::default();
+        let clean = capacity_line(&kernel, &stats, &counts());
+        assert!(clean.contains("batch_truncated 0"), "{clean}");
+        assert!(!clean.contains("MAYBE INCOMPLETE"), "{clean}");
+        kernel.batch_truncated = 1968;
+        let mut c = counts();
+        c.undecodable_startup_keys = 3;
+        let line = capacity_line(&kernel, &stats, &c);
+        assert!(line.contains("batch_truncated 1968"), "{line}");
+        assert!(line.contains("(start-up 3)"), "{line}");
+        assert!(line.contains("MAYBE INCOMPLETE"), "{line}");
+    }
 }

@@ -52,6 +52,26 @@ pub struct StreamLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CounterLabel {
+    pub counter: String,
+}
+
+/// What the detector could not judge, by the bound that was hit: the kernel's counters and
+/// the agent deletes whose key did not decode (live and in the start-up snapshot).
+pub const CAPACITY_COUNTERS: [&str; 10] = [
+    "unjudged_shadow_evicted",
+    "unjudged_kernel_table_full",
+    "seen_full",
+    "flows_full",
+    "batch_truncated",
+    "pending_full",
+    "confirm_full",
+    "read_failed",
+    "undecodable_keys",
+    "undecodable_startup_keys",
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: String,
 }
@@ -63,6 +83,7 @@ struct Mirrored {
     rightful: u64,
     closed_flow: u64,
     evictions: [u64; 4],
+    capacity: std::collections::HashMap<&'static str, u64>,
 }
 
 pub struct Metrics {
@@ -81,6 +102,7 @@ pub struct Metrics {
     ready: Gauge,
     lagged: Family<StreamLabel, Counter>,
     kube_events: Family<ResultLabel, Counter>,
+    capacity: Family<CounterLabel, Counter>,
     mirrored: Mutex<Mirrored>,
 }
 
@@ -123,6 +145,18 @@ impl Metrics {
         let ready = Gauge::default();
         let lagged = Family::<StreamLabel, Counter>::default();
         let kube_events = Family::<ResultLabel, Counter>::default();
+        let capacity = Family::<CounterLabel, Counter>::default();
+        registry.register(
+            "capacity_overflow",
+            "Things not judged because a bound was hit: kernel tables full (seen_full, \
+             flows_full, pending_full, confirm_full), batch keys beyond --max-batch-keys \
+             (batch_truncated), failed kernel reads, agent keys that did not decode, agent deletes \
+             left unjudged (unjudged_*)",
+            capacity.clone(),
+        );
+        for c in CAPACITY_COUNTERS {
+            let _ = capacity.get_or_create(&CounterLabel { counter: c.into() });
+        }
         registry.register(
             "events",
             "Kernel records received, by kind and probe backend",
@@ -224,6 +258,7 @@ impl Metrics {
             ready,
             lagged,
             kube_events,
+            capacity,
             mirrored: Mutex::new(Mirrored::default()),
         }
     }
@@ -286,9 +321,45 @@ impl Metrics {
             .inc();
     }
 
+    /// Brings the capacity counter `name` (one of [`CAPACITY_COUNTERS`]) up to `total`.
+    pub fn capacity_total(&self, name: &'static str, total: u64) {
+        let mut m = self.mirrored.lock().unwrap_or_else(|e| e.into_inner());
+        self.mirror_capacity(&mut m, name, total);
+    }
+
+    fn mirror_capacity(&self, m: &mut Mirrored, name: &'static str, total: u64) {
+        let seen = m.capacity.entry(name).or_default();
+        if total > *seen {
+            self.capacity
+                .get_or_create(&CounterLabel {
+                    counter: name.into(),
+                })
+                .inc_by(total - *seen);
+            *seen = total;
+        }
+    }
+
     /// Brings the mirrored counters and the gauges up to the engine's and the kernel's totals.
     pub fn update(&self, stats: &Stats, kernel: &CounterSnapshot) {
         let mut m = self.mirrored.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, total) in [
+            ("seen_full", kernel.seen_full),
+            ("flows_full", kernel.flows_full),
+            ("batch_truncated", kernel.batch_truncated),
+            ("pending_full", kernel.pending_full),
+            ("confirm_full", kernel.confirm_full),
+            ("read_failed", kernel.read_failed),
+            (
+                "unjudged_shadow_evicted",
+                stats.deletes.unjudged_shadow_evicted,
+            ),
+            (
+                "unjudged_kernel_table_full",
+                stats.deletes.unjudged_kernel_table_full,
+            ),
+        ] {
+            self.mirror_capacity(&mut m, name, total);
+        }
         for (i, (&now, seen)) in kernel.lost.iter().zip(m.lost.iter_mut()).enumerate() {
             if now > *seen {
                 self.lost
@@ -369,5 +440,33 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn capacity_counters_are_exported_from_zero_and_mirrored() {
+        let m = Metrics::new();
+        let zero = m.encode();
+        assert!(
+            zero.contains("detector_capacity_overflow_total{counter=\"batch_truncated\"} 0\n"),
+            "{zero}"
+        );
+        let stats = Stats::default();
+        let kernel = CounterSnapshot {
+            batch_truncated: 1968,
+            flows_full: 2,
+            ..CounterSnapshot::default()
+        };
+        m.update(&stats, &kernel);
+        m.update(&stats, &kernel);
+        m.capacity_total("undecodable_startup_keys", 7);
+        m.capacity_total("undecodable_startup_keys", 7);
+        let text = m.encode();
+        for want in [
+            "detector_capacity_overflow_total{counter=\"batch_truncated\"} 1968\n",
+            "detector_capacity_overflow_total{counter=\"flows_full\"} 2\n",
+            "detector_capacity_overflow_total{counter=\"undecodable_startup_keys\"} 7\n",
+        ] {
+            assert!(text.contains(want), "{want} missing in {text}");
+        }
     }
 }

@@ -1,0 +1,185 @@
+//! Privileged: bounds that leave deletes unjudged never turn them into rightful ones. A live
+//! flow from before the start whose state the engine evicted (`--max-flows`), and live flows
+//! the kernel's tables could not index (`--max-entries`), are reported as unjudged, counted in
+//! /metrics and on the exit line, and the summary carries `maybe_incomplete`.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests: a panic is the failure report"
+)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::thread::sleep;
+use std::time::Duration;
+
+use common::bpfmap::{AgentMap, Bpffs, unique_name};
+use common::{Detector, NetnsPair, connect_from, privileged, start_echo_server};
+use detector::npa::{Layout, NpaKey};
+use serde_json::Value;
+
+fn key(sport: u16, server: std::net::SocketAddr) -> NpaKey {
+    NpaKey {
+        src: "10.77.0.2".parse().unwrap(),
+        sport,
+        dst: server.ip(),
+        dport: server.port(),
+        proto: 6,
+        owner: server.ip(),
+        ifindex: None,
+    }
+}
+
+fn of_type<'a>(events: &'a [Value], t: &str) -> Vec<&'a Value> {
+    events.iter().filter(|e| e["type"] == t).collect()
+}
+
+/// The body of `GET /metrics` from the detector listening on `addr`.
+fn metrics(addr: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing in {text}"))
+}
+
+/// A pre-existing, idle ESTABLISHED flow whose state the engine evicts (`--max-flows 8`, then
+/// more flows) is deleted: the delete is unjudged (shadow evicted), not rightful.
+#[test]
+fn delete_of_an_evicted_preexisting_live_flow_is_unjudged() {
+    if !privileged() {
+        return;
+    }
+    let layout: Layout = "v4-24/16".parse().unwrap();
+    let ns = NetnsPair::new(60);
+    let fs = Bpffs::mount();
+    let map = AgentMap::create(layout, &fs.dir.join("aws_conntrack_map"), &unique_name());
+    let server = start_echo_server(&ns.server, ns.server_ip);
+    let traces = fs.dir.with_extension("traces");
+    let idle = connect_from(&ns.client, server);
+    let k_idle = key(idle.local_addr().unwrap().port(), server);
+    map.insert(&k_idle, 1);
+    let det = Detector::run(&[
+        "--map-pin",
+        map.pin.to_str().unwrap(),
+        "--netns",
+        &NetnsPair::path(&ns.server),
+        "--trace-dir",
+        traces.to_str().unwrap(),
+        "--watermark-ms",
+        "5",
+        "--max-flows",
+        "8",
+    ]);
+    // Enough new flows to push the idle one's state out of an 8-flow table.
+    let others: Vec<_> = (0..24).map(|_| connect_from(&ns.client, server)).collect();
+    sleep(Duration::from_millis(300));
+    assert_eq!(map.delete(&k_idle), 0);
+    sleep(Duration::from_millis(500));
+    let (events, stderr) = det.stop();
+    let unjudged = of_type(&events, "unjudged");
+    assert_eq!(unjudged.len(), 1, "{unjudged:#?}\n{stderr}");
+    assert_eq!(unjudged[0]["reason"], "shadow-evicted");
+    assert_eq!(unjudged[0]["key"]["sport"], k_idle.sport);
+    let summary = of_type(&events, "summary")[0];
+    assert_eq!(summary["engine"]["deletes"]["rightful"], 0, "{summary:#}");
+    assert_eq!(summary["engine"]["deletes"]["unjudged"], 1);
+    assert_eq!(summary["maybe_incomplete"], true);
+    assert!(stderr.contains("1 unjudged deletes"), "{stderr}");
+    assert!(stderr.contains("MAYBE INCOMPLETE"), "{stderr}");
+    drop((idle, others));
+    let _ = std::fs::remove_dir_all(&traces);
+}
+
+/// `--max-entries 16` with 100 live flows: the kernel's tables overflow; every delete of a live
+/// flow is a race or unjudged (none rightful), and the counters are in /metrics.
+#[test]
+fn full_kernel_tables_flag_deletes_and_export_counters() {
+    if !privileged() {
+        return;
+    }
+    const N: usize = 100;
+    let layout: Layout = "v4-24/16".parse().unwrap();
+    let ns = NetnsPair::new(60);
+    let fs = Bpffs::mount();
+    let map = AgentMap::create(layout, &fs.dir.join("aws_conntrack_map"), &unique_name());
+    let server = start_echo_server(&ns.server, ns.server_ip);
+    let traces = fs.dir.with_extension("traces");
+    let listen = "127.0.0.1:19493";
+    let det = Detector::run(&[
+        "--map-pin",
+        map.pin.to_str().unwrap(),
+        "--netns",
+        &NetnsPair::path(&ns.server),
+        "--trace-dir",
+        traces.to_str().unwrap(),
+        "--watermark-ms",
+        "5",
+        "--max-entries",
+        "16",
+        "--listen",
+        listen,
+    ]);
+    let streams: Vec<_> = (0..N).map(|_| connect_from(&ns.client, server)).collect();
+    let keys: Vec<NpaKey> = streams
+        .iter()
+        .map(|s| key(s.local_addr().unwrap().port(), server))
+        .collect();
+    for k in &keys {
+        map.insert(k, 1);
+    }
+    // Let the detector notice the overflow (it reads the kernel counters every 100 ms).
+    sleep(Duration::from_millis(1500));
+    for k in &keys {
+        assert_eq!(map.delete(k), 0);
+    }
+    sleep(Duration::from_millis(1500));
+    let text = metrics(listen);
+    let (events, stderr) = det.stop();
+    let races = of_type(&events, "verdict").len();
+    let unjudged = of_type(&events, "unjudged").len();
+    let summary = of_type(&events, "summary")[0];
+    assert_eq!(
+        races + unjudged,
+        N,
+        "every live delete is a race or unjudged\n{stderr}"
+    );
+    assert!(unjudged > 0, "the overflow must show\n{stderr}");
+    assert_eq!(summary["engine"]["deletes"]["rightful"], 0, "{summary:#}");
+    assert_eq!(summary["maybe_incomplete"], true);
+    let full = metric(
+        &text,
+        "detector_capacity_overflow_total{counter=\"flows_full\"}",
+    ) + metric(
+        &text,
+        "detector_capacity_overflow_total{counter=\"seen_full\"}",
+    );
+    assert!(full > 0, "{text}");
+    assert!(
+        metric(
+            &text,
+            "detector_capacity_overflow_total{counter=\"unjudged_kernel_table_full\"}"
+        ) > 0,
+        "{text}"
+    );
+    assert!(stderr.contains("MAYBE INCOMPLETE"), "{stderr}");
+    assert!(
+        stderr.contains("kernel tables hold 16 live conntrack entries")
+            && stderr.contains("MiB of kernel memory"),
+        "the start-up line names the tables' size and cost: {stderr}"
+    );
+    drop(streams);
+    let _ = std::fs::remove_dir_all(&traces);
+}
