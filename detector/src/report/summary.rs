@@ -19,6 +19,17 @@ pub struct RunCounts {
     /// Ring records that did not decode.
     pub undecodable_records: u64,
     pub socket_teardown_drops_ignored: u64,
+    /// Trace files that did not make it to disk, and old ones removed.
+    pub trace_writes: TraceWriteCounts,
+}
+
+/// Trace files failed (disk full, read-only, no descriptors), dropped (queue full) and
+/// removed (retention).
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct TraceWriteCounts {
+    pub failed: u64,
+    pub dropped: u64,
+    pub removed: u64,
 }
 
 /// Where and when the run was.
@@ -51,6 +62,7 @@ pub fn summary(
         "undecodable_startup_keys": counts.undecodable_startup_keys,
         "undecodable_records": counts.undecodable_records,
         "socket_teardown_drops_ignored": counts.socket_teardown_drops_ignored,
+        "trace_writes": counts.trace_writes,
         "engine": engine,
         "kernel": kernel,
         "reorder": reorder,

@@ -77,6 +77,8 @@ pub struct Metrics {
     ready: Gauge,
     lagged: Family<StreamLabel, Counter>,
     kube_events: Family<ResultLabel, Counter>,
+    /// Trace files by what became of them: written, failed, dropped, removed (retention).
+    trace_writes: Family<ResultLabel, Counter>,
     mirrored: Mutex<Mirrored>,
 }
 
@@ -167,6 +169,16 @@ impl Metrics {
             "Kubernetes Events for races: created, suppressed (rate limit), failed, dropped",
             kube_events.clone(),
         );
+        let trace_writes = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "trace_writes",
+            "Trace files: written, failed (disk full, read-only, no descriptors), dropped \
+             (write queue full), removed (oldest, to stay within the directory's limits)",
+            trace_writes.clone(),
+        );
+        for r in ["written", "failed", "dropped", "removed"] {
+            let _ = trace_writes.get_or_create(&ResultLabel { result: r.into() });
+        }
         // Known label values exist from the start, so a query sees 0 rather than nothing.
         for c in [
             VerdictClass::PortReuse,
@@ -199,6 +211,7 @@ impl Metrics {
             ready,
             lagged,
             kube_events,
+            trace_writes,
             mirrored: Mutex::new(Mirrored::default()),
         }
     }
@@ -247,6 +260,15 @@ impl Metrics {
 
     pub fn kube_event(&self, result: &str) {
         self.kube_events
+            .get_or_create(&ResultLabel {
+                result: result.into(),
+            })
+            .inc();
+    }
+
+    /// One trace file written, failed, dropped or removed.
+    pub fn trace_write(&self, result: &str) {
+        self.trace_writes
             .get_or_create(&ResultLabel {
                 result: result.into(),
             })
