@@ -79,6 +79,9 @@ pub struct Metrics {
     kube_events: Family<ResultLabel, Counter>,
     /// Trace files by what became of them: written, failed, dropped, removed (retention).
     trace_writes: Family<ResultLabel, Counter>,
+    /// The HTTP server's limits at work: connections and streams refused, accept errors,
+    /// idle connections closed.
+    http_limits: Family<ResultLabel, Counter>,
     mirrored: Mutex<Mirrored>,
 }
 
@@ -179,6 +182,21 @@ impl Metrics {
         for r in ["written", "failed", "dropped", "removed"] {
             let _ = trace_writes.get_or_create(&ResultLabel { result: r.into() });
         }
+        let http_limits = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "http_limits",
+            "HTTP server limits at work: connections_refused and streams_refused (503), \
+             accept_errors (e.g. out of descriptors; accepting backs off), idle_closed",
+            http_limits.clone(),
+        );
+        for r in [
+            "connections_refused",
+            "streams_refused",
+            "accept_errors",
+            "idle_closed",
+        ] {
+            let _ = http_limits.get_or_create(&ResultLabel { result: r.into() });
+        }
         // Known label values exist from the start, so a query sees 0 rather than nothing.
         for c in [
             VerdictClass::PortReuse,
@@ -212,6 +230,7 @@ impl Metrics {
             lagged,
             kube_events,
             trace_writes,
+            http_limits,
             mirrored: Mutex::new(Mirrored::default()),
         }
     }
@@ -269,6 +288,15 @@ impl Metrics {
     /// One trace file written, failed, dropped or removed.
     pub fn trace_write(&self, result: &str) {
         self.trace_writes
+            .get_or_create(&ResultLabel {
+                result: result.into(),
+            })
+            .inc();
+    }
+
+    /// One of the HTTP server's limits at work (see `http_limits`).
+    pub fn http_limit(&self, result: &str) {
+        self.http_limits
             .get_or_create(&ResultLabel {
                 result: result.into(),
             })
