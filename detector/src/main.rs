@@ -24,7 +24,7 @@ enum Command {
     Trace(trace::TraceArgs),
     /// Detect races: watch conntrack and the agent's map deletes, report each delete of a
     /// live flow's key with its timeline, and write trace files.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Reproduce the race on this machine and catch it: namespaces for a node and two pods, an
     /// emulated network policy agent, the tuner, a port-reuse reproducer and the detector.
     #[cfg(feature = "lab")]
@@ -48,6 +48,12 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal: not in files or log collectors, and
+        // never when NO_COLOR is set (https://no-color.org).
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        )
         .init();
 
     let runtime = || {
@@ -60,7 +66,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Doctor(a) => doctor::run(a),
         Command::Trace(a) => runtime().and_then(|rt| rt.block_on(trace::run(a))),
-        Command::Run(a) => runtime().and_then(|rt| rt.block_on(run::run(a))),
+        Command::Run(a) => runtime().and_then(|rt| rt.block_on(run::run(*a))),
         #[cfg(feature = "lab")]
         Command::Lab(a) => lab::lab(a),
         Command::Watch(a) => runtime().and_then(|rt| rt.block_on(watch::run(a))),

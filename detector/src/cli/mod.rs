@@ -1,5 +1,6 @@
 //! The CLI's commands.
 
+pub mod bounds;
 pub mod doctor;
 #[cfg(feature = "lab")]
 pub mod lab;
@@ -28,7 +29,8 @@ pub struct ProbeArgs {
     #[arg(long, default_value_t = 8, value_name = "MIB", value_parser = parse_ring_mib)]
     pub ring_mib: u32,
     /// Capacity of the in-kernel table of live conntrack entries (size it to nf_conntrack_max).
-    #[arg(long, default_value_t = 262_144, value_name = "N")]
+    #[arg(long, default_value_t = 262_144, value_name = "N",
+          value_parser = bounds::table_entries_u32)]
     pub max_entries: u32,
     /// Keys of one BPF_MAP_DELETE_BATCH / LOOKUP_AND_DELETE_BATCH judged key by key (up to
     /// 8388608); keys beyond are counted as `batch_truncated` (exit line, /metrics).

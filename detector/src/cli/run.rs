@@ -15,6 +15,7 @@ use crate::npa::Layout;
 use crate::npa::target::{MapSpec, NPA_NAME, NPA_PIN};
 use crate::pipeline::run::RunOptions;
 use crate::report::console::widen_stdout_pipe;
+use crate::report::trace_writer::WriterLimits;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
@@ -41,17 +42,17 @@ pub struct RunArgs {
     #[arg(long, default_value = "detector-traces", value_name = "DIR")]
     pub trace_dir: PathBuf,
     /// Flight-recorder window before each delete in a trace file, in seconds.
-    #[arg(long, default_value_t = 30.0, value_name = "SECS")]
+    #[arg(long, default_value_t = 30.0, value_name = "SECS", value_parser = super::bounds::window_secs)]
     pub trace_before: f64,
     /// Window after each delete (to catch the denied reply), in seconds.
-    #[arg(long, default_value_t = 5.0, value_name = "SECS")]
+    #[arg(long, default_value_t = 5.0, value_name = "SECS", value_parser = super::bounds::window_secs)]
     pub trace_after: f64,
     /// A live entry born at most this long before the delete, with no predecessor, is
     /// `snapshot-lag`; older ones are `stale-match` (seconds; NPA's cleanup period is 300 s).
-    #[arg(long, default_value_t = 300.0, value_name = "SECS")]
+    #[arg(long, default_value_t = 300.0, value_name = "SECS", value_parser = super::bounds::lag_window_secs)]
     pub snapshot_lag_window: f64,
     /// Flows and keys each tracked at most (NPA's map holds 524288).
-    #[arg(long, default_value_t = 524_288, value_name = "N")]
+    #[arg(long, default_value_t = 524_288, value_name = "N", value_parser = super::bounds::table_entries)]
     pub max_flows: usize,
     /// The agent's network namespace, as a path (/run/netns/NAME, /proc/PID/ns/net): its
     /// conntrack entries judge the deletes, and only its events are observed. Default: the
@@ -59,13 +60,21 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub netns: Option<String>,
     /// Stop after this many seconds (default: until Ctrl-C or SIGTERM).
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, value_name = "SECS", value_parser = super::bounds::duration_secs)]
     pub duration: Option<f64>,
     /// How long to hold events to put them in kernel-timestamp order, in ms. Records reach
     /// the ring buffer microseconds after their timestamp, so 2 ms keeps late records rare
     /// (counted in the summary's `reorder.late`) while verdicts wait little.
-    #[arg(long, default_value_t = 2, value_name = "MS")]
+    #[arg(long, default_value_t = 2, value_name = "MS", value_parser = super::bounds::watermark_ms)]
     pub watermark_ms: u64,
+    /// Race trace files kept at most in --trace-dir, oldest removed first (0: no limit).
+    #[arg(long, default_value_t = 1000, value_name = "N",
+          value_parser = super::bounds::trace_max_files)]
+    pub trace_max_files: usize,
+    /// MiB of race trace files kept at most in --trace-dir, oldest removed first (0: no limit).
+    #[arg(long, default_value_t = 256, value_name = "MIB",
+          value_parser = super::bounds::trace_max_mib)]
+    pub trace_max_mib: u64,
     #[command(flatten)]
     pub serve: ServeArgs,
     #[command(flatten)]
@@ -115,6 +124,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
         netns_path: args.netns,
         agent_netns,
         trace_dir: args.trace_dir,
+        trace_limits: WriterLimits {
+            max_files: args.trace_max_files,
+            max_bytes: args.trace_max_mib << 20,
+            ..WriterLimits::default()
+        },
         settings,
         engine: EngineConfig {
             max_flows: args.max_flows,

@@ -29,12 +29,12 @@ pub struct TraceArgs {
     #[arg(long, value_name = "PROTO", value_parser = parse_proto)]
     pub proto: Option<u8>,
     /// Stop after this many seconds (default: until Ctrl-C or SIGTERM).
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, value_name = "SECS", value_parser = super::bounds::duration_secs)]
     pub duration: Option<f64>,
     /// How long to hold events to put them in kernel-timestamp order, in ms. Records reach
     /// the ring buffer microseconds after their timestamp, so 2 ms keeps late records rare
     /// (counted in the summary's `reorder.late`) while verdicts wait little.
-    #[arg(long, default_value_t = 2, value_name = "MS")]
+    #[arg(long, default_value_t = 2, value_name = "MS", value_parser = super::bounds::watermark_ms)]
     pub watermark_ms: u64,
 }
 

@@ -5,6 +5,7 @@
 //! `text/event-stream`, and the readable lines of `detector run` with `?format=text`. With a
 //! token every endpoint but the probes wants `Authorization: Bearer <token>`.
 
+pub mod server;
 pub mod sink;
 pub mod stream;
 
@@ -49,6 +50,15 @@ pub struct ServeArgs {
     /// Races replayed to a stream client when it connects.
     #[arg(long, default_value_t = 100, value_name = "N")]
     pub replay: usize,
+    /// HTTP connections open at most; more are answered 503 (counted in
+    /// `detector_http_limits_total`).
+    #[arg(long, default_value_t = 256, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub http_max_connections: u32,
+    /// Streams (`/v1/races`, `/v1/events`) open at most; more are answered 503.
+    #[arg(long, default_value_t = 64, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub http_max_streams: u32,
 }
 
 impl ServeArgs {
@@ -84,9 +94,22 @@ impl ServeArgs {
             Err(e) => return Err(e),
         };
         let local = listener.local_addr()?;
-        live.server = Some(spawn(
+        if token.is_none() && !local.ip().is_loopback() {
+            tracing::warn!(
+                "--listen {local}: serving beyond this host without --token-file; anyone who \
+                 can reach it reads the races and events"
+            );
+        }
+        let limits = server::Limits {
+            max_connections: self.http_max_connections as usize,
+            max_streams: self.http_max_streams as usize,
+            ..server::Limits::default()
+        };
+        live.server = Some(spawn_with(
             listener,
             router(live.hub.clone(), live.metrics.clone(), token),
+            limits,
+            live.metrics.clone(),
         ));
         Ok(Some(local))
     }
@@ -156,23 +179,29 @@ impl ServerHandle {
     }
 }
 
-/// Serves `router` on `listener` until stopped (or, if the handle is dropped, until the
-/// process ends).
+/// Serves `router` on `listener` with the default limits, their counts in a metrics registry
+/// of their own (tests).
 pub fn spawn(listener: TcpListener, router: Router) -> ServerHandle {
-    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    spawn_with(
+        listener,
+        router,
+        server::Limits::default(),
+        Arc::new(Metrics::new()),
+    )
+}
+
+/// Serves `router` on `listener` within `limits` until stopped (or, if the handle is dropped,
+/// until the process ends).
+pub fn spawn_with(
+    listener: TcpListener,
+    router: Router,
+    limits: server::Limits,
+    metrics: Arc<Metrics>,
+) -> ServerHandle {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(async move {
-        let shutdown = async move {
-            // A dropped handle leaves the server running.
-            if stopped.wait_for(|s| *s).await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        };
-        if let Err(e) = axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            tracing::error!("HTTP server stopped: {e}");
-        }
+        // A dropped handle leaves the server running: the receiver then never sees `true`.
+        server::serve(listener, router, limits, metrics, stopped).await;
     });
     ServerHandle { stop, task }
 }

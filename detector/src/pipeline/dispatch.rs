@@ -339,7 +339,7 @@ impl<W: Write> Detector<W> {
                     self.out
                         .traces
                         .dir
-                        .path_for(v.delete_ts_ns, v.class.name(), &v.key);
+                        .name_verdict(v.delete_ts_ns, v.class.name(), &v.key);
                 let json = verdict_json(&v, latency, &pods, trace_file.clone(), &self.time)?;
                 let text = verdict_text(&v, latency, &pods, &self.time);
                 let out = VerdictOut {
@@ -383,11 +383,10 @@ impl<W: Write> Detector<W> {
                     wall: &wall,
                 };
                 self.out.each(|s| s.trace(&trace))?;
-                let path = self.out.traces.dir.path_for(
-                    t.verdict.delete_ts_ns,
-                    t.verdict.class.name(),
-                    &t.verdict.key,
-                );
+                // Noted only when queued: a dropped trace is counted and warned about instead.
+                let Some(path) = self.out.traces.last_queued().map(|p| p.to_path_buf()) else {
+                    return Ok(());
+                };
                 let u = self.time;
                 self.record(
                     TextTo::Stderr,

@@ -22,8 +22,9 @@ use crate::npa::target::{self, AgentMap, MapSpec};
 use crate::report::Sink;
 use crate::report::console::Console;
 use crate::report::render::TimeBase;
-use crate::report::summary::{RunCounts, RunInfo, capacity_line, summary};
+use crate::report::summary::{RunCounts, RunInfo, TraceWriteCounts, capacity_line, summary};
 use crate::report::trace_file::{self, TraceDir, TraceFiles};
+use crate::report::trace_writer::{TraceWriter, WriteCounts, WriterLimits};
 
 /// What `detector run` was asked to do, in the pipeline's terms.
 pub struct RunOptions {
@@ -33,6 +34,8 @@ pub struct RunOptions {
     /// Its inode (the detector's own namespace when none was named).
     pub agent_netns: u32,
     pub trace_dir: PathBuf,
+    /// The trace writer's queue and the directory's retention limits.
+    pub trace_limits: WriterLimits,
     pub settings: ProbeSettings,
     pub engine: EngineConfig,
     pub json: bool,
@@ -260,6 +263,12 @@ async fn event_loop<W: Write>(
 pub async fn run(opts: RunOptions, mut live: Live) -> Result<()> {
     let map = target::resolve(&opts.spec)?;
     let traces = TraceDir::create(&opts.trace_dir)?;
+    let writer = TraceWriter::start(
+        &opts.trace_dir,
+        opts.trace_limits,
+        Some(live.metrics.clone()),
+    )
+    .context("starting the trace writer thread")?;
     let mut attached = attach_probes(&opts.settings, &map, opts.agent_netns)?;
     let (tables, too_small) = crate::kernel::sizing::describe(
         opts.settings.max_entries,
@@ -299,7 +308,7 @@ pub async fn run(opts: RunOptions, mut live: Live) -> Result<()> {
         pods,
         out: Outputs {
             console: Console::new(std::io::BufWriter::new(stdout.lock()), opts.json),
-            traces: TraceFiles::new(traces, trace_file::hostname(), &started),
+            traces: TraceFiles::new(traces, trace_file::hostname(), &started, writer),
             others,
         },
     };
@@ -322,11 +331,20 @@ pub async fn run(opts: RunOptions, mut live: Live) -> Result<()> {
     )
     .await?;
 
+    // Every trace queued is written (or counted as failed) before the counts are taken.
+    det.out.traces.drain();
+    let trace_counts = det.out.traces.counts();
+    let trace_writes = TraceWriteCounts {
+        failed: WriteCounts::get(&trace_counts.failed),
+        dropped: WriteCounts::get(&trace_counts.dropped),
+        removed: WriteCounts::get(&trace_counts.removed),
+    };
     let kernel = stream.reader.counters();
     det.metrics.update(det.engine.stats(), &kernel);
     let counts = RunCounts {
         races: det.counts.races,
-        traces_written: det.out.traces.dir.written(),
+        traces_written: WriteCounts::get(&trace_counts.written),
+        trace_writes,
         undecodable_keys: det.counts.undecodable_keys,
         undecodable_startup_keys,
         undecodable_records: stream.reader.undecodable,
@@ -356,6 +374,21 @@ pub async fn run(opts: RunOptions, mut live: Live) -> Result<()> {
         s.finish(&summary)?;
     }
     let stats = det.engine.stats();
+    // Trace files that did not make it to disk, on a line of their own.
+    let lost_traces = WriteCounts::get(&det.out.traces.counts().failed) + trace_writes.dropped;
+    if lost_traces > 0 || !det.out.traces.summary_written() {
+        eprintln!(
+            "detector: trace files not written: {} failed, {} dropped (queue full); summary \
+             file {}",
+            WriteCounts::get(&det.out.traces.counts().failed),
+            trace_writes.dropped,
+            if det.out.traces.summary_written() {
+                "written"
+            } else {
+                "NOT written"
+            }
+        );
+    }
     eprintln!(
         "detector: {} race(s) ({} traces written), {} closed-flow deletes, {} rightful deletes, \
          {} deletes of unknown keys; events lost in kernel: {}; {}; summary: {}",

@@ -9,6 +9,7 @@ pub mod console;
 pub mod render;
 pub mod summary;
 pub mod trace_file;
+pub mod trace_writer;
 pub mod verdict;
 
 use std::cell::OnceCell;

@@ -19,6 +19,17 @@ pub struct RunCounts {
     /// Ring records that did not decode.
     pub undecodable_records: u64,
     pub socket_teardown_drops_ignored: u64,
+    /// Trace files that did not make it to disk, and old ones removed.
+    pub trace_writes: TraceWriteCounts,
+}
+
+/// Trace files failed (disk full, read-only, no descriptors), dropped (queue full) and
+/// removed (retention).
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct TraceWriteCounts {
+    pub failed: u64,
+    pub dropped: u64,
+    pub removed: u64,
 }
 
 /// Where and when the run was.
@@ -53,6 +64,7 @@ pub fn summary(
         "socket_teardown_drops_ignored": counts.socket_teardown_drops_ignored,
         "unjudged_deletes": engine.deletes.unjudged,
         "maybe_incomplete": overflowed(kernel, engine, counts) > 0 || kernel.lost_total() > 0,
+        "trace_writes": counts.trace_writes,
         "engine": engine,
         "kernel": kernel,
         "reorder": reorder,
@@ -112,6 +124,7 @@ mod tests {
             undecodable_startup_keys: 0,
             undecodable_records: 0,
             socket_teardown_drops_ignored: 0,
+            trace_writes: TraceWriteCounts::default(),
         }
     }
 

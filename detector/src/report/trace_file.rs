@@ -1,8 +1,10 @@
 //! Where verdicts go besides the terminal: post-mortem trace files (one JSON document per race,
 //! written atomically) and the run summary.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
@@ -10,6 +12,7 @@ use serde_json::{Value, json};
 use crate::clock::WallClock;
 use crate::engine::Trace;
 use crate::npa::NpaKey;
+use crate::report::trace_writer::{TraceWriter, WriteCounts};
 
 /// Version of the trace-file schema (see docs/trace-schema.md).
 pub const TRACE_SCHEMA_VERSION: u32 = 1;
@@ -119,41 +122,91 @@ pub fn json_with_wall_times<T: serde::Serialize>(
     Ok(out)
 }
 
+/// Temporary files of this process get distinct names, so one never meets another's.
+static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
 /// Writes `contents` to `path` atomically: a temporary file in the same directory, synced,
-/// then renamed over the target, so a reader never sees half a file.
+/// then renamed over the target, so a reader never sees half a file. The temporary file is
+/// created exclusively and never through a link (the directory may be a shared hostPath),
+/// readable by the owner's group only. A failed write leaves no temporary file behind.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
-        ".{}.tmp-{}",
+        ".{}.tmp-{}-{}",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("trace"),
-        std::process::id()
+        std::process::id(),
+        TMP_SEQ.fetch_add(1, Ordering::Relaxed)
     ));
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(contents)
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o640)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    let written = f
+        .write_all(contents)
         .and_then(|()| f.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    Ok(())
+        .with_context(|| format!("writing {}", tmp.display()))
+        .and_then(|()| {
+            std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+        });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// Whether `name` is a temporary file [`write_atomic`] left behind (a crash mid-write).
+fn is_leftover_tmp(name: &str) -> bool {
+    name.starts_with('.') && name.contains(".json.tmp-")
 }
 
 /// Trace files in one directory.
 pub struct TraceDir {
     dir: PathBuf,
-    written: u64,
+    /// Sequence number of the next trace name: names stay unique whatever the key.
+    seq: u64,
+    /// Names given to verdicts whose traces are not written yet, by delete time and key.
+    named: HashMap<(u64, String), PathBuf>,
 }
 
 impl TraceDir {
+    /// Creates the directory (0750) if needed, checks that a file can be created in it, and
+    /// removes temporary files an earlier run left behind.
     pub fn create(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir).with_context(|| {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(dir)
+            .with_context(|| {
+                format!(
+                    "creating the trace directory {} (set --trace-dir)",
+                    dir.display()
+                )
+            })?;
+        let probe = dir.join(format!(".detector-write-check-{}", std::process::id()));
+        write_atomic(&probe, b"").with_context(|| {
             format!(
-                "creating the trace directory {} (set --trace-dir)",
+                "the trace directory {} is not writable (set --trace-dir to a writable directory)",
                 dir.display()
             )
         })?;
+        let _ = std::fs::remove_file(&probe);
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if e.file_name().to_str().is_some_and(is_leftover_tmp) {
+                match std::fs::remove_file(e.path()) {
+                    Ok(()) => tracing::info!("removed a leftover {}", e.path().display()),
+                    Err(err) => tracing::warn!("removing {}: {err}", e.path().display()),
+                }
+            }
+        }
         Ok(Self {
             dir: dir.to_path_buf(),
-            written: 0,
+            seq: 0,
+            named: HashMap::new(),
         })
     }
 
@@ -161,38 +214,54 @@ impl TraceDir {
         &self.dir
     }
 
-    /// File name a trace of a delete at `delete_ts_ns` will get. The key tells apart races of
-    /// one batch delete, which share a timestamp.
-    pub fn path_for(&self, delete_ts_ns: u64, class: &str, key: &NpaKey) -> PathBuf {
-        let who = format!("{}.{}-{}.{}", key.src, key.sport, key.dst, key.dport)
-            .replace([':', '[', ']'], "_");
-        self.dir
-            .join(format!("race-{delete_ts_ns}-{class}-{who}.json"))
+    /// A new file name for the trace of a delete at `delete_ts_ns`: its time, class and key
+    /// (protocol, addresses, owner, host veth) and a sequence number, so races of one batch
+    /// delete, which share a timestamp and may share addresses, never share a file.
+    pub fn name(&mut self, delete_ts_ns: u64, class: &str, key: &NpaKey) -> PathBuf {
+        let proto = match key.proto {
+            6 => "tcp".to_string(),
+            17 => "udp".to_string(),
+            132 => "sctp".to_string(),
+            p => format!("p{p}"),
+        };
+        let ifindex = key.ifindex.map(|i| format!("-if{i}")).unwrap_or_default();
+        let who = format!(
+            "{proto}-{}.{}-{}.{}-owner{}{ifindex}",
+            key.src, key.sport, key.dst, key.dport, key.owner
+        )
+        .replace([':', '[', ']'], "_");
+        self.seq += 1;
+        self.dir.join(format!(
+            "race-{delete_ts_ns}-{class}-{who}-{}.json",
+            self.seq
+        ))
     }
 
-    /// Writes one race's trace document; returns its path.
-    /// `detection_latency_ns`: the delete to the live verdict, when known.
-    pub fn write(
-        &mut self,
-        trace: &Trace,
-        detection_latency_ns: Option<u64>,
-        wall: &WallClock,
-        host: &str,
-    ) -> Result<PathBuf> {
-        self.write_enriched(trace, detection_latency_ns, wall, host, None)
+    /// The name of the verdict's trace, remembered until [`Self::take_name`].
+    pub fn name_verdict(&mut self, delete_ts_ns: u64, class: &str, key: &NpaKey) -> PathBuf {
+        let path = self.name(delete_ts_ns, class, key);
+        self.named
+            .insert((delete_ts_ns, key.to_string()), path.clone());
+        path
     }
 
-    /// [`Self::write`] with the pods of the race's addresses (Kubernetes enrichment), put in
-    /// `trace.verdict.pods` when there are any.
-    pub fn write_enriched(
-        &mut self,
+    /// The name [`Self::name_verdict`] gave this race, or a new one.
+    pub fn take_name(&mut self, delete_ts_ns: u64, class: &str, key: &NpaKey) -> PathBuf {
+        self.named
+            .remove(&(delete_ts_ns, key.to_string()))
+            .unwrap_or_else(|| self.name(delete_ts_ns, class, key))
+    }
+
+    /// One race's trace document.
+    /// `detection_latency_ns`: the delete to the live verdict, when known; `pods`: the pods
+    /// of the race's addresses (Kubernetes enrichment), put in `trace.verdict.pods`.
+    pub fn document(
         trace: &Trace,
         detection_latency_ns: Option<u64>,
         wall: &WallClock,
         host: &str,
         pods: Option<&[crate::k8s::PodRef]>,
-    ) -> Result<PathBuf> {
-        let v = &trace.verdict;
+    ) -> Result<Vec<u8>> {
         let mut body = serde_json::to_value(trace)?;
         add_wall_times(&mut body, wall);
         if let Some(pods) = pods.filter(|p| !p.is_empty()) {
@@ -207,14 +276,7 @@ impl TraceDir {
             "detection_latency_ns": detection_latency_ns,
             "trace": body,
         });
-        let path = self.path_for(v.delete_ts_ns, v.class.name(), &v.key);
-        write_atomic(&path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
-        self.written += 1;
-        Ok(path)
-    }
-
-    pub fn written(&self) -> u64 {
-        self.written
+        Ok(serde_json::to_vec_pretty(&doc)?)
     }
 }
 
@@ -225,21 +287,33 @@ pub fn hostname() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-/// The trace files of `detector run` as an output: one file per race trace, and the run's
-/// summary at the end.
+/// The trace files of `detector run` as an output: one file per race trace, written off the
+/// event loop, and the run's summary at the end.
 pub struct TraceFiles {
     pub dir: TraceDir,
     host: String,
     /// File name of the summary (from the run's start time).
     summary: PathBuf,
+    writer: TraceWriter,
+    /// The file of the last trace queued, for the note that it was written.
+    last_queued: Option<PathBuf>,
+    /// Whether the summary file was written.
+    summary_written: bool,
 }
 
 impl TraceFiles {
-    pub fn new(dir: TraceDir, host: String, started: &str) -> Self {
+    pub fn new(dir: TraceDir, host: String, started: &str, writer: TraceWriter) -> Self {
         let summary = dir
             .dir()
             .join(format!("summary-{}.json", started.replace([':', '.'], "")));
-        Self { dir, host, summary }
+        Self {
+            dir,
+            host,
+            summary,
+            writer,
+            last_queued: None,
+            summary_written: false,
+        }
     }
 
     pub fn host(&self) -> &str {
@@ -249,20 +323,52 @@ impl TraceFiles {
     pub fn summary_path(&self) -> &Path {
         &self.summary
     }
+
+    pub fn summary_written(&self) -> bool {
+        self.summary_written
+    }
+
+    /// The file of the last trace handed to the writer (None if it was dropped).
+    pub fn last_queued(&self) -> Option<&Path> {
+        self.last_queued.as_deref()
+    }
+
+    /// What the writer did so far.
+    pub fn counts(&self) -> &WriteCounts {
+        &self.writer.counts
+    }
+
+    /// Writes the queued traces, so the counts are final.
+    pub fn drain(&mut self) {
+        self.writer.drain();
+    }
 }
 
 impl super::Sink for TraceFiles {
     fn trace(&mut self, t: &super::TraceOut<'_>) -> Result<()> {
-        self.dir
-            .write_enriched(t.trace, t.latency_ns, t.wall, &self.host, t.pods)?;
+        let v = &t.trace.verdict;
+        let path = self.dir.take_name(v.delete_ts_ns, v.class.name(), &v.key);
+        let doc = TraceDir::document(t.trace, t.latency_ns, t.wall, &self.host, t.pods)?;
+        self.last_queued = self.writer.submit(path.clone(), doc).then_some(path);
         Ok(())
     }
 
+    /// The summary file. A failure (disk full, read-only) is a warning and counted: the run's
+    /// results are already out on stdout and the HTTP streams.
     fn finish(&mut self, summary: &Value) -> Result<()> {
-        write_atomic(
-            &self.summary,
-            serde_json::to_string_pretty(summary)?.as_bytes(),
-        )
+        let text = serde_json::to_vec_pretty(summary)?;
+        let written = write_atomic(&self.summary, &text).or_else(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            write_atomic(&self.summary, &text)
+        });
+        match written {
+            Ok(()) => self.summary_written = true,
+            Err(e) => {
+                self.writer.counts.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("summary {} not written: {e:#}", self.summary.display());
+            }
+        }
+        Ok(())
     }
 }
 
@@ -326,6 +432,44 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 1, "{names:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn trace_dir_is_private_cleans_leftovers_and_names_each_race_apart() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("detector-tracedir-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let traces = dir.join("traces");
+        std::fs::create_dir_all(&traces).unwrap();
+        let leftover = traces.join(".race-1-port-reuse-x.json.tmp-77-0");
+        std::fs::write(&leftover, b"").unwrap();
+        let mut td = TraceDir::create(&traces).unwrap();
+        assert!(!leftover.exists(), "leftover temporary file not cleaned");
+        let fresh = dir.join("new");
+        TraceDir::create(&fresh).unwrap();
+        let mode = std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode & 0o027, 0, "directory mode {mode:o}");
+        // Both pods' keys of one flow, deleted in one batch: one timestamp, one 5-tuple.
+        let key = |owner: &str| NpaKey {
+            src: "10.0.0.1".parse().unwrap(),
+            sport: 4000,
+            dst: "10.0.0.2".parse().unwrap(),
+            dport: 80,
+            proto: 6,
+            owner: owner.parse().unwrap(),
+            ifindex: Some(7),
+        };
+        let a = td.name_verdict(5, "port-reuse", &key("10.0.0.1"));
+        let b = td.name_verdict(5, "port-reuse", &key("10.0.0.2"));
+        let c = td.name(5, "port-reuse", &key("10.0.0.2"));
+        assert!(a != b && b != c && a != c, "{a:?} {b:?} {c:?}");
+        let name = a.file_name().unwrap().to_str().unwrap();
+        assert!(name.contains("tcp") && name.contains("owner10.0.0.1") && name.contains("if7"));
+        assert_eq!(td.take_name(5, "port-reuse", &key("10.0.0.2")), b);
+        write_atomic(&a, b"{}").unwrap();
+        let mode = std::fs::metadata(&a).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode & 0o037, 0, "file mode {mode:o}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -103,6 +103,11 @@ pub struct Metrics {
     lagged: Family<StreamLabel, Counter>,
     kube_events: Family<ResultLabel, Counter>,
     capacity: Family<CounterLabel, Counter>,
+    /// Trace files by what became of them: written, failed, dropped, removed (retention).
+    trace_writes: Family<ResultLabel, Counter>,
+    /// The HTTP server's limits at work: connections and streams refused, accept errors,
+    /// idle connections closed.
+    http_limits: Family<ResultLabel, Counter>,
     mirrored: Mutex<Mirrored>,
 }
 
@@ -223,6 +228,31 @@ impl Metrics {
             "Kubernetes Events for races: created, suppressed (rate limit), failed, dropped",
             kube_events.clone(),
         );
+        let trace_writes = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "trace_writes",
+            "Trace files: written, failed (disk full, read-only, no descriptors), dropped \
+             (write queue full), removed (oldest, to stay within the directory's limits)",
+            trace_writes.clone(),
+        );
+        for r in ["written", "failed", "dropped", "removed"] {
+            let _ = trace_writes.get_or_create(&ResultLabel { result: r.into() });
+        }
+        let http_limits = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "http_limits",
+            "HTTP server limits at work: connections_refused and streams_refused (503), \
+             accept_errors (e.g. out of descriptors; accepting backs off), idle_closed",
+            http_limits.clone(),
+        );
+        for r in [
+            "connections_refused",
+            "streams_refused",
+            "accept_errors",
+            "idle_closed",
+        ] {
+            let _ = http_limits.get_or_create(&ResultLabel { result: r.into() });
+        }
         // Known label values exist from the start, so a query sees 0 rather than nothing.
         for c in [
             VerdictClass::PortReuse,
@@ -259,6 +289,8 @@ impl Metrics {
             lagged,
             kube_events,
             capacity,
+            trace_writes,
+            http_limits,
             mirrored: Mutex::new(Mirrored::default()),
         }
     }
@@ -337,6 +369,24 @@ impl Metrics {
                 .inc_by(total - *seen);
             *seen = total;
         }
+    }
+
+    /// One trace file written, failed, dropped or removed.
+    pub fn trace_write(&self, result: &str) {
+        self.trace_writes
+            .get_or_create(&ResultLabel {
+                result: result.into(),
+            })
+            .inc();
+    }
+
+    /// One of the HTTP server's limits at work (see `http_limits`).
+    pub fn http_limit(&self, result: &str) {
+        self.http_limits
+            .get_or_create(&ResultLabel {
+                result: result.into(),
+            })
+            .inc();
     }
 
     /// Brings the mirrored counters and the gauges up to the engine's and the kernel's totals.
