@@ -3,6 +3,7 @@
 pub mod doctor;
 #[cfg(feature = "lab")]
 pub mod lab;
+pub mod replay;
 pub mod run;
 pub mod trace;
 pub mod watch;

@@ -5,5 +5,6 @@
 pub mod dispatch;
 pub mod event_loop;
 pub mod reorder;
+pub mod replay;
 pub mod run;
 pub mod startup;
