@@ -11,6 +11,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::Value;
 
@@ -22,8 +23,11 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// A directory of its own for each replay (tests run in parallel, often on one fixture).
 fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("detector-replay-{}-{name}", std::process::id()));
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("detector-replay-{}-{n}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d

@@ -6,5 +6,6 @@ pub mod dispatch;
 pub mod event_loop;
 pub mod reorder;
 pub mod replay;
+pub mod replay_feed;
 pub mod run;
 pub mod startup;
