@@ -243,3 +243,85 @@ fn a_truncated_last_line_is_a_warning() {
         recorded("legacy-lab.ndjson")
     );
 }
+
+/// A recording of one delete the kernel never indexed an entry for, of a key the start-up
+/// snapshots hold (with the flow's entry when `with_entry`).
+fn startup_recording(with_entry: bool) -> String {
+    let text = std::fs::read_to_string(fixture("legacy-lab.ndjson")).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let start = lines[0].clone();
+    assert_eq!(start["type"], "run_start");
+    let mut delete = lines
+        .iter()
+        .find(|l| l["type"] == "agent_delete")
+        .unwrap()
+        .clone();
+    delete["kernel_view"] = "absent".into();
+    for f in ["entry_id", "entry_born_ns", "entry_timeout_left_ms"] {
+        delete[f] = Value::Null;
+    }
+    let key = &delete["key"];
+    let (src, dst) = (key["src"].clone(), key["dst"].clone());
+    let (sport, dport) = (key["sport"].clone(), key["dport"].clone());
+    let entry = serde_json::json!({
+        "type": "startup_entry", "dump_ns": start["ts_ns"], "id": 7, "proto": 6,
+        "orig": {"src": src, "sport": sport, "dst": dst, "dport": dport},
+        "reply": {"src": dst, "sport": dport, "dst": src, "dport": sport},
+        "status": 0, "timeout_s": 100,
+    });
+    let map_key = serde_json::json!({
+        "type": "startup_key", "map_id": delete["map_id"], "key_hex": delete["key_hex"],
+    });
+    let mut out = vec![start];
+    if with_entry {
+        out.push(entry);
+    }
+    out.extend([map_key, delete]);
+    out.iter().map(|v| format!("{v}\n")).collect()
+}
+
+#[test]
+fn startup_snapshot_lines_judge_deletes_the_kernel_never_indexed() {
+    // The snapshot says the flow's entry is alive: the shadow judges the delete a race.
+    let out = replay("-", Some(&startup_recording(true)), &["--json"], "startup");
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let v = verdicts(&stdout);
+    assert_eq!(v.len(), 1, "{stdout}");
+    assert_eq!(v[0]["verdict"]["decided_by"], "shadow");
+    // Born before the detector started: no birth known, so not a reuse.
+    assert_eq!(v[0]["verdict"]["class"], "stale-match");
+    // The replay's output is itself a recording, with the start-up lines.
+    for t in ["run_start", "startup_entry", "startup_key"] {
+        assert!(stdout.contains(&format!(r#""type":"{t}""#)), "{t}");
+    }
+    // Without the entry nothing was alive: a rightful delete.
+    let out = replay(
+        "-",
+        Some(&startup_recording(false)),
+        &["--json"],
+        "no-entry",
+    );
+    assert!(out.status.success());
+    assert!(verdicts(&String::from_utf8(out.stdout).unwrap()).is_empty());
+}
+
+#[test]
+fn a_replay_of_a_replay_gives_the_same_verdicts() {
+    let first = replay(
+        fixture("lost-events.ndjson").to_str().unwrap(),
+        None,
+        &["--json"],
+        "first",
+    );
+    assert!(first.status.success());
+    let text = String::from_utf8(first.stdout).unwrap();
+    let second = replay("-", Some(&text), &["--json"], "second");
+    assert!(second.status.success());
+    let again = verdicts(&String::from_utf8(second.stdout).unwrap());
+    assert_eq!(again, verdicts(&text));
+    assert_eq!(again, recorded("lost-events.ndjson"));
+}

@@ -90,7 +90,17 @@ pub fn replay<R: BufRead, W: Write>(
             };
             hz = start.hz;
             startup.dump_ns = start.dump_ns;
-            det = Some(make(start)?);
+            let d = det.insert(make(start)?);
+            // The replay's own output is a recording too: of the settings it judged with.
+            let mut line: serde_json::Value = serde_json::from_str(&text)?;
+            let cfg = d.engine.config();
+            line["engine"] = serde_json::json!({
+                "max_flows": cfg.max_flows,
+                "snapshot_lag_window_ns": cfg.snapshot_lag_window_ns,
+                "before_window_ns": cfg.before_window_ns,
+                "after_window_ns": cfg.after_window_ns,
+            });
+            d.recording(&|| line.to_string())?;
             continue;
         }
         let Some(d) = det.as_mut() else {
@@ -104,10 +114,14 @@ pub fn replay<R: BufRead, W: Write>(
         match rec {
             Recorded::RunStart(_) => {}
             Recorded::StartupEntry { dump_ns, entry } => {
+                d.recording(&|| text.clone())?;
                 startup.dump_ns = dump_ns;
                 startup.entries.push(entry);
             }
-            Recorded::StartupKey { map_id, key } => startup.keys.push((map_id, key)),
+            Recorded::StartupKey { map_id, key } => {
+                d.recording(&|| text.clone())?;
+                startup.keys.push((map_id, key));
+            }
             Recorded::Verdict(_) => counts.verdicts_recorded += 1,
             Recorded::DeleteKernelView(_) => {
                 return Err(
