@@ -449,4 +449,27 @@ mod tests {
                 .is_none()
         );
     }
+
+    /// Every record line of a real recording, cut short at each character or with one
+    /// character changed, is an error or a record: never a panic.
+    #[test]
+    fn damaged_lines_of_a_real_recording_never_panic() {
+        let text = include_str!("../../tests/fixtures/replay/legacy-lab.ndjson");
+        let mut read = 0;
+        for line in text.lines().filter(|l| !l.contains(r#""type":"verdict""#)) {
+            let (ok, _) = parse_line(line, 250)
+                .unwrap()
+                .map_or((false, ()), |_| (true, ()));
+            read += usize::from(ok);
+            for (i, _) in line.char_indices() {
+                assert!(parse_line(&line[..i], 250).is_err(), "prefix {i} of {line}");
+                for c in ['x', '-', '9', '"'] {
+                    let mut damaged = line.to_string();
+                    damaged.replace_range(i..=i, &c.to_string());
+                    let _ = parse_line(&damaged, 250);
+                }
+            }
+        }
+        assert!(read > 50, "{read} records read");
+    }
 }
