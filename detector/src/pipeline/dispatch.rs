@@ -349,7 +349,13 @@ impl<W: Write> Detector<W> {
                         .dir
                         .path_for(v.delete_ts_ns, v.class.name(), &v.key);
                 let json = verdict_json(&v, latency, &pods, trace_file.clone(), &self.time)?;
-                let text = verdict_text(&v, latency, &pods, &self.time);
+                let mut text = verdict_text(&v, latency, &pods, &self.time);
+                if self.replaying
+                    && let Some(i) = text.rfind(" (detected ")
+                {
+                    // A replay has no live detection latency to tell.
+                    text.truncate(i);
+                }
                 let out = VerdictOut {
                     verdict: &v,
                     latency_ns: latency,
