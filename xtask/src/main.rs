@@ -176,6 +176,8 @@ fn cargo_test(
     let mut child = Command::new("cargo")
         .current_dir(root)
         .env("DETECTOR_REQUIRE_PRIVILEGED", "1")
+        // scripts/setup.sh installs chromium: the picture test must not skip.
+        .env("DETECTOR_REQUIRE_CHROMIUM", "1")
         .args(["test", "--workspace", "--no-fail-fast", "--"])
         .args(args)
         .stdout(std::process::Stdio::piped())

@@ -84,17 +84,25 @@ fn emit_ct(s: &CtSighting, cfg: &ProbeConfig) {
     submit_record(s.kind, &ev);
 }
 
-/// A confirmed entry was seen for the first time: remember it and emit NEW.
+/// The probe configuration and the entry's status bits, if `ct` is a confirmed entry. Entries
+/// that were allocated but never confirmed (a lost clash, a packet after expiry that was
+/// dropped) are freed too, but were never in the table, so neither NEW nor DESTROY reports them.
 #[inline(always)]
-pub fn report_new(ct: NfConn, source: u8) {
+fn confirmed(ct: NfConn) -> Option<(ProbeConfig, u64)> {
     if ct.is_null() {
-        return;
+        return None;
     }
     let cfg = probe_config();
     let status = ct.status(&cfg);
-    if status & ips::CONFIRMED == 0 {
+    (status & ips::CONFIRMED != 0).then_some((cfg, status))
+}
+
+/// A confirmed entry was seen for the first time: remember it and emit NEW.
+#[inline(always)]
+pub fn report_new(ct: NfConn, source: u8) {
+    let Some((cfg, status)) = confirmed(ct) else {
         return;
-    }
+    };
     // Fast path for every later packet of the flow.
     // SAFETY: only the presence of the value is tested; it is not read.
     if unsafe { SEEN.get(&ct.0) }.is_some() {
@@ -138,16 +146,9 @@ pub fn report_new(ct: NfConn, source: u8) {
 /// A confirmed entry is being destroyed: emit DESTROY with its birth time, forget it.
 #[inline(always)]
 pub fn report_destroy(ct: NfConn, source: u8) {
-    if ct.is_null() {
+    let Some((cfg, status)) = confirmed(ct) else {
         return;
-    }
-    let cfg = probe_config();
-    let status = ct.status(&cfg);
-    // Entries that were allocated but never confirmed (e.g. a lost clash, a packet after
-    // expiry that was dropped) are freed too; they were never in the table.
-    if status & ips::CONFIRMED == 0 {
-        return;
-    }
+    };
     let born = born_ns(ct);
     if born != 0 {
         let _ = SEEN.remove(&ct.0);

@@ -82,7 +82,7 @@ pub async fn run(args: TraceArgs) -> Result<()> {
     let (backend, _) = probe.choose(settings.backend)?;
     probe.attach(backend)?;
     probe.release_btf();
-    super::trim_heap();
+    crate::pipeline::trim_heap();
     let reader = probe.take_reader()?;
     let hz = clock::kernel_hz().unwrap_or_else(|| {
         tracing::warn!("could not measure the kernel's HZ from /proc/timer_list; assuming 250");

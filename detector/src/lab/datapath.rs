@@ -2,7 +2,6 @@
 //! its conntrack-cache map, pinned in the lab's own bpffs (never at NPA's path).
 
 use std::ffi::CString;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -66,14 +65,8 @@ impl Datapath {
         let (ebpf, ifindex) = std::thread::scope(|s| {
             s.spawn(|| -> Result<(Ebpf, u32)> {
                 let f = std::fs::File::open(&ns).with_context(|| format!("{}", ns.display()))?;
-                // SAFETY: valid fd; affects only this thread.
-                if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    bail!(
-                        "setns {}: {}",
-                        ns.display(),
-                        std::io::Error::last_os_error()
-                    );
-                }
+                testbed::netns::enter(&f)
+                    .with_context(|| format!("entering {}", ns.display()))?;
                 let name = CString::new(SERVER_VETH)?;
                 // SAFETY: valid NUL-terminated name.
                 let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };

@@ -353,7 +353,7 @@ pub async fn run(opts: RunOptions, mut live: Live) -> Result<()> {
     // Every program is loaded: the parsed BTF is no longer needed.
     attached.probe.release_btf();
     let (snap, undecodable_startup_keys) = take_snapshots(&mut det, opts.netns_path.as_deref())?;
-    crate::cli::trim_heap();
+    super::trim_heap();
     announce(&map, &attached, &snap, det.out.traces.dir.dir());
     // Probes attached and both start-up snapshots taken.
     det.metrics.set_ready(true);
