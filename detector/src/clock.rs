@@ -42,6 +42,11 @@ impl WallClock {
         Self { offset_ns }
     }
 
+    /// realtime - monotonic, in ns.
+    pub fn offset_ns(&self) -> i128 {
+        self.offset_ns
+    }
+
     pub fn wall_ns(&self, mono_ns: u64) -> i128 {
         mono_ns as i128 + self.offset_ns
     }

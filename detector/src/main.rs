@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 #[cfg(feature = "lab")]
 use detector::cli::lab;
-use detector::cli::{doctor, run, trace, watch};
+use detector::cli::{doctor, replay, run, trace, watch};
 
 /// eBPF detector for conntrack-cache cleanup races of the AWS network policy agent.
 #[derive(Debug, Parser)]
@@ -38,6 +38,9 @@ enum Command {
     /// Race timeline pictures (HTML, with an index for a directory) or Perfetto JSON from
     /// trace files alone.
     Report(detector::postmortem::cli::ReportArgs),
+    /// Judge again what `detector run --json` recorded (a file or `-`), with the same or
+    /// changed judging flags, and print the verdicts as `run` would.
+    Replay(replay::ReplayArgs),
 }
 
 fn main() -> ExitCode {
@@ -71,6 +74,7 @@ fn main() -> ExitCode {
         Command::Lab(a) => lab::lab(a),
         Command::Watch(a) => runtime().and_then(|rt| rt.block_on(watch::run(a))),
         Command::Report(a) => detector::postmortem::cli::run(a),
+        Command::Replay(a) => replay::run(a),
         #[cfg(feature = "lab")]
         Command::Validate(a) => match lab::validate(a) {
             Ok(true) => Ok(()),

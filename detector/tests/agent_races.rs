@@ -53,6 +53,51 @@ fn start(map: &AgentMap, ns: &NetnsPair, traces: &std::path::Path, after: &str) 
     ])
 }
 
+/// `detector replay` of the run's own recording reproduces its verdicts one for one (all but
+/// the live run's detection latency and trace path).
+fn assert_replays(events: &[Value]) {
+    use std::io::Write;
+    let comparable = |v: &Value| {
+        let mut v = v.clone();
+        let o = v.as_object_mut().unwrap();
+        o.remove("detection_latency_ns");
+        o.remove("trace_file");
+        v
+    };
+    let recording: String = events.iter().map(|e| format!("{e}\n")).collect();
+    let dir = std::env::temp_dir().join(format!("agent-races-replay-{}", unique_name()));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_detector"))
+        .args(["replay", "-", "--json", "--trace-dir"])
+        .arg(&dir)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(recording.as_bytes()).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "replay failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let replayed: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["type"] == "verdict")
+        .map(|v| comparable(&v))
+        .collect();
+    let recorded: Vec<Value> = verdicts(events).into_iter().map(comparable).collect();
+    assert_eq!(
+        replayed, recorded,
+        "replayed verdicts differ from the run's"
+    );
+}
+
 fn verdicts(events: &[Value]) -> Vec<&Value> {
     events.iter().filter(|e| e["type"] == "verdict").collect()
 }
@@ -114,6 +159,7 @@ fn run_scenario(layout: &str) {
 
     sleep(Duration::from_millis(1500)); // trace windows close
     let (events, stderr) = det.stop();
+    assert_replays(&events);
 
     let v = verdicts(&events);
     assert_eq!(
@@ -290,6 +336,7 @@ fn batch_deletes_are_judged_key_by_key() {
     assert_eq!((rc, count), (0, 2), "BPF_MAP_DELETE_BATCH");
     sleep(Duration::from_millis(500));
     let (events, stderr) = det.stop();
+    assert_replays(&events);
     let deletes: Vec<&Value> = events
         .iter()
         .filter(|e| e["type"] == "agent_delete")
@@ -393,6 +440,7 @@ fn flows_from_before_the_start_are_known() {
     assert_eq!(map.delete(&k_busy), 0);
     sleep(Duration::from_millis(500));
     let (events, stderr) = det.stop();
+    assert_replays(&events);
     assert!(stderr.contains("2 keys now"), "map snapshot: {stderr}");
     assert!(
         stderr.contains("(2 entries now)"),
@@ -448,6 +496,7 @@ fn follows_a_recreated_map() {
     assert_eq!(second.delete(&k), 0);
     sleep(Duration::from_millis(500));
     let (events, stderr) = det.stop();
+    assert_replays(&events);
     let moved = events
         .iter()
         .find(|e| e["type"] == "map_recreated")
@@ -488,6 +537,7 @@ fn ipv6_keys_are_judged_in_the_kernel() {
     assert_eq!(map.delete(&k), 0);
     sleep(Duration::from_millis(500));
     let (events, stderr) = det.stop();
+    assert_replays(&events);
     let d: Vec<&Value> = events
         .iter()
         .filter(|e| e["type"] == "agent_delete")

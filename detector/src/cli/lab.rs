@@ -62,6 +62,10 @@ pub struct LabArgs {
     /// Bearer token file for the detector's HTTP server (`detector run --token-file`).
     #[arg(long, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
+    /// Keep the detector's NDJSON stream in this file, as `detector run --json` printed it
+    /// (what `detector replay` reads).
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
 }
 
 impl LabArgs {
@@ -80,6 +84,7 @@ impl LabArgs {
             json: self.json,
             listen: self.listen.clone(),
             token_file: self.token_file.clone(),
+            record: self.record.clone(),
         }
     }
 }

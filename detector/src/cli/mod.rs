@@ -4,6 +4,7 @@ pub mod bounds;
 pub mod doctor;
 #[cfg(feature = "lab")]
 pub mod lab;
+pub mod replay;
 pub mod run;
 pub mod trace;
 pub mod watch;

@@ -28,7 +28,6 @@ pub enum Output {
     Unjudged(Unjudged),
 }
 
-
 /// A delete left unjudged, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Unjudged {

@@ -65,8 +65,7 @@ impl Datapath {
         let (ebpf, ifindex) = std::thread::scope(|s| {
             s.spawn(|| -> Result<(Ebpf, u32)> {
                 let f = std::fs::File::open(&ns).with_context(|| format!("{}", ns.display()))?;
-                testbed::netns::enter(&f)
-                    .with_context(|| format!("entering {}", ns.display()))?;
+                testbed::netns::enter(&f).with_context(|| format!("entering {}", ns.display()))?;
                 let name = CString::new(SERVER_VETH)?;
                 // SAFETY: valid NUL-terminated name.
                 let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };

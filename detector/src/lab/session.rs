@@ -7,7 +7,7 @@
 //! expired entries); the client reuses its ports with a request answered late; the cleanup
 //! deletes the keys of flows missing from its dump, which are live again by then.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -39,6 +39,8 @@ pub struct LabSettings {
     pub json: bool,
     pub listen: Option<String>,
     pub token_file: Option<PathBuf>,
+    /// Where to keep the detector's NDJSON stream as it came (for `detector replay`).
+    pub record: Option<PathBuf>,
 }
 
 const SERVER_PORT: u16 = 8080;
@@ -175,9 +177,20 @@ pub fn run_lab(args: &LabSettings) -> Result<LabReport> {
     let mut out = det.stdout.take().context("detector stdout")?;
     // Races are shown as they are found (on stderr when stdout carries the JSON report).
     let json_out = args.json;
+    let mut recording = match &args.record {
+        Some(p) => Some(std::io::BufWriter::new(
+            std::fs::File::create(p)
+                .with_context(|| format!("creating the recording {}", p.display()))?,
+        )),
+        None => None,
+    };
     let reader = std::thread::spawn(move || {
         let mut events = Vec::new();
         for line in BufReader::new(&mut out).lines().map_while(Result::ok) {
+            if let Some(r) = recording.as_mut() {
+                // Best effort: a full disk must not stop the lab.
+                let _ = writeln!(r, "{line}");
+            }
             let Ok(v) = serde_json::from_str::<Value>(&line) else {
                 continue;
             };

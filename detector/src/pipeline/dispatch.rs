@@ -85,6 +85,8 @@ pub struct Detector<W: Write> {
     /// The pods on this node, when Kubernetes enrichment is on.
     pub pods: Option<PodIndex>,
     pub out: Outputs<W>,
+    /// Replaying a recording: there is no live clock to measure detection latency against.
+    pub replaying: bool,
 }
 
 /// The NDJSON `type` of a record, for the events counter.
@@ -200,6 +202,9 @@ impl<W: Write> Detector<W> {
                     &|| render::delete_json(&d, key.as_ref().ok(), &u).to_string(),
                     &|| render::delete_text(&d, key.as_ref().ok(), &u),
                 )?;
+                // What the delete line leaves out but judging it again needs (`detector
+                // replay`): the kernel entry's identity and state at the delete.
+                self.recording(&|| render::delete_view_json(&d).to_string())?;
                 match key {
                     Ok(key) => {
                         let input = Input::AgentDelete(self.agent_delete(&d, key));
@@ -219,6 +224,34 @@ impl<W: Write> Detector<W> {
                 }
             }
         }
+    }
+
+    /// A line only machines read (NDJSON), recorded so that `detector replay` can judge the
+    /// run again: start-up state, losses, kernel views, clock changes.
+    pub fn recording(&mut self, json: &dyn Fn() -> String) -> Result<()> {
+        self.record(TextTo::Nowhere, json, &String::new)
+    }
+
+    /// The kernel counted `count` records it could not deliver since `since_ns`.
+    pub fn lost(&mut self, count: u64, since_ns: u64) -> Result<()> {
+        self.recording(&|| json!({"type": "lost", "ts_ns": since_ns, "count": count}).to_string())?;
+        self.push(Input::Lost {
+            ts_ns: since_ns,
+            count,
+        })
+    }
+
+    /// The wall clock was measured again (it follows NTP steps and suspend).
+    pub fn set_wall(&mut self, wall: crate::clock::WallClock, now_ns: u64) -> Result<()> {
+        if wall.offset_ns() != self.time.wall.offset_ns() {
+            self.recording(&|| {
+                json!({"type": "wall_clock", "ts_ns": now_ns,
+                       "offset_ns": wall.offset_ns().to_string()})
+                .to_string()
+            })?;
+        }
+        self.time.wall = wall;
+        Ok(())
     }
 
     fn agent_delete(&self, d: &MapDeleteRecord, key: NpaKey) -> AgentDelete {
@@ -325,7 +358,11 @@ impl<W: Write> Detector<W> {
             Output::Verdict(v) => {
                 self.counts.races += 1;
                 // The delete (kernel time) to this verdict: what a live watcher waits.
-                let latency = clock::monotonic_ns().saturating_sub(v.delete_ts_ns);
+                let latency = if self.replaying {
+                    0
+                } else {
+                    clock::monotonic_ns().saturating_sub(v.delete_ts_ns)
+                };
                 self.metrics.verdict(v.class, latency);
                 // Pod names, when Kubernetes is on: outside the engine, on the way out.
                 let pods = self
@@ -341,7 +378,13 @@ impl<W: Write> Detector<W> {
                         .dir
                         .name_verdict(v.delete_ts_ns, v.class.name(), &v.key);
                 let json = verdict_json(&v, latency, &pods, trace_file.clone(), &self.time)?;
-                let text = verdict_text(&v, latency, &pods, &self.time);
+                let mut text = verdict_text(&v, latency, &pods, &self.time);
+                if self.replaying
+                    && let Some(i) = text.rfind(" (detected ")
+                {
+                    // A replay has no live detection latency to tell.
+                    text.truncate(i);
+                }
                 let out = VerdictOut {
                     verdict: &v,
                     latency_ns: latency,

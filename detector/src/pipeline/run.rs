@@ -21,7 +21,7 @@ use crate::kernel::{Backend, Probe, ProbeSettings};
 use crate::npa::target::{self, AgentMap, MapSpec};
 use crate::report::Sink;
 use crate::report::console::Console;
-use crate::report::render::TimeBase;
+use crate::report::render::{TimeBase, hex};
 use crate::report::summary::{RunCounts, RunInfo, TraceWriteCounts, capacity_line, summary};
 use crate::report::trace_file::{self, TraceDir, TraceFiles};
 use crate::report::trace_writer::{TraceWriter, WriteCounts, WriterLimits};
@@ -105,6 +105,7 @@ fn take_snapshots<W: Write>(
         clock::monotonic_ns().saturating_sub(dump_ns) as f64 / 1e9,
     );
     let entries = table.len();
+    record_startup(det, &table, dump_ns)?;
     det.pre = startup::load_conntrack(&mut det.engine, table, det.agent_netns, dump_ns);
     let keys_ns = clock::monotonic_ns();
     let keys = target::keys(&det.map)?;
@@ -113,6 +114,13 @@ fn take_snapshots<W: Write>(
         clock::monotonic_ns().saturating_sub(keys_ns) as f64 / 1e9,
     );
     let n_keys = keys.len();
+    for k in &keys {
+        let map_id = det.map.id;
+        det.recording(&|| {
+            serde_json::json!({"type": "startup_key", "map_id": map_id, "key_hex": hex(k)})
+                .to_string()
+        })?;
+    }
     let undecodable = startup::load_map_keys(&mut det.engine, det.map.id, det.map.layout.key, keys);
     if undecodable > 0 {
         tracing::warn!(
@@ -128,6 +136,59 @@ fn take_snapshots<W: Write>(
         },
         undecodable,
     ))
+}
+
+/// The recording's first lines (`detector replay` reads them): what the run judged with (kernel
+/// tick rate, wall clock, the agent's namespace and map, the engine's settings), then the
+/// start-up conntrack snapshot, one line per entry.
+fn record_startup<W: Write>(
+    det: &mut Detector<W>,
+    table: &[crate::snapshot::CtSnapshotEntry],
+    dump_ns: u64,
+) -> Result<()> {
+    let cfg = det.engine.config();
+    let start = serde_json::json!({
+        "type": "run_start",
+        "ts_ns": dump_ns,
+        "version": env!("CARGO_PKG_VERSION"),
+        "hz": det.time.hz,
+        "wall_offset_ns": det.time.wall.offset_ns().to_string(),
+        "agent_netns": det.agent_netns,
+        "map": det.map,
+        "engine": {
+            "max_flows": cfg.max_flows,
+            "snapshot_lag_window_ns": cfg.snapshot_lag_window_ns,
+            "before_window_ns": cfg.before_window_ns,
+            "after_window_ns": cfg.after_window_ns,
+        },
+        "startup_entries": table.len(),
+    })
+    .to_string();
+    det.recording(&|| start.clone())?;
+    for e in table {
+        det.recording(&|| {
+            serde_json::json!({
+                "type": "startup_entry",
+                "dump_ns": dump_ns,
+                "id": e.id,
+                "proto": e.orig.proto,
+                "orig": endpoint(&e.orig),
+                "reply": endpoint(&e.reply),
+                "status": e.status,
+                "timeout_s": e.timeout_s,
+                "zone": e.zone,
+                "mark": e.mark,
+            })
+            .to_string()
+        })?;
+    }
+    Ok(())
+}
+
+/// A tuple as the stream writes one (`src`, `sport`, `dst`, `dport`).
+pub fn endpoint(t: &crate::record::FlowTuple) -> serde_json::Value {
+    serde_json::json!({"src": t.src.to_string(), "sport": t.sport,
+                       "dst": t.dst.to_string(), "dport": t.dport})
 }
 
 /// The start-up lines on stderr: what is watched, by whom the map is held, whether writes
@@ -235,10 +296,7 @@ async fn event_loop<W: Write>(
                     if kernel.seen_full + kernel.flows_full > 0 {
                         det.engine.note_kernel_tables_full();
                     }
-                    det.push(Input::Lost {
-                        ts_ns: since_ns,
-                        count,
-                    })?;
+                    det.lost(count, since_ns)?;
                 }
                 det.push(Input::Tick { now_ns })?;
                 if second {
@@ -246,7 +304,7 @@ async fn event_loop<W: Write>(
                     det.metrics.update(det.engine.stats(), &kernel);
                     follow_map(spec, det, &mut attached.probe, now_ns)?;
                     // Keep wall time true across NTP steps and suspend.
-                    det.time.wall = WallClock::measure();
+                    det.set_wall(WallClock::measure(), now_ns)?;
                 }
             }
         }
@@ -311,6 +369,7 @@ pub async fn run(opts: RunOptions, mut live: Live) -> Result<()> {
             traces: TraceFiles::new(traces, trace_file::hostname(), &started, writer),
             others,
         },
+        replaying: false,
     };
     // Every program is loaded: the parsed BTF is no longer needed.
     attached.probe.release_btf();

@@ -147,6 +147,21 @@ pub fn delete_json(d: &MapDeleteRecord, key: Option<&NpaKey>, u: &TimeBase) -> s
     })
 }
 
+/// The fields of a delete's kernel view that its `agent_delete` line leaves out: the entry's
+/// address (its identity, with its birth), status, and whether the key matched reversed.
+pub fn delete_view_json(d: &MapDeleteRecord) -> serde_json::Value {
+    json!({
+        "type": "delete_kernel_view",
+        "ts_ns": d.ts_ns,
+        "map_id": d.map_id,
+        "ct_addr": format!("{:016x}", d.ct_addr),
+        "ct_born_ns": d.ct_born_ns,
+        "ct_timeout_left_jiffies": d.ct_timeout_left_jiffies,
+        "ct_status": d.ct_status,
+        "view_reversed": d.view_reversed,
+    })
+}
+
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
