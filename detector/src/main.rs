@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 #[cfg(feature = "lab")]
 use detector::cli::lab;
-use detector::cli::{doctor, run, trace, watch};
+use detector::cli::{doctor, run, trace, traces, watch};
 
 /// eBPF detector for conntrack-cache cleanup races of the AWS network policy agent.
 #[derive(Debug, Parser)]
@@ -35,6 +35,8 @@ enum Command {
     Validate(lab::LabArgs),
     /// Stream races (or every event) live from a running detector's HTTP server.
     Watch(watch::WatchArgs),
+    /// A running detector's trace files over HTTP: `list`, or `pull --out DIR`.
+    Traces(traces::TracesArgs),
     /// Race timeline pictures (HTML, with an index for a directory) or Perfetto JSON from
     /// trace files alone.
     Report(detector::postmortem::cli::ReportArgs),
@@ -64,6 +66,7 @@ fn main() -> ExitCode {
         #[cfg(feature = "lab")]
         Command::Lab(a) => lab::lab(a),
         Command::Watch(a) => runtime().and_then(|rt| rt.block_on(watch::run(a))),
+        Command::Traces(a) => runtime().and_then(|rt| rt.block_on(traces::run(a))),
         Command::Report(a) => detector::postmortem::cli::run(a),
         #[cfg(feature = "lab")]
         Command::Validate(a) => match lab::validate(a) {

@@ -3,8 +3,10 @@
 pub mod doctor;
 #[cfg(feature = "lab")]
 pub mod lab;
+pub mod remote;
 pub mod run;
 pub mod trace;
+pub mod traces;
 pub mod watch;
 
 use std::path::PathBuf;
