@@ -1,6 +1,7 @@
 //! The CLI's commands.
 
 pub mod doctor;
+pub mod forward;
 #[cfg(feature = "lab")]
 pub mod lab;
 pub mod remote;

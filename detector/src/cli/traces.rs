@@ -38,11 +38,18 @@ pub struct Target {
     /// File holding the bearer token of the detector's --token-file.
     #[arg(long, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub kube: super::forward::KubeTarget,
 }
 
 impl Target {
-    fn remote(&self) -> Result<Remote> {
-        Remote::new(&self.url, read_token(self.token_file.as_deref())?)
+    async fn remote(&self) -> Result<Remote> {
+        let url = if self.kube.wanted() {
+            self.kube.forward().await?
+        } else {
+            self.url.clone()
+        };
+        Remote::new(&url, read_token(self.token_file.as_deref())?)
     }
 }
 
@@ -82,15 +89,22 @@ pub async fn pull(remote: &Remote, out: &std::path::Path) -> Result<Pulled> {
     Ok(done)
 }
 
+/// `detector metrics`: the detector's `/metrics` text (e.g. through `--node`).
+pub async fn metrics(target: Target) -> Result<()> {
+    let body = target.remote().await?.get("/metrics").await?;
+    print!("{}", String::from_utf8_lossy(&body));
+    Ok(())
+}
+
 pub async fn run(args: TracesArgs) -> Result<()> {
     match args.command {
         TracesCommand::List(t) => {
-            for e in list(&t.remote()?).await? {
+            for e in list(&t.remote().await?).await? {
                 println!("{}  {:<12} {:>9}  {}", e.time, e.class, e.size, e.name);
             }
         }
         TracesCommand::Pull { target, out } => {
-            let p = pull(&target.remote()?, &out).await?;
+            let p = pull(&target.remote().await?, &out).await?;
             eprintln!(
                 "detector traces: fetched {} ({} bytes), {} already in {}",
                 p.fetched,
