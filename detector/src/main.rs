@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 #[cfg(feature = "lab")]
 use detector::cli::lab;
-use detector::cli::{doctor, run, trace, traces, watch};
+use detector::cli::{cluster, doctor, run, trace, traces, watch};
 
 /// eBPF detector for conntrack-cache cleanup races of the AWS network policy agent.
 #[derive(Debug, Parser)]
@@ -40,6 +40,9 @@ enum Command {
     /// Print a running detector's Prometheus metrics (`--url`, or `--node`/`--pod` through
     /// the API server).
     Metrics(traces::Target),
+    /// The cluster form of `validate`: over --duration, every node's race Events and the
+    /// reproducer's cycles; exits 0 only if ports were reused and no race happened.
+    ClusterVerdict(cluster::ClusterVerdictArgs),
     /// Race timeline pictures (HTML, with an index for a directory) or Perfetto JSON from
     /// trace files alone.
     Report(detector::postmortem::cli::ReportArgs),
@@ -82,6 +85,11 @@ fn main() -> ExitCode {
         Command::Watch(a) => runtime().and_then(|rt| rt.block_on(watch::run(a))),
         Command::Traces(a) => runtime().and_then(|rt| rt.block_on(traces::run(a))),
         Command::Metrics(a) => runtime().and_then(|rt| rt.block_on(traces::metrics(a))),
+        Command::ClusterVerdict(a) => match runtime().and_then(|rt| rt.block_on(cluster::run(a))) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(1),
+            Err(e) => Err(e),
+        },
         Command::Report(a) => detector::postmortem::cli::run(a),
         #[cfg(feature = "lab")]
         Command::Validate(a) => match lab::validate(a) {

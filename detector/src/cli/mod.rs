@@ -1,5 +1,6 @@
 //! The CLI's commands.
 
+pub mod cluster;
 pub mod doctor;
 pub mod forward;
 #[cfg(feature = "lab")]
