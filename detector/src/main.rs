@@ -1,9 +1,9 @@
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 #[cfg(feature = "lab")]
 use detector::cli::lab;
-use detector::cli::{doctor, replay, run, trace, watch};
+use detector::cli::{cluster, doctor, replay, run, trace, traces, watch};
 
 /// eBPF detector for conntrack-cache cleanup races of the AWS network policy agent.
 #[derive(Debug, Parser)]
@@ -35,6 +35,14 @@ enum Command {
     Validate(lab::LabArgs),
     /// Stream races (or every event) live from a running detector's HTTP server.
     Watch(watch::WatchArgs),
+    /// A running detector's trace files over HTTP: `list`, or `pull --out DIR`.
+    Traces(traces::TracesArgs),
+    /// Print a running detector's Prometheus metrics (`--url`, or `--node`/`--pod` through
+    /// the API server).
+    Metrics(traces::Target),
+    /// The cluster form of `validate`: over --duration, every node's race Events and the
+    /// reproducer's cycles; exits 0 only if ports were reused and no race happened.
+    ClusterVerdict(cluster::ClusterVerdictArgs),
     /// Race timeline pictures (HTML, with an index for a directory) or Perfetto JSON from
     /// trace files alone.
     Report(detector::postmortem::cli::ReportArgs),
@@ -44,7 +52,18 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Installed as a kubectl plugin (a `kubectl-detector` link to this binary), `kubectl
+    // detector watch --node N` runs it under that name: the commands are the same, only the
+    // usage lines name it as kubectl does.
+    let as_plugin = std::env::args_os()
+        .next()
+        .and_then(|a| a.into_string().ok())
+        .is_some_and(|a| a.ends_with("kubectl-detector"));
+    let mut command = Cli::command();
+    if as_plugin {
+        command = command.bin_name("kubectl detector");
+    }
+    let cli = Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit());
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&cli.log)
@@ -73,6 +92,13 @@ fn main() -> ExitCode {
         #[cfg(feature = "lab")]
         Command::Lab(a) => lab::lab(a),
         Command::Watch(a) => runtime().and_then(|rt| rt.block_on(watch::run(a))),
+        Command::Traces(a) => runtime().and_then(|rt| rt.block_on(traces::run(a))),
+        Command::Metrics(a) => runtime().and_then(|rt| rt.block_on(traces::metrics(a))),
+        Command::ClusterVerdict(a) => match runtime().and_then(|rt| rt.block_on(cluster::run(a))) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(1),
+            Err(e) => Err(e),
+        },
         Command::Report(a) => detector::postmortem::cli::run(a),
         Command::Replay(a) => replay::run(a),
         #[cfg(feature = "lab")]

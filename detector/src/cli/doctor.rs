@@ -27,7 +27,11 @@ pub fn run(args: DoctorArgs) -> Result<()> {
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into());
     let capeff = caps::effective_caps();
-    let privileged = caps::can_load_bpf(capeff);
+    let seccomp = caps::seccomp_mode();
+    let bpf_errno = caps::bpf_syscall_errno();
+    let seccomp_block = caps::seccomp_refusal(caps::can_load_bpf(capeff), seccomp, bpf_errno);
+    // Capabilities alone do not make bpf() usable: a seccomp filter can still refuse it.
+    let privileged = caps::can_load_bpf(capeff) && seccomp_block.is_none();
     let vmlinux = args.btf_dir.join("vmlinux");
     let split: Vec<String> = std::fs::read_dir(&args.btf_dir)
         .map(|d| {
@@ -50,8 +54,30 @@ pub fn run(args: DoctorArgs) -> Result<()> {
             "privileges".into(),
             format!(
                 "{} (CapEff {capeff:#x}; needs CAP_BPF+CAP_PERFMON or CAP_SYS_ADMIN)",
-                if privileged { "ok" } else { "INSUFFICIENT" }
+                if privileged {
+                    "ok"
+                } else if seccomp_block.is_some() {
+                    "capabilities ok, bpf() REFUSED"
+                } else {
+                    "INSUFFICIENT"
+                }
             ),
+        ),
+        (
+            "seccomp".into(),
+            match seccomp {
+                Some(0) => "off".to_string(),
+                Some(1) => "strict".to_string(),
+                Some(m) => format!(
+                    "filter (mode {m}){}",
+                    if seccomp_block.is_some() {
+                        ": REFUSES bpf()"
+                    } else {
+                        ""
+                    }
+                ),
+                None => "unknown".to_string(),
+            },
         ),
         (
             "BTF".into(),
@@ -88,6 +114,7 @@ pub fn run(args: DoctorArgs) -> Result<()> {
 
     let mut report = serde_json::json!({
         "kernel": kernel, "privileged": privileged, "capeff": format!("{capeff:#x}"),
+        "seccomp": seccomp, "seccomp_blocks_bpf": seccomp_block.is_some(),
         "btf": vmlinux.exists(), "split_btf": split, "hz": hz, "kprobe_pmu": kprobe_pmu,
         "ringbuf": ringbuf,
     });
@@ -111,6 +138,8 @@ pub fn run(args: DoctorArgs) -> Result<()> {
             }
             Err(e) => Err(e.to_string()),
         }
+    } else if let Some(why) = &seccomp_block {
+        Err(why.clone())
     } else {
         Err("not privileged: programs cannot be test-loaded (run as root)".to_string())
     };

@@ -1,12 +1,16 @@
 //! The CLI's commands.
 
 pub mod bounds;
+pub mod cluster;
 pub mod doctor;
+pub mod forward;
 #[cfg(feature = "lab")]
 pub mod lab;
+pub mod remote;
 pub mod replay;
 pub mod run;
 pub mod trace;
+pub mod traces;
 pub mod watch;
 
 use std::path::PathBuf;

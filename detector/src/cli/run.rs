@@ -99,9 +99,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     // The server first: /healthz answers and /readyz says 503 while the probes attach.
     let mut live = Live::new(args.serve.replay);
+    live.trace_dir = Some(args.trace_dir.clone());
     if let Some(addr) = args.serve.start(&mut live).await? {
         eprintln!(
-            "detector: serving http://{addr} (/metrics, /v1/races, /v1/events, /healthz, /readyz)"
+            "detector: serving http://{addr} (/metrics, /v1/races, /v1/events, /v1/traces, /healthz, /readyz)"
         );
     }
     live.kube = args.kube.start(live.metrics.clone()).await?;

@@ -33,6 +33,8 @@ pub struct WatchArgs {
     /// Every event (conntrack, agent deletes, drops, verdicts), not only races.
     #[arg(long)]
     pub events: bool,
+    #[command(flatten)]
+    pub kube: super::forward::KubeTarget,
 }
 
 /// Why one connection ended.
@@ -81,7 +83,10 @@ impl Seen {
     }
 }
 
-pub async fn run(args: WatchArgs) -> Result<()> {
+pub async fn run(mut args: WatchArgs) -> Result<()> {
+    if args.kube.wanted() {
+        args.url = args.kube.forward().await?;
+    }
     let token = match &args.token_file {
         Some(p) => Some(
             std::fs::read_to_string(p)

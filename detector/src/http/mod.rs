@@ -1,5 +1,5 @@
 //! The daemon's read-only HTTP server: `/metrics`, the live `/v1/races` and `/v1/events`
-//! streams, `/healthz` and `/readyz`.
+//! streams, the trace files (`/v1/traces`), `/healthz` and `/readyz`.
 //!
 //! Streams are NDJSON by default, Server-Sent Events when the request accepts
 //! `text/event-stream`, and the readable lines of `detector run` with `?format=text`. With a
@@ -8,6 +8,7 @@
 pub mod server;
 pub mod sink;
 pub mod stream;
+pub mod traces;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -16,7 +17,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Query, Request, State};
+use axum::extract::{Path as UrlPath, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -107,7 +108,12 @@ impl ServeArgs {
         };
         live.server = Some(spawn_with(
             listener,
-            router(live.hub.clone(), live.metrics.clone(), token),
+            router_with_traces(
+                live.hub.clone(),
+                live.metrics.clone(),
+                token,
+                live.trace_dir.clone(),
+            ),
             limits,
             live.metrics.clone(),
         ));
@@ -136,19 +142,43 @@ struct AppState {
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     token: Option<Arc<str>>,
+    traces: Option<std::path::PathBuf>,
 }
 
 /// The router over a hub and metrics (tests serve it on their own listener).
 pub fn router(hub: Arc<Hub>, metrics: Arc<Metrics>, token: Option<String>) -> Router {
+    router_with_traces(hub, metrics, token, None)
+}
+
+/// [`router`] that also serves the trace files of `traces` on `/v1/traces`.
+pub fn router_with_traces(
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    token: Option<String>,
+    traces: Option<std::path::PathBuf>,
+) -> Router {
     let state = AppState {
         hub,
         metrics,
         token: token.map(Arc::from),
+        traces,
     };
     Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/v1/races", get(races))
         .route("/v1/events", get(events))
+        .route(
+            "/v1/traces",
+            get(|State(st): State<AppState>| traces::list_handler(st.traces)),
+        )
+        .route(
+            "/v1/traces/{name}",
+            get(
+                |State(st): State<AppState>, UrlPath(name): UrlPath<String>| {
+                    traces::file_handler(st.traces, name)
+                },
+            ),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), auth))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -328,6 +358,8 @@ pub struct Live {
     pub backend: &'static str,
     pub kube: Option<Kube>,
     pub server: Option<ServerHandle>,
+    /// The directory `/v1/traces` serves (the run's --trace-dir).
+    pub trace_dir: Option<std::path::PathBuf>,
 }
 
 impl Live {
@@ -338,6 +370,7 @@ impl Live {
             backend: "",
             kube: None,
             server: None,
+            trace_dir: None,
         }
     }
 
