@@ -42,6 +42,8 @@ pub fn run(args: DoctorArgs) -> Result<()> {
         .unwrap_or_default();
     let hz = clock::kernel_hz();
     let kprobe_pmu = caps::kprobe_pmu();
+    let lockdown = caps::lockdown_mode();
+    let seccomp = caps::seccomp_mode();
     let ringbuf = aya::sys::is_map_supported(aya::maps::MapType::RingBuf).unwrap_or(false);
 
     let mut lines: Vec<(String, String)> = vec![
@@ -81,6 +83,27 @@ pub fn run(args: DoctorArgs) -> Result<()> {
                 }
             ),
         ),
+        (
+            "lockdown".into(),
+            lockdown.clone().map_or_else(
+                || "unknown (no /sys/kernel/security/lockdown)".into(),
+                |m| {
+                    if m == "confidentiality" {
+                        format!("{m} (kernel memory reads by BPF are refused)")
+                    } else {
+                        m
+                    }
+                },
+            ),
+        ),
+        (
+            "seccomp".into(),
+            seccomp
+                .map_or("unknown (no Seccomp: in /proc/self/status)", |m| {
+                    m.describe()
+                })
+                .into(),
+        ),
         ("HZ".into(), hz.map_or("unknown".into(), |h| h.to_string())),
         ("kprobe PMU".into(), yes(kprobe_pmu).into()),
         ("ringbuf".into(), yes(ringbuf).into()),
@@ -89,7 +112,9 @@ pub fn run(args: DoctorArgs) -> Result<()> {
     let mut report = serde_json::json!({
         "kernel": kernel, "privileged": privileged, "capeff": format!("{capeff:#x}"),
         "btf": vmlinux.exists(), "split_btf": split, "hz": hz, "kprobe_pmu": kprobe_pmu,
-        "ringbuf": ringbuf,
+        "ringbuf": ringbuf, "lockdown": lockdown,
+        "seccomp": seccomp.map(|m| m.describe()),
+        "nf_conntrack": caps::conntrack_presence(&args.btf_dir),
     });
 
     let settings = ProbeSettings {

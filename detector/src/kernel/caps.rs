@@ -64,6 +64,60 @@ pub fn conntrack_presence(btf_dir: &Path) -> &'static str {
     }
 }
 
+/// The kernel lockdown mode (`none`, `integrity` or `confidentiality`), the bracketed word of
+/// /sys/kernel/security/lockdown; None when the LSM is absent or securityfs is not mounted.
+/// Under `confidentiality` the kernel refuses BPF programs that read kernel memory
+/// (bpf_probe_read_kernel), which every backend needs.
+pub fn lockdown_mode() -> Option<String> {
+    std::fs::read_to_string("/sys/kernel/security/lockdown")
+        .ok()
+        .and_then(|text| parse_lockdown(&text))
+}
+
+fn parse_lockdown(text: &str) -> Option<String> {
+    let start = text.find('[')? + 1;
+    let len = text[start..].find(']')?;
+    Some(text[start..start + len].to_string())
+}
+
+/// This process's seccomp mode, from the `Seccomp:` line of /proc/self/status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeccompMode {
+    /// 0: no seccomp.
+    Disabled,
+    /// 1: strict mode (read/write/exit only).
+    Strict,
+    /// 2: a filter, e.g. the container runtime's default profile, which may deny bpf(2).
+    Filter,
+}
+
+impl SeccompMode {
+    pub fn describe(self) -> &'static str {
+        match self {
+            SeccompMode::Disabled => "disabled (Seccomp: 0)",
+            SeccompMode::Strict => "strict (Seccomp: 1; bpf(2) is denied)",
+            SeccompMode::Filter => "filter (Seccomp: 2; the filter may deny bpf(2))",
+        }
+    }
+}
+
+/// This process's seccomp mode; None when the kernel does not report it.
+pub fn seccomp_mode() -> Option<SeccompMode> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| parse_seccomp(&status))
+}
+
+fn parse_seccomp(status: &str) -> Option<SeccompMode> {
+    let value = status.lines().find_map(|l| l.strip_prefix("Seccomp:"))?;
+    match value.trim() {
+        "0" => Some(SeccompMode::Disabled),
+        "1" => Some(SeccompMode::Strict),
+        "2" => Some(SeccompMode::Filter),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,5 +128,29 @@ mod tests {
         assert!(can_load_bpf((1 << CAP_BPF) | (1 << CAP_PERFMON)));
         assert!(!can_load_bpf(1 << CAP_BPF));
         assert!(!can_load_bpf(0));
+    }
+
+    #[test]
+    fn lockdown_is_the_bracketed_word() {
+        assert_eq!(
+            parse_lockdown("none [integrity] confidentiality\n").as_deref(),
+            Some("integrity")
+        );
+        assert_eq!(
+            parse_lockdown("[none] integrity confidentiality").as_deref(),
+            Some("none")
+        );
+        assert_eq!(parse_lockdown("none integrity"), None);
+    }
+
+    #[test]
+    fn seccomp_line_of_status() {
+        let status = "Name:\tdetector\nSeccomp:\t2\nSeccomp_filters:\t1\n";
+        assert_eq!(parse_seccomp(status), Some(SeccompMode::Filter));
+        assert_eq!(parse_seccomp("Seccomp:\t0\n"), Some(SeccompMode::Disabled));
+        assert_eq!(parse_seccomp("Seccomp:\t1\n"), Some(SeccompMode::Strict));
+        assert_eq!(parse_seccomp("Name:\tx\n"), None);
+        // This test process's own line parses (every supported kernel has it).
+        assert!(seccomp_mode().is_some());
     }
 }
