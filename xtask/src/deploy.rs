@@ -468,7 +468,9 @@ fn buildah_index(out: &Path, bins: &[(&Arch, PathBuf)], archive: &Path) -> Resul
     let _ = std::fs::remove_file(archive);
     buildah_out(
         buildah(out)
-            .args(["manifest", "push", "--quiet", "--all", IMAGE])
+            .args([
+                "manifest", "push", "--quiet", "--all", "--format", "oci", IMAGE,
+            ])
             .arg(format!("oci-archive:{}:{IMAGE}", archive.display())),
         "manifest push",
     )?;
