@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs what building and testing the detector needs on a Debian machine, as root:
 #   - Debian packages: those the tests drive (iproute2, nftables, conntrack, util-linux, procps,
-#     kmod), C toolchains for linking and for C in dependencies (gcc, libc6-dev, musl-tools),
+#     kmod), C toolchains for linking and for C in dependencies (gcc, libc6-dev, musl-tools,
+#     gcc-aarch64-linux-gnu) and qemu-user-static for the arm64 binary,
 #     deploy/'s tests (python3-venv, busybox) and the qemu guest stage (qemu-system-x86,
 #     xz-utils, binutils), chromium for the report's screenshot test; see APT_PACKAGES below;
-#   - the pinned stable toolchain (rust-toolchain.toml) with the musl target, and the pinned
+#   - the pinned stable toolchain (rust-toolchain.toml) with the musl targets, and the pinned
 #     nightly with rust-src (detector-ebpf/rust-toolchain.toml), with rustup;
 #   - bpf-linker, built from crates.io against that nightly's own libLLVM;
 #   - cargo-fuzz from crates.io (`cargo xtask fuzz` builds fuzz/ with that nightly).
@@ -32,6 +33,10 @@ APT_PACKAGES+=(qemu-system-x86 xz-utils binutils)
 # musl-tools: C code in dependencies (ring, under the Kubernetes client's rustls) built for the
 # static musl target (x86_64-linux-musl-gcc).
 APT_PACKAGES+=(musl-tools)
+# The arm64 (Graviton) static binary of `cargo xtask image`: Debian's aarch64 cross gcc for the
+# same C code (it links with Rust's self-contained rust-lld and bundled musl, so no aarch64 musl
+# gcc is needed), its binutils' strip, and qemu-user-static to run the result here.
+APT_PACKAGES+=(gcc-aarch64-linux-gnu qemu-user-static)
 # chromium: detector/tests/report.rs renders a race page headless and checks the screenshot.
 APT_PACKAGES+=(chromium)
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/detector
@@ -75,8 +80,11 @@ rustup component list --installed --toolchain "$NIGHTLY" 2>/dev/null | grep -q '
 
 # The static (musl) target: `cargo xtask image`, and the vm-test guest's test binaries
 # (the initramfs has no glibc for them).
-rustup target list --installed --toolchain "$STABLE" 2>/dev/null | grep -q '^x86_64-unknown-linux-musl$' \
-  || rustup target add --toolchain "$STABLE" x86_64-unknown-linux-musl >/dev/null
+# aarch64-unknown-linux-musl: the arm64 image's binary.
+for target in x86_64-unknown-linux-musl aarch64-unknown-linux-musl; do
+  rustup target list --installed --toolchain "$STABLE" 2>/dev/null | grep -q "^$target\$" \
+    || rustup target add --toolchain "$STABLE" "$target" >/dev/null
+done
 
 # 3. bpf-linker against the nightly's libLLVM. The stamp records which nightly it was built
 #    for, so changing the pinned nightly rebuilds it.

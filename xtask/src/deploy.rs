@@ -159,13 +159,44 @@ pub fn test_stages() -> Result<(u64, u64)> {
     Ok((p1 + p2, f1 + f2))
 }
 
-/// `cargo xtask image`: the static musl binary, stripped, and (when buildah is installed) an
-/// OCI archive of a `FROM scratch` image holding only it, built without a daemon or registry.
-pub fn image() -> Result<()> {
-    let root = super::root();
-    let t0 = std::time::Instant::now();
-    super::build_ebpf()?;
-    super::run(Command::new("cargo").current_dir(&root).args([
+/// One architecture of the image: the Rust target of its static binary, the OCI name of the
+/// architecture, the ELF machine number the binary must carry, and the cross tools it needs
+/// (none for the host's own).
+struct Arch {
+    target: &'static str,
+    oci: &'static str,
+    elf_machine: u16,
+    /// Debian's cross gcc for C code in dependencies (ring), and its strip.
+    cross_prefix: Option<&'static str>,
+    /// How a binary of this architecture runs here: directly, or under Debian's qemu-user.
+    runner: Option<&'static str>,
+}
+
+const ARCHES: [Arch; 2] = [
+    Arch {
+        target: MUSL,
+        oci: "amd64",
+        elf_machine: 62, // EM_X86_64
+        cross_prefix: None,
+        runner: None,
+    },
+    Arch {
+        target: "aarch64-unknown-linux-musl",
+        oci: "arm64",
+        elf_machine: 183, // EM_AARCH64
+        cross_prefix: Some("aarch64-linux-gnu-"),
+        runner: Some("qemu-aarch64-static"),
+    },
+];
+
+/// Builds the static, stripped binary of one architecture into target/image/<oci>/detector.
+/// The eBPF object inside is built for that architecture by detector/build.rs (kprobe
+/// argument registers differ). Cross builds link with Rust's self-contained rust-lld and the
+/// target's bundled musl, and compile C with Debian's cross gcc (scripts/setup.sh installs
+/// gcc-aarch64-linux-gnu and the rustup target).
+fn static_binary(root: &Path, arch: &Arch) -> Result<PathBuf> {
+    let mut cargo = Command::new("cargo");
+    cargo.current_dir(root).args([
         "build",
         "--release",
         "-p",
@@ -174,31 +205,101 @@ pub fn image() -> Result<()> {
         "detector",
         "--no-default-features",
         "--target",
-        MUSL,
-    ]))
-    .with_context(|| {
+        arch.target,
+    ]);
+    let mut strip = "strip".to_string();
+    if let Some(prefix) = arch.cross_prefix {
+        let env_target = arch.target.replace('-', "_");
+        let linker_var = format!("CARGO_TARGET_{}_LINKER", env_target.to_uppercase());
+        if std::env::var_os(&linker_var).is_none() {
+            cargo.env(&linker_var, "rust-lld");
+        }
+        for (tool, var) in [("gcc", "CC"), ("ar", "AR")] {
+            let var = format!("{var}_{env_target}");
+            if std::env::var_os(&var).is_none() {
+                cargo.env(var, format!("{prefix}{tool}"));
+            }
+        }
+        strip = format!("{prefix}strip");
+    }
+    super::run(&mut cargo).with_context(|| {
         format!(
-            "building the static binary (needs `rustup target add {MUSL}`: run scripts/setup.sh)"
+            "building the static {} binary (needs `rustup target add {}` and, for cross \
+             targets, Debian's cross gcc: run scripts/setup.sh)",
+            arch.oci, arch.target
         )
     })?;
-    let out = root.join("target/image");
-    std::fs::create_dir_all(&out)?;
-    let bin = out.join("detector");
+    let dir = root.join("target/image").join(arch.oci);
+    std::fs::create_dir_all(&dir)?;
+    let bin = dir.join("detector");
     super::run(
-        Command::new("strip")
+        Command::new(&strip)
             .arg("-o")
             .arg(&bin)
-            .arg(root.join(format!("target/{MUSL}/release/detector"))),
+            .arg(root.join(format!("target/{}/release/detector", arch.target))),
     )
-    .context("stripping the binary (binutils)")?;
-    check_static(&bin)?;
-    let size = std::fs::metadata(&bin)?.len();
-    println!(
-        "image: static binary {} ({:.1} MiB, {:.0} s)",
-        bin.strip_prefix(&root).unwrap_or(&bin).display(),
-        size as f64 / (1 << 20) as f64,
-        t0.elapsed().as_secs_f64()
-    );
+    .with_context(|| format!("stripping the {} binary ({strip}, binutils)", arch.oci))?;
+    check_static(&bin, arch.elf_machine)?;
+    Ok(bin)
+}
+
+/// Runs `<bin> --version` natively or under qemu-user; returns what it printed.
+fn version_of(bin: &Path, arch: &Arch, chroot: Option<&Path>) -> Result<String> {
+    let mut cmd = match (arch.runner, chroot) {
+        (None, Some(rootfs)) => {
+            let mut c = Command::new("chroot");
+            c.arg(rootfs).arg("/detector");
+            c
+        }
+        (None, None) => Command::new(bin),
+        (Some(runner), _) => {
+            let mut c = Command::new(runner);
+            c.arg(bin);
+            c
+        }
+    };
+    let out = cmd.arg("--version").output().with_context(|| {
+        format!(
+            "running the {} binary ({}; Debian's qemu-user-static runs foreign ones)",
+            arch.oci,
+            arch.runner.unwrap_or("natively")
+        )
+    })?;
+    if !out.status.success() {
+        bail!(
+            "the {} binary does not run: {}",
+            arch.oci,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// `cargo xtask image`: the static musl binary of each architecture (amd64, arm64), stripped,
+/// each shown to run (`--version`, arm64 under qemu-user), and (when buildah is installed) an
+/// OCI archive holding a two-architecture image index of `FROM scratch` images, built without
+/// a daemon or registry.
+pub fn image() -> Result<()> {
+    let root = super::root();
+    let t0 = std::time::Instant::now();
+    super::build_ebpf()?;
+    let mut bins = Vec::new();
+    for arch in &ARCHES {
+        let bin = static_binary(&root, arch)?;
+        let version = version_of(&bin, arch, None)?;
+        let size = std::fs::metadata(&bin)?.len();
+        println!(
+            "image: static {} binary {} ({:.1} MiB, {:.0} s so far); `{}{} --version` prints `{version}`",
+            arch.oci,
+            bin.strip_prefix(&root).unwrap_or(&bin).display(),
+            size as f64 / (1 << 20) as f64,
+            t0.elapsed().as_secs_f64(),
+            arch.runner.map(|r| format!("{r} ")).unwrap_or_default(),
+            bin.strip_prefix(&root).unwrap_or(&bin).display(),
+        );
+        bins.push((arch, bin));
+    }
+    let out = root.join("target/image");
     if Command::new("buildah")
         .arg("--version")
         .stdout(Stdio::null())
@@ -214,30 +315,40 @@ pub fn image() -> Result<()> {
         return Ok(());
     }
     let archive = out.join(format!("{}.oci.tar", IMAGE.replace(':', "-")));
-    buildah_scratch(&out, &bin, &archive)?;
+    buildah_index(&out, &bins, &archive)?;
     let size = std::fs::metadata(&archive)?.len();
     println!(
-        "image: {IMAGE} -> {} ({:.1} MiB OCI archive, FROM scratch, built by buildah with vfs \
-         storage, no daemon, no registry; {:.0} s in all)",
+        "image: {IMAGE} -> {} ({:.1} MiB OCI archive: an image index of {}, each FROM scratch, \
+         built by buildah with vfs storage, no daemon, no registry; {:.0} s in all)",
         archive.strip_prefix(&root).unwrap_or(&archive).display(),
         size as f64 / (1 << 20) as f64,
+        ARCHES.map(|a| a.oci).join(" + "),
         t0.elapsed().as_secs_f64()
     );
     println!(
-        "image: push it with `skopeo copy oci-archive:{}:{IMAGE} docker://REGISTRY/{IMAGE}` \
+        "image: push it with `skopeo copy --all oci-archive:{}:{IMAGE} docker://REGISTRY/{IMAGE}` \
          and set that name in deploy/detector/kustomization.yaml (images:)",
         archive.strip_prefix(&root).unwrap_or(&archive).display()
     );
     Ok(())
 }
 
-/// A static binary has no program interpreter (PT_INTERP); `file` is not needed to tell.
-fn check_static(bin: &Path) -> Result<()> {
+/// A static binary has no program interpreter (PT_INTERP), and its ELF header names the
+/// machine it was built for; `file` is not needed to tell.
+fn check_static(bin: &Path, machine: u16) -> Result<()> {
     let elf = std::fs::read(bin)?;
     if elf.len() < 64 || &elf[..4] != b"\x7fELF" || elf[4] != 2 {
         bail!("{} is not a 64-bit ELF file", bin.display());
     }
     let u16_at = |o: usize| u16::from_le_bytes([elf[o], elf[o + 1]]) as usize;
+    // e_machine
+    if u16_at(0x12) != usize::from(machine) {
+        bail!(
+            "{} is for ELF machine {}, not {machine}",
+            bin.display(),
+            u16_at(0x12)
+        );
+    }
     let u64_at = |o: usize| {
         let mut b = [0u8; 8];
         b.copy_from_slice(&elf[o..o + 8]);
@@ -256,96 +367,117 @@ fn check_static(bin: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `FROM scratch` + the binary, with buildah's vfs storage under target/image (no overlay, no
-/// daemon, nothing pulled), pushed to an OCI archive.
-fn buildah_scratch(out: &Path, bin: &Path, archive: &Path) -> Result<()> {
-    let buildah = || {
-        let mut c = Command::new("buildah");
-        c.arg("--storage-driver")
-            .arg("vfs")
-            .arg("--root")
-            .arg(out.join("storage"))
-            .arg("--runroot")
-            .arg(out.join("run"));
-        c
-    };
-    let from = buildah()
-        .args(["from", "scratch"])
-        .output()
-        .context("buildah from scratch")?;
-    if !from.status.success() {
+/// A buildah command on the vfs storage under target/image (no overlay, no daemon).
+fn buildah(out: &Path) -> Command {
+    let mut c = Command::new("buildah");
+    c.arg("--storage-driver")
+        .arg("vfs")
+        .arg("--root")
+        .arg(out.join("storage"))
+        .arg("--runroot")
+        .arg(out.join("run"));
+    c
+}
+
+/// Runs a buildah command and returns its trimmed stdout, or its stderr as the error.
+fn buildah_out(cmd: &mut Command, what: &str) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("buildah {what}"))?;
+    if !out.status.success() {
         bail!(
-            "buildah from scratch: {}",
-            String::from_utf8_lossy(&from.stderr).trim()
+            "buildah {what}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    let ctr = String::from_utf8(from.stdout)?.trim().to_string();
-    super::run(
-        buildah()
-            .args(["copy", "--chmod", "0755", &ctr])
-            .arg(bin)
-            .arg("/detector"),
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
+}
+
+/// One `FROM scratch` image per architecture (tagged `IMAGE-<arch>`, its config naming that
+/// architecture), each shown to run from its own root filesystem, then an image index of both
+/// pushed to an OCI archive.
+fn buildah_index(out: &Path, bins: &[(&Arch, PathBuf)], archive: &Path) -> Result<()> {
+    // A previous run's list (or single image) of the same name would make `manifest create` fail.
+    let _ = buildah(out).args(["manifest", "rm", IMAGE]).output();
+    let _ = buildah(out).args(["rmi", "--force", IMAGE]).output();
+    buildah_out(
+        buildah(out).args(["manifest", "create", IMAGE]),
+        "manifest create",
     )?;
-    super::run(buildah().args([
-        "config",
-        "--entrypoint",
-        r#"["/detector"]"#,
-        "--cmd",
-        "run",
-        "--label",
-        "org.opencontainers.image.title=detector",
-        "--label",
-        concat!(
-            "org.opencontainers.image.version=",
-            env!("CARGO_PKG_VERSION")
-        ),
-        &ctr,
-    ]))?;
-    let commit = buildah()
-        .args(["commit", "--quiet", "--rm", &ctr, IMAGE])
-        .output()?;
-    if !commit.status.success() {
-        bail!(
-            "buildah commit: {}",
-            String::from_utf8_lossy(&commit.stderr).trim()
+    for (arch, bin) in bins {
+        let tag = format!("{IMAGE}-{}", arch.oci);
+        let ctr = buildah_out(
+            buildah(out).args(["from", "--quiet", "scratch"]),
+            "from scratch",
+        )?;
+        super::run(
+            buildah(out)
+                .args(["copy", "--quiet", "--chmod", "0755", &ctr])
+                .arg(bin)
+                .arg("/detector"),
+        )?;
+        super::run(buildah(out).args([
+            "config",
+            "--arch",
+            arch.oci,
+            "--os",
+            "linux",
+            "--entrypoint",
+            r#"["/detector"]"#,
+            "--cmd",
+            "run",
+            "--label",
+            "org.opencontainers.image.title=detector",
+            "--label",
+            concat!(
+                "org.opencontainers.image.version=",
+                env!("CARGO_PKG_VERSION")
+            ),
+            &ctr,
+        ]))?;
+        buildah_out(
+            buildah(out).args(["commit", "--quiet", "--rm", &ctr, &tag]),
+            "commit",
+        )?;
+        // Proof that the image runs: its root filesystem holds nothing but the binary, so
+        // running that binary (chrooted there, or under qemu-user for arm64) shows it needs
+        // nothing else.
+        let ctr = buildah_out(buildah(out).args(["from", "--quiet", &tag]), "from")?;
+        let rootfs = buildah_out(buildah(out).args(["mount", &ctr]), "mount").map(PathBuf::from);
+        let checked = rootfs.and_then(|rootfs| {
+            let files: Vec<String> = std::fs::read_dir(&rootfs)
+                .with_context(|| format!("reading the image's root {}", rootfs.display()))?
+                .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect();
+            let version = version_of(&rootfs.join("detector"), arch, Some(&rootfs))?;
+            Ok((files, version))
+        });
+        let _ = buildah(out).args(["rm", &ctr]).output();
+        let (files, version) = checked?;
+        println!(
+            "image: {tag}: its root holds {files:?}; its /detector --version ({}) prints `{version}`",
+            arch.runner.unwrap_or("chroot")
         );
+        buildah_out(
+            buildah(out)
+                .args([
+                    "manifest", "add", "--arch", arch.oci, "--os", "linux", IMAGE,
+                ])
+                .arg(format!("containers-storage:localhost/{tag}")),
+            "manifest add",
+        )?;
     }
     let _ = std::fs::remove_file(archive);
-    let push = buildah()
-        .args(["push", "--quiet", IMAGE])
-        .arg(format!("oci-archive:{}:{IMAGE}", archive.display()))
-        .output()?;
-    if !push.status.success() {
-        bail!(
-            "buildah push: {}",
-            String::from_utf8_lossy(&push.stderr).trim()
-        );
-    }
-    // Proof that the image runs: its root filesystem holds nothing but the binary, so running
-    // the binary chrooted there shows it needs nothing else.
-    let from = buildah().args(["from", "--quiet", IMAGE]).output()?;
-    let ctr = String::from_utf8(from.stdout)?.trim().to_string();
-    let mounted = buildah().args(["mount", &ctr]).output()?;
-    let rootfs = PathBuf::from(String::from_utf8(mounted.stdout)?.trim());
-    let files: Vec<String> = std::fs::read_dir(&rootfs)
-        .with_context(|| format!("reading the image's root {}", rootfs.display()))?
-        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-        .collect();
-    let version = Command::new("chroot")
-        .arg(&rootfs)
-        .args(["/detector", "--version"])
-        .output();
-    let _ = buildah().args(["rm", &ctr]).output();
-    let version = version.context("chroot into the image")?;
-    if !version.status.success() {
-        bail!(
-            "the image's /detector does not run: {}",
-            String::from_utf8_lossy(&version.stderr).trim()
-        );
-    }
-    println!(
-        "image: its root holds {files:?}; `chroot <image root> /detector --version` prints `{}`",
-        String::from_utf8_lossy(&version.stdout).trim()
-    );
+    buildah_out(
+        buildah(out)
+            .args([
+                "manifest", "push", "--quiet", "--all", "--format", "oci", IMAGE,
+            ])
+            .arg(format!("oci-archive:{}:{IMAGE}", archive.display())),
+        "manifest push",
+    )?;
+    let index = buildah_out(
+        buildah(out).args(["manifest", "inspect", IMAGE]),
+        "manifest inspect",
+    )?;
+    println!("image: index {IMAGE}:\n{index}");
     Ok(())
 }

@@ -39,11 +39,6 @@ pub fn fuzz(args: &FuzzArgs) -> Result<()> {
     Ok(())
 }
 
-/// The fuzz stage of `cargo xtask test`: (targets that ran clean, targets that crashed).
-pub fn stage(seconds: u64) -> Result<(u64, u64)> {
-    run_targets(seconds, None)
-}
-
 /// The nightly that builds the eBPF object; cargo-fuzz needs a nightly too, and one pin is
 /// enough (scripts/setup.sh installs it).
 fn nightly(root: &Path) -> Result<String> {

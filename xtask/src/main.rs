@@ -142,9 +142,8 @@ fn test(args: &[String], no_vm: bool) -> Result<()> {
     let (p, f) = deploy::test_stages()?;
     passed += p;
     failed += f;
-    let (p, f) = fuzz::stage(fuzz::TEST_SECONDS)?;
-    passed += p;
-    failed += f;
+    // The fuzz targets run with `cargo xtask fuzz` (their cold nightly + sanitizer build takes
+    // longer than the rest of this stage list together on a 2-core machine).
     if !no_vm {
         // The host half of the backend table is this run's results (the same tests).
         let t = Instant::now();

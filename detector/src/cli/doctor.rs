@@ -46,6 +46,7 @@ pub fn run(args: DoctorArgs) -> Result<()> {
         .unwrap_or_default();
     let hz = clock::kernel_hz();
     let kprobe_pmu = caps::kprobe_pmu();
+    let lockdown = caps::lockdown_mode();
     let ringbuf = aya::sys::is_map_supported(aya::maps::MapType::RingBuf).unwrap_or(false);
 
     let mut lines: Vec<(String, String)> = vec![
@@ -66,17 +67,16 @@ pub fn run(args: DoctorArgs) -> Result<()> {
         (
             "seccomp".into(),
             match seccomp {
-                Some(0) => "off".to_string(),
-                Some(1) => "strict".to_string(),
                 Some(m) => format!(
-                    "filter (mode {m}){}",
+                    "{}{}",
+                    m.describe(),
                     if seccomp_block.is_some() {
                         ": REFUSES bpf()"
                     } else {
                         ""
                     }
                 ),
-                None => "unknown".to_string(),
+                None => "unknown (no Seccomp: in /proc/self/status)".to_string(),
             },
         ),
         (
@@ -107,6 +107,19 @@ pub fn run(args: DoctorArgs) -> Result<()> {
                 }
             ),
         ),
+        (
+            "lockdown".into(),
+            lockdown.clone().map_or_else(
+                || "unknown (no /sys/kernel/security/lockdown)".into(),
+                |m| {
+                    if m == "confidentiality" {
+                        format!("{m} (kernel memory reads by BPF are refused)")
+                    } else {
+                        m
+                    }
+                },
+            ),
+        ),
         ("HZ".into(), hz.map_or("unknown".into(), |h| h.to_string())),
         ("kprobe PMU".into(), yes(kprobe_pmu).into()),
         ("ringbuf".into(), yes(ringbuf).into()),
@@ -114,9 +127,11 @@ pub fn run(args: DoctorArgs) -> Result<()> {
 
     let mut report = serde_json::json!({
         "kernel": kernel, "privileged": privileged, "capeff": format!("{capeff:#x}"),
-        "seccomp": seccomp, "seccomp_blocks_bpf": seccomp_block.is_some(),
+        "seccomp_blocks_bpf": seccomp_block.is_some(),
         "btf": vmlinux.exists(), "split_btf": split, "hz": hz, "kprobe_pmu": kprobe_pmu,
-        "ringbuf": ringbuf,
+        "ringbuf": ringbuf, "lockdown": lockdown,
+        "seccomp": seccomp.map(|m| m.describe()),
+        "nf_conntrack": caps::conntrack_presence(&args.btf_dir),
     });
 
     let settings = ProbeSettings {

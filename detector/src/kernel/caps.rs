@@ -26,19 +26,6 @@ pub fn can_load_bpf(caps: u64) -> bool {
     has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON))
 }
 
-/// The `Seccomp:` mode of a /proc/PID/status text: 0 off, 1 strict, 2 filter.
-pub fn seccomp_mode_in(status: &str) -> Option<u8> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Seccomp:"))
-        .and_then(|v| v.trim().parse().ok())
-}
-
-/// This process's seccomp mode.
-pub fn seccomp_mode() -> Option<u8> {
-    seccomp_mode_in(&std::fs::read_to_string("/proc/self/status").ok()?)
-}
-
 /// The errno of a `bpf(BPF_MAP_CREATE)` with an all-zero (invalid) attribute: the kernel
 /// answers EINVAL to a caller allowed to use bpf(), EPERM to one that is not (no capability,
 /// or a seccomp filter or LSM refusing the call). Nothing is created.
@@ -61,17 +48,18 @@ pub fn bpf_syscall_errno() -> Option<i32> {
 /// likely cause: a filter is active (mode 2) and bpf() is refused with EPERM.
 pub fn seccomp_refusal(
     privileged: bool,
-    mode: Option<u8>,
+    mode: Option<SeccompMode>,
     bpf_errno: Option<i32>,
 ) -> Option<String> {
-    (privileged && bpf_errno == Some(libc::EPERM) && mode.is_some_and(|m| m != 0)).then(|| {
+    let mode = mode.filter(|m| *m != SeccompMode::Disabled)?;
+    (privileged && bpf_errno == Some(libc::EPERM)).then(|| {
         format!(
-            "bpf() is refused with EPERM although the capabilities are there, and a seccomp \
-             filter is active (Seccomp: {}): the container's seccomp profile blocks bpf or \
-             perf_event_open (RuntimeDefault-style profiles allow them only with \
-             CAP_SYS_ADMIN); use the shipped profile deploy/detector/seccomp.json \
-             (seccompProfile type Localhost) or Unconfined",
-            mode.unwrap_or(0)
+            "bpf() is refused with EPERM although the capabilities are there, and seccomp is \
+             active ({}): the container's seccomp profile blocks bpf or perf_event_open \
+             (RuntimeDefault-style profiles allow them only with CAP_SYS_ADMIN); use the \
+             shipped profile deploy/detector/seccomp.json (seccompProfile type Localhost) or \
+             Unconfined",
+            mode.describe()
         )
     })
 }
@@ -114,6 +102,60 @@ pub fn conntrack_presence(btf_dir: &Path) -> &'static str {
     }
 }
 
+/// The kernel lockdown mode (`none`, `integrity` or `confidentiality`), the bracketed word of
+/// /sys/kernel/security/lockdown; None when the LSM is absent or securityfs is not mounted.
+/// Under `confidentiality` the kernel refuses BPF programs that read kernel memory
+/// (bpf_probe_read_kernel), which every backend needs.
+pub fn lockdown_mode() -> Option<String> {
+    std::fs::read_to_string("/sys/kernel/security/lockdown")
+        .ok()
+        .and_then(|text| parse_lockdown(&text))
+}
+
+fn parse_lockdown(text: &str) -> Option<String> {
+    let start = text.find('[')? + 1;
+    let len = text[start..].find(']')?;
+    Some(text[start..start + len].to_string())
+}
+
+/// This process's seccomp mode, from the `Seccomp:` line of /proc/self/status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeccompMode {
+    /// 0: no seccomp.
+    Disabled,
+    /// 1: strict mode (read/write/exit only).
+    Strict,
+    /// 2: a filter, e.g. the container runtime's default profile, which may deny bpf(2).
+    Filter,
+}
+
+impl SeccompMode {
+    pub fn describe(self) -> &'static str {
+        match self {
+            SeccompMode::Disabled => "disabled (Seccomp: 0)",
+            SeccompMode::Strict => "strict (Seccomp: 1; bpf(2) is denied)",
+            SeccompMode::Filter => "filter (Seccomp: 2; the filter may deny bpf(2))",
+        }
+    }
+}
+
+/// This process's seccomp mode; None when the kernel does not report it.
+pub fn seccomp_mode() -> Option<SeccompMode> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| parse_seccomp(&status))
+}
+
+fn parse_seccomp(status: &str) -> Option<SeccompMode> {
+    let value = status.lines().find_map(|l| l.strip_prefix("Seccomp:"))?;
+    match value.trim() {
+        "0" => Some(SeccompMode::Disabled),
+        "1" => Some(SeccompMode::Strict),
+        "2" => Some(SeccompMode::Filter),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,17 +170,40 @@ mod tests {
 
     #[test]
     fn seccomp_named_only_when_it_explains_an_eperm() {
-        let status = "Name:\tdetector\nNoNewPrivs:\t1\nSeccomp:\t2\nSeccomp_filters:\t1\n";
-        assert_eq!(seccomp_mode_in(status), Some(2));
-        assert_eq!(seccomp_mode_in("Name:\tx\n"), None);
-        let hint = seccomp_refusal(true, Some(2), Some(libc::EPERM)).unwrap_or_default();
+        let filter = Some(SeccompMode::Filter);
+        let hint = seccomp_refusal(true, filter, Some(libc::EPERM)).unwrap_or_default();
         assert!(
             hint.contains("seccomp") && hint.contains("Seccomp: 2"),
             "{hint}"
         );
         // Without a filter, without the capabilities, or when bpf() answers: not seccomp.
-        assert!(seccomp_refusal(true, Some(0), Some(libc::EPERM)).is_none());
-        assert!(seccomp_refusal(false, Some(2), Some(libc::EPERM)).is_none());
-        assert!(seccomp_refusal(true, Some(2), Some(libc::EINVAL)).is_none());
+        let off = Some(SeccompMode::Disabled);
+        assert!(seccomp_refusal(true, off, Some(libc::EPERM)).is_none());
+        assert!(seccomp_refusal(false, filter, Some(libc::EPERM)).is_none());
+        assert!(seccomp_refusal(true, filter, Some(libc::EINVAL)).is_none());
+    }
+
+    #[test]
+    fn lockdown_is_the_bracketed_word() {
+        assert_eq!(
+            parse_lockdown("none [integrity] confidentiality\n").as_deref(),
+            Some("integrity")
+        );
+        assert_eq!(
+            parse_lockdown("[none] integrity confidentiality").as_deref(),
+            Some("none")
+        );
+        assert_eq!(parse_lockdown("none integrity"), None);
+    }
+
+    #[test]
+    fn seccomp_line_of_status() {
+        let status = "Name:\tdetector\nSeccomp:\t2\nSeccomp_filters:\t1\n";
+        assert_eq!(parse_seccomp(status), Some(SeccompMode::Filter));
+        assert_eq!(parse_seccomp("Seccomp:\t0\n"), Some(SeccompMode::Disabled));
+        assert_eq!(parse_seccomp("Seccomp:\t1\n"), Some(SeccompMode::Strict));
+        assert_eq!(parse_seccomp("Name:\tx\n"), None);
+        // This test process's own line parses (every supported kernel has it).
+        assert!(seccomp_mode().is_some());
     }
 }

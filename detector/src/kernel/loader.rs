@@ -412,6 +412,25 @@ impl Probe {
     }
 }
 
+/// On EPERM: names a seccomp filter or lockdown that may be the cause, so a container whose
+/// runtime profile denies bpf(2) says so instead of looking like a missing kernel feature.
+fn seccomp_note() -> String {
+    let mut notes = Vec::new();
+    if let Some(mode @ (caps::SeccompMode::Filter | caps::SeccompMode::Strict)) =
+        caps::seccomp_mode()
+    {
+        notes.push(format!("seccomp {}", mode.describe()));
+    }
+    if let Some(mode) = caps::lockdown_mode().filter(|m| m != "none") {
+        notes.push(format!("kernel lockdown {mode}"));
+    }
+    if notes.is_empty() {
+        String::new()
+    } else {
+        format!("; this process runs under {}", notes.join(" and "))
+    }
+}
+
 /// A short explanation of a program load failure (the verifier log is long; keep its end).
 /// A batch delete's records are written in one go at the syscall's exit, before the reader can
 /// drain any: a ring that cannot hold them all loses the rest (counted as lost, not silent).
@@ -445,12 +464,16 @@ fn explain(e: &ProgramError) -> String {
                 .take(2)
                 .collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
-            if io_error.raw_os_error() == Some(libc::EPERM) && log.trim().is_empty() {
-                return "BPF_PROG_LOAD returned EPERM with an empty verifier log \
-                        (BPF trampolines are disabled on this kernel)"
-                    .into();
+            let eperm = io_error.raw_os_error() == Some(libc::EPERM);
+            if eperm && log.trim().is_empty() {
+                return format!(
+                    "BPF_PROG_LOAD returned EPERM with an empty verifier log \
+                     (BPF trampolines are disabled on this kernel){}",
+                    seccomp_note()
+                );
             }
-            format!("{io_error}; verifier: {}", tail.join(" | "))
+            let note = if eperm { seccomp_note() } else { String::new() };
+            format!("{io_error}; verifier: {}{note}", tail.join(" | "))
         }
         other => other.to_string(),
     }
