@@ -66,7 +66,7 @@ fn assert_replays(events: &[Value]) {
     };
     let recording: String = events.iter().map(|e| format!("{e}\n")).collect();
     let dir = std::env::temp_dir().join(format!("agent-races-replay-{}", unique_name()));
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_detector"))
+    let mut child = std::process::Command::new(common::DETECTOR)
         .args(["replay", "-", "--json", "--trace-dir"])
         .arg(&dir)
         .stdin(std::process::Stdio::piped())
