@@ -23,16 +23,7 @@ use detector::npa::{Layout, NpaKey};
 use serde_json::Value;
 
 fn key(sport: u16, server: std::net::SocketAddr, layout: Layout) -> NpaKey {
-    NpaKey {
-        src: "10.77.0.2".parse().unwrap(),
-        sport,
-        dst: server.ip(),
-        dport: server.port(),
-        proto: 6,
-        // The server pod owns the ingress flow, as NPA keys it.
-        owner: server.ip(),
-        ifindex: layout.key.has_ifindex().then_some(5),
-    }
+    common::client_key(sport, server, layout.key.has_ifindex().then_some(5))
 }
 
 /// `detector run` on the test's map and server namespace.

@@ -16,24 +16,12 @@ use std::thread::sleep;
 use std::time::Duration;
 
 use common::bpfmap::{AgentMap, Bpffs, unique_name};
-use common::{Detector, NetnsPair, connect_from, privileged, reset, start_echo_server};
+use common::{Detector, NetnsPair, connect_from, of_type, privileged, reset, start_echo_server};
 use detector::npa::{Layout, NpaKey};
 use serde_json::Value;
 
 fn key(sport: u16, server: std::net::SocketAddr) -> NpaKey {
-    NpaKey {
-        src: "10.77.0.2".parse().unwrap(),
-        sport,
-        dst: server.ip(),
-        dport: server.port(),
-        proto: 6,
-        owner: server.ip(),
-        ifindex: Some(5),
-    }
-}
-
-fn of_type<'a>(events: &'a [Value], t: &str) -> Vec<&'a Value> {
-    events.iter().filter(|e| e["type"] == t).collect()
+    common::client_key(sport, server, Some(5))
 }
 
 #[test]

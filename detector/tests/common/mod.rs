@@ -337,3 +337,22 @@ impl Detector {
         (events, stderr)
     }
 }
+
+/// NPA's key of a TCP flow from the pair's client (10.77.0.2) to `server`, owned by the server
+/// pod as NPA keys an ingress flow; `ifindex` only for the 24-byte key layouts.
+pub fn client_key(sport: u16, server: SocketAddr, ifindex: Option<u32>) -> detector::npa::NpaKey {
+    detector::npa::NpaKey {
+        src: "10.77.0.2".parse().unwrap(),
+        sport,
+        dst: server.ip(),
+        dport: server.port(),
+        proto: 6,
+        owner: server.ip(),
+        ifindex,
+    }
+}
+
+/// The records of one `type` in a detector's NDJSON output.
+pub fn of_type<'a>(events: &'a [serde_json::Value], t: &str) -> Vec<&'a serde_json::Value> {
+    events.iter().filter(|e| e["type"] == t).collect()
+}
