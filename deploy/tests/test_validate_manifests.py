@@ -41,11 +41,11 @@ class Validator(unittest.TestCase):
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def set_args(self, args):
-        """Replaces the detector container's args list."""
+        """Replaces the detector container's args list (its comment lines too)."""
         p = os.path.join(self.deploy, DAEMONSET)
         text = open(p).read()
         block = "".join(f"            - {a}\n" for a in args)
-        new, n = re.subn(r"(          args:\n)(            - .*\n)+", lambda m: m.group(1) + block, text)
+        new, n = re.subn(r"(          args:\n)(            [-#] .*\n)+", lambda m: m.group(1) + block, text)
         self.assertEqual(n, 1, "the DaemonSet's args block was not found")
         with open(p, "w") as f:
             f.write(new)
