@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 
 use crate::clock;
-use crate::kernel::{Backend, BackendSupport, Probe, ProbeSettings, caps, offsets};
+use crate::kernel::{Backend, BackendSupport, Probe, ProbeSettings, caps, offsets, sizing};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DoctorArgs {
@@ -134,13 +134,35 @@ pub fn run(args: DoctorArgs) -> Result<()> {
         "nf_conntrack": caps::conntrack_presence(&args.btf_dir),
     });
 
+    // The tables as `run` sizes them by default.
+    let node_max = sizing::node_conntrack_max();
+    let (max_entries, sized_by) = sizing::MaxEntries::Auto.resolve(node_max);
     let settings = ProbeSettings {
         btf_dir: args.btf_dir.clone(),
+        max_entries,
+        sized_by,
         ..ProbeSettings::default()
     };
     let outcome = if privileged {
         match Probe::open(&settings) {
             Ok(mut probe) => {
+                let (tables, _) = sizing::describe(
+                    &sizing::Sizing {
+                        max_entries,
+                        sized_by,
+                        preallocated: probe.tables_preallocated(),
+                        ring_bytes: settings.ring_bytes,
+                        node_max,
+                    },
+                    sizing::possible_cpus(),
+                );
+                let tables = tables.replace("detector: kernel tables hold ", "");
+                report["kernel_tables"] = serde_json::json!({
+                    "max_entries": max_entries,
+                    "preallocated": probe.tables_preallocated(),
+                    "nf_conntrack_max": node_max,
+                });
+                lines.push(("kernel tables".into(), tables));
                 let survey = probe.survey();
                 Ok((
                     survey,

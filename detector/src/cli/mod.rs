@@ -15,6 +15,7 @@ pub mod watch;
 
 use std::path::PathBuf;
 
+use crate::kernel::sizing::MaxEntries;
 use crate::kernel::{BackendChoice, ProbeSettings, WritesHook};
 
 /// Options shared by every command that loads programs.
@@ -33,10 +34,14 @@ pub struct ProbeArgs {
     /// Ring buffer size in MiB (power of two).
     #[arg(long, default_value_t = 8, value_name = "MIB", value_parser = parse_ring_mib)]
     pub ring_mib: u32,
-    /// Capacity of the in-kernel table of live conntrack entries (size it to nf_conntrack_max).
-    #[arg(long, default_value_t = 262_144, value_name = "N",
-          value_parser = bounds::table_entries_u32)]
-    pub max_entries: u32,
+    /// Capacity of the in-kernel tables of live conntrack entries: `auto` sizes them to the
+    /// node's nf_conntrack_max (262144 when conntrack is not loaded).
+    #[arg(long, default_value = "auto", value_name = "N|auto")]
+    pub max_entries: MaxEntries,
+    /// Preallocate the tables of live entries even where the kernel lets them allocate as they
+    /// fill (Linux 6.1 on): all their memory is taken at start.
+    #[arg(long)]
+    pub preallocate_tables: bool,
     /// Keys of one BPF_MAP_DELETE_BATCH / LOOKUP_AND_DELETE_BATCH judged key by key (up to
     /// 8388608); keys beyond are counted as `batch_truncated` (exit line, /metrics).
     #[arg(long, default_value_t = crate::kernel::DEFAULT_MAX_BATCH_KEYS, value_name = "N",
@@ -71,12 +76,17 @@ fn parse_ring_mib(s: &str) -> Result<u32, String> {
 
 impl ProbeArgs {
     pub fn settings(&self, netns_filter: u32, watch_agent: bool) -> ProbeSettings {
+        let (max_entries, sized_by) = self
+            .max_entries
+            .resolve(crate::kernel::sizing::node_conntrack_max());
         ProbeSettings {
             btf_dir: self.btf_dir.clone(),
             backend: self.backend,
             netns_filter,
             ring_bytes: self.ring_mib << 20,
-            max_entries: self.max_entries,
+            max_entries,
+            sized_by,
+            allow_no_prealloc: !self.preallocate_tables,
             watch_agent,
             drop_watch_ms: 5_000,
             writes_hook: self.writes_hook,

@@ -13,7 +13,7 @@ use super::counters::Counters;
 use super::offsets::{self, Resolved};
 use super::{
     Attach, Backend, BackendChoice, BackendSupport, OBJECT, ProbeError, ProbeSettings, ProgSpec,
-    WritesHook, backend, caps, reader, tracefs,
+    WritesHook, backend, caps, map_alloc, reader, sizing, tracefs,
 };
 
 /// Loaded object, with the offsets it was given.
@@ -29,6 +29,24 @@ pub struct Probe {
     writes_hook: WritesHook,
     /// The hook the map's writes were attached with (see `attach_agent`).
     writes_hooked: Option<&'static str>,
+    /// Whether the tables of live entries took all their memory at load (see `map_alloc`).
+    tables_preallocated: bool,
+}
+
+/// The object to load, with the tables of live entries set to allocate as they fill where the
+/// kernel allows it (see `map_alloc`); and whether they are preallocated.
+fn live_entry_tables_object(settings: &ProbeSettings) -> (std::borrow::Cow<'static, [u8]>, bool) {
+    let release = map_alloc::running_kernel_release();
+    if !settings.allow_no_prealloc || !map_alloc::kernel_allows_no_prealloc(release.as_deref()) {
+        return (OBJECT.into(), true);
+    }
+    match map_alloc::without_prealloc(OBJECT, &sizing::LIVE_ENTRY_TABLES) {
+        Ok(object) => (object.into(), false),
+        Err(e) => {
+            tracing::warn!("the tables of live entries stay preallocated: {e}");
+            (OBJECT.into(), true)
+        }
+    }
 }
 
 impl Probe {
@@ -60,14 +78,16 @@ impl Probe {
                 source,
             }
         })?;
+        let (object, preallocated) = live_entry_tables_object(settings);
         let ebpf = EbpfLoader::new()
             .btf(&aya_btf)
             .override_global("CONFIG", &config, true)
             .map_max_entries("EVENTS", settings.ring_bytes)
             .map_max_entries("SEEN", settings.max_entries)
             .map_max_entries("FLOWS", settings.max_entries.saturating_mul(2))
-            .load(OBJECT)?;
+            .load(&object)?;
         Ok(Self {
+            tables_preallocated: preallocated,
             ebpf,
             aya_btf: Some(aya_btf),
             kernel_btf: Some(kernel_btf),
@@ -77,6 +97,12 @@ impl Probe {
             writes_hook: settings.writes_hook,
             writes_hooked: None,
         })
+    }
+
+    /// Whether the tables of live entries took all their memory at load (kernels before 6.1),
+    /// rather than allocating entries as they fill.
+    pub fn tables_preallocated(&self) -> bool {
+        self.tables_preallocated
     }
 
     /// The parsed kernel BTF; `None` after [`Probe::release_btf`].

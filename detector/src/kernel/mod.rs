@@ -6,6 +6,7 @@ pub mod btf;
 pub mod caps;
 mod counters;
 mod loader;
+pub mod map_alloc;
 pub mod offsets;
 pub mod reader;
 pub mod sizing;
@@ -97,6 +98,8 @@ pub struct ProbeSettings {
     pub ring_bytes: u32,
     /// Capacity of the in-kernel table of live entries (dedupe + birth times).
     pub max_entries: u32,
+    /// Where `max_entries` came from (the flag, the node's nf_conntrack_max, the fallback).
+    pub sized_by: sizing::SizedBy,
     /// Also load the agent-map delete programs (needs tracefs; mounted when missing).
     pub watch_agent: bool,
     /// How long after a race the flow's dropped packets are reported, in ms.
@@ -105,6 +108,9 @@ pub struct ProbeSettings {
     pub writes_hook: WritesHook,
     /// Keys of one batch delete judged one by one; more are counted as truncated.
     pub max_batch_keys: u32,
+    /// Let the tables of live entries allocate as they fill where the kernel allows it
+    /// (`kernel::map_alloc`); false keeps them preallocated everywhere.
+    pub allow_no_prealloc: bool,
 }
 
 impl Default for ProbeSettings {
@@ -114,11 +120,13 @@ impl Default for ProbeSettings {
             backend: BackendChoice::Auto,
             netns_filter: 0,
             ring_bytes: 8 << 20,
-            max_entries: 262_144,
+            max_entries: sizing::FALLBACK_MAX_ENTRIES,
             watch_agent: false,
             drop_watch_ms: 5_000,
             writes_hook: WritesHook::Auto,
             max_batch_keys: DEFAULT_MAX_BATCH_KEYS,
+            sized_by: sizing::SizedBy::Fallback,
+            allow_no_prealloc: true,
         }
     }
 }

@@ -328,10 +328,15 @@ pub async fn run(opts: RunOptions, mut live: Live) -> Result<()> {
     )
     .context("starting the trace writer thread")?;
     let mut attached = attach_probes(&opts.settings, &map, opts.agent_netns)?;
-    let (tables, too_small) = crate::kernel::sizing::describe(
-        opts.settings.max_entries,
-        crate::kernel::sizing::node_conntrack_max(),
-    );
+    let sizing = crate::kernel::sizing::Sizing {
+        max_entries: opts.settings.max_entries,
+        sized_by: opts.settings.sized_by,
+        preallocated: attached.probe.tables_preallocated(),
+        ring_bytes: opts.settings.ring_bytes,
+        node_max: crate::kernel::sizing::node_conntrack_max(),
+    };
+    let (tables, too_small) =
+        crate::kernel::sizing::describe(&sizing, crate::kernel::sizing::possible_cpus());
     eprintln!("{tables}");
     if let Some(w) = too_small {
         tracing::warn!("{w}");
