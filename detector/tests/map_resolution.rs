@@ -1,6 +1,7 @@
 //! Privileged: the map is resolved strictly. By name only a hash/LRU-hash map of a known
 //! layout is taken (a newer same-named array map is skipped, and said so); a `--layout` that
-//! contradicts the map's own sizes is an error at start naming both.
+//! contradicts the map's own sizes is an error at start naming both; an explicit `--map-pin`
+//! is waited for, at start and when it goes missing, and never replaced by a lookup by name.
 
 #![allow(
     clippy::unwrap_used,
@@ -11,9 +12,13 @@
 mod common;
 
 use std::process::Command;
+use std::thread::sleep;
+use std::time::Duration;
 
 use common::bpfmap::{AgentMap, Bpffs, unique_name};
-use common::{DETECTOR, Detector, privileged};
+use common::{
+    DETECTOR, Detector, NetnsPair, client_key, connect_from, of_type, privileged, start_echo_server,
+};
 use detector::npa::Layout;
 use testbed::bpfmap::{BpfMap, MapSpec};
 
@@ -39,9 +44,8 @@ fn lookup_by_name_takes_the_lru_map_not_a_newer_same_named_array() {
     })
     .unwrap();
     let traces = fs.dir.with_extension("traces");
+    // --map-name alone: by name (an explicit --map-pin would never fall back to it).
     let det = Detector::run(&[
-        "--map-pin",
-        fs.dir.join("absent").to_str().unwrap(),
         "--map-name",
         &name,
         "--trace-dir",
@@ -144,4 +148,97 @@ fn a_program_at_the_pin_is_a_clear_error() {
         "{stderr}"
     );
     assert!(!stderr.contains("key "), "no garbage sizes: {stderr}");
+}
+
+/// `--map-pin` on a pin that does not exist yet: the detector says it waits (and does not take
+/// the same-named, unpinned map a lookup by name would find), picks the map up once it is
+/// pinned, judges a delete on it, and when the pin goes missing again it waits for it and says
+/// when it is back.
+#[test]
+fn an_explicit_pin_is_waited_for_and_never_replaced_by_a_name() {
+    if !privileged() {
+        return;
+    }
+    let layout: Layout = "v4-24/16".parse().unwrap();
+    let ns = NetnsPair::new(60);
+    let fs = Bpffs::mount();
+    let name = unique_name();
+    let pin = fs.dir.join("pinned_later");
+    // Same name and layout, never pinned: what the old fallback to a lookup by name took.
+    let decoy = AgentMap::create_unpinned(layout, &fs.dir.join("never"), &name);
+    let server = start_echo_server(&ns.server, ns.server_ip);
+    let traces = fs.dir.with_extension("traces");
+    let det = Detector::run_until(
+        &[
+            "--map-pin",
+            pin.to_str().unwrap(),
+            "--netns",
+            &NetnsPair::path(&ns.server),
+            "--trace-dir",
+            traces.to_str().unwrap(),
+            "--listen",
+            "off",
+            "--watermark-ms",
+            "5",
+        ],
+        "waiting for the agent's map to be pinned",
+    );
+    sleep(Duration::from_millis(1500));
+    assert!(
+        !det.wait_for("detector: watching map", Duration::ZERO),
+        "it must keep waiting while nothing is pinned"
+    );
+    let map = AgentMap::create_unpinned(layout, &pin, &name);
+    map.pin();
+    assert!(
+        det.wait_for("detector: watching map", Duration::from_secs(20)),
+        "the map pinned later is picked up"
+    );
+    let flow = connect_from(&ns.client, server);
+    let key = client_key(flow.local_addr().unwrap().port(), server, None);
+    map.insert(&key, 1);
+    sleep(Duration::from_millis(300));
+    assert_eq!(map.delete(&key), 0);
+    sleep(Duration::from_millis(500));
+    // The pin goes missing (an agent restart) and comes back.
+    std::fs::remove_file(&pin).unwrap();
+    assert!(
+        det.wait_for("any more (agent restart?)", Duration::from_secs(5)),
+        "the missing pin is said"
+    );
+    map.pin();
+    assert!(
+        det.wait_for("is pinned again", Duration::from_secs(5)),
+        "the pin's return is said"
+    );
+    let (events, stderr) = det.stop();
+    let _ = std::fs::remove_dir_all(&traces);
+    assert_eq!(
+        stderr
+            .matches("waiting for the agent's map to be pinned")
+            .count(),
+        1,
+        "one line when the wait starts: {stderr}"
+    );
+    assert!(stderr.contains("found by pin"), "{stderr}");
+    assert!(!stderr.contains("found by name"), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "is pinned again at {}: the same map",
+            pin.display()
+        )),
+        "{stderr}"
+    );
+    let verdicts = of_type(&events, "verdict");
+    assert_eq!(
+        verdicts.len(),
+        1,
+        "the delete after the pick-up is judged\n{stderr}"
+    );
+    assert_eq!(
+        verdicts[0]["verdict"]["key"]["sport"], key.sport,
+        "{:#}",
+        verdicts[0]
+    );
+    drop((flow, decoy));
 }

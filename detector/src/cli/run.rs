@@ -12,7 +12,7 @@ use crate::engine::EngineConfig;
 use crate::http::{Live, ServeArgs};
 use crate::k8s::KubeArgs;
 use crate::npa::Layout;
-use crate::npa::target::{MapSpec, NPA_NAME, NPA_PIN};
+use crate::npa::target::{MapBy, MapSpec};
 use crate::pipeline::run::RunOptions;
 use crate::report::console::widen_stdout_pipe;
 use crate::report::trace_writer::WriterLimits;
@@ -21,16 +21,20 @@ use crate::report::trace_writer::WriterLimits;
 pub struct RunArgs {
     #[command(flatten)]
     pub probe: ProbeArgs,
-    /// The agent's conntrack map by pin path (used when it exists).
-    #[arg(long, default_value = NPA_PIN, value_name = "PATH")]
-    pub map_pin: PathBuf,
+    /// The agent's conntrack map by pin path; only that pin: while nothing is pinned there the
+    /// detector waits for it, it never looks a map up by name instead. With none of
+    /// --map-pin/--map-id/--map-name: NPA's pin (`/sys/fs/bpf/globals/aws/maps/
+    /// global_aws_conntrack_map`) when it exists, else a map named `aws_conntrack_map`.
+    #[arg(long, value_name = "PATH")]
+    pub map_pin: Option<PathBuf>,
     /// The agent's conntrack map by id (overrides --map-pin and --map-name; not followed
     /// across agent restarts).
     #[arg(long, value_name = "ID")]
     pub map_id: Option<u32>,
-    /// The agent's conntrack map by name, when the pin path does not exist.
-    #[arg(long, default_value = NPA_NAME, value_name = "NAME")]
-    pub map_name: String,
+    /// The agent's conntrack map by name (the newest hash/LRU-hash map of a known layout with
+    /// that name), when no --map-pin is given.
+    #[arg(long, value_name = "NAME")]
+    pub map_name: Option<String>,
     /// Key/value layout instead of detecting it from the map's sizes: `<key>/<value>` with key
     /// v4-20, v4-24, v6-56 or v6-60 and value 1 or 16 (e.g. v4-24/16).
     #[arg(long, value_name = "LAYOUT")]
@@ -117,9 +121,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     settings.drop_watch_ms = (args.trace_after.max(0.0) * 1000.0).ceil() as u32 + 1000;
     let opts = RunOptions {
         spec: MapSpec {
-            id: args.map_id,
-            pin: args.map_pin,
-            name: args.map_name,
+            by: MapBy::from_flags(args.map_id, args.map_pin, args.map_name),
             layout: args.layout,
         },
         netns_path: args.netns,

@@ -18,7 +18,7 @@ const KERNEL_NAME_LEN: usize = 15;
 #[derive(Debug, Error)]
 pub enum TargetError {
     #[error(
-        "no agent conntrack map found: {pin} does not exist and no loaded map is named \
+        "no agent conntrack map found: {pin}no loaded hash map of a known layout is named \
          `{name}`. Is the network policy agent running on this node? Point --map-pin, --map-id \
          or --map-name at its map"
     )]
@@ -35,6 +35,12 @@ pub enum TargetError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error(
+        "no agent conntrack map found: nothing is pinned at {path} (an explicit --map-pin is \
+         never replaced by a lookup by name). Is the network policy agent running on this node, \
+         and bpffs mounted there? Point --map-pin or --map-id at its map"
+    )]
+    PinMissing { path: PathBuf },
     #[error("{path} holds a BPF {object}, not a map: point --map-pin at the agent's conntrack map")]
     NotAMap { path: PathBuf, object: String },
     #[error("map {id} ({name}) is a {kind:?} map, not a hash map: wrong map selected")]
@@ -59,12 +65,36 @@ pub enum TargetError {
     },
 }
 
-/// How the user named the map. The first that is set wins: id, then pin, then name.
+/// How the user named the map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MapBy {
+    /// `--map-id`: that map only, never followed across agent restarts.
+    Id(u32),
+    /// `--map-pin`: only the map at that pin; while the pin is missing the detector waits for
+    /// it, it never looks a map up by name instead.
+    Pin(PathBuf),
+    /// `--map-name`: the newest hash/LRU-hash map of that name and a known layout.
+    Name(String),
+    /// Nothing given: NPA's pin when it exists, else a map named like NPA's.
+    NpaDefaults,
+}
+
+impl MapBy {
+    /// From the flags: the first given wins, id, then pin, then name.
+    pub fn from_flags(id: Option<u32>, pin: Option<PathBuf>, name: Option<String>) -> Self {
+        match (id, pin, name) {
+            (Some(id), _, _) => Self::Id(id),
+            (None, Some(pin), _) => Self::Pin(pin),
+            (None, None, Some(name)) => Self::Name(name),
+            (None, None, None) => Self::NpaDefaults,
+        }
+    }
+}
+
+/// The map to watch, and the layout to read it with.
 #[derive(Debug, Clone)]
 pub struct MapSpec {
-    pub id: Option<u32>,
-    pub pin: PathBuf,
-    pub name: String,
+    pub by: MapBy,
     /// Overrides the layout detected from the key and value sizes.
     pub layout: Option<Layout>,
 }
@@ -187,29 +217,43 @@ fn check_pin_is_a_map(path: &std::path::Path) -> Result<(), TargetError> {
 
 /// Finds the map and checks it.
 pub fn resolve(spec: &MapSpec) -> Result<AgentMap, TargetError> {
-    let (info, found_by, pin) = if let Some(id) = spec.id {
-        (
-            MapInfo::from_id(id).map_err(|source| TargetError::Id { id, source })?,
-            "id".to_string(),
-            None,
-        )
-    } else if spec.pin.exists() {
-        check_pin_is_a_map(&spec.pin)?;
-        (
-            MapInfo::from_pin(&spec.pin).map_err(|source| TargetError::Pin {
-                path: spec.pin.clone(),
+    let by_pin = |pin: &PathBuf| -> Result<_, TargetError> {
+        check_pin_is_a_map(pin)?;
+        Ok((
+            MapInfo::from_pin(pin).map_err(|source| TargetError::Pin {
+                path: pin.clone(),
                 source,
             })?,
-            format!("pin {}", spec.pin.display()),
-            Some(spec.pin.clone()),
-        )
-    } else if let Some(info) = info_by_name(&spec.name, spec.layout) {
-        (info, "name".to_string(), None)
-    } else {
-        return Err(TargetError::NotFound {
-            pin: spec.pin.display().to_string(),
-            name: spec.name.clone(),
-        });
+            format!("pin {}", pin.display()),
+            Some(pin.clone()),
+        ))
+    };
+    let npa_pin = PathBuf::from(NPA_PIN);
+    let (info, found_by, pin) = match &spec.by {
+        MapBy::Id(id) => (
+            MapInfo::from_id(*id).map_err(|source| TargetError::Id { id: *id, source })?,
+            "id".to_string(),
+            None,
+        ),
+        // `symlink_metadata`: a dangling entry is still something at the pin, to be named.
+        MapBy::Pin(pin) if pin.symlink_metadata().is_ok() => by_pin(pin)?,
+        MapBy::Pin(pin) => return Err(TargetError::PinMissing { path: pin.clone() }),
+        MapBy::NpaDefaults if npa_pin.exists() => by_pin(&npa_pin)?,
+        MapBy::Name(_) | MapBy::NpaDefaults => {
+            let name = match &spec.by {
+                MapBy::Name(n) => n.as_str(),
+                _ => NPA_NAME,
+            };
+            let info = info_by_name(name, spec.layout).ok_or_else(|| TargetError::NotFound {
+                pin: if spec.by == MapBy::NpaDefaults {
+                    format!("{NPA_PIN} does not exist and ")
+                } else {
+                    String::new()
+                },
+                name: name.to_string(),
+            })?;
+            (info, "name".to_string(), None)
+        }
     };
     let id = info.id();
     let name = info.name_as_str().unwrap_or("").to_string();

@@ -5,6 +5,7 @@
 
 pub mod dispatch;
 pub mod event_loop;
+pub mod map_follow;
 pub mod reorder;
 pub mod replay;
 pub mod replay_feed;

@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 
 use super::dispatch::{Detector, DispatchCounts, Outputs};
 use super::event_loop::{Step, Stream};
+use super::map_follow::{MapWatch, follow_map, wait_for_map};
 use super::startup::{self, Preexisting};
 use crate::clock::{self, WallClock};
 use crate::engine::{Engine, EngineConfig, Input};
@@ -233,34 +234,6 @@ fn announce(map: &AgentMap, a: &Attached, snap: &Snapshots, traces: &Path) {
     }
 }
 
-/// Re-resolves the map by pin or name; when the agent re-created it, watch the new one.
-fn follow_map<W: Write>(
-    spec: &MapSpec,
-    det: &mut Detector<W>,
-    probe: &mut Probe,
-    now_ns: u64,
-) -> Result<()> {
-    if spec.id.is_some() {
-        return Ok(());
-    }
-    let Ok(new) = target::resolve(spec) else {
-        return Ok(()); // the agent is restarting; keep the old target until a new map shows
-    };
-    if new.id == det.map.id {
-        return Ok(());
-    }
-    let old = std::mem::replace(&mut det.map, new.clone());
-    tracing::info!(
-        "agent map re-created: id {} -> {} (layout {})",
-        old.id,
-        new.id,
-        new.layout
-    );
-    probe.set_target(new.id, target::target_map(new.layout.key, det.agent_netns))?;
-    probe.remove_target(old.id)?;
-    det.map_recreated(&old, now_ns)
-}
-
 /// Reads the ring until the duration ends or a signal stops it; returns the stream for its
 /// final counters.
 async fn event_loop<W: Write>(
@@ -276,6 +249,7 @@ async fn event_loop<W: Write>(
         .context("the ring buffer's reader was already taken")?;
     let mut stream = Stream::new(reader, watermark_ms, duration)?;
     let mut ready = Vec::new();
+    let mut watch = MapWatch::default();
     loop {
         let step = stream.next(&mut ready).await?;
         // Released records first: the tick's time is after all of them.
@@ -302,7 +276,7 @@ async fn event_loop<W: Write>(
                 if second {
                     let kernel = stream.reader.counters();
                     det.metrics.update(det.engine.stats(), &kernel);
-                    follow_map(spec, det, &mut attached.probe, now_ns)?;
+                    follow_map(spec, &mut watch, det, &mut attached.probe, now_ns)?;
                     // Keep wall time true across NTP steps and suspend.
                     det.set_wall(WallClock::measure(), now_ns)?;
                 }
@@ -319,7 +293,10 @@ async fn event_loop<W: Write>(
 }
 
 pub async fn run(opts: RunOptions, mut live: Live) -> Result<()> {
-    let map = target::resolve(&opts.spec)?;
+    let deadline = opts
+        .duration
+        .map(|secs| std::time::Instant::now() + std::time::Duration::from_secs_f64(secs));
+    let map = wait_for_map(&opts.spec, deadline).await?;
     let traces = TraceDir::create(&opts.trace_dir)?;
     let writer = TraceWriter::start(
         &opts.trace_dir,

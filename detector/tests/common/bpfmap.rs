@@ -82,6 +82,30 @@ impl AgentMap {
         }
     }
 
+    /// Creates the map named `name` without pinning it (the agent between creating its map
+    /// and pinning it, or a same-named map of someone else's).
+    pub fn create_unpinned(layout: Layout, pin: &Path, name: &str) -> Self {
+        let map = BpfMap::create(&MapSpec {
+            map_type: LRU_HASH,
+            key_size: layout.key.size() as u32,
+            value_size: layout.value.size() as u32,
+            max_entries: 4096,
+            name,
+        })
+        .unwrap();
+        Self {
+            map,
+            layout,
+            pin: pin.to_path_buf(),
+            name: name.to_string(),
+        }
+    }
+
+    /// Pins the map at its `pin` (again, after the pin was removed).
+    pub fn pin(&self) {
+        self.map.pin(&self.pin).unwrap();
+    }
+
     /// What the datapath does for a new allowed flow.
     pub fn insert(&self, key: &NpaKey, last_seen_ns: u64) {
         let k = key.encode(self.layout.key).unwrap();

@@ -249,6 +249,23 @@ impl Detector {
         Self::start(&["run", "--json"], args, "detector: watching map")
     }
 
+    /// Starts `detector run --json <args>` and waits until it prints `ready` on stderr.
+    pub fn run_until(args: &[&str], ready: &'static str) -> Self {
+        Self::start(&["run", "--json"], args, ready)
+    }
+
+    /// Waits up to `timeout` for `text` on its stderr; whether it came.
+    pub fn wait_for(&self, text: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.stderr.lock().unwrap().contains(text) {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
     fn start(command: &[&str], args: &[&str], ready: &'static str) -> Self {
         let mut child = Command::new(DETECTOR)
             .args(command)
