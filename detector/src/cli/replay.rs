@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 
 use crate::clock::WallClock;
 use crate::engine::{Engine, EngineConfig};
+use crate::pipeline::ct_full::FullWindows;
 use crate::pipeline::dispatch::{Detector, DispatchCounts, Outputs};
 use crate::pipeline::replay::RunStart;
 use crate::pipeline::replay_feed::replay;
@@ -93,6 +94,8 @@ pub fn run(args: ReplayArgs) -> Result<()> {
             agent_netns: start.agent_netns,
             metrics: Arc::new(Metrics::new()),
             backend: "replay",
+            // Not recorded: a replay does not know when the conntrack table was full.
+            ct_full: FullWindows::default(),
             pods: None,
             out: Outputs {
                 console: Console::new(std::io::BufWriter::new(stdout.lock()), args.json),

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use serde_json::json;
 
+use super::ct_full::FullWindows;
 use super::startup::Preexisting;
 use crate::clock;
 use crate::engine::{AgentDelete, DeleteResult, Engine, Input, KernelView, Output};
@@ -87,6 +88,8 @@ pub struct Detector<W: Write> {
     pub out: Outputs<W>,
     /// Replaying a recording: there is no live clock to measure detection latency against.
     pub replaying: bool,
+    /// When the judged namespace's kernel conntrack table was full.
+    pub ct_full: FullWindows,
 }
 
 /// The NDJSON `type` of a record, for the events counter.
@@ -196,6 +199,10 @@ impl<W: Write> Detector<W> {
                 self.push(input)
             }
             Event::MapDelete(d) => {
+                if self.ct_full.note_delete(d.ts_ns) {
+                    self.metrics
+                        .capacity_total("conntrack_full_deletes", self.ct_full.deletes);
+                }
                 let key = NpaKey::decode(self.map.layout.key, &d.key);
                 self.record(
                     TextTo::Nowhere,
@@ -314,6 +321,14 @@ impl<W: Write> Detector<W> {
         })
     }
 
+    /// Whether the kernel conntrack table was full within a trace's window before the delete
+    /// at `delete_ts_ns` (a flow of the story may have gone untracked).
+    fn in_full_conntrack(&self, delete_ts_ns: u64) -> bool {
+        let before = self.engine.config().before_window_ns;
+        self.ct_full
+            .overlaps(delete_ts_ns.saturating_sub(before), delete_ts_ns)
+    }
+
     pub fn push(&mut self, input: Input) -> Result<()> {
         for o in self.engine.push(input) {
             self.output(o)?;
@@ -355,8 +370,9 @@ impl<W: Write> Detector<W> {
                     },
                 )?;
             }
-            Output::Verdict(v) => {
+            Output::Verdict(mut v) => {
                 self.counts.races += 1;
+                v.maybe_incomplete |= self.in_full_conntrack(v.delete_ts_ns);
                 // The delete (kernel time) to this verdict: what a live watcher waits.
                 let latency = if self.replaying {
                     0
@@ -413,7 +429,8 @@ impl<W: Write> Detector<W> {
                 };
                 self.out.each(|s| s.confirmation(&out))?;
             }
-            Output::TraceReady(t) => {
+            Output::TraceReady(mut t) => {
+                t.verdict.maybe_incomplete |= self.in_full_conntrack(t.verdict.delete_ts_ns);
                 let (latency, pods) = self
                     .pending_traces
                     .remove(&(t.verdict.delete_ts_ns, t.verdict.key.to_string()))

@@ -3,6 +3,7 @@
 //! reconciliation, dispatch into the engine and out to the sinks, the run's named steps, and
 //! reading a recording of the run back for `detector replay` (`replay`, `replay_feed`).
 
+pub mod ct_full;
 pub mod dispatch;
 pub mod event_loop;
 pub mod map_follow;

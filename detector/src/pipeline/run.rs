@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
+use super::ct_full::{Change, FullWindows};
 use super::dispatch::{Detector, DispatchCounts, Outputs};
 use super::event_loop::{Step, Stream};
 use super::map_follow::{MapWatch, follow_map, wait_for_map};
@@ -26,6 +27,7 @@ use crate::report::render::{TimeBase, hex};
 use crate::report::summary::{RunCounts, RunInfo, TraceWriteCounts, capacity_line, summary};
 use crate::report::trace_file::{self, TraceDir, TraceFiles};
 use crate::report::trace_writer::{TraceWriter, WriteCounts, WriterLimits};
+use crate::snapshot::fill::ConntrackFill;
 
 /// What `detector run` was asked to do, in the pipeline's terms.
 pub struct RunOptions {
@@ -234,6 +236,40 @@ fn announce(map: &AgentMap, a: &Attached, snap: &Snapshots, traces: &Path) {
     }
 }
 
+/// The judged namespace's conntrack sysctls, to see when its table is full; None (and said)
+/// when they cannot be opened.
+fn open_conntrack_fill(netns: Option<&str>) -> Option<ConntrackFill> {
+    ConntrackFill::open(netns.map(Path::new))
+        .map_err(|e| {
+            tracing::warn!(
+                "cannot read nf_conntrack_count/nf_conntrack_max{} ({e}): a full conntrack table \
+                 will not be noticed",
+                netns.map(|n| format!(" in {n}")).unwrap_or_default()
+            );
+        })
+        .ok()
+}
+
+fn say_conntrack_fill(change: Change) {
+    match change {
+        Change::Filled(f) => tracing::warn!(
+            "the kernel conntrack table is full ({} entries, nf_conntrack_max {}): new flows \
+             are not tracked; verdicts whose story reaches into this time are flagged \
+             maybe_incomplete",
+            f.count,
+            f.max
+        ),
+        Change::Emptied {
+            count,
+            max,
+            lasted_ns,
+        } => tracing::warn!(
+            "the kernel conntrack table has room again ({count} of {max}) after {:.1} s full",
+            lasted_ns as f64 / 1e9
+        ),
+    }
+}
+
 /// Reads the ring until the duration ends or a signal stops it; returns the stream for its
 /// final counters.
 async fn event_loop<W: Write>(
@@ -271,6 +307,11 @@ async fn event_loop<W: Write>(
                         det.engine.note_kernel_tables_full();
                     }
                     det.lost(count, since_ns)?;
+                }
+                if let Some(change) = det.ct_full.check(now_ns) {
+                    say_conntrack_fill(change);
+                    det.metrics
+                        .capacity_total("conntrack_full", det.ct_full.windows);
                 }
                 det.push(Input::Tick { now_ns })?;
                 if second {
@@ -352,6 +393,7 @@ pub async fn run(opts: RunOptions, mut live: Live) -> Result<()> {
             others,
         },
         replaying: false,
+        ct_full: FullWindows::new(open_conntrack_fill(opts.netns_path.as_deref())),
     };
     // Every program is loaded: the parsed BTF is no longer needed.
     attached.probe.release_btf();
@@ -390,6 +432,8 @@ pub async fn run(opts: RunOptions, mut live: Live) -> Result<()> {
         undecodable_startup_keys,
         undecodable_records: stream.reader.undecodable,
         socket_teardown_drops_ignored: det.counts.drops_ignored,
+        conntrack_full: det.ct_full.windows,
+        conntrack_full_deletes: det.ct_full.deletes,
     };
     let ended = clock::now_iso();
     let info = RunInfo {

@@ -21,6 +21,10 @@ pub struct RunCounts {
     pub socket_teardown_drops_ignored: u64,
     /// Trace files that did not make it to disk, and old ones removed.
     pub trace_writes: TraceWriteCounts,
+    /// Times the judged namespace's kernel conntrack table was found full, and agent deletes
+    /// made while it was.
+    pub conntrack_full: u64,
+    pub conntrack_full_deletes: u64,
 }
 
 /// Trace files failed (disk full, read-only, no descriptors), dropped (queue full) and
@@ -63,6 +67,8 @@ pub fn summary(
         "undecodable_records": counts.undecodable_records,
         "socket_teardown_drops_ignored": counts.socket_teardown_drops_ignored,
         "unjudged_deletes": engine.deletes.unjudged,
+        "conntrack_full": counts.conntrack_full,
+        "conntrack_full_deletes": counts.conntrack_full_deletes,
         "maybe_incomplete": overflowed(kernel, engine, counts) > 0 || kernel.lost_total() > 0,
         "trace_writes": counts.trace_writes,
         "engine": engine,
@@ -78,7 +84,7 @@ pub fn capacity_line(kernel: &CounterSnapshot, stats: &Stats, counts: &RunCounts
     let line = format!(
         "not judged: {} unjudged deletes, batch_truncated {}, seen_full {}, flows_full {}, \
          pending_full {}, confirm_full {}, shadow evictions flows {} map_keys {}, undecodable \
-         keys {} (start-up {})",
+         keys {} (start-up {}), kernel conntrack table full {} time(s) ({} deletes in it)",
         stats.deletes.unjudged,
         kernel.batch_truncated,
         kernel.seen_full,
@@ -89,6 +95,8 @@ pub fn capacity_line(kernel: &CounterSnapshot, stats: &Stats, counts: &RunCounts
         ev.map_keys,
         counts.undecodable_keys,
         counts.undecodable_startup_keys,
+        counts.conntrack_full,
+        counts.conntrack_full_deletes,
     );
     if overflowed(kernel, stats, counts) > 0 {
         format!("{line} (MAYBE INCOMPLETE)")
@@ -110,6 +118,7 @@ fn overflowed(kernel: &CounterSnapshot, stats: &Stats, counts: &RunCounts) -> u6
         + ev.map_keys
         + counts.undecodable_keys
         + counts.undecodable_startup_keys
+        + counts.conntrack_full
 }
 
 #[cfg(test)]
@@ -125,6 +134,8 @@ mod tests {
             undecodable_records: 0,
             socket_teardown_drops_ignored: 0,
             trace_writes: TraceWriteCounts::default(),
+            conntrack_full: 0,
+            conntrack_full_deletes: 0,
         }
     }
 
@@ -142,5 +153,38 @@ mod tests {
         assert!(line.contains("batch_truncated 1968"), "{line}");
         assert!(line.contains("(start-up 3)"), "{line}");
         assert!(line.contains("MAYBE INCOMPLETE"), "{line}");
+    }
+
+    #[test]
+    fn a_full_conntrack_table_makes_the_run_maybe_incomplete() {
+        let kernel = CounterSnapshot::default();
+        let stats = Stats::default();
+        let clean = capacity_line(&kernel, &stats, &counts());
+        assert!(clean.contains("conntrack table full 0 time(s)"), "{clean}");
+        let mut c = counts();
+        c.conntrack_full = 1;
+        c.conntrack_full_deletes = 4;
+        let line = capacity_line(&kernel, &stats, &c);
+        assert!(line.contains("full 1 time(s) (4 deletes in it)"), "{line}");
+        assert!(line.contains("MAYBE INCOMPLETE"), "{line}");
+        let info = RunInfo {
+            started: "",
+            ended: "",
+            host: "",
+            backend: "",
+            map: &AgentMap {
+                id: 1,
+                name: String::new(),
+                key_size: 24,
+                value_size: 16,
+                max_entries: 1,
+                layout: crate::npa::Layout::detect(24, 16).unwrap_or_else(|e| panic!("{e}")),
+                found_by: String::new(),
+                pin: None,
+            },
+        };
+        let s = summary(&info, &c, &stats, &kernel, &ReorderStats::default());
+        assert_eq!(s["maybe_incomplete"], true);
+        assert_eq!(s["conntrack_full_deletes"], 4);
     }
 }

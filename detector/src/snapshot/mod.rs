@@ -13,6 +13,7 @@
 //! garbage collector would have found them; and such entries are not in the snapshot.
 
 mod ctnetlink;
+pub mod fill;
 mod netlink;
 
 #[cfg(test)]

@@ -58,7 +58,7 @@ pub struct CounterLabel {
 
 /// What the detector could not judge, by the bound that was hit: the kernel's counters and
 /// the agent deletes whose key did not decode (live and in the start-up snapshot).
-pub const CAPACITY_COUNTERS: [&str; 10] = [
+pub const CAPACITY_COUNTERS: [&str; 12] = [
     "unjudged_shadow_evicted",
     "unjudged_kernel_table_full",
     "seen_full",
@@ -69,6 +69,8 @@ pub const CAPACITY_COUNTERS: [&str; 10] = [
     "read_failed",
     "undecodable_keys",
     "undecodable_startup_keys",
+    "conntrack_full",
+    "conntrack_full_deletes",
 ];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
