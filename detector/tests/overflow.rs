@@ -163,10 +163,97 @@ fn full_kernel_tables_flag_deletes_and_export_counters() {
     );
     assert!(stderr.contains("MAYBE INCOMPLETE"), "{stderr}");
     assert!(
-        stderr.contains("kernel tables hold 16 live conntrack entries")
+        stderr.contains("kernel tables hold 16 live conntrack entries (--max-entries;")
+            && stderr.contains("B per entry")
             && stderr.contains("MiB of kernel memory"),
         "the start-up line names the tables' size and cost: {stderr}"
     );
     drop(streams);
     let _ = std::fs::remove_dir_all(&traces);
+}
+
+/// The kernel maps of a process: (max_entries, map_flags, memlock) of each map fd.
+fn maps_of(pid: u32) -> Vec<(u64, u64, u64)> {
+    let mut out = Vec::new();
+    for f in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap() {
+        let Ok(text) = std::fs::read_to_string(f.unwrap().path()) else {
+            continue;
+        };
+        if !text.contains("map_type:") {
+            continue;
+        }
+        let field = |name: &str| -> u64 {
+            let v = text
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap()
+                .trim();
+            match v.strip_prefix("0x") {
+                Some(hex) => u64::from_str_radix(hex, 16).unwrap(),
+                None => v.parse().unwrap(),
+            }
+        };
+        out.push((
+            field("max_entries:"),
+            field("map_flags:"),
+            field("memlock:"),
+        ));
+    }
+    out
+}
+
+/// Without --max-entries the tables hold the node's nf_conntrack_max (the init namespace's
+/// value, the same in every namespace), and on 6.1+ they take memory only as they fill: the
+/// idle detector's maps cost about their buckets and the ring buffer.
+#[test]
+fn default_tables_follow_nf_conntrack_max_and_allocate_as_they_fill() {
+    if !privileged() {
+        return;
+    }
+    let node_max: u64 = std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let layout: Layout = "v4-24/16".parse().unwrap();
+    let fs = Bpffs::mount();
+    let map = AgentMap::create(layout, &fs.dir.join("aws_conntrack_map"), &unique_name());
+    let traces = fs.dir.with_extension("traces");
+    let det = Detector::run(&[
+        "--map-pin",
+        map.pin.to_str().unwrap(),
+        "--trace-dir",
+        traces.to_str().unwrap(),
+        "--listen",
+        "off",
+    ]);
+    let maps = maps_of(det.pid());
+    let (_, stderr) = det.stop();
+    let _ = std::fs::remove_dir_all(&traces);
+    assert!(
+        stderr.contains(&format!(
+            "kernel tables hold {node_max} live conntrack entries (the node's nf_conntrack_max;"
+        )),
+        "{stderr}"
+    );
+    let seen = maps.iter().find(|m| m.0 == node_max).unwrap();
+    let flows = maps.iter().find(|m| m.0 == 2 * node_max).unwrap();
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    if detector::kernel::map_alloc::kernel_allows_no_prealloc(Some(&release)) {
+        assert_eq!((seen.1, flows.1), (1, 1), "BPF_F_NO_PREALLOC: {maps:?}");
+        assert!(stderr.contains("allocated as they fill"), "{stderr}");
+        // Idle: little more than 16 B of buckets per entry of each table.
+        assert!(seen.2 < 20 * node_max.next_power_of_two(), "{maps:?}");
+        assert!(
+            flows.2 < 20 * (2 * node_max).next_power_of_two(),
+            "{maps:?}"
+        );
+    } else {
+        assert_eq!(
+            (seen.1, flows.1),
+            (0, 0),
+            "preallocated before 6.1: {maps:?}"
+        );
+        assert!(stderr.contains("preallocated"), "{stderr}");
+    }
 }

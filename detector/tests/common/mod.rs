@@ -254,6 +254,11 @@ impl Detector {
         Self::start(&["run", "--json"], args, ready)
     }
 
+    /// The detector's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits up to `timeout` for `text` on its stderr; whether it came.
     pub fn wait_for(&self, text: &str, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
