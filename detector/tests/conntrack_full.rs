@@ -168,5 +168,30 @@ fn verdicts_while_the_conntrack_table_is_full_are_flagged() {
             && stderr.contains("MAYBE INCOMPLETE"),
         "{stderr}"
     );
+    // A replay of the run flags the same verdict: the windows are recorded.
+    let recording = fs.dir.with_extension("ndjson");
+    let lines: Vec<String> = events.iter().map(|e| e.to_string()).collect();
+    std::fs::write(&recording, lines.join("\n") + "\n").unwrap();
+    let replayed = std::process::Command::new(common::DETECTOR)
+        .args(["replay", "--json", "--trace-dir"])
+        .arg(&traces)
+        .arg(&recording)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&recording);
+    let _ = std::fs::remove_dir_all(&traces);
+    let out = String::from_utf8_lossy(&replayed.stdout);
+    let flagged_in_replay: Vec<bool> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["type"] == "verdict")
+        .map(|v| v["verdict"]["maybe_incomplete"] == true)
+        .collect();
+    assert_eq!(
+        flagged_in_replay,
+        vec![false, true],
+        "{}",
+        String::from_utf8_lossy(&replayed.stderr)
+    );
     drop((before, during));
 }

@@ -18,10 +18,13 @@ const MAX_WINDOWS: usize = 1024;
 /// A change the latest check saw, to be said once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
-    Filled(Fill),
+    /// Found full; the window opened at `since_ns`.
+    Filled {
+        fill: Fill,
+        since_ns: u64,
+    },
     Emptied {
-        count: u64,
-        max: u64,
+        fill: Fill,
         lasted_ns: u64,
     },
 }
@@ -49,7 +52,8 @@ impl FullWindows {
         }
     }
 
-    /// Reads the table when a check is due; returns what changed.
+    /// Reads the table when a check is due; returns what changed, for the caller to say,
+    /// record and [`FullWindows::apply`].
     pub fn check(&mut self, now_ns: u64) -> Option<Change> {
         if now_ns < self.last_check_ns + CHECK_EVERY_NS {
             return None;
@@ -63,24 +67,41 @@ impl FullWindows {
     /// `previous_ns`.
     fn observe(&mut self, fill: Fill, previous_ns: u64, now_ns: u64) -> Option<Change> {
         match (fill.full(), self.open_since_ns) {
-            (true, None) => {
-                self.open_since_ns = Some(previous_ns);
-                self.windows += 1;
-                Some(Change::Filled(fill))
-            }
-            (false, Some(start)) => {
-                self.open_since_ns = None;
-                if self.closed.len() == MAX_WINDOWS {
-                    self.closed.pop_front();
-                }
-                self.closed.push_back((start, now_ns));
-                Some(Change::Emptied {
-                    count: fill.count,
-                    max: fill.max,
-                    lasted_ns: now_ns.saturating_sub(start),
-                })
-            }
+            (true, None) => Some(Change::Filled {
+                fill,
+                since_ns: previous_ns,
+            }),
+            (false, Some(start)) => Some(Change::Emptied {
+                fill,
+                lasted_ns: now_ns.saturating_sub(start),
+            }),
             _ => None,
+        }
+    }
+
+    /// Applies a change [`FullWindows::check`] found, or a recorded one (a replay).
+    pub fn apply(&mut self, change: Change, now_ns: u64) {
+        match change {
+            Change::Filled { since_ns, .. } => self.open(since_ns),
+            Change::Emptied { .. } => self.close(now_ns),
+        }
+    }
+
+    /// A window opens at `since_ns`.
+    fn open(&mut self, since_ns: u64) {
+        if self.open_since_ns.is_none() {
+            self.open_since_ns = Some(since_ns);
+            self.windows += 1;
+        }
+    }
+
+    /// The open window closes at `now_ns`.
+    fn close(&mut self, now_ns: u64) {
+        if let Some(start) = self.open_since_ns.take() {
+            if self.closed.len() == MAX_WINDOWS {
+                self.closed.pop_front();
+            }
+            self.closed.push_back((start, now_ns));
         }
     }
 
@@ -109,12 +130,22 @@ mod tests {
         let mut w = FullWindows::default();
         let room = Fill { count: 3, max: 8 };
         let full = Fill { count: 8, max: 8 };
-        assert_eq!(w.observe(room, 0, 100 * MS), None);
+        let step = |w: &mut FullWindows, fill, prev, now| {
+            let c = w.observe(fill, prev, now);
+            if let Some(c) = c {
+                w.apply(c, now);
+            }
+            c
+        };
+        assert_eq!(step(&mut w, room, 0, 100 * MS), None);
         assert_eq!(
-            w.observe(full, 100 * MS, 200 * MS),
-            Some(Change::Filled(full))
+            step(&mut w, full, 100 * MS, 200 * MS),
+            Some(Change::Filled {
+                fill: full,
+                since_ns: 100 * MS
+            })
         );
-        assert_eq!(w.observe(full, 200 * MS, 300 * MS), None, "said once");
+        assert_eq!(step(&mut w, full, 200 * MS, 300 * MS), None, "said once");
         assert!(
             w.overlaps(150 * MS, 150 * MS),
             "it may have filled after 100 ms"
@@ -122,10 +153,9 @@ mod tests {
         assert!(!w.overlaps(0, 99 * MS));
         assert!(w.overlaps(10_000 * MS, 10_000 * MS), "still open");
         assert_eq!(
-            w.observe(room, 300 * MS, 400 * MS),
+            step(&mut w, room, 300 * MS, 400 * MS),
             Some(Change::Emptied {
-                count: 3,
-                max: 8,
+                fill: room,
                 lasted_ns: 300 * MS
             })
         );
@@ -134,6 +164,30 @@ mod tests {
         assert!(w.overlaps(0, 120 * MS), "a story reaching into the window");
         assert!(w.note_delete(250 * MS));
         assert!(!w.note_delete(500 * MS));
+        assert_eq!((w.windows, w.deletes), (1, 1));
+    }
+
+    /// A replay applies the recorded changes: the same answers.
+    #[test]
+    fn recorded_changes_replay_the_same() {
+        let mut w = FullWindows::default();
+        let fill = Fill { count: 8, max: 8 };
+        w.apply(
+            Change::Filled {
+                fill,
+                since_ns: 100 * MS,
+            },
+            200 * MS,
+        );
+        assert!(w.note_delete(150 * MS));
+        w.apply(
+            Change::Emptied {
+                fill,
+                lasted_ns: 300 * MS,
+            },
+            400 * MS,
+        );
+        assert!(!w.overlaps(401 * MS, 900 * MS));
         assert_eq!((w.windows, w.deletes), (1, 1));
     }
 

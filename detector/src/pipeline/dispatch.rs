@@ -10,7 +10,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use serde_json::json;
 
-use super::ct_full::FullWindows;
+use super::ct_full::{Change, FullWindows};
 use super::startup::Preexisting;
 use crate::clock;
 use crate::engine::{AgentDelete, DeleteResult, Engine, Input, KernelView, Output};
@@ -246,6 +246,25 @@ impl<W: Write> Detector<W> {
             ts_ns: since_ns,
             count,
         })
+    }
+
+    /// The judged namespace's conntrack table was found full, or with room again: flag what
+    /// follows, count it, and record it so that a replay flags the same verdicts.
+    pub fn conntrack_fill_changed(&mut self, change: Change, now_ns: u64) -> Result<()> {
+        self.ct_full.apply(change, now_ns);
+        let line = match change {
+            Change::Filled { fill, since_ns } => {
+                json!({"type": "conntrack_fill", "ts_ns": now_ns, "full": true,
+                       "since_ns": since_ns, "count": fill.count, "max": fill.max})
+            }
+            Change::Emptied { fill, lasted_ns } => {
+                json!({"type": "conntrack_fill", "ts_ns": now_ns, "full": false,
+                       "lasted_ns": lasted_ns, "count": fill.count, "max": fill.max})
+            }
+        };
+        self.metrics
+            .capacity_total("conntrack_full", self.ct_full.windows);
+        self.recording(&|| line.to_string())
     }
 
     /// The wall clock was measured again (it follows NTP steps and suspend).

@@ -11,6 +11,7 @@ use std::net::IpAddr;
 use serde_json::Value;
 use thiserror::Error;
 
+use super::ct_full::Change;
 use crate::npa::Layout;
 use crate::npa::target::AgentMap;
 use crate::record::{
@@ -18,6 +19,7 @@ use crate::record::{
     MapWriteRecord, PacketDropRecord, Source, Task, TcpState,
 };
 use crate::snapshot::CtSnapshotEntry;
+use crate::snapshot::fill::Fill;
 
 /// A line that could not be read, with its 1-based number.
 #[derive(Debug, Error)]
@@ -78,6 +80,11 @@ pub enum Recorded {
     MapRecreated {
         ts_ns: u64,
         map: Box<AgentMap>,
+    },
+    /// The judged namespace's conntrack table was found full, or with room again.
+    ConntrackFill {
+        ts_ns: u64,
+        change: Change,
     },
     /// A verdict the run printed (for comparing with the replay's).
     Verdict(Value),
@@ -398,6 +405,29 @@ pub fn parse_line(text: &str, hz: u32) -> Res<Option<(Recorded, Option<String>)>
             ts_ns: u64_of(&v, "ts_ns")?,
             map: Box::new(map_of(field(&v, "map")?)?),
         },
+        "conntrack_fill" => {
+            let fill = Fill {
+                count: u64_of(&v, "count")?,
+                max: u64_of(&v, "max")?,
+            };
+            let full = field(&v, "full")?
+                .as_bool()
+                .ok_or("`full` is not a boolean")?;
+            Recorded::ConntrackFill {
+                ts_ns: u64_of(&v, "ts_ns")?,
+                change: if full {
+                    Change::Filled {
+                        fill,
+                        since_ns: u64_of(&v, "since_ns")?,
+                    }
+                } else {
+                    Change::Emptied {
+                        fill,
+                        lasted_ns: u64_of(&v, "lasted_ns")?,
+                    }
+                },
+            }
+        }
         "verdict" => Recorded::Verdict(v),
         _ => return Ok(None),
     };
@@ -450,6 +480,20 @@ mod tests {
         assert!(parse_line("{", 250).unwrap_err().contains("not JSON"));
         assert!(parse_line("[1]", 250).unwrap_err().contains("object"));
         assert!(parse_line(r#"{"a":1}"#, 250).unwrap_err().contains("type"));
+        let full =
+            r#"{"type":"conntrack_fill","ts_ns":9,"full":true,"since_ns":5,"count":8,"max":8}"#;
+        assert!(matches!(
+            parse_line(full, 250),
+            Ok(Some((
+                Recorded::ConntrackFill {
+                    ts_ns: 9,
+                    change: Change::Filled { since_ns: 5, .. }
+                },
+                _
+            )))
+        ));
+        let e = parse_line(r#"{"type":"conntrack_fill","ts_ns":9,"full":1}"#, 250).unwrap_err();
+        assert!(e.contains("count"), "{e}");
         let e = parse_line(r#"{"type":"lost","ts_ns":1}"#, 250).unwrap_err();
         assert!(e.contains("count"), "{e}");
         assert!(

@@ -149,6 +149,10 @@ pub fn replay<R: BufRead, W: Write>(
                 startup.load(d);
                 d.lost(count, ts_ns)?;
             }
+            Recorded::ConntrackFill { ts_ns, change } => {
+                startup.load(d);
+                d.conntrack_fill_changed(change, ts_ns)?;
+            }
             Recorded::WallClock { ts_ns, offset_ns } => {
                 d.set_wall(WallClock::from_offset(offset_ns), ts_ns)?;
             }

@@ -252,19 +252,17 @@ fn open_conntrack_fill(netns: Option<&str>) -> Option<ConntrackFill> {
 
 fn say_conntrack_fill(change: Change) {
     match change {
-        Change::Filled(f) => tracing::warn!(
+        Change::Filled { fill, .. } => tracing::warn!(
             "the kernel conntrack table is full ({} entries, nf_conntrack_max {}): new flows \
              are not tracked; verdicts whose story reaches into this time are flagged \
              maybe_incomplete",
-            f.count,
-            f.max
+            fill.count,
+            fill.max
         ),
-        Change::Emptied {
-            count,
-            max,
-            lasted_ns,
-        } => tracing::warn!(
-            "the kernel conntrack table has room again ({count} of {max}) after {:.1} s full",
+        Change::Emptied { fill, lasted_ns } => tracing::warn!(
+            "the kernel conntrack table has room again ({} of {}) after {:.1} s full",
+            fill.count,
+            fill.max,
             lasted_ns as f64 / 1e9
         ),
     }
@@ -310,8 +308,7 @@ async fn event_loop<W: Write>(
                 }
                 if let Some(change) = det.ct_full.check(now_ns) {
                     say_conntrack_fill(change);
-                    det.metrics
-                        .capacity_total("conntrack_full", det.ct_full.windows);
+                    det.conntrack_fill_changed(change, now_ns)?;
                 }
                 det.push(Input::Tick { now_ns })?;
                 if second {
