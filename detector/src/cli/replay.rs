@@ -94,7 +94,7 @@ pub fn run(args: ReplayArgs) -> Result<()> {
             agent_netns: start.agent_netns,
             metrics: Arc::new(Metrics::new()),
             backend: "replay",
-            // Not recorded: a replay does not know when the conntrack table was full.
+            // Filled from the recording's `conntrack_fill` lines.
             ct_full: FullWindows::default(),
             pods: None,
             out: Outputs {
