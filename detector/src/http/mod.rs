@@ -26,10 +26,9 @@ use axum::routing::get;
 use futures_util::StreamExt;
 use tokio::net::TcpListener;
 
-use crate::engine::Verdict;
-use crate::k8s::{Kube, PodRef, RaceNotice};
+use crate::k8s::Kube;
 use crate::telemetry::metrics::{self, Metrics};
-use stream::{Channel, Frame, Hub, Item};
+use stream::{Channel, Frame, Hub};
 
 /// Default address of `--listen`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9477";
@@ -80,8 +79,8 @@ impl ServeArgs {
         Ok(Some((addr, true)))
     }
 
-    /// Starts the server for `live` when enabled; returns the address it serves on.
-    pub async fn start(&self, live: &mut Live) -> Result<Option<SocketAddr>> {
+    /// Starts the server for `services` when enabled; returns the address it serves on.
+    pub async fn start(&self, services: &mut RunServices) -> Result<Option<SocketAddr>> {
         let Some((addr, given)) = self.addr()? else {
             return Ok(None);
         };
@@ -106,16 +105,16 @@ impl ServeArgs {
             max_streams: self.http_max_streams as usize,
             ..server::Limits::default()
         };
-        live.server = Some(spawn_with(
+        services.server = Some(spawn_with(
             listener,
             router_with_traces(
-                live.hub.clone(),
-                live.metrics.clone(),
+                services.hub.clone(),
+                services.metrics.clone(),
                 token,
-                live.trace_dir.clone(),
+                services.trace_dir.clone(),
             ),
             limits,
-            live.metrics.clone(),
+            services.metrics.clone(),
         ));
         Ok(Some(local))
     }
@@ -351,23 +350,22 @@ fn stream_response(
     ([(header::CONTENT_TYPE, ctype)], body).into_response()
 }
 
-/// What `detector run` feeds: the streams, the metrics and Kubernetes, in one place.
-pub struct Live {
+/// The services a run feeds besides stdout and the trace files: the HTTP streams and the server
+/// that reads them, the metrics, and the Kubernetes client (pods and Events).
+pub struct RunServices {
     pub hub: Arc<Hub>,
     pub metrics: Arc<Metrics>,
-    pub backend: &'static str,
     pub kube: Option<Kube>,
     pub server: Option<ServerHandle>,
     /// The directory `/v1/traces` serves (the run's --trace-dir).
     pub trace_dir: Option<std::path::PathBuf>,
 }
 
-impl Live {
+impl RunServices {
     pub fn new(replay: usize) -> Self {
         Self {
             hub: Arc::new(Hub::new(replay, 0, CLIENT_BACKLOG)),
             metrics: Arc::new(Metrics::new()),
-            backend: "",
             kube: None,
             server: None,
             trace_dir: None,
@@ -380,41 +378,6 @@ impl Live {
         self.hub.close_clients();
         if let Some(s) = self.server.take() {
             s.stop(std::time::Duration::from_secs(1)).await;
-        }
-    }
-
-    /// Whether event records need rendering for stream clients.
-    pub fn events_wanted(&self) -> bool {
-        self.hub.events.clients() > 0
-    }
-
-    /// One kernel record received (`kind` as in the NDJSON `type`).
-    pub fn count_event(&self, kind: &str) {
-        self.metrics.event(kind, self.backend);
-    }
-
-    pub fn publish_event(&self, json: String, text: String) {
-        self.hub.events.publish(Item { json, text });
-    }
-
-    /// The pods at the ends of a verdict's key (empty without Kubernetes).
-    pub fn pods(&self, v: &Verdict) -> Vec<PodRef> {
-        self.kube
-            .as_ref()
-            .map(|k| k.pods.for_key(&v.key))
-            .unwrap_or_default()
-    }
-
-    /// One race: counted, streamed to both streams, and an Event on its pods.
-    pub fn race(&self, v: &Verdict, latency_ns: u64, item: Item, notice: RaceNotice) {
-        self.metrics.verdict(v.class, latency_ns);
-        self.hub.events.publish(Item {
-            json: item.json.clone(),
-            text: item.text.clone(),
-        });
-        self.hub.races.publish(item);
-        if let Some(events) = self.kube.as_ref().and_then(|k| k.events.as_ref()) {
-            events.send(notice);
         }
     }
 }
