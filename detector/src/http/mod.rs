@@ -13,6 +13,7 @@ pub mod traces;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use axum::Router;
@@ -120,20 +121,23 @@ impl ServeArgs {
     }
 
     pub fn token(&self) -> Result<Option<String>> {
-        let Some(p) = &self.token_file else {
-            return Ok(None);
-        };
-        let t = std::fs::read_to_string(p)
-            .with_context(|| format!("--token-file {}: cannot read it", p.display()))?;
-        let t = t.trim().to_string();
-        if t.is_empty() {
-            anyhow::bail!(
-                "--token-file {}: the file is empty; put the bearer token in it",
-                p.display()
-            );
-        }
-        Ok(Some(t))
+        self.token_file.as_deref().map(read_token_file).transpose()
     }
+}
+
+/// The bearer token in `path` (a --token-file of the server or of `detector watch`), trimmed;
+/// an unreadable or empty file is an error that names it.
+pub fn read_token_file(path: &std::path::Path) -> Result<String> {
+    let t = std::fs::read_to_string(path)
+        .with_context(|| format!("--token-file {}: cannot read it", path.display()))?;
+    let t = t.trim().to_string();
+    if t.is_empty() {
+        anyhow::bail!(
+            "--token-file {}: the file is empty; put the bearer token in it",
+            path.display()
+        );
+    }
+    Ok(t)
 }
 
 #[derive(Clone)]
@@ -285,6 +289,9 @@ async fn metrics_handler(State(st): State<AppState>) -> Response {
 struct StreamQuery {
     /// `text`: readable lines; default NDJSON.
     format: Option<String>,
+    /// Seconds: an empty line after each this long with no record (NDJSON and text; SSE
+    /// always has its keep-alive comments).
+    keepalive: Option<u64>,
 }
 
 async fn races(
@@ -336,17 +343,30 @@ fn stream_response(
             .keep_alive(KeepAlive::default())
             .into_response();
     }
-    let (ctype, body) = if q.format.as_deref() == Some("text") {
-        (
-            "text/plain; charset=utf-8",
-            Body::from_stream(frames.map(|f| Ok::<_, Infallible>(format!("{}\n", f.text())))),
-        )
-    } else {
-        (
-            "application/x-ndjson",
-            Body::from_stream(frames.map(|f| Ok::<_, Infallible>(format!("{}\n", f.json())))),
-        )
+    let text = q.format.as_deref() == Some("text");
+    let lines = frames.map(move |f| format!("{}\n", if text { f.text() } else { f.json() }));
+    let lines = match q.keepalive {
+        None => lines.boxed(),
+        Some(secs @ 1..=stream::MAX_KEEPALIVE_SECS) => {
+            stream::with_keepalive(lines, Duration::from_secs(secs)).boxed()
+        }
+        Some(secs) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "keepalive={secs}: give seconds from 1 to {}\n",
+                    stream::MAX_KEEPALIVE_SECS
+                ),
+            )
+                .into_response();
+        }
     };
+    let ctype = if text {
+        "text/plain; charset=utf-8"
+    } else {
+        "application/x-ndjson"
+    };
+    let body = Body::from_stream(lines.map(Ok::<_, Infallible>));
     ([(header::CONTENT_TYPE, ctype)], body).into_response()
 }
 
