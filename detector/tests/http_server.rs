@@ -353,6 +353,13 @@ async fn child_line(r: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdo
         .expect("detector watch ended")
 }
 
+/// Stops a running `detector watch`; returns what it said on stderr.
+async fn kill_for_stderr(mut w: tokio::process::Child) -> String {
+    w.start_kill().unwrap();
+    let o = w.wait_with_output().await.unwrap();
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_prints_replay_and_live_races_and_after_a_reconnect_skips_what_it_showed() {
     let s = server(None, 10, 64).await;
@@ -370,9 +377,7 @@ async fn watch_prints_replay_and_live_races_and_after_a_reconnect_skips_what_it_
     assert_eq!(child_line(&mut out).await, race(3).json);
     s.hub.races.publish(race(4));
     assert_eq!(child_line(&mut out).await, race(4).json);
-    w.start_kill().unwrap();
-    let o = w.wait_with_output().await.unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = kill_for_stderr(w).await;
     assert!(
         err.contains(&format!(
             "the detector at {url}/v1/races closed the stream; reconnecting in 1 s"
@@ -576,9 +581,7 @@ async fn watch_on_a_quiet_detector_outlasts_its_timeout_on_keepalives() {
     tokio::time::sleep(std::time::Duration::from_secs(6)).await;
     s.hub.races.publish(race(9));
     assert_eq!(child_line(&mut out).await, race(9).json);
-    w.start_kill().unwrap();
-    let o = w.wait_with_output().await.unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = kill_for_stderr(w).await;
     assert!(
         !err.contains("--timeout") && !err.contains("reconnect"),
         "{err}"
