@@ -9,6 +9,10 @@
 
 #[cfg(feature = "lab")]
 pub mod lab;
+// Userspace only (the detector's codec, the bench): the kernel programs read keys with the
+// offsets userspace writes into `TargetMap`.
+#[cfg(not(target_arch = "bpf"))]
+pub mod npa_key;
 
 /// Version of the record layout. Bumped whenever a record changes shape.
 pub const RECORD_VERSION: u8 = 2;

@@ -353,6 +353,13 @@ async fn child_line(r: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdo
         .expect("detector watch ended")
 }
 
+/// Stops a running `detector watch`; returns what it said on stderr.
+async fn kill_for_stderr(mut w: tokio::process::Child) -> String {
+    w.start_kill().unwrap();
+    let o = w.wait_with_output().await.unwrap();
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_prints_replay_and_live_races_and_after_a_reconnect_skips_what_it_showed() {
     let s = server(None, 10, 64).await;
@@ -370,9 +377,7 @@ async fn watch_prints_replay_and_live_races_and_after_a_reconnect_skips_what_it_
     assert_eq!(child_line(&mut out).await, race(3).json);
     s.hub.races.publish(race(4));
     assert_eq!(child_line(&mut out).await, race(4).json);
-    w.start_kill().unwrap();
-    let o = w.wait_with_output().await.unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = kill_for_stderr(w).await;
     assert!(
         err.contains(&format!(
             "the detector at {url}/v1/races closed the stream; reconnecting in 1 s"
@@ -466,4 +471,127 @@ async fn watch_names_the_url_and_the_fix_when_nothing_listens() {
         .unwrap();
     let err = one_error_line(&o);
     assert!(err.contains("--url ftp://x"), "{err}");
+}
+
+/// A fake detector on an ephemeral port: each connection's request is read, then `respond`
+/// writes what it likes (or nothing) on it.
+async fn fake_server<F, Fut>(respond: F) -> String
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.ends_with(b"\r\n\r\n") {
+                match tcp.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            tokio::spawn(respond(tcp));
+        }
+    });
+    url
+}
+
+const STREAM_HEAD: &[u8] =
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nConnection: close\r\n\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_fails_naming_the_limit_on_a_line_that_never_ends() {
+    let url = fake_server(|mut tcp| async move {
+        tcp.write_all(STREAM_HEAD).await.unwrap();
+        // One line, no newline, for as long as the client reads.
+        let chunk = vec![b'x'; 64 << 10];
+        while tcp.write_all(&chunk).await.is_ok() {}
+    })
+    .await;
+    let o = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        watch(&["--json", "--url", &url]).wait_with_output(),
+    )
+    .await
+    .expect("watch ends on its own")
+    .unwrap();
+    let err = one_error_line(&o);
+    assert!(
+        err.contains(&format!("{url}/v1/races")) && err.contains("longer than 1048576 bytes"),
+        "{err}"
+    );
+    assert!(o.stdout.is_empty(), "nothing printed of the endless line");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_gives_up_on_a_silent_server_naming_the_url_and_the_timeout() {
+    // Accepts and never answers; answers the headers and then sends nothing.
+    let hold = |tcp: TcpStream| async move {
+        tokio::time::sleep(std::time::Duration::from_secs(120)).await;
+        drop(tcp);
+    };
+    let mute = fake_server(hold).await;
+    let headers_only = fake_server(move |mut tcp| async move {
+        tcp.write_all(STREAM_HEAD).await.unwrap();
+        hold(tcp).await;
+    })
+    .await;
+    for (url, what) in [(mute, "no response"), (headers_only, "nothing")] {
+        let t0 = std::time::Instant::now();
+        let o = tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            watch(&["--timeout", "2", "--url", &url]).wait_with_output(),
+        )
+        .await
+        .expect("watch gives up on its own")
+        .unwrap();
+        let waited = t0.elapsed();
+        let err = one_error_line(&o);
+        assert!(
+            err.contains(&format!(
+                "{what} from {url}/v1/races?format=text for 2 s (--timeout)"
+            )),
+            "{err}"
+        );
+        assert!(
+            waited >= std::time::Duration::from_secs(2),
+            "gave up after {waited:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_on_a_quiet_detector_outlasts_its_timeout_on_keepalives() {
+    let s = server(None, 10, 64).await;
+    let mut w = watch(&[
+        "--json",
+        "--timeout",
+        "2",
+        "--url",
+        &format!("http://{}", s.addr),
+    ]);
+    let mut out = BufReader::new(w.stdout.take().unwrap()).lines();
+    while s.hub.races.clients() == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Three timeouts with no record: the keep-alive lines (every second) keep it connected,
+    // and none of them is printed.
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    s.hub.races.publish(race(9));
+    assert_eq!(child_line(&mut out).await, race(9).json);
+    let err = kill_for_stderr(w).await;
+    assert!(
+        !err.contains("--timeout") && !err.contains("reconnect"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_keepalive_out_of_range_is_refused_with_the_range() {
+    let s = server(None, 10, 64).await;
+    let (code, body) = get_body(s.addr, "/v1/races?keepalive=0", &[]).await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("from 1 to 3600"), "{body}");
 }

@@ -9,7 +9,7 @@ use anyhow::Result;
 
 use super::ProbeArgs;
 use crate::engine::EngineConfig;
-use crate::http::{Live, ServeArgs};
+use crate::http::{RunServices, ServeArgs};
 use crate::k8s::KubeArgs;
 use crate::npa::Layout;
 use crate::npa::target::{MapBy, MapSpec};
@@ -102,14 +102,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
         );
     }
     // The server first: /healthz answers and /readyz says 503 while the probes attach.
-    let mut live = Live::new(args.serve.replay);
-    live.trace_dir = Some(args.trace_dir.clone());
-    if let Some(addr) = args.serve.start(&mut live).await? {
+    let mut services = RunServices::new(args.serve.replay);
+    services.trace_dir = Some(args.trace_dir.clone());
+    if let Some(addr) = args.serve.start(&mut services).await? {
         eprintln!(
             "detector: serving http://{addr} (/metrics, /v1/races, /v1/events, /v1/traces, /healthz, /readyz)"
         );
     }
-    live.kube = args.kube.start(live.metrics.clone()).await?;
+    services.kube = args.kube.start(services.metrics.clone()).await?;
     let agent_netns =
         super::trace::netns_inode(args.netns.as_deref().unwrap_or("/proc/self/ns/net"))?;
     // Filter conntrack events to the agent's namespace only when one was named; by default
@@ -144,5 +144,5 @@ pub async fn run(args: RunArgs) -> Result<()> {
         duration: args.duration,
         watermark_ms: args.watermark_ms,
     };
-    crate::pipeline::run::run(opts, live).await
+    crate::pipeline::run::run(opts, services).await
 }

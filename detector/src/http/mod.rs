@@ -13,6 +13,7 @@ pub mod traces;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use axum::Router;
@@ -26,10 +27,9 @@ use axum::routing::get;
 use futures_util::StreamExt;
 use tokio::net::TcpListener;
 
-use crate::engine::Verdict;
-use crate::k8s::{Kube, PodRef, RaceNotice};
+use crate::k8s::Kube;
 use crate::telemetry::metrics::{self, Metrics};
-use stream::{Channel, Frame, Hub, Item};
+use stream::{Channel, Frame, Hub};
 
 /// Default address of `--listen`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9477";
@@ -80,8 +80,8 @@ impl ServeArgs {
         Ok(Some((addr, true)))
     }
 
-    /// Starts the server for `live` when enabled; returns the address it serves on.
-    pub async fn start(&self, live: &mut Live) -> Result<Option<SocketAddr>> {
+    /// Starts the server for `services` when enabled; returns the address it serves on.
+    pub async fn start(&self, services: &mut RunServices) -> Result<Option<SocketAddr>> {
         let Some((addr, given)) = self.addr()? else {
             return Ok(None);
         };
@@ -106,35 +106,38 @@ impl ServeArgs {
             max_streams: self.http_max_streams as usize,
             ..server::Limits::default()
         };
-        live.server = Some(spawn_with(
+        services.server = Some(spawn_with(
             listener,
             router_with_traces(
-                live.hub.clone(),
-                live.metrics.clone(),
+                services.hub.clone(),
+                services.metrics.clone(),
                 token,
-                live.trace_dir.clone(),
+                services.trace_dir.clone(),
             ),
             limits,
-            live.metrics.clone(),
+            services.metrics.clone(),
         ));
         Ok(Some(local))
     }
 
     pub fn token(&self) -> Result<Option<String>> {
-        let Some(p) = &self.token_file else {
-            return Ok(None);
-        };
-        let t = std::fs::read_to_string(p)
-            .with_context(|| format!("--token-file {}: cannot read it", p.display()))?;
-        let t = t.trim().to_string();
-        if t.is_empty() {
-            anyhow::bail!(
-                "--token-file {}: the file is empty; put the bearer token in it",
-                p.display()
-            );
-        }
-        Ok(Some(t))
+        self.token_file.as_deref().map(read_token_file).transpose()
     }
+}
+
+/// The bearer token in `path` (a --token-file of the server or of `detector watch`), trimmed;
+/// an unreadable or empty file is an error that names it.
+pub fn read_token_file(path: &std::path::Path) -> Result<String> {
+    let t = std::fs::read_to_string(path)
+        .with_context(|| format!("--token-file {}: cannot read it", path.display()))?;
+    let t = t.trim().to_string();
+    if t.is_empty() {
+        anyhow::bail!(
+            "--token-file {}: the file is empty; put the bearer token in it",
+            path.display()
+        );
+    }
+    Ok(t)
 }
 
 #[derive(Clone)]
@@ -286,6 +289,9 @@ async fn metrics_handler(State(st): State<AppState>) -> Response {
 struct StreamQuery {
     /// `text`: readable lines; default NDJSON.
     format: Option<String>,
+    /// Seconds: an empty line after each this long with no record (NDJSON and text; SSE
+    /// always has its keep-alive comments).
+    keepalive: Option<u64>,
 }
 
 async fn races(
@@ -337,37 +343,49 @@ fn stream_response(
             .keep_alive(KeepAlive::default())
             .into_response();
     }
-    let (ctype, body) = if q.format.as_deref() == Some("text") {
-        (
-            "text/plain; charset=utf-8",
-            Body::from_stream(frames.map(|f| Ok::<_, Infallible>(format!("{}\n", f.text())))),
-        )
-    } else {
-        (
-            "application/x-ndjson",
-            Body::from_stream(frames.map(|f| Ok::<_, Infallible>(format!("{}\n", f.json())))),
-        )
+    let text = q.format.as_deref() == Some("text");
+    let lines = frames.map(move |f| format!("{}\n", if text { f.text() } else { f.json() }));
+    let lines = match q.keepalive {
+        None => lines.boxed(),
+        Some(secs @ 1..=stream::MAX_KEEPALIVE_SECS) => {
+            stream::with_keepalive(lines, Duration::from_secs(secs)).boxed()
+        }
+        Some(secs) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "keepalive={secs}: give seconds from 1 to {}\n",
+                    stream::MAX_KEEPALIVE_SECS
+                ),
+            )
+                .into_response();
+        }
     };
+    let ctype = if text {
+        "text/plain; charset=utf-8"
+    } else {
+        "application/x-ndjson"
+    };
+    let body = Body::from_stream(lines.map(Ok::<_, Infallible>));
     ([(header::CONTENT_TYPE, ctype)], body).into_response()
 }
 
-/// What `detector run` feeds: the streams, the metrics and Kubernetes, in one place.
-pub struct Live {
+/// The services a run feeds besides stdout and the trace files: the HTTP streams and the server
+/// that reads them, the metrics, and the Kubernetes client (pods and Events).
+pub struct RunServices {
     pub hub: Arc<Hub>,
     pub metrics: Arc<Metrics>,
-    pub backend: &'static str,
     pub kube: Option<Kube>,
     pub server: Option<ServerHandle>,
     /// The directory `/v1/traces` serves (the run's --trace-dir).
     pub trace_dir: Option<std::path::PathBuf>,
 }
 
-impl Live {
+impl RunServices {
     pub fn new(replay: usize) -> Self {
         Self {
             hub: Arc::new(Hub::new(replay, 0, CLIENT_BACKLOG)),
             metrics: Arc::new(Metrics::new()),
-            backend: "",
             kube: None,
             server: None,
             trace_dir: None,
@@ -380,41 +398,6 @@ impl Live {
         self.hub.close_clients();
         if let Some(s) = self.server.take() {
             s.stop(std::time::Duration::from_secs(1)).await;
-        }
-    }
-
-    /// Whether event records need rendering for stream clients.
-    pub fn events_wanted(&self) -> bool {
-        self.hub.events.clients() > 0
-    }
-
-    /// One kernel record received (`kind` as in the NDJSON `type`).
-    pub fn count_event(&self, kind: &str) {
-        self.metrics.event(kind, self.backend);
-    }
-
-    pub fn publish_event(&self, json: String, text: String) {
-        self.hub.events.publish(Item { json, text });
-    }
-
-    /// The pods at the ends of a verdict's key (empty without Kubernetes).
-    pub fn pods(&self, v: &Verdict) -> Vec<PodRef> {
-        self.kube
-            .as_ref()
-            .map(|k| k.pods.for_key(&v.key))
-            .unwrap_or_default()
-    }
-
-    /// One race: counted, streamed to both streams, and an Event on its pods.
-    pub fn race(&self, v: &Verdict, latency_ns: u64, item: Item, notice: RaceNotice) {
-        self.metrics.verdict(v.class, latency_ns);
-        self.hub.events.publish(Item {
-            json: item.json.clone(),
-            text: item.text.clone(),
-        });
-        self.hub.races.publish(item);
-        if let Some(events) = self.kube.as_ref().and_then(|k| k.events.as_ref()) {
-            events.send(notice);
         }
     }
 }

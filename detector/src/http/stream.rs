@@ -7,6 +7,9 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
 
 use serde_json::json;
 use tokio::sync::{broadcast, watch};
@@ -159,6 +162,26 @@ impl Hub {
     }
 }
 
+/// Longest keep-alive interval a client may ask for (`?keepalive=SECS`).
+pub const MAX_KEEPALIVE_SECS: u64 = 3600;
+
+/// `lines`, with an empty line whenever `every` passes without one: an NDJSON or text client
+/// that asked for it (`?keepalive=SECS`, as `detector watch` does) can then tell a quiet
+/// detector from a stuck one with a read timeout. Opt-in, so a client that parses every line
+/// as JSON sees no change.
+pub fn with_keepalive<S>(lines: S, every: Duration) -> impl Stream<Item = String> + Send
+where
+    S: Stream<Item = String> + Send + 'static,
+{
+    futures_util::stream::unfold(lines.boxed(), move |mut lines| async move {
+        match tokio::time::timeout(every, lines.next()).await {
+            Ok(Some(line)) => Some((line, lines)),
+            Ok(None) => None,
+            Err(_) => Some(("\n".to_string(), lines)),
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(
@@ -219,5 +242,25 @@ mod tests {
             (Some("lagged"), Some(6))
         );
         assert_eq!(s.next().await.unwrap().text(), "line 6");
+    }
+
+    #[tokio::test]
+    async fn an_idle_stream_gets_empty_lines_and_ends_with_its_source() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<String>(4);
+        let source =
+            futures_util::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|l| (l, rx)) },
+            );
+        let mut s = Box::pin(with_keepalive(source, Duration::from_millis(30)));
+        tx.send("a\n".to_string()).await.unwrap();
+        assert_eq!(s.next().await.unwrap(), "a\n");
+        // Nothing sent: a keep-alive comes within the interval (and not a record).
+        let idle = tokio::time::timeout(Duration::from_secs(5), s.next()).await;
+        assert_eq!(idle.unwrap().unwrap(), "\n");
+        tx.send("b\n".to_string()).await.unwrap();
+        assert_eq!(s.next().await.unwrap(), "b\n");
+        drop(tx);
+        assert_eq!(s.next().await, None, "ends when its source ends");
     }
 }

@@ -5,6 +5,7 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use detector_common::npa_key::NpaKeyFields;
 use serde::Serialize;
 use thiserror::Error;
 
@@ -122,29 +123,39 @@ impl NpaKey {
     /// ifindex in an ifindex layout is written with ifindex 0, as NPA's own cleanup does.
     /// `decode(l, &k.encode(l)?) == k` for every key `k` that fits `l`.
     pub fn encode(&self, layout: KeyLayout) -> Result<Vec<u8>, CodecError> {
-        let o = layout.offsets();
-        let mut b = vec![0u8; layout.size()];
-        for (at, ip) in [(o.src, self.src), (o.dst, self.dst), (o.owner, self.owner)] {
+        let octets = |ip: IpAddr| -> Result<Vec<u8>, CodecError> {
             match (ip, layout.is_ipv6()) {
-                (IpAddr::V4(a), false) => b[at..at + 4].copy_from_slice(&a.octets()),
-                (IpAddr::V6(a), true) => b[at..at + 16].copy_from_slice(&a.octets()),
-                (ip, v6) => {
-                    return Err(CodecError::Family {
-                        layout: layout.name(),
-                        family: if ip.is_ipv6() { "IPv6" } else { "IPv4" },
-                        expected: if v6 { "IPv6" } else { "IPv4" },
-                    });
-                }
+                (IpAddr::V4(a), false) => Ok(a.octets().to_vec()),
+                (IpAddr::V6(a), true) => Ok(a.octets().to_vec()),
+                (ip, v6) => Err(CodecError::Family {
+                    layout: layout.name(),
+                    family: if ip.is_ipv6() { "IPv6" } else { "IPv4" },
+                    expected: if v6 { "IPv6" } else { "IPv4" },
+                }),
             }
+        };
+        if let (Some(i), false) = (self.ifindex, layout.has_ifindex()) {
+            return Err(CodecError::Ifindex(i, layout.name()));
         }
-        b[o.sport..o.sport + 2].copy_from_slice(&self.sport.to_ne_bytes());
-        b[o.dport..o.dport + 2].copy_from_slice(&self.dport.to_ne_bytes());
-        b[o.proto] = self.proto;
-        match (self.ifindex, layout.has_ifindex()) {
-            (Some(i), true) => b[o.ifindex..o.ifindex + 4].copy_from_slice(&i.to_ne_bytes()),
-            (None, _) => {}
-            (Some(i), false) => return Err(CodecError::Ifindex(i, layout.name())),
+        let (src, dst, owner) = (octets(self.src)?, octets(self.dst)?, octets(self.owner)?);
+        let mut b = vec![0u8; layout.size()];
+        NpaKeyFields {
+            src: &src,
+            sport: self.sport,
+            dst: &dst,
+            dport: self.dport,
+            proto: self.proto,
+            owner: &owner,
+            ifindex: self.ifindex,
         }
+        .write(&mut b)
+        // Not reached: the family and ifindex checks above make the fields fit the layout.
+        .map_err(|_| CodecError::Length {
+            what: "key",
+            layout: layout.name(),
+            expected: layout.size(),
+            actual: b.len(),
+        })?;
         Ok(b)
     }
 

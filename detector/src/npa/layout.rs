@@ -41,6 +41,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use detector_common::npa_key::{NpaKeyOffsets, npa_key_size};
 use serde::Serialize;
 use thiserror::Error;
 
@@ -81,8 +82,7 @@ impl KeyLayout {
 
     /// Size of the key in bytes (`3 * addr + 8`, plus 4 for `ifindex`).
     pub const fn size(self) -> usize {
-        let base = 3 * self.addr_len() + 8;
-        if self.has_ifindex() { base + 4 } else { base }
+        npa_key_size(self.addr_len(), self.has_ifindex())
     }
 
     /// Canonical name used by the `--layout` syntax.
@@ -99,34 +99,10 @@ impl KeyLayout {
         Self::ALL.into_iter().find(|k| k.size() == size)
     }
 
-    /// Field offsets. Every layout is `src, sport, pad16, dst, dport, proto, pad8, owner
-    /// [, ifindex]` with addresses 4-byte aligned, so one formula covers all four.
-    pub(super) const fn offsets(self) -> Offsets {
-        let a = self.addr_len();
-        Offsets {
-            src: 0,
-            sport: a,
-            pad16: a + 2,
-            dst: a + 4,
-            dport: 2 * a + 4,
-            proto: 2 * a + 6,
-            pad8: 2 * a + 7,
-            owner: 2 * a + 8,
-            ifindex: 3 * a + 8,
-        }
+    /// Field offsets (one formula for all four layouts: see `detector_common::npa_key`).
+    pub const fn offsets(self) -> NpaKeyOffsets {
+        NpaKeyOffsets::new(self.addr_len())
     }
-}
-
-pub(super) struct Offsets {
-    pub src: usize,
-    pub sport: usize,
-    pub pad16: usize,
-    pub dst: usize,
-    pub dport: usize,
-    pub proto: usize,
-    pub pad8: usize,
-    pub owner: usize,
-    pub ifindex: usize,
 }
 
 /// Shape of the map value.

@@ -340,26 +340,15 @@ pub fn holders(id: u32) -> Vec<Holder> {
 /// Where the flow fields sit in a key of `layout`, and the namespace whose conntrack entries
 /// judge the map's deletes, for the kernel programs.
 pub fn target_map(layout: KeyLayout, netns: u32) -> TargetMap {
-    if layout.is_ipv6() {
-        TargetMap {
-            family: AF_INET6 as u32,
-            off_src: 0,
-            off_sport: 16,
-            off_dst: 20,
-            off_dport: 36,
-            off_proto: 38,
-            netns,
-        }
-    } else {
-        TargetMap {
-            family: AF_INET as u32,
-            off_src: 0,
-            off_sport: 4,
-            off_dst: 8,
-            off_dport: 12,
-            off_proto: 14,
-            netns,
-        }
+    let o = layout.offsets();
+    TargetMap {
+        family: u32::from(if layout.is_ipv6() { AF_INET6 } else { AF_INET }),
+        off_src: o.src as u32,
+        off_sport: o.sport as u32,
+        off_dst: o.dst as u32,
+        off_dport: o.dport as u32,
+        off_proto: o.proto as u32,
+        netns,
     }
 }
 

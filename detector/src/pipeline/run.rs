@@ -15,7 +15,7 @@ use super::map_follow::{MapWatch, follow_map, wait_for_map};
 use super::startup::{self, Preexisting};
 use crate::clock::{self, WallClock};
 use crate::engine::{Engine, EngineConfig, Input};
-use crate::http::Live;
+use crate::http::RunServices;
 use crate::http::sink::HubSink;
 use crate::k8s::sink::EventSink;
 use crate::kernel::reader::Reader;
@@ -330,7 +330,7 @@ async fn event_loop<W: Write>(
     Ok(stream)
 }
 
-pub async fn run(opts: RunOptions, mut live: Live) -> Result<()> {
+pub async fn run(opts: RunOptions, mut services: RunServices) -> Result<()> {
     let deadline = opts
         .duration
         .map(|secs| std::time::Instant::now() + std::time::Duration::from_secs_f64(secs));
@@ -339,7 +339,7 @@ pub async fn run(opts: RunOptions, mut live: Live) -> Result<()> {
     let writer = TraceWriter::start(
         &opts.trace_dir,
         opts.trace_limits,
-        Some(live.metrics.clone()),
+        Some(services.metrics.clone()),
     )
     .context("starting the trace writer thread")?;
     let mut attached = attach_probes(&opts.settings, &map, opts.agent_netns)?;
@@ -356,14 +356,13 @@ pub async fn run(opts: RunOptions, mut live: Live) -> Result<()> {
     if let Some(w) = too_small {
         tracing::warn!("{w}");
     }
-    live.backend = attached.backend.name();
     let hz = clock::kernel_hz().unwrap_or_else(|| {
         tracing::warn!("could not measure the kernel's HZ from /proc/timer_list; assuming 250");
         250
     });
     let started = clock::now_iso();
-    let mut others: Vec<Box<dyn Sink + Send>> = vec![Box::new(HubSink(live.hub.clone()))];
-    let kube = live.kube.take();
+    let mut others: Vec<Box<dyn Sink + Send>> = vec![Box::new(HubSink(services.hub.clone()))];
+    let kube = services.kube.take();
     let (pods, events) = kube.map(|k| (Some(k.pods), k.events)).unwrap_or_default();
     if let Some(events) = events {
         others.push(Box::new(EventSink(events)));
@@ -381,7 +380,7 @@ pub async fn run(opts: RunOptions, mut live: Live) -> Result<()> {
         pre: Preexisting::new(opts.agent_netns, 0),
         pending_traces: HashMap::new(),
         agent_netns: opts.agent_netns,
-        metrics: live.metrics.clone(),
+        metrics: services.metrics.clone(),
         backend: attached.backend.name(),
         pods,
         out: Outputs {
@@ -450,7 +449,7 @@ pub async fn run(opts: RunOptions, mut live: Live) -> Result<()> {
     // stdout's summary line, then the streams end, then the summary file (as before the
     // split: a client sees the end of its stream only after the last line on stdout).
     det.out.console.finish(&summary)?;
-    live.shutdown().await;
+    services.shutdown().await;
     det.out.traces.finish(&summary)?;
     for s in &mut det.out.others {
         s.finish(&summary)?;

@@ -1,32 +1,42 @@
 //! The agent map for the bench: a BPF LRU hash with NPA's layout (v4-24/16: the 24-byte IPv4
-//! key with ifindex, the 16-byte value with last_seen; see detector/src/agent/layout.rs),
+//! key with ifindex, the 16-byte value with last_seen; see detector/src/npa/layout.rs),
 //! created, filled in batches and pinned with raw bpf(2) calls (testbed's) in the bench's
 //! own bpffs.
 
 use std::path::Path;
 
 use anyhow::Result;
+use detector_common::npa_key::{NpaKeyFields, npa_key_size};
 use testbed::bpfmap::{BpfMap, LRU_HASH, MapSpec};
 
-pub const KEY_SIZE: usize = 24;
+pub const KEY_SIZE: usize = npa_key_size(4, true);
 pub const VALUE_SIZE: usize = 16;
 
 pub struct AgentMap {
     map: BpfMap,
 }
 
-/// NPA's key for a UDP flow src:sport -> dst:dport owned by `dst` (v4-24: addresses in
-/// network order, ports and ifindex in host order, padding zero).
-pub fn key(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, ifindex: u32) -> [u8; KEY_SIZE] {
+/// NPA's key for a UDP flow src:sport -> dst:dport owned by `dst`, written by the encoder the
+/// detector decodes with.
+pub fn key(
+    src: [u8; 4],
+    sport: u16,
+    dst: [u8; 4],
+    dport: u16,
+    ifindex: u32,
+) -> Result<[u8; KEY_SIZE]> {
     let mut k = [0u8; KEY_SIZE];
-    k[0..4].copy_from_slice(&src);
-    k[4..6].copy_from_slice(&sport.to_ne_bytes());
-    k[8..12].copy_from_slice(&dst);
-    k[12..14].copy_from_slice(&dport.to_ne_bytes());
-    k[14] = 17;
-    k[16..20].copy_from_slice(&dst);
-    k[20..24].copy_from_slice(&ifindex.to_ne_bytes());
-    k
+    NpaKeyFields {
+        src: &src,
+        sport,
+        dst: &dst,
+        dport,
+        proto: 17,
+        owner: &dst,
+        ifindex: Some(ifindex),
+    }
+    .write(&mut k)?;
+    Ok(k)
 }
 
 impl AgentMap {

@@ -218,12 +218,12 @@ pub(super) fn agent_map_of_udp_flows(
 ) -> Result<bpfmap::AgentMap> {
     let am = bpfmap::AgentMap::create(path, max_entries)?;
     let (src, dst): (Ipv4Addr, Ipv4Addr) = (sys::CLI_IP.parse()?, sys::SRV_IP.parse()?);
-    let keys: Vec<[u8; bpfmap::KEY_SIZE]> = (0..n)
+    let keys = (0..n)
         .map(|i| {
             let (sport, dport) = load::udp_flow(i);
             bpfmap::key(src.octets(), sport, dst.octets(), dport, 2)
         })
-        .collect();
+        .collect::<Result<Vec<_>>>()?;
     am.fill(&keys, monotonic_ns())?;
     Ok(am)
 }
