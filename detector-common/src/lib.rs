@@ -11,7 +11,7 @@
 pub mod lab;
 
 /// Version of the record layout. Bumped whenever a record changes shape.
-pub const RECORD_VERSION: u8 = 2;
+pub const RECORD_VERSION: u8 = 3;
 
 /// Record kinds (`EventHeader::kind`).
 pub mod kind {
@@ -195,6 +195,12 @@ pub struct CtEvent {
     pub source: u8,
     pub _pad: u16,
     pub task: TaskInfo,
+    /// Kernel time (`bpf_ktime_get_ns` clock) at which the entry's timeout runs out, or ran
+    /// out: `ct->timeout` (an absolute jiffies deadline) taken back to ktime with the tick
+    /// length userspace measured (`ProbeConfig::ns_per_jiffy`). At most one jiffy late, never
+    /// after the record's own time when the entry had expired. 0 when the tick length is
+    /// unknown.
+    pub expiry_ns: u64,
 }
 
 /// A userspace delete on a watched map. Timestamped at syscall entry; emitted at syscall exit
@@ -389,6 +395,9 @@ pub struct ProbeConfig {
     /// Keys of one batch delete reported key by key (bpf_loop iterations, at most 1 << 23);
     /// more are counted in `counter::BATCH_TRUNCATED`.
     pub max_batch_keys: u32,
+    /// Length of one jiffy in ns (1e9 / CONFIG_HZ, measured by userspace), to place conntrack
+    /// deadlines on the ktime clock; 0 when unknown (records then carry no expiry).
+    pub ns_per_jiffy: u32,
 }
 
 impl ProbeConfig {
@@ -426,6 +435,7 @@ impl ProbeConfig {
         kmem_free_arg_cache: 0,
         ct_tcp_state: 0,
         max_batch_keys: 0,
+        ns_per_jiffy: 0,
     };
 }
 
@@ -467,9 +477,10 @@ const _: () = {
                 + 1
                 + 2
                 + size_of::<TaskInfo>()
+                + 8
     );
     assert!(size_of::<CtEvent>().is_multiple_of(8));
-    assert!(size_of::<ProbeConfig>() == 32 * 4);
+    assert!(size_of::<ProbeConfig>() == 33 * 4);
     assert!(
         size_of::<PacketDropEvent>() == size_of::<EventHeader>() + size_of::<Tuple>() + 4 + 4 + 8
     );

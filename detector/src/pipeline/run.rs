@@ -337,8 +337,12 @@ pub async fn run(opts: RunOptions, mut live: Live) -> Result<()> {
         tracing::warn!("{w}");
     }
     live.backend = attached.backend.name();
-    let hz = clock::kernel_hz().unwrap_or_else(|| {
-        tracing::warn!("could not measure the kernel's HZ from /proc/timer_list; assuming 250");
+    // Measured once, before load: the programs place conntrack deadlines with it.
+    let hz = attached.probe.hz.unwrap_or_else(|| {
+        tracing::warn!(
+            "could not measure the kernel's HZ (/proc/timer_list, /boot/config-*); assuming \
+             250 for displayed timeouts, and conntrack expiry instants are unknown"
+        );
         250
     });
     let started = clock::now_iso();

@@ -59,6 +59,8 @@ fn ct_json(c: &CtRecord, u: &TimeBase) -> serde_json::Value {
         "reason": c.reason,
         "born_ns": (c.born_ns != 0).then_some(c.born_ns),
         "lifetime_ns": lifetime(c),
+        "expiry_ns": (c.expiry_ns != 0).then_some(c.expiry_ns),
+        "expiry_time": (c.expiry_ns != 0).then(|| u.wall.iso(c.expiry_ns)),
         "source": c.source.name(),
         "pid": c.task.pid,
         "tid": c.task.tid,
