@@ -186,6 +186,8 @@ fn main() -> anyhow::Result<()> {
                 reply: c.reversed(),
                 born_ns: None,
                 reason: detector::record::DestroyReason::Killed,
+                expiry_ns: None,
+                reaped_by: detector::engine::ReapedBy::Softirq,
             });
         }
         let outs = engine.push(Input::AgentDelete(AgentDelete {

@@ -1,6 +1,7 @@
 //! Deciding a delete, and assembling traces when their window closes.
 
 use super::flow_id::{FlowId, NO_EVENT};
+use super::race_instants::RaceInstants;
 use super::shadow::{KEntry, MapKey};
 use super::verdict::{self, Unjudged, UnjudgedReason};
 use super::{
@@ -206,13 +207,19 @@ impl Engine {
                 "{n_live} live entries match the key (several netns); the youngest is reported"
             ));
         }
-        let (class, old) = verdict::classify(
+        let (class, mut old) = verdict::classify(
             d.ts_ns,
             live.id,
             live.born_ns,
             last_destroyed.as_ref(),
             self.cfg.snapshot_lag_window_ns,
         );
+        if let Some(o) = old.as_mut() {
+            o.reaped_by = o.reaped_by.map(|r| r.seen_from(d.task.pid));
+        }
+        let instants = old
+            .as_ref()
+            .map(|o| RaceInstants::new(o, live.born_ns, d.ts_ns));
         let reuse_gap_ns = old.zip(live.born_ns).and_then(|(o, born)| {
             i64::try_from(born)
                 .ok()?
@@ -251,6 +258,7 @@ impl Engine {
             key_inserted_ns: map_entry.and_then(|m| m.inserted_ns),
             reuse_gap_ns,
             delete_lag_ns: live.born_ns.map(|b| d.ts_ns.saturating_sub(b)),
+            instants,
             delete_to_denied_ns: None,
             first_denied: None,
             maybe_incomplete: self.lost_between(story_start_ns, d.ts_ns),

@@ -123,6 +123,8 @@ impl Model {
             reply: tpl.reply,
             born_ns: e.born,
             reason,
+            expiry_ns: None,
+            reaped_by: super::ReapedBy::GcWorker,
         }
     }
 }
