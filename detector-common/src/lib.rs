@@ -235,7 +235,10 @@ pub struct MapDeleteEvent {
     /// The entry's conntrack TCP state (one of [`tcp_state`]), [`tcp_state::UNKNOWN`] when no
     /// entry was found or the flow is not TCP.
     pub ct_tcp_state: u8,
-    pub _pad_tcp: [u8; 7],
+    pub _pad_tcp: [u8; 3],
+    /// Network namespace (inode) whose conntrack entries judged the delete: the target's
+    /// (`--netns`), or else the deleting task's own (`current->nsproxy->net_ns`).
+    pub judged_netns: u32,
 }
 
 impl MapDeleteEvent {
@@ -266,7 +269,8 @@ impl MapDeleteEvent {
         ct_status: 0,
         key: [0; MAX_KEY],
         ct_tcp_state: tcp_state::UNKNOWN,
-        _pad_tcp: [0; 7],
+        _pad_tcp: [0; 3],
+        judged_netns: 0,
     };
 }
 
@@ -332,8 +336,8 @@ pub struct TargetMap {
     pub off_dst: u32,
     pub off_dport: u32,
     pub off_proto: u32,
-    /// Network namespace (inode) whose conntrack entries judge this map's deletes: the
-    /// agent's (the node's, for NPA).
+    /// Network namespace (inode) whose conntrack entries judge this map's deletes (`--netns`);
+    /// 0: the namespace of each deleting task, read at the delete.
     pub netns: u32,
 }
 
@@ -398,6 +402,10 @@ pub struct ProbeConfig {
     /// Length of one jiffy in ns (1e9 / CONFIG_HZ, measured by userspace), to place conntrack
     /// deadlines on the ktime clock; 0 when unknown (records then carry no expiry).
     pub ns_per_jiffy: u32,
+    /// `struct task_struct`: `nsproxy`; `struct nsproxy`: `net_ns` (the deleting task's
+    /// network namespace).
+    pub task_nsproxy: u32,
+    pub nsproxy_net_ns: u32,
 }
 
 impl ProbeConfig {
@@ -436,6 +444,8 @@ impl ProbeConfig {
         ct_tcp_state: 0,
         max_batch_keys: 0,
         ns_per_jiffy: 0,
+        task_nsproxy: 0,
+        nsproxy_net_ns: 0,
     };
 }
 
@@ -480,7 +490,7 @@ const _: () = {
                 + 8
     );
     assert!(size_of::<CtEvent>().is_multiple_of(8));
-    assert!(size_of::<ProbeConfig>() == 33 * 4);
+    assert!(size_of::<ProbeConfig>() == 35 * 4);
     assert!(
         size_of::<PacketDropEvent>() == size_of::<EventHeader>() + size_of::<Tuple>() + 4 + 4 + 8
     );
@@ -507,7 +517,8 @@ const _: () = {
                 + 4
                 + MAX_KEY
                 + 1
-                + 7
+                + 3
+                + 4
     );
     assert!(size_of::<MapDeleteEvent>().is_multiple_of(8));
     assert!(size_of::<TargetMap>() == 7 * 4);

@@ -274,6 +274,8 @@ fn delete_of(v: &Value) -> Res<MapDeleteRecord> {
                     .filter_map(TcpState::from_raw)
                     .find(|t| t.name() == name)
             }),
+        // Absent from recordings made before deletes were judged per namespace.
+        judged_netns: v.get("judged_netns").and_then(Value::as_u64).unwrap_or(0) as u32,
     })
 }
 

@@ -52,13 +52,15 @@ struct Attached {
     writes_hook: &'static str,
     /// Taken right after attaching, before the start-up snapshots.
     reader: Option<Reader>,
+    /// The namespace the map's deletes are judged in (`--netns`); 0: each deleting task's own.
+    judge_netns: u32,
 }
 
 /// Loads the programs, picks the backend and attaches everything to `map`.
-fn attach_probes(settings: &ProbeSettings, map: &AgentMap, agent_netns: u32) -> Result<Attached> {
+fn attach_probes(settings: &ProbeSettings, map: &AgentMap, judge_netns: u32) -> Result<Attached> {
     let mut probe = Probe::open(settings)?;
     let (backend, _) = probe.choose(settings.backend)?;
-    probe.set_target(map.id, target::target_map(map.layout.key, agent_netns))?;
+    probe.set_target(map.id, target::target_map(map.layout.key, judge_netns))?;
     probe.attach(backend)?;
     let no_writes = probe.attach_agent(backend)?;
     let writes_hook = probe.writes_hook().unwrap_or("none");
@@ -69,6 +71,7 @@ fn attach_probes(settings: &ProbeSettings, map: &AgentMap, agent_netns: u32) -> 
         no_writes,
         writes_hook,
         reader,
+        judge_netns,
     })
 }
 
@@ -238,6 +241,7 @@ fn follow_map<W: Write>(
     spec: &MapSpec,
     det: &mut Detector<W>,
     probe: &mut Probe,
+    judge_netns: u32,
     now_ns: u64,
 ) -> Result<()> {
     if spec.id.is_some() {
@@ -256,7 +260,7 @@ fn follow_map<W: Write>(
         new.id,
         new.layout
     );
-    probe.set_target(new.id, target::target_map(new.layout.key, det.agent_netns))?;
+    probe.set_target(new.id, target::target_map(new.layout.key, judge_netns))?;
     probe.remove_target(old.id)?;
     det.map_recreated(&old, now_ns)
 }
@@ -302,7 +306,7 @@ async fn event_loop<W: Write>(
                 if second {
                     let kernel = stream.reader.counters();
                     det.metrics.update(det.engine.stats(), &kernel);
-                    follow_map(spec, det, &mut attached.probe, now_ns)?;
+                    follow_map(spec, det, &mut attached.probe, attached.judge_netns, now_ns)?;
                     // Keep wall time true across NTP steps and suspend.
                     det.set_wall(WallClock::measure(), now_ns)?;
                 }
@@ -327,7 +331,14 @@ pub async fn run(opts: RunOptions, mut live: Live) -> Result<()> {
         Some(live.metrics.clone()),
     )
     .context("starting the trace writer thread")?;
-    let mut attached = attach_probes(&opts.settings, &map, opts.agent_netns)?;
+    // With --netns every delete is judged in that namespace; without it each delete is
+    // judged in its deleting task's namespace (the agent's, which its own dump reads).
+    let judge_netns = if opts.netns_path.is_some() {
+        opts.agent_netns
+    } else {
+        0
+    };
+    let mut attached = attach_probes(&opts.settings, &map, judge_netns)?;
     let (tables, too_small) = crate::kernel::sizing::describe(
         opts.settings.max_entries,
         crate::kernel::sizing::node_conntrack_max(),

@@ -143,6 +143,7 @@ pub fn delete_json(d: &MapDeleteRecord, key: Option<&NpaKey>, u: &TimeBase) -> s
         "entry_born_ns": (d.ct_born_ns != 0).then_some(d.ct_born_ns),
         "entry_timeout_left_ms": (d.ct_addr != 0).then(|| u.jiffies_ms(d.ct_timeout_left_jiffies as i64)),
         "entry_tcp_state": d.ct_tcp_state,
+        "judged_netns": (d.judged_netns != 0).then_some(d.judged_netns),
         "pid": d.task.pid,
         "tid": d.task.tid,
         "comm": d.task.comm,
