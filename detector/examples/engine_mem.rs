@@ -141,6 +141,7 @@ fn main() -> anyhow::Result<()> {
             layout,
             result: DeleteResult::Deleted,
             kernel_view: None,
+            judged_netns: None,
         }));
         emitted += outs.len();
         last = outs.into_iter().next().or(last);
@@ -202,6 +203,7 @@ fn main() -> anyhow::Result<()> {
             layout,
             result: DeleteResult::Deleted,
             kernel_view: None,
+            judged_netns: None,
         }));
         last = outs.into_iter().next().or(last);
         for k in 0..4 {

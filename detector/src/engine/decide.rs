@@ -173,6 +173,28 @@ impl Engine {
             let shadow_evicted =
                 self.evicted_live_overflowed || self.evicted_live.get(&fid).is_some();
             let kernel_absent = matches!(d.kernel_view, Some(KernelView::Absent));
+            // The kernel looked in one namespace only; a live entry of the flow elsewhere
+            // means the agent's conntrack may be there, and the delete a race.
+            let elsewhere = d.judged_netns.filter(|_| kernel_absent).and_then(|judged| {
+                live_entries
+                    .iter()
+                    .filter(|e| e.netns != judged)
+                    .max_by_key(|e| e.born_ns)
+                    .map(|e| (judged, e.netns))
+            });
+            if let Some((judged, live_netns)) = elsewhere {
+                let c = &mut self.stats.deletes;
+                c.unjudged += 1;
+                c.unjudged_other_netns += 1;
+                out.push(Output::Unjudged(Unjudged {
+                    ts_ns: d.ts_ns,
+                    key: d.key.clone(),
+                    reason: UnjudgedReason::LiveInOtherNetns,
+                    judged_netns: Some(judged),
+                    live_netns: Some(live_netns),
+                }));
+                return;
+            }
             let c = &mut self.stats.deletes;
             if !expired_not_reaped && (shadow_evicted || kernel_absent && self.kernel_tables_full) {
                 // The state that would show a live entry was lost to a bound: never rightful.
@@ -188,6 +210,8 @@ impl Engine {
                     ts_ns: d.ts_ns,
                     key: d.key.clone(),
                     reason,
+                    judged_netns: None,
+                    live_netns: None,
                 }));
                 return;
             }

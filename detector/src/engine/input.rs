@@ -85,6 +85,8 @@ pub struct AgentDelete {
     /// The kernel's own liveness verdict taken at the instant of the delete, when the backend
     /// provides one; authoritative over the engine's shadow.
     pub kernel_view: Option<KernelView>,
+    /// The network namespace (inode) the kernel view was taken in, when known.
+    pub judged_netns: Option<u32>,
 }
 
 /// Outcome of the delete syscall.

@@ -130,6 +130,7 @@ pub(super) fn delete_with(
         layout,
         result,
         kernel_view,
+        judged_netns: None,
     })
 }
 
@@ -1245,4 +1246,40 @@ fn flight_recorder_is_bounded_and_says_what_it_pushed_out() {
     let v = verdicts(&outs);
     assert_eq!(event_names(&v[0].timeline), ["ct_new", "agent_delete"]);
     assert!(!v[0].timeline_truncated);
+}
+
+/// The kernel judged a delete in one namespace (the deleting task's) and found no entry
+/// there, while the flow is live in another: unjudged, naming both, never rightful. Found
+/// absent in the namespace that holds the live entry, the kernel's view stands (rightful).
+#[test]
+fn kernel_absent_in_one_netns_with_the_flow_live_in_another_is_unjudged() {
+    let t = client();
+    let judged_in = |netns: u32| {
+        let mut e = engine();
+        let Input::AgentDelete(mut d) = delete_with(
+            2 * S,
+            key_of(&t),
+            v4(),
+            DeleteResult::Deleted,
+            Some(KernelView::Absent),
+        ) else {
+            unreachable!("delete_with builds a delete")
+        };
+        d.judged_netns = Some(netns);
+        let outs = run(&mut e, vec![ct_new(S, 1, t), Input::AgentDelete(d)]);
+        (unjudged(&outs).into_iter().cloned().collect::<Vec<_>>(), e)
+    };
+    let (u, e) = judged_in(NS + 7);
+    assert_eq!(u.len(), 1, "{u:?}");
+    assert_eq!(u[0].reason, UnjudgedReason::LiveInOtherNetns);
+    assert_eq!(
+        (u[0].judged_netns, u[0].live_netns),
+        (Some(NS + 7), Some(NS))
+    );
+    let d = &e.stats().deletes;
+    assert_eq!((d.unjudged, d.unjudged_other_netns, d.rightful), (1, 1, 0));
+
+    let (u, e) = judged_in(NS);
+    assert!(u.is_empty(), "{u:?}");
+    assert_eq!(e.stats().deletes.rightful, 1);
 }

@@ -35,6 +35,10 @@ pub struct Unjudged {
     pub ts_ns: u64,
     pub key: NpaKey,
     pub reason: UnjudgedReason,
+    /// [`UnjudgedReason::LiveInOtherNetns`]: the namespace the kernel judged in, and the
+    /// one the live entry is in.
+    pub judged_netns: Option<u32>,
+    pub live_netns: Option<u32>,
 }
 
 /// The bound that left a delete unjudged.
@@ -47,6 +51,10 @@ pub enum UnjudgedReason {
     /// The kernel saw no entry, but its tables of live entries (`--max-entries`) had
     /// overflowed.
     KernelTableFull,
+    /// The kernel saw no entry in the namespace it judged in (the deleting task's, or
+    /// `--netns`), but the flow has a live entry in another namespace: the agent's conntrack
+    /// may live there.
+    LiveInOtherNetns,
 }
 
 impl UnjudgedReason {
@@ -59,6 +67,10 @@ impl UnjudgedReason {
             Self::KernelTableFull => {
                 "the kernel's table of live entries was full (--max-entries): an absent entry \
                  proves nothing"
+            }
+            Self::LiveInOtherNetns => {
+                "no entry in the namespace judged in, but a live one in another namespace: if \
+                 the agent's conntrack is there, this delete is a race (judge there with --netns)"
             }
         }
     }
