@@ -19,6 +19,25 @@ use common::bpfmap::{AgentMap, Bpffs, unique_name};
 use common::{Detector, NetnsPair, connect_from, in_netns, of_type, privileged, start_echo_server};
 use detector::npa::{Layout, NpaKey};
 
+const LISTEN: &str = "127.0.0.1:19497";
+
+/// The value of `counter` in the running detector's /metrics.
+fn capacity_metric(counter: &str) -> u64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(LISTEN).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let name = format!("detector_capacity_overflow_total{{counter=\"{counter}\"}}");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing in {text}"))
+}
+
 /// Deletes `key` from a thread inside network namespace `ns`, as an agent living there would.
 fn delete_in(ns: &str, map: AgentMap, key: NpaKey) -> (AgentMap, i64) {
     in_netns(ns, move || {
@@ -51,6 +70,8 @@ fn deletes_are_judged_in_the_deleting_tasks_namespace() {
         "0.5",
         "--watermark-ms",
         "5",
+        "--listen",
+        LISTEN,
     ]);
     let server_netns = ns.inode(&ns.server);
     let host_netns = {
@@ -72,7 +93,8 @@ fn deletes_are_judged_in_the_deleting_tasks_namespace() {
     assert_eq!(ra, 0);
     assert_eq!(map.delete(&kb), 0);
 
-    sleep(Duration::from_millis(1000));
+    sleep(Duration::from_millis(1500)); // the metrics are refreshed every second
+    assert_eq!(capacity_metric("unjudged_other_netns"), 1);
     let (events, stderr) = det.stop();
 
     let deletes = of_type(&events, "agent_delete");
