@@ -15,7 +15,7 @@ pub mod lab;
 pub mod npa_key;
 
 /// Version of the record layout. Bumped whenever a record changes shape.
-pub const RECORD_VERSION: u8 = 2;
+pub const RECORD_VERSION: u8 = 3;
 
 /// Record kinds (`EventHeader::kind`).
 pub mod kind {
@@ -199,6 +199,12 @@ pub struct CtEvent {
     pub source: u8,
     pub _pad: u16,
     pub task: TaskInfo,
+    /// Kernel time (`bpf_ktime_get_ns` clock) at which the entry's timeout runs out, or ran
+    /// out: `ct->timeout` (an absolute jiffies deadline) taken back to ktime with the tick
+    /// length userspace measured (`ProbeConfig::ns_per_jiffy`). At most one jiffy late, never
+    /// after the record's own time when the entry had expired. 0 when the tick length is
+    /// unknown.
+    pub expiry_ns: u64,
 }
 
 /// A userspace delete on a watched map. Timestamped at syscall entry; emitted at syscall exit
@@ -233,7 +239,10 @@ pub struct MapDeleteEvent {
     /// The entry's conntrack TCP state (one of [`tcp_state`]), [`tcp_state::UNKNOWN`] when no
     /// entry was found or the flow is not TCP.
     pub ct_tcp_state: u8,
-    pub _pad_tcp: [u8; 7],
+    pub _pad_tcp: [u8; 3],
+    /// Network namespace (inode) whose conntrack entries judged the delete: the target's
+    /// (`--netns`), or else the deleting task's own (`current->nsproxy->net_ns`).
+    pub judged_netns: u32,
 }
 
 impl MapDeleteEvent {
@@ -264,7 +273,8 @@ impl MapDeleteEvent {
         ct_status: 0,
         key: [0; MAX_KEY],
         ct_tcp_state: tcp_state::UNKNOWN,
-        _pad_tcp: [0; 7],
+        _pad_tcp: [0; 3],
+        judged_netns: 0,
     };
 }
 
@@ -330,8 +340,8 @@ pub struct TargetMap {
     pub off_dst: u32,
     pub off_dport: u32,
     pub off_proto: u32,
-    /// Network namespace (inode) whose conntrack entries judge this map's deletes: the
-    /// agent's (the node's, for NPA).
+    /// Network namespace (inode) whose conntrack entries judge this map's deletes (`--netns`);
+    /// 0: the namespace of each deleting task, read at the delete.
     pub netns: u32,
 }
 
@@ -393,6 +403,13 @@ pub struct ProbeConfig {
     /// Keys of one batch delete reported key by key (bpf_loop iterations, at most 1 << 23);
     /// more are counted in `counter::BATCH_TRUNCATED`.
     pub max_batch_keys: u32,
+    /// Length of one jiffy in ns (1e9 / CONFIG_HZ, measured by userspace), to place conntrack
+    /// deadlines on the ktime clock; 0 when unknown (records then carry no expiry).
+    pub ns_per_jiffy: u32,
+    /// `struct task_struct`: `nsproxy`; `struct nsproxy`: `net_ns` (the deleting task's
+    /// network namespace).
+    pub task_nsproxy: u32,
+    pub nsproxy_net_ns: u32,
 }
 
 impl ProbeConfig {
@@ -430,6 +447,9 @@ impl ProbeConfig {
         kmem_free_arg_cache: 0,
         ct_tcp_state: 0,
         max_batch_keys: 0,
+        ns_per_jiffy: 0,
+        task_nsproxy: 0,
+        nsproxy_net_ns: 0,
     };
 }
 
@@ -471,9 +491,10 @@ const _: () = {
                 + 1
                 + 2
                 + size_of::<TaskInfo>()
+                + 8
     );
     assert!(size_of::<CtEvent>().is_multiple_of(8));
-    assert!(size_of::<ProbeConfig>() == 32 * 4);
+    assert!(size_of::<ProbeConfig>() == 35 * 4);
     assert!(
         size_of::<PacketDropEvent>() == size_of::<EventHeader>() + size_of::<Tuple>() + 4 + 4 + 8
     );
@@ -500,7 +521,8 @@ const _: () = {
                 + 4
                 + MAX_KEY
                 + 1
-                + 7
+                + 3
+                + 4
     );
     assert!(size_of::<MapDeleteEvent>().is_multiple_of(8));
     assert!(size_of::<TargetMap>() == 7 * 4);

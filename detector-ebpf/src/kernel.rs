@@ -212,6 +212,24 @@ impl BpfMap {
     }
 }
 
+/// Inode number of the current task's network namespace
+/// (`current->nsproxy->net_ns->ns.inum`), 0 if unknown (an exiting task has no nsproxy).
+#[inline(always)]
+pub fn current_netns(cfg: &ProbeConfig) -> u32 {
+    // SAFETY: an argument-less helper that returns the current task's address as a scalar;
+    // it is only ever dereferenced through `read_kernel`.
+    let task = unsafe { bpf_get_current_task() };
+    let nsproxy: u64 = read_kernel(task, cfg.task_nsproxy);
+    if nsproxy == 0 {
+        return 0;
+    }
+    let net: u64 = read_kernel(nsproxy, cfg.nsproxy_net_ns);
+    if net == 0 {
+        return 0;
+    }
+    read_kernel(net, cfg.net_ns_inum)
+}
+
 /// The BPF map that file descriptor `fd` of the current task refers to:
 /// `current->files->fdt->fd[fd]->private_data` (a bpf map fd's file keeps the map there).
 /// None when the fd is out of range or not open. The caller checks the map's id against its

@@ -141,6 +141,7 @@ fn main() -> anyhow::Result<()> {
             layout,
             result: DeleteResult::Deleted,
             kernel_view: None,
+            judged_netns: None,
         }));
         emitted += outs.len();
         last = outs.into_iter().next().or(last);
@@ -186,6 +187,8 @@ fn main() -> anyhow::Result<()> {
                 reply: c.reversed(),
                 born_ns: None,
                 reason: detector::record::DestroyReason::Killed,
+                expiry_ns: None,
+                reaped_by: detector::engine::ReapedBy::Softirq,
             });
         }
         let outs = engine.push(Input::AgentDelete(AgentDelete {
@@ -200,6 +203,7 @@ fn main() -> anyhow::Result<()> {
             layout,
             result: DeleteResult::Deleted,
             kernel_view: None,
+            judged_netns: None,
         }));
         last = outs.into_iter().next().or(last);
         for k in 0..4 {

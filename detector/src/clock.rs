@@ -79,8 +79,31 @@ pub fn now_iso() -> String {
 /// The kernel's tick rate (CONFIG_HZ), needed to turn `ct->timeout` jiffies into time.
 ///
 /// Measured from `/proc/timer_list` ("now at N nsecs" and "jiffies: J") sampled twice, and
-/// snapped to the nearest value the kernel allows (100, 250, 300, 1000).
+/// snapped to the nearest value the kernel allows (100, 250, 300, 1000); where that file
+/// cannot be read, `CONFIG_HZ` from the running kernel's `/boot/config-<release>`.
 pub fn kernel_hz() -> Option<u32> {
+    measured_hz().or_else(configured_hz)
+}
+
+/// `CONFIG_HZ=` of the running kernel's build configuration, if the file is there.
+fn configured_hz() -> Option<u32> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    let config = std::fs::read_to_string(format!("/boot/config-{}", release.trim())).ok()?;
+    config_hz(&config)
+}
+
+/// The `CONFIG_HZ` value of a kernel build configuration's text.
+fn config_hz(config: &str) -> Option<u32> {
+    config
+        .lines()
+        .find_map(|l| l.strip_prefix("CONFIG_HZ="))?
+        .trim()
+        .parse()
+        .ok()
+        .filter(|hz| *hz > 0)
+}
+
+fn measured_hz() -> Option<u32> {
     fn sample() -> Option<(u64, u64)> {
         let text = std::fs::read_to_string("/proc/timer_list").ok()?;
         let now = text
@@ -133,6 +156,14 @@ mod tests {
             iso8601(951_782_400_000_000_000),
             "2000-02-29T00:00:00.000000Z"
         );
+    }
+
+    #[test]
+    fn config_hz_reads_the_value_not_its_siblings() {
+        let config = "# CONFIG_HZ_100 is not set\nCONFIG_HZ_250=y\nCONFIG_HZ=250\n";
+        assert_eq!(config_hz(config), Some(250));
+        assert_eq!(config_hz("CONFIG_HZ_1000=y\nCONFIG_HZ=1000"), Some(1000));
+        assert_eq!(config_hz("CONFIG_HZ_250=y\n"), None);
     }
 
     #[test]

@@ -184,6 +184,19 @@ fn readable_output_shows_each_race_at_its_recorded_time() {
         assert!(line.starts_with(&time[11..26]), "{line} vs {time}");
         // A replay tells no live detection latency.
         assert!(!line.contains("detected"), "{line}");
+        // The race's instants, each gap as recorded: the lab agent's own dump reaped the
+        // expired entry.
+        let i = &v["verdict"]["instants"];
+        let ms = |f: &str| format!("{:.3} ms", i[f].as_i64().unwrap() as f64 / 1e6);
+        let told = format!(
+            "previous entry expired, reaped {} later by the agent itself (ct-snapshot/{}), \
+             tuple reused {} later, key deleted {} later",
+            ms("expiry_to_reap_ns"),
+            v["verdict"]["agent"]["pid"],
+            ms("reap_to_reuse_ns"),
+            ms("reuse_to_delete_ns"),
+        );
+        assert!(line.contains(&told), "{line}\nlacks: {told}");
     }
 }
 

@@ -80,8 +80,22 @@ fn emit_ct(s: &CtSighting, cfg: &ProbeConfig) {
         source: s.source,
         _pad: 0,
         task: current_task_info(),
+        expiry_ns: expiry_ns(s.ts_ns, timeout_left, cfg),
     };
     submit_record(s.kind, &ev);
+}
+
+/// Kernel time at which an entry with `timeout_left` jiffies to go at `now` times out (or
+/// timed out, when negative). The jiffy that made it expire ticked at or before `now`, so
+/// for an expired entry this is at most one jiffy late and never after `now`. 0 when
+/// userspace could not measure the tick length.
+#[inline(always)]
+fn expiry_ns(now: u64, timeout_left: i32, cfg: &ProbeConfig) -> u64 {
+    if cfg.ns_per_jiffy == 0 {
+        return 0;
+    }
+    let delta = i64::from(timeout_left) * i64::from(cfg.ns_per_jiffy);
+    (now as i64).saturating_add(delta).max(0) as u64
 }
 
 /// The probe configuration and the entry's status bits, if `ct` is a confirmed entry. Entries

@@ -27,7 +27,7 @@ use crate::drops::watch_drops;
 use crate::emit::{
     EVENTS, count, count_by, current_task_info, probe_config, record_header, submit_record,
 };
-use crate::kernel::{current_map_of_fd, now_ns, read_user, read_user_bytes};
+use crate::kernel::{current_map_of_fd, current_netns, now_ns, read_user, read_user_bytes};
 
 /// `BPF_MAP_UPDATE_ELEM` (enum bpf_cmd).
 const BPF_MAP_UPDATE_ELEM: u32 = 2;
@@ -66,7 +66,8 @@ struct BatchPending {
     map_id: u32,
     key_size: u32,
     cmd: u32,
-    _pad: u32,
+    /// The deleting task's network namespace, read at entry.
+    task_netns: u32,
     task: TaskInfo,
 }
 
@@ -157,7 +158,7 @@ pub fn agent_delete_enter(ctx: TracePointContext) -> u32 {
             map_id,
             key_size,
             cmd,
-            _pad: 0,
+            task_netns: current_netns(&cfg),
             task: current_task_info(),
         };
         if PENDING_BATCH
@@ -193,7 +194,7 @@ pub fn agent_delete_enter(ctx: TracePointContext) -> u32 {
     if n > 0 {
         let _ = read_user_bytes(key_ptr, &mut ev.key[..n]);
     }
-    take_view(ev, &target, &cfg);
+    take_view(ev, &target, &cfg, current_netns(&cfg));
     if ev.view == view::LIVE {
         watch_drops(ev, &target);
     }
@@ -312,7 +313,7 @@ extern "C" fn batch_key(index: u64, _ctx: *mut c_void) -> i64 {
     ev.key_size = n as u32;
     let at = l.keys + index * u64::from(l.key_size);
     let _ = read_user_bytes(at, &mut ev.key[..n]);
-    take_view(ev, &l.target, &cfg);
+    take_view(ev, &l.target, &cfg, l.b.task_netns);
     if ev.view == view::LIVE {
         watch_drops(ev, &l.target);
     }

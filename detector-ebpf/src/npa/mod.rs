@@ -37,17 +37,20 @@ pub fn is_target(map_id: u32) -> bool {
 
 /// Fills the record's view of the key's conntrack entry: live, expired, or absent from the
 /// flow index (looked up in both directions), and for TCP its conntrack state, which tells a
-/// closed connection (whose key may go) from one that still carries packets.
+/// closed connection (whose key may go) from one that still carries packets. The entry is
+/// looked up in the target's namespace, or, when it names none, in `task_netns`, the deleting
+/// task's: the agent dumps the conntrack table of its own namespace.
 #[inline(always)]
-pub fn take_view(ev: &mut MapDeleteEvent, t: &TargetMap, cfg: &ProbeConfig) {
+pub fn take_view(ev: &mut MapDeleteEvent, t: &TargetMap, cfg: &ProbeConfig, task_netns: u32) {
     ev.ct_tcp_state = tcp_state::UNKNOWN;
+    ev.judged_netns = if t.netns != 0 { t.netns } else { task_netns };
     let Some(tuple) = key::key_tuple(&ev.key, t) else {
         ev.view = view::UNKNOWN;
         return;
     };
     let key = FlowKey {
         tuple,
-        netns: t.netns,
+        netns: ev.judged_netns,
         _pad: 0,
     };
     let reversed = FlowKey {

@@ -84,8 +84,12 @@ pub async fn run(args: TraceArgs) -> Result<()> {
     probe.release_btf();
     crate::pipeline::trim_heap();
     let reader = probe.take_reader()?;
-    let hz = clock::kernel_hz().unwrap_or_else(|| {
-        tracing::warn!("could not measure the kernel's HZ from /proc/timer_list; assuming 250");
+    // Measured once, before load: the programs place conntrack deadlines with it.
+    let hz = probe.hz.unwrap_or_else(|| {
+        tracing::warn!(
+            "could not measure the kernel's HZ (/proc/timer_list, /boot/config-*); assuming \
+             250 for displayed timeouts, and conntrack expiry instants are unknown"
+        );
         250
     });
     let mut units = TimeBase {

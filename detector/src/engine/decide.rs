@@ -1,6 +1,7 @@
 //! Deciding a delete, and assembling traces when their window closes.
 
 use super::flow_id::{FlowId, NO_EVENT};
+use super::race_instants::RaceInstants;
 use super::shadow::{KEntry, MapKey};
 use super::verdict::{self, Unjudged, UnjudgedReason};
 use super::{
@@ -172,6 +173,28 @@ impl Engine {
             let shadow_evicted =
                 self.evicted_live_overflowed || self.evicted_live.get(&fid).is_some();
             let kernel_absent = matches!(d.kernel_view, Some(KernelView::Absent));
+            // The kernel looked in one namespace only; a live entry of the flow elsewhere
+            // means the agent's conntrack may be there, and the delete a race.
+            let elsewhere = d.judged_netns.filter(|_| kernel_absent).and_then(|judged| {
+                live_entries
+                    .iter()
+                    .filter(|e| e.netns != judged)
+                    .max_by_key(|e| e.born_ns)
+                    .map(|e| (judged, e.netns))
+            });
+            if let Some((judged, live_netns)) = elsewhere {
+                let c = &mut self.stats.deletes;
+                c.unjudged += 1;
+                c.unjudged_other_netns += 1;
+                out.push(Output::Unjudged(Unjudged {
+                    ts_ns: d.ts_ns,
+                    key: d.key.clone(),
+                    reason: UnjudgedReason::LiveInOtherNetns,
+                    judged_netns: Some(judged),
+                    live_netns: Some(live_netns),
+                }));
+                return;
+            }
             let c = &mut self.stats.deletes;
             if !expired_not_reaped && (shadow_evicted || kernel_absent && self.kernel_tables_full) {
                 // The state that would show a live entry was lost to a bound: never rightful.
@@ -187,6 +210,8 @@ impl Engine {
                     ts_ns: d.ts_ns,
                     key: d.key.clone(),
                     reason,
+                    judged_netns: None,
+                    live_netns: None,
                 }));
                 return;
             }
@@ -206,13 +231,19 @@ impl Engine {
                 "{n_live} live entries match the key (several netns); the youngest is reported"
             ));
         }
-        let (class, old) = verdict::classify(
+        let (class, mut old) = verdict::classify(
             d.ts_ns,
             live.id,
             live.born_ns,
             last_destroyed.as_ref(),
             self.cfg.snapshot_lag_window_ns,
         );
+        if let Some(o) = old.as_mut() {
+            o.reaped_by = o.reaped_by.map(|r| r.seen_from(d.task.pid));
+        }
+        let instants = old
+            .as_ref()
+            .map(|o| RaceInstants::new(o, live.born_ns, d.ts_ns));
         let reuse_gap_ns = old.zip(live.born_ns).and_then(|(o, born)| {
             i64::try_from(born)
                 .ok()?
@@ -251,6 +282,7 @@ impl Engine {
             key_inserted_ns: map_entry.and_then(|m| m.inserted_ns),
             reuse_gap_ns,
             delete_lag_ns: live.born_ns.map(|b| d.ts_ns.saturating_sub(b)),
+            instants,
             delete_to_denied_ns: None,
             first_denied: None,
             maybe_incomplete: self.lost_between(story_start_ns, d.ts_ns),

@@ -3,6 +3,8 @@
 
 use serde::Serialize;
 
+use super::race_instants::ReapedBy;
+
 use crate::npa::{Layout, NpaKey};
 use crate::record::{CtKind, CtRecord, DestroyReason, FlowTuple, Task, TcpState};
 
@@ -29,6 +31,10 @@ pub enum Input {
         /// Kernel ts of the entry's NEW, when known.
         born_ns: Option<u64>,
         reason: DestroyReason,
+        /// Kernel time its timeout ran (or would have run) out, when known.
+        expiry_ns: Option<u64>,
+        /// Who removed it, from the task the destroy was seen in.
+        reaped_by: ReapedBy,
     },
     /// Start-up snapshot: an entry that already existed, birth unknown.
     CtExisting {
@@ -79,6 +85,8 @@ pub struct AgentDelete {
     /// The kernel's own liveness verdict taken at the instant of the delete, when the backend
     /// provides one; authoritative over the engine's shadow.
     pub kernel_view: Option<KernelView>,
+    /// The network namespace (inode) the kernel view was taken in, when known.
+    pub judged_netns: Option<u32>,
 }
 
 /// Outcome of the delete syscall.
@@ -167,22 +175,27 @@ impl From<&CtRecord> for Input {
                 orig: c.orig,
                 reply: c.reply,
             },
-            CtKind::Destroy => Input::CtDestroy {
-                ts_ns: c.ts_ns,
-                id: c.id,
-                netns: c.netns,
-                orig: c.orig,
-                reply: c.reply,
-                // The kernel side writes 0 when the entry predates the detector.
-                born_ns: (c.born_ns != 0).then_some(c.born_ns),
+            CtKind::Destroy => {
                 // The decoder always sets a reason on a destroy; should one ever be missing,
                 // the remaining timeout tells the same story.
-                reason: c.reason.unwrap_or(if c.timeout_left_jiffies <= 0 {
+                let reason = c.reason.unwrap_or(if c.timeout_left_jiffies <= 0 {
                     DestroyReason::Expired
                 } else {
                     DestroyReason::Killed
-                }),
-            },
+                });
+                Input::CtDestroy {
+                    ts_ns: c.ts_ns,
+                    id: c.id,
+                    netns: c.netns,
+                    orig: c.orig,
+                    reply: c.reply,
+                    // The kernel side writes 0 when the entry predates the detector.
+                    born_ns: (c.born_ns != 0).then_some(c.born_ns),
+                    reason,
+                    expiry_ns: (c.expiry_ns != 0).then_some(c.expiry_ns),
+                    reaped_by: ReapedBy::of(&c.task, reason),
+                }
+            }
         }
     }
 }

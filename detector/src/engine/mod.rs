@@ -61,6 +61,7 @@
 mod decide;
 mod flow_id;
 mod input;
+mod race_instants;
 mod recorder;
 mod shadow;
 mod stats;
@@ -86,6 +87,7 @@ use recorder::Recorder;
 use shadow::{FlowState, KEntry, LruMap, MapEntry, MapKey, insert_sorted};
 
 pub use input::{AgentDelete, DeleteResult, Input, KernelView};
+pub use race_instants::{Comm, RaceInstants, ReapedBy};
 pub use stats::{DeleteCounts, EvictionCounts, InputCounts, Stats, VerdictCounts};
 pub use verdict::{
     ClosedFlowDelete, DecidedBy, DeniedPacket, LiveEntry, OldEntry, Output, RaceConfirmation,
@@ -138,6 +140,13 @@ impl Default for EngineConfig {
 
 /// Evicted live flows remembered at least, however small `max_flows` is (a few hundred KiB).
 const MIN_EVICTED_REMEMBERED: usize = 4096;
+
+/// How a destroyed entry ended.
+struct DestroyedAs {
+    reason: DestroyReason,
+    expiry_ns: Option<u64>,
+    reaped_by: ReapedBy,
+}
 
 /// A verdict waiting for its after-window to close.
 struct Pending {
@@ -262,7 +271,18 @@ impl Engine {
                 reply,
                 born_ns,
                 reason,
-            } => self.on_ct_destroy(ts_ns, id, netns, &orig, &reply, born_ns, reason),
+                expiry_ns,
+                reaped_by,
+            } => {
+                // Only an entry that had timed out has an expiry before its reap.
+                let expired = reason == DestroyReason::Expired;
+                let end = DestroyedAs {
+                    reason,
+                    expiry_ns: expiry_ns.filter(|_| expired),
+                    reaped_by,
+                };
+                self.on_ct_destroy(ts_ns, id, netns, &orig, &reply, born_ns, end);
+            }
             Input::MapExisting { map_id, key } => {
                 let what = TimelineKind::MapExisting {
                     map_id,
@@ -383,6 +403,8 @@ impl Engine {
                     netns: s.netns,
                     destroyed_ns: ts_ns,
                     reason: None,
+                    expiry_ns: None,
+                    reaped_by: None,
                 });
             }
             flow.live.push(entry.clone());
@@ -400,8 +422,9 @@ impl Engine {
         orig: &FlowTuple,
         reply: &FlowTuple,
         born_ns: Option<u64>,
-        reason: DestroyReason,
+        end: DestroyedAs,
     ) {
+        let reason = end.reason;
         let ev = TimelineEvent {
             seq: self.next_seq(),
             ts_ns,
@@ -432,6 +455,8 @@ impl Engine {
                 netns,
                 destroyed_ns: ts_ns,
                 reason: Some(reason),
+                expiry_ns: end.expiry_ns,
+                reaped_by: Some(end.reaped_by),
             });
         }
         self.recorder.record(ev, fids, prev);

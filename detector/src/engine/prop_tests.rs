@@ -123,6 +123,8 @@ impl Model {
             reply: tpl.reply,
             born_ns: e.born,
             reason,
+            expiry_ns: None,
+            reaped_by: super::ReapedBy::GcWorker,
         }
     }
 }
@@ -349,6 +351,7 @@ fn run_one(seed: u64, cfg: EngineConfig, exact: bool) -> Stats {
                     layout,
                     result,
                     kernel_view,
+                    judged_netns: None,
                 }));
             }
             80..=84 => inputs.push(Input::Lost {

@@ -88,6 +88,8 @@ pub struct DeleteCounts {
     pub unjudged_shadow_evicted: u64,
     /// Of `unjudged`: the kernel saw no entry, but its tables of live entries had overflowed.
     pub unjudged_kernel_table_full: u64,
+    /// Of `unjudged`: no entry in the namespace judged in, a live one in another.
+    pub unjudged_other_netns: u64,
     /// ENOENT: nothing was deleted.
     pub not_found: u64,
     /// Any other failure.

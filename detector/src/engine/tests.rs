@@ -69,6 +69,45 @@ fn ct_destroy(ts: u64, id: u64, orig: FlowTuple, reason: DestroyReason) -> Input
         reply: orig.reversed(),
         born_ns: None,
         reason,
+        // An expired entry timed out 2 s before the gc reaped it; a killed one would have
+        // lived on for 2 s.
+        expiry_ns: Some(match reason {
+            DestroyReason::Expired => ts - 2 * S,
+            DestroyReason::Killed => ts + 2 * S,
+        }),
+        reaped_by: ReapedBy::GcWorker,
+    }
+}
+
+/// A destroy seen in a task's context (a dump by it, or its `conntrack -D`).
+fn ct_destroy_by(ts: u64, id: u64, orig: FlowTuple, reason: DestroyReason, pid: u32) -> Input {
+    let Input::CtDestroy {
+        ts_ns,
+        id,
+        netns,
+        orig,
+        reply,
+        born_ns,
+        reason,
+        expiry_ns,
+        ..
+    } = ct_destroy(ts, id, orig, reason)
+    else {
+        unreachable!("ct_destroy builds a CtDestroy")
+    };
+    Input::CtDestroy {
+        ts_ns,
+        id,
+        netns,
+        orig,
+        reply,
+        born_ns,
+        reason,
+        expiry_ns,
+        reaped_by: ReapedBy::Task {
+            pid,
+            comm: Comm::new("dumper"),
+        },
     }
 }
 
@@ -91,6 +130,7 @@ pub(super) fn delete_with(
         layout,
         result,
         kernel_view,
+        judged_netns: None,
     })
 }
 
@@ -175,6 +215,20 @@ fn port_reuse_is_recognised() {
     assert_eq!(old.reason, Some(DestroyReason::Expired));
     assert_eq!(v.reuse_gap_ns, Some(S as i64));
     assert_eq!(v.delete_lag_ns, Some(500 * MS));
+    let i = v.instants.unwrap();
+    assert_eq!(
+        (i.expiry_ns, i.reap_ns, i.reuse_ns, i.delete_ns),
+        (Some(98 * S), 100 * S, Some(101 * S), 101 * S + 500 * MS)
+    );
+    assert_eq!(
+        (
+            i.expiry_to_reap_ns,
+            i.reap_to_reuse_ns,
+            i.reuse_to_delete_ns
+        ),
+        (Some(2 * S as i64), Some(S as i64), Some(500 * MS as i64))
+    );
+    assert_eq!(i.reaped_by, Some(ReapedBy::GcWorker));
     assert_eq!(v.key_inserted_ns, Some(10 * S + MS));
     assert_eq!(v.agent.pid, 1234);
     assert_eq!(v.agent.comm, "aws-network-pol");
@@ -198,6 +252,42 @@ fn port_reuse_is_recognised() {
     assert_eq!(j["kind"], "live-entry-delete");
     assert_eq!(j["class"], "port-reuse");
     assert_eq!(j["timeline"][0]["event"], "ct_new");
+}
+
+#[test]
+fn race_instants_name_the_reaper_and_only_a_timed_out_expiry() {
+    let t = client();
+    let story = |end: Input| {
+        let mut e = engine();
+        let outs = run(
+            &mut e,
+            vec![
+                ct_new(10 * S, 1, t),
+                end,
+                ct_new(101 * S, 2, t),
+                delete(101 * S + 500 * MS, key_of(&t)),
+            ],
+        );
+        verdicts(&outs)[0].clone()
+    };
+    // The deleting agent's own dump reaped the expired entry.
+    let v = story(ct_destroy_by(100 * S, 1, t, DestroyReason::Expired, 1234));
+    let i = v.instants.unwrap();
+    assert!(
+        matches!(i.reaped_by, Some(ReapedBy::Agent { pid: 1234, .. })),
+        "{i:?}"
+    );
+    assert_eq!(v.old.unwrap().reaped_by, i.reaped_by);
+    assert_eq!(i.expiry_ns, Some(98 * S));
+    // Killed before its timeout by another task: there is no expiry to name.
+    let v = story(ct_destroy_by(100 * S, 1, t, DestroyReason::Killed, 77));
+    let i = v.instants.unwrap();
+    assert!(
+        matches!(i.reaped_by, Some(ReapedBy::Task { pid: 77, .. })),
+        "{i:?}"
+    );
+    assert_eq!((i.expiry_ns, i.expiry_to_reap_ns), (None, None));
+    assert_eq!(i.reap_to_reuse_ns, Some(S as i64));
 }
 
 #[test]
@@ -1156,4 +1246,40 @@ fn flight_recorder_is_bounded_and_says_what_it_pushed_out() {
     let v = verdicts(&outs);
     assert_eq!(event_names(&v[0].timeline), ["ct_new", "agent_delete"]);
     assert!(!v[0].timeline_truncated);
+}
+
+/// The kernel judged a delete in one namespace (the deleting task's) and found no entry
+/// there, while the flow is live in another: unjudged, naming both, never rightful. Found
+/// absent in the namespace that holds the live entry, the kernel's view stands (rightful).
+#[test]
+fn kernel_absent_in_one_netns_with_the_flow_live_in_another_is_unjudged() {
+    let t = client();
+    let judged_in = |netns: u32| {
+        let mut e = engine();
+        let Input::AgentDelete(mut d) = delete_with(
+            2 * S,
+            key_of(&t),
+            v4(),
+            DeleteResult::Deleted,
+            Some(KernelView::Absent),
+        ) else {
+            unreachable!("delete_with builds a delete")
+        };
+        d.judged_netns = Some(netns);
+        let outs = run(&mut e, vec![ct_new(S, 1, t), Input::AgentDelete(d)]);
+        (unjudged(&outs).into_iter().cloned().collect::<Vec<_>>(), e)
+    };
+    let (u, e) = judged_in(NS + 7);
+    assert_eq!(u.len(), 1, "{u:?}");
+    assert_eq!(u[0].reason, UnjudgedReason::LiveInOtherNetns);
+    assert_eq!(
+        (u[0].judged_netns, u[0].live_netns),
+        (Some(NS + 7), Some(NS))
+    );
+    let d = &e.stats().deletes;
+    assert_eq!((d.unjudged, d.unjudged_other_netns, d.rightful), (1, 1, 0));
+
+    let (u, e) = judged_in(NS);
+    assert!(u.is_empty(), "{u:?}");
+    assert_eq!(e.stats().deletes.rightful, 1);
 }

@@ -4,6 +4,7 @@
 use serde::Serialize;
 
 use super::input::{DeleteResult, KernelView};
+use super::race_instants::{RaceInstants, ReapedBy};
 use crate::npa::{Layout, NpaKey};
 use crate::record::{DestroyReason, FlowTuple, Task, TcpState};
 
@@ -34,6 +35,10 @@ pub struct Unjudged {
     pub ts_ns: u64,
     pub key: NpaKey,
     pub reason: UnjudgedReason,
+    /// [`UnjudgedReason::LiveInOtherNetns`]: the namespace the kernel judged in, and the
+    /// one the live entry is in.
+    pub judged_netns: Option<u32>,
+    pub live_netns: Option<u32>,
 }
 
 /// The bound that left a delete unjudged.
@@ -46,6 +51,10 @@ pub enum UnjudgedReason {
     /// The kernel saw no entry, but its tables of live entries (`--max-entries`) had
     /// overflowed.
     KernelTableFull,
+    /// The kernel saw no entry in the namespace it judged in (the deleting task's, or
+    /// `--netns`), but the flow has a live entry in another namespace: the agent's conntrack
+    /// may live there.
+    LiveInOtherNetns,
 }
 
 impl UnjudgedReason {
@@ -58,6 +67,10 @@ impl UnjudgedReason {
             Self::KernelTableFull => {
                 "the kernel's table of live entries was full (--max-entries): an absent entry \
                  proves nothing"
+            }
+            Self::LiveInOtherNetns => {
+                "no entry in the namespace judged in, but a live one in another namespace: if \
+                 the agent's conntrack is there, this delete is a race (judge there with --netns)"
             }
         }
     }
@@ -164,6 +177,11 @@ pub struct OldEntry {
     /// `None` when no destroy record was seen and the engine inferred the end from a new entry
     /// taking the same tuple in the same netns (the record was lost).
     pub reason: Option<DestroyReason>,
+    /// When its timeout ran out: set only when it was destroyed expired and the kernel's tick
+    /// length was known.
+    pub expiry_ns: Option<u64>,
+    /// Who removed it from the kernel table (`None` when its end was inferred).
+    pub reaped_by: Option<ReapedBy>,
 }
 
 /// The first dropped packet of the flow after the delete.
@@ -197,6 +215,9 @@ pub struct Verdict {
     pub reuse_gap_ns: Option<i64>,
     /// Live entry's birth -> the delete.
     pub delete_lag_ns: Option<u64>,
+    /// Port-reuse only: the predecessor's expiry and reap, the reuse and the delete, with
+    /// the gaps between them.
+    pub instants: Option<RaceInstants>,
     /// The delete -> the first packet of the flow dropped after it (traces only; the verdict
     /// is emitted before any such drop can be seen).
     pub delete_to_denied_ns: Option<u64>,

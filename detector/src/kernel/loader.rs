@@ -25,6 +25,9 @@ pub struct Probe {
     kernel_btf: Option<KernelBtf>,
     pub offsets: Vec<Resolved>,
     pub config: ProbeConfig,
+    /// The kernel's tick rate, measured before load (the programs place conntrack deadlines
+    /// on the ktime clock with it); `None` when it could not be measured.
+    pub hz: Option<u32>,
     watch_agent: bool,
     writes_hook: WritesHook,
     /// The hook the map's writes were attached with (see `attach_agent`).
@@ -61,6 +64,8 @@ impl Probe {
         config.netns_filter = settings.netns_filter;
         config.drop_watch_ms = settings.drop_watch_ms;
         config.max_batch_keys = settings.max_batch_keys;
+        let hz = crate::clock::kernel_hz();
+        config.ns_per_jiffy = hz.map_or(0, |hz| 1_000_000_000 / hz);
         warn_if_ring_too_small_for_batches(settings);
         if settings.watch_agent {
             let root = tracefs::ensure()?;
@@ -93,6 +98,7 @@ impl Probe {
             kernel_btf: Some(kernel_btf),
             offsets,
             config,
+            hz,
             watch_agent: settings.watch_agent,
             writes_hook: settings.writes_hook,
             writes_hooked: None,

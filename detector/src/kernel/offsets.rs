@@ -69,6 +69,12 @@ const FIELDS: &[(&str, &str, &str, Slot)] = &[
     ("ct_tcp_state", "nf_conn", "proto.tcp.state", |c| {
         &mut c.ct_tcp_state
     }),
+    ("task_nsproxy", "task_struct", "nsproxy", |c| {
+        &mut c.task_nsproxy
+    }),
+    ("nsproxy_net_ns", "nsproxy", "net_ns", |c| {
+        &mut c.nsproxy_net_ns
+    }),
 ];
 
 /// One resolved offset, for display.

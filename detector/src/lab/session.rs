@@ -332,9 +332,18 @@ fn race_line(v: &Value) -> String {
         x.as_f64()
             .map_or("?".into(), |n| format!("{:.3} ms", n / 1e6))
     };
+    let i = &d["instants"];
+    let reaper = match i["reaped_by"]["by"].as_str() {
+        Some("agent") => "the agent".to_string(),
+        Some("gc_worker") => "the gc worker".to_string(),
+        Some("softirq") => "softirq".to_string(),
+        Some(_) => i["reaped_by"]["comm"].as_str().unwrap_or("?").to_string(),
+        None => "?".to_string(),
+    };
     format!(
         "{} RACE {}  {}:{} -> {}:{}  key deleted by {}/{} {} after the new entry's birth \
-         (previous entry ended {} before it; detected {} after the delete)",
+         (previous entry expired {} before {reaper} reaped it, {} before the reuse; \
+         detected {} after the delete)",
         v["time"]
             .as_str()
             .and_then(|t| t.get(11..26))
@@ -347,7 +356,8 @@ fn race_line(v: &Value) -> String {
         d["agent"]["comm"].as_str().unwrap_or("?"),
         d["agent"]["pid"],
         ms(&d["delete_lag_ns"]),
-        ms(&d["reuse_gap_ns"]),
+        ms(&i["expiry_to_reap_ns"]),
+        ms(&i["reap_to_reuse_ns"]),
         ms(&v["detection_latency_ns"]),
     )
 }

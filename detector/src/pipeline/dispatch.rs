@@ -13,7 +13,7 @@ use serde_json::json;
 use super::ct_full::{Change, FullWindows};
 use super::startup::Preexisting;
 use crate::clock;
-use crate::engine::{AgentDelete, DeleteResult, Engine, Input, KernelView, Output};
+use crate::engine::{AgentDelete, DeleteResult, Engine, Input, KernelView, Output, UnjudgedReason};
 use crate::k8s::{PodIndex, PodRef};
 use crate::npa::NpaKey;
 use crate::npa::target::AgentMap;
@@ -312,6 +312,7 @@ impl<W: Write> Detector<W> {
             layout: self.map.layout,
             result: DeleteResult::from_ret(d.ret),
             kernel_view,
+            judged_netns: (d.judged_netns != 0).then_some(d.judged_netns),
         }
     }
 
@@ -367,6 +368,24 @@ impl<W: Write> Detector<W> {
         match o {
             Output::Unjudged(u) => {
                 let wall = self.time.wall.iso(u.ts_ns);
+                let netns = match (u.judged_netns, u.live_netns) {
+                    (Some(judged), Some(live)) => {
+                        format!(" (judged in netns {judged}, live entry in netns {live})")
+                    }
+                    _ => String::new(),
+                };
+                // Loudly, once: the first such delete (the count includes it).
+                if u.reason == UnjudgedReason::LiveInOtherNetns
+                    && self.engine.stats().deletes.unjudged_other_netns == 1
+                {
+                    tracing::warn!(
+                        "a delete of {} found no entry in the namespace it was judged in, but a \
+                         live one in another{netns}: if the agent's conntrack lives there, \
+                         judge there with --netns; such deletes are counted as unjudged \
+                         (unjudged_other_netns), never rightful",
+                        u.key
+                    );
+                }
                 self.record(
                     TextTo::Stderr,
                     &|| {
@@ -376,13 +395,15 @@ impl<W: Write> Detector<W> {
                             "key": u.key,
                             "reason": u.reason,
                             "why": u.reason.describe(),
+                            "judged_netns": u.judged_netns,
+                            "live_netns": u.live_netns,
                             "maybe_incomplete": true,
                         })
                         .to_string()
                     },
                     &|| {
                         format!(
-                            "UNJUDGED delete of {} at {wall}: {} (not counted as rightful)",
+                            "UNJUDGED delete of {} at {wall}: {}{netns} (not counted as rightful)",
                             u.key,
                             u.reason.describe()
                         )

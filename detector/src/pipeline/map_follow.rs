@@ -107,12 +107,14 @@ impl MapWatch {
     }
 }
 
-/// Re-resolves the map by pin or name; when the agent re-created it, watch the new one.
+/// Re-resolves the map by pin or name; when the agent re-created it, watch the new one, its
+/// deletes judged in `judge_netns` (0: the deleting task's namespace).
 pub fn follow_map<W: Write>(
     spec: &MapSpec,
     watch: &mut MapWatch,
     det: &mut Detector<W>,
     probe: &mut Probe,
+    judge_netns: u32,
     now_ns: u64,
 ) -> Result<()> {
     if matches!(spec.by, MapBy::Id(_)) {
@@ -142,7 +144,7 @@ pub fn follow_map<W: Write>(
         new.id,
         new.layout
     );
-    probe.set_target(new.id, target::target_map(new.layout.key, det.agent_netns))?;
+    probe.set_target(new.id, target::target_map(new.layout.key, judge_netns))?;
     probe.remove_target(old.id)?;
     det.map_recreated(&old, now_ns)
 }

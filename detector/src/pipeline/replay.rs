@@ -189,6 +189,17 @@ pub fn jiffies_of_ms(ms: i64, hz: u32) -> i32 {
     if ms < 0 { -j } else { j }
 }
 
+/// The expiry instant of a conntrack record from a recording made before records carried
+/// it: the record's time plus its remaining timeout, as the kernel side computes it (the
+/// timeout is known to a jiffy).
+fn expiry_of_old_recording(ts_ns: u64, timeout_left_jiffies: i32, hz: u32) -> u64 {
+    let ns_per_jiffy = 1_000_000_000 / i64::from(hz.max(1));
+    let expiry = i64::try_from(ts_ns)
+        .unwrap_or(i64::MAX)
+        .saturating_add(i64::from(timeout_left_jiffies) * ns_per_jiffy);
+    u64::try_from(expiry).unwrap_or(0)
+}
+
 fn ct_of(v: &Value, kind: CtKind, hz: u32) -> Res<CtRecord> {
     let proto = proto_of(v)?;
     let source_name = str_of(v, "source")?;
@@ -211,9 +222,11 @@ fn ct_of(v: &Value, kind: CtKind, hz: u32) -> Res<CtRecord> {
         Some(other) => return Err(format!("unknown destroy reason `{other}`")),
         None => None,
     };
+    let ts_ns = u64_of(v, "ts_ns")?;
+    let timeout_left_jiffies = jiffies_of_ms(i64_of(v, "timeout_left_ms")?, hz);
     Ok(CtRecord {
         kind,
-        ts_ns: u64_of(v, "ts_ns")?,
+        ts_ns,
         cpu: num(v, "cpu")?,
         orig: tuple_of(v, "orig", proto)?,
         reply: tuple_of(v, "reply", proto)?,
@@ -223,10 +236,15 @@ fn ct_of(v: &Value, kind: CtKind, hz: u32) -> Res<CtRecord> {
         jiffies: 0,
         status: num(v, "status")?,
         netns: num(v, "netns")?,
-        timeout_left_jiffies: jiffies_of_ms(i64_of(v, "timeout_left_ms")?, hz),
+        timeout_left_jiffies,
         reason,
         source,
         task: task_of(v)?,
+        expiry_ns: match v.get("expiry_ns") {
+            Some(Value::Null) => 0,
+            Some(_) => u64_of(v, "expiry_ns")?,
+            None => expiry_of_old_recording(ts_ns, timeout_left_jiffies, hz),
+        },
     })
 }
 
@@ -263,6 +281,8 @@ fn delete_of(v: &Value) -> Res<MapDeleteRecord> {
                     .filter_map(TcpState::from_raw)
                     .find(|t| t.name() == name)
             }),
+        // Absent from recordings made before deletes were judged per namespace.
+        judged_netns: v.get("judged_netns").and_then(Value::as_u64).unwrap_or(0) as u32,
     })
 }
 

@@ -55,13 +55,15 @@ struct Attached {
     writes_hook: &'static str,
     /// Taken right after attaching, before the start-up snapshots.
     reader: Option<Reader>,
+    /// The namespace the map's deletes are judged in (`--netns`); 0: each deleting task's own.
+    judge_netns: u32,
 }
 
 /// Loads the programs, picks the backend and attaches everything to `map`.
-fn attach_probes(settings: &ProbeSettings, map: &AgentMap, agent_netns: u32) -> Result<Attached> {
+fn attach_probes(settings: &ProbeSettings, map: &AgentMap, judge_netns: u32) -> Result<Attached> {
     let mut probe = Probe::open(settings)?;
     let (backend, _) = probe.choose(settings.backend)?;
-    probe.set_target(map.id, target::target_map(map.layout.key, agent_netns))?;
+    probe.set_target(map.id, target::target_map(map.layout.key, judge_netns))?;
     probe.attach(backend)?;
     let no_writes = probe.attach_agent(backend)?;
     let writes_hook = probe.writes_hook().unwrap_or("none");
@@ -72,6 +74,7 @@ fn attach_probes(settings: &ProbeSettings, map: &AgentMap, agent_netns: u32) -> 
         no_writes,
         writes_hook,
         reader,
+        judge_netns,
     })
 }
 
@@ -314,7 +317,14 @@ async fn event_loop<W: Write>(
                 if second {
                     let kernel = stream.reader.counters();
                     det.metrics.update(det.engine.stats(), &kernel);
-                    follow_map(spec, &mut watch, det, &mut attached.probe, now_ns)?;
+                    follow_map(
+                        spec,
+                        &mut watch,
+                        det,
+                        &mut attached.probe,
+                        attached.judge_netns,
+                        now_ns,
+                    )?;
                     // Keep wall time true across NTP steps and suspend.
                     det.set_wall(WallClock::measure(), now_ns)?;
                 }
@@ -342,7 +352,14 @@ pub async fn run(opts: RunOptions, mut services: RunServices) -> Result<()> {
         Some(services.metrics.clone()),
     )
     .context("starting the trace writer thread")?;
-    let mut attached = attach_probes(&opts.settings, &map, opts.agent_netns)?;
+    // With --netns every delete is judged in that namespace; without it each delete is
+    // judged in its deleting task's namespace (the agent's, which its own dump reads).
+    let judge_netns = if opts.netns_path.is_some() {
+        opts.agent_netns
+    } else {
+        0
+    };
+    let mut attached = attach_probes(&opts.settings, &map, judge_netns)?;
     let sizing = crate::kernel::sizing::Sizing {
         max_entries: opts.settings.max_entries,
         sized_by: opts.settings.sized_by,
@@ -356,8 +373,12 @@ pub async fn run(opts: RunOptions, mut services: RunServices) -> Result<()> {
     if let Some(w) = too_small {
         tracing::warn!("{w}");
     }
-    let hz = clock::kernel_hz().unwrap_or_else(|| {
-        tracing::warn!("could not measure the kernel's HZ from /proc/timer_list; assuming 250");
+    // Measured once, before load: the programs place conntrack deadlines with it.
+    let hz = attached.probe.hz.unwrap_or_else(|| {
+        tracing::warn!(
+            "could not measure the kernel's HZ (/proc/timer_list, /boot/config-*); assuming \
+             250 for displayed timeouts, and conntrack expiry instants are unknown"
+        );
         250
     });
     let started = clock::now_iso();

@@ -106,6 +106,9 @@ pub struct CtRecord {
     pub reason: Option<DestroyReason>,
     pub source: Source,
     pub task: Task,
+    /// Kernel time the entry's timeout runs (or ran) out; 0 when unknown (see
+    /// `CtEvent::expiry_ns`).
+    pub expiry_ns: u64,
 }
 
 /// Stable id of one entry lifetime: the kernel address is unique while the entry lives and the
@@ -154,5 +157,6 @@ pub(super) fn decode(bytes: &[u8], new: bool) -> Result<Event, DecodeError> {
         reason,
         source: Source::try_from(raw.source)?,
         task: Task::from(&raw.task),
+        expiry_ns: raw.expiry_ns,
     }))
 }

@@ -102,6 +102,8 @@ pub struct MapDeleteRecord {
     pub ct_status: u32,
     /// The entry's conntrack TCP state, when an entry was found and the flow is TCP.
     pub ct_tcp_state: Option<TcpState>,
+    /// The network namespace (inode) the kernel judged the delete in; 0 when unknown.
+    pub judged_netns: u32,
 }
 
 impl MapDeleteRecord {
@@ -143,5 +145,6 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         ct_timeout_left_jiffies: raw.ct_timeout_left,
         ct_status: raw.ct_status,
         ct_tcp_state: TcpState::from_raw(raw.ct_tcp_state),
+        judged_netns: raw.judged_netns,
     }))
 }

@@ -77,6 +77,7 @@ pub fn raw_ct(k: u8) -> CtEvent {
             tid: 8,
             comm,
         },
+        expiry_ns: 111,
     }
 }
 
@@ -98,6 +99,7 @@ fn decodes_a_destroy() {
     assert_eq!(c.source, Source::KmemCacheFree);
     assert_eq!(c.id, entry_id(raw.ct_addr, raw.born_ns));
     assert_eq!(c.netns, 4026532177);
+    assert_eq!(c.expiry_ns, raw.expiry_ns);
 }
 
 #[test]

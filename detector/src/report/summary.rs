@@ -82,10 +82,12 @@ pub fn summary(
 pub fn capacity_line(kernel: &CounterSnapshot, stats: &Stats, counts: &RunCounts) -> String {
     let ev = &stats.evictions;
     let line = format!(
-        "not judged: {} unjudged deletes, batch_truncated {}, seen_full {}, flows_full {}, \
+        "not judged: {} unjudged deletes ({} with a live entry only in another netns), \
+         batch_truncated {}, seen_full {}, flows_full {}, \
          pending_full {}, confirm_full {}, shadow evictions flows {} map_keys {}, undecodable \
          keys {} (start-up {}), kernel conntrack table full {} time(s) ({} deletes in it)",
         stats.deletes.unjudged,
+        stats.deletes.unjudged_other_netns,
         kernel.batch_truncated,
         kernel.seen_full,
         kernel.flows_full,

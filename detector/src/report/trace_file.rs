@@ -61,6 +61,10 @@ fn wall_time_name(key: &str) -> Option<String> {
             | "window_end_ns"
             | "key_inserted_ns"
             | "exit_ns"
+            | "expiry_ns"
+            | "reap_ns"
+            | "reuse_ns"
+            | "delete_ns"
     ) {
         Some(format!("{}_time", key.trim_end_matches("_ns")))
     } else {

@@ -58,9 +58,10 @@ pub struct CounterLabel {
 
 /// What the detector could not judge, by the bound that was hit: the kernel's counters and
 /// the agent deletes whose key did not decode (live and in the start-up snapshot).
-pub const CAPACITY_COUNTERS: [&str; 12] = [
+pub const CAPACITY_COUNTERS: [&str; 13] = [
     "unjudged_shadow_evicted",
     "unjudged_kernel_table_full",
+    "unjudged_other_netns",
     "seen_full",
     "flows_full",
     "batch_truncated",
@@ -409,6 +410,7 @@ impl Metrics {
                 "unjudged_kernel_table_full",
                 stats.deletes.unjudged_kernel_table_full,
             ),
+            ("unjudged_other_netns", stats.deletes.unjudged_other_netns),
         ] {
             self.mirror_capacity(&mut m, name, total);
         }
