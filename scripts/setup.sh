@@ -3,7 +3,7 @@
 #   - Debian packages: those the tests drive (iproute2, nftables, conntrack, util-linux, procps,
 #     kmod), C toolchains for linking and for C in dependencies (gcc, libc6-dev, musl-tools,
 #     gcc-aarch64-linux-gnu) and qemu-user-static for the arm64 binary,
-#     deploy/'s tests (python3-venv, busybox) and the qemu guest stage (qemu-system-x86,
+#     deploy/'s tests (python3-venv, busybox, buildah, runc) and the qemu guest stage (qemu-system-x86,
 #     xz-utils, binutils), chromium for the report's screenshot test; see APT_PACKAGES below;
 #   - the pinned stable toolchain (rust-toolchain.toml) with the musl targets, and the pinned
 #     nightly with rust-src (detector-ebpf/rust-toolchain.toml), with rustup;
@@ -39,6 +39,9 @@ APT_PACKAGES+=(musl-tools)
 APT_PACKAGES+=(gcc-aarch64-linux-gnu qemu-user-static)
 # chromium: detector/tests/report.rs renders a race page headless and checks the screenshot.
 APT_PACKAGES+=(chromium)
+# deploy-test's runtime test: buildah builds the image (no daemon) and Debian's runc runs it
+# with the DaemonSet's security context (deploy/tests/test_runc.py).
+APT_PACKAGES+=(buildah runc)
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/detector
 CARGO_BIN=${CARGO_HOME:-$HOME/.cargo}/bin
 

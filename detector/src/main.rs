@@ -40,8 +40,10 @@ enum Command {
     /// Print a running detector's Prometheus metrics (`--url`, or `--node`/`--pod` through
     /// the API server).
     Metrics(traces::Target),
-    /// The cluster form of `validate`: over --duration, every node's race Events and the
-    /// reproducer's cycles; exits 0 only if ports were reused and no race happened.
+    /// The cluster form of `validate`: over --duration, every node's races (its race Events,
+    /// or with `--from detectors` its detector's race stream through the API server's
+    /// port-forward) and the reproducer's cycles; exits 0 only if ports were reused and no
+    /// race happened.
     ClusterVerdict(cluster::ClusterVerdictArgs),
     /// Race timeline pictures (HTML, with an index for a directory) or Perfetto JSON from
     /// trace files alone.

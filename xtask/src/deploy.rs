@@ -1,5 +1,6 @@
 //! The cluster deployment's tasks: `validate-manifests`, `image`, and the deploy/ stages of
-//! `test` (manifest validation and the tuner/reproducer script tests).
+//! `test` (manifest validation, the tuner/reproducer script tests, and the image run under
+//! runc).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -143,6 +144,10 @@ pub fn script_tests(filter: Option<&str>) -> Result<(u64, u64)> {
     // The validator's own tests run it with a venv and a detector binary.
     cmd.env("KV_PYTHON", venv()?)
         .env("DETECTOR_BIN", detector_bin(None)?);
+    // The runtime test runs the image under runc: built only when that test is selected.
+    if filter.is_none_or(|f| f.to_ascii_lowercase().contains("runc")) {
+        cmd.env("DETECTOR_IMAGE_ARCHIVE", runtime_test_image()?);
+    }
     cmd.current_dir(&root)
         .args(["-W", "ignore"])
         .arg(root.join("deploy/tests/run.py"));
@@ -150,6 +155,44 @@ pub fn script_tests(filter: Option<&str>) -> Result<(u64, u64)> {
         cmd.arg(f);
     }
     run_counted(&mut cmd, "deploy tests:")
+}
+
+/// The amd64 image as an OCI archive, for the runtime test (tests/test_runc.py): the static
+/// binary `cargo xtask image` builds, in the same `FROM scratch` image, pushed alone to
+/// target/image/detector-VERSION-amd64.oci.tar. Rebuilt only when cargo rebuilt the binary, so
+/// after the first build a run costs a few seconds.
+pub fn runtime_test_image() -> Result<PathBuf> {
+    let root = super::root();
+    let t0 = std::time::Instant::now();
+    let arch = &ARCHES[0];
+    let bin = static_binary(&root, arch)?;
+    let built = root.join(format!("target/{}/release/detector", arch.target));
+    let out = root.join("target/image");
+    let archive = out.join(format!("{}-{}.oci.tar", IMAGE.replace(':', "-"), arch.oci));
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if mtime(&archive).is_some() && mtime(&archive) > mtime(&built) {
+        println!(
+            "deploy-test: image {} is newer than its binary: reused",
+            archive.strip_prefix(&root).unwrap_or(&archive).display()
+        );
+        return Ok(archive);
+    }
+    let tag = arch_image(&out, arch, &bin)
+        .context("building the image for the runtime test (needs buildah: run scripts/setup.sh)")?;
+    let _ = std::fs::remove_file(&archive);
+    buildah_out(
+        buildah(&out)
+            .args(["push", "--quiet", "--format", "oci", &tag])
+            .arg(format!("oci-archive:{}:{IMAGE}", archive.display())),
+        "push",
+    )?;
+    println!(
+        "deploy-test: image {IMAGE} ({}) -> {} in {:.0} s",
+        arch.oci,
+        archive.strip_prefix(&root).unwrap_or(&archive).display(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(archive)
 }
 
 /// Both deploy/ stages, for `cargo xtask test`.
@@ -391,6 +434,46 @@ fn buildah_out(cmd: &mut Command, what: &str) -> Result<String> {
     Ok(String::from_utf8(out.stdout)?.trim().to_string())
 }
 
+/// The `FROM scratch` image of one architecture, holding `bin` as /detector, committed to
+/// the vfs storage under `out` as `IMAGE-<arch>`; returns that tag.
+fn arch_image(out: &Path, arch: &Arch, bin: &Path) -> Result<String> {
+    let tag = format!("{IMAGE}-{}", arch.oci);
+    let ctr = buildah_out(
+        buildah(out).args(["from", "--quiet", "scratch"]),
+        "from scratch",
+    )?;
+    super::run(
+        buildah(out)
+            .args(["copy", "--quiet", "--chmod", "0755", &ctr])
+            .arg(bin)
+            .arg("/detector"),
+    )?;
+    super::run(buildah(out).args([
+        "config",
+        "--arch",
+        arch.oci,
+        "--os",
+        "linux",
+        "--entrypoint",
+        r#"["/detector"]"#,
+        "--cmd",
+        "run",
+        "--label",
+        "org.opencontainers.image.title=detector",
+        "--label",
+        concat!(
+            "org.opencontainers.image.version=",
+            env!("CARGO_PKG_VERSION")
+        ),
+        &ctr,
+    ]))?;
+    buildah_out(
+        buildah(out).args(["commit", "--quiet", "--rm", &ctr, &tag]),
+        "commit",
+    )?;
+    Ok(tag)
+}
+
 /// One `FROM scratch` image per architecture (tagged `IMAGE-<arch>`, its config naming that
 /// architecture), each shown to run from its own root filesystem, then an image index of both
 /// pushed to an OCI archive.
@@ -403,40 +486,7 @@ fn buildah_index(out: &Path, bins: &[(&Arch, PathBuf)], archive: &Path) -> Resul
         "manifest create",
     )?;
     for (arch, bin) in bins {
-        let tag = format!("{IMAGE}-{}", arch.oci);
-        let ctr = buildah_out(
-            buildah(out).args(["from", "--quiet", "scratch"]),
-            "from scratch",
-        )?;
-        super::run(
-            buildah(out)
-                .args(["copy", "--quiet", "--chmod", "0755", &ctr])
-                .arg(bin)
-                .arg("/detector"),
-        )?;
-        super::run(buildah(out).args([
-            "config",
-            "--arch",
-            arch.oci,
-            "--os",
-            "linux",
-            "--entrypoint",
-            r#"["/detector"]"#,
-            "--cmd",
-            "run",
-            "--label",
-            "org.opencontainers.image.title=detector",
-            "--label",
-            concat!(
-                "org.opencontainers.image.version=",
-                env!("CARGO_PKG_VERSION")
-            ),
-            &ctr,
-        ]))?;
-        buildah_out(
-            buildah(out).args(["commit", "--quiet", "--rm", &ctr, &tag]),
-            "commit",
-        )?;
+        let tag = arch_image(out, arch, bin)?;
         // Proof that the image runs: its root filesystem holds nothing but the binary, so
         // running that binary (chrooted there, or under qemu-user for arm64) shows it needs
         // nothing else.

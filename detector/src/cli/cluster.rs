@@ -1,7 +1,8 @@
 //! `detector cluster-verdict`: the cluster form of `detector validate`. Over a duration it
-//! gathers every node's races from the detectors' `ConntrackCacheRace` Events and the
-//! reproducer's cycles from its pods' logs, and passes only if ports were reused and no race
-//! happened.
+//! gathers every node's races, from the detectors' `ConntrackCacheRace` Events (`--from
+//! events`) or from each detector's `/v1/races` through the API server's port-forward
+//! (`--from detectors`, cluster_races.rs), and the reproducer's cycles from its pods' logs,
+//! and passes only if ports were reused and no race happened.
 //!
 //! Closed-flow deletes (the agent deleting the key of a flow that had already ended) are not
 //! races of a live flow: an Event whose class names a closed flow (`closed` in the class, as
@@ -17,11 +18,27 @@ use kube::api::{Api, ListParams, LogParams};
 
 use crate::k8s::events::REASON;
 
+/// Where the races come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Source {
+    /// The `ConntrackCacheRace` Events the detectors post (`--kube`, at most one per pod and
+    /// class per `--event-interval`, counts folded in).
+    Events,
+    /// Each detector's `/v1/races` stream and `/metrics`, through the API server's
+    /// port-forward: every race, plus the closed-flow deletes and lost records of each node.
+    Detectors,
+}
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct ClusterVerdictArgs {
     /// Seconds to watch the cluster run before judging it (the Events and logs of that window).
     #[arg(long, value_name = "SECS")]
     pub duration: u64,
+    /// Where the races come from.
+    #[arg(long, value_enum, default_value = "events")]
+    pub from: Source,
+    #[command(flatten)]
+    pub detectors: super::cluster_races::DetectorsArgs,
     /// Namespace of the reproducer.
     #[arg(long, default_value = "race-lab", value_name = "NS")]
     pub reproducer_namespace: String,
@@ -98,23 +115,62 @@ pub async fn run(args: ClusterVerdictArgs) -> Result<bool> {
     let client = Client::try_default()
         .await
         .context("no Kubernetes configuration (KUBECONFIG or ~/.kube/config)")?;
-    // Event times have whole-second resolution: the window starts at the second before now.
+    // Event times have whole-second resolution: the window starts at the second before now
+    // (for the detectors' races too, so both sources judge the same window).
     let since = jiff::Timestamp::from_second(jiff::Timestamp::now().as_second() - 1)
         .unwrap_or(jiff::Timestamp::UNIX_EPOCH);
-    eprintln!(
-        "detector cluster-verdict: watching for {} s (race Events of every node, reproducer \
-         {}/{})",
-        args.duration, args.reproducer_namespace, args.reproducer_selector
+    let duration = Duration::from_secs(args.duration);
+    let (races, complete) = match args.from {
+        Source::Events => {
+            eprintln!(
+                "detector cluster-verdict: watching for {} s (race Events of every node, \
+                 reproducer {}/{})",
+                args.duration, args.reproducer_namespace, args.reproducer_selector
+            );
+            tokio::time::sleep(duration).await;
+            let events: Api<Event> = Api::all(client.clone());
+            let listed = events
+                .list(&ListParams::default().fields(&format!("reason={REASON}")))
+                .await
+                .context("listing the ConntrackCacheRace Events")?;
+            let nodes = tally(&listed.items, &since);
+            println!("{:<32} {:>6} {:>12}", "NODE", "RACES", "CLOSED-FLOW");
+            for (node, n) in &nodes {
+                println!("{node:<32} {:>6} {:>12}", n.races, n.closed_flow);
+            }
+            (nodes.values().map(|n| n.races).sum(), true)
+        }
+        Source::Detectors => {
+            let nodes =
+                super::cluster_races::gather(client.clone(), &args.detectors, since, duration)
+                    .await?;
+            super::cluster_races::print_table(&nodes)
+        }
+    };
+    let cyc = reproducer_cycles(client, &args).await?;
+    println!(
+        "reproducer: {} cycles, {} ports reused; races: {races}",
+        cyc.0, cyc.1
     );
-    tokio::time::sleep(Duration::from_secs(args.duration)).await;
+    let pass = cyc.1 > 0 && races == 0 && complete;
+    println!(
+        "verdict: {}",
+        if pass {
+            "PASS (ports were reused and no race happened)"
+        } else if races > 0 {
+            "FAIL (races happened)"
+        } else if !complete {
+            "FAIL (a node's detector was not watched for the whole window, or lost records: \
+             a race may have gone unseen)"
+        } else {
+            "FAIL (no port was reused: the run proves nothing)"
+        }
+    );
+    Ok(pass)
+}
 
-    let events: Api<Event> = Api::all(client.clone());
-    let listed = events
-        .list(&ListParams::default().fields(&format!("reason={REASON}")))
-        .await
-        .context("listing the ConntrackCacheRace Events")?;
-    let nodes = tally(&listed.items, &since);
-
+/// Cycles and reused ports in the reproducer pods' logs of the window.
+async fn reproducer_cycles(client: Client, args: &ClusterVerdictArgs) -> Result<(u64, u64)> {
     let pods: Api<Pod> = Api::namespaced(client, &args.reproducer_namespace);
     let mut cyc = (0u64, 0u64);
     for p in pods
@@ -138,26 +194,5 @@ pub async fn run(args: ClusterVerdictArgs) -> Result<bool> {
         cyc.0 += c;
         cyc.1 += r;
     }
-
-    println!("{:<32} {:>6} {:>12}", "NODE", "RACES", "CLOSED-FLOW");
-    for (node, n) in &nodes {
-        println!("{node:<32} {:>6} {:>12}", n.races, n.closed_flow);
-    }
-    let races: u64 = nodes.values().map(|n| n.races).sum();
-    println!(
-        "reproducer: {} cycles, {} ports reused; races: {races}",
-        cyc.0, cyc.1
-    );
-    let pass = cyc.1 > 0 && races == 0;
-    println!(
-        "verdict: {}",
-        if pass {
-            "PASS (ports were reused and no race happened)"
-        } else if races > 0 {
-            "FAIL (races happened)"
-        } else {
-            "FAIL (no port was reused: the run proves nothing)"
-        }
-    );
-    Ok(pass)
+    Ok(cyc)
 }

@@ -84,20 +84,22 @@ impl KubeTarget {
                 self.detector_namespace
             );
         };
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let local = listener.local_addr()?;
-        tracing::info!(
-            "forwarding {local} to {}/{name}:{}",
-            self.detector_namespace,
-            self.detector_port
-        );
         eprintln!(
             "detector: node {node}: pod {}/{name}, port {} forwarded through the API server",
             self.detector_namespace, self.detector_port
         );
-        tokio::spawn(serve(listener, pods, name, self.detector_port));
-        Ok(format!("http://{local}"))
+        forward_to_pod(pods, name, self.detector_port).await
     }
+}
+
+/// Serves a local loopback port forwarded to `port` of pod `name` (one port-forward per
+/// local connection) for the rest of the process; returns its URL.
+pub async fn forward_to_pod(pods: Api<Pod>, name: String, port: u16) -> Result<String> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let local = listener.local_addr()?;
+    tracing::info!("forwarding {local} to pod {name}:{port}");
+    tokio::spawn(serve(listener, pods, name, port));
+    Ok(format!("http://{local}"))
 }
 
 /// One port-forward per local connection, bytes copied both ways until either side closes.

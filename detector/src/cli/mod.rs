@@ -2,6 +2,7 @@
 
 pub mod bounds;
 pub mod cluster;
+pub mod cluster_races;
 pub mod doctor;
 pub mod forward;
 #[cfg(feature = "lab")]

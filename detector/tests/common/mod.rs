@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 pub mod bpfmap;
+pub mod fake_api;
 
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read};
