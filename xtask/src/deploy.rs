@@ -239,17 +239,22 @@ const ARCHES: [Arch; 2] = [
 /// gcc-aarch64-linux-gnu and the rustup target).
 fn static_binary(root: &Path, arch: &Arch) -> Result<PathBuf> {
     let mut cargo = Command::new("cargo");
-    cargo.current_dir(root).args([
-        "build",
-        "--release",
-        "-p",
-        "detector",
-        "--bin",
-        "detector",
-        "--no-default-features",
-        "--target",
-        arch.target,
-    ]);
+    // No debug info (the binary is stripped below): the same release settings as vm-test's
+    // musl build, so the two share their compiled dependencies in one test run.
+    cargo
+        .current_dir(root)
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "detector",
+            "--bin",
+            "detector",
+            "--no-default-features",
+            "--target",
+            arch.target,
+        ]);
     let mut strip = "strip".to_string();
     if let Some(prefix) = arch.cross_prefix {
         let env_target = arch.target.replace('-', "_");
