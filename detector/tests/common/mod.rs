@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 pub mod bpfmap;
+pub mod faults;
 
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read};
@@ -306,6 +307,11 @@ impl Detector {
             stdout: Some(stdout),
             stderr: log,
         }
+    }
+
+    /// The detector's process id (for /proc and prlimit).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Stops it with SIGINT (Ctrl-C) and returns (NDJSON objects, stderr). Fails the test if it
