@@ -144,20 +144,29 @@ pub fn free_addr() -> String {
     l.local_addr().unwrap().to_string()
 }
 
-/// `GET path` on `addr`: the status code and the body, or None when the server did not answer.
-pub fn get(addr: &str, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(addr).ok()?;
+/// `GET path` on `addr`: the status code and the body, or what went wrong.
+pub fn get(addr: &str, path: &str) -> Result<(u16, String), String> {
+    let mut s = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     )
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let code = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
-    Some((code, body))
+    .map_err(|e| format!("write: {e}"))?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)
+        .map_err(|e| format!("read: {e} after {:?}", String::from_utf8_lossy(&raw)))?;
+    let text = String::from_utf8_lossy(&raw);
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no status in {text:?}"))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .ok_or_else(|| format!("no body in {text:?}"))?;
+    Ok((code, body))
 }
 
 /// The value of the metric line that starts with `name` (labels included).
@@ -169,7 +178,7 @@ pub fn metric(text: &str, name: &str) -> u64 {
 
 /// `detector_trace_writes_total{result="<result>"}` from /metrics on `addr`.
 pub fn trace_writes(addr: &str, result: &str) -> u64 {
-    let (code, text) = get(addr, "/metrics").expect("/metrics answers");
+    let (code, text) = get(addr, "/metrics").unwrap_or_else(|e| panic!("/metrics: {e}"));
     assert_eq!(code, 200, "{text}");
     metric(
         &text,
