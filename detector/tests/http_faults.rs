@@ -57,7 +57,8 @@ fn reply_of(s: &mut TcpStream) -> Reply {
     }
 }
 
-/// Raises this process's descriptor limit to its hard limit (a thousand client sockets).
+/// Raises this process's descriptor limit to at least 4096 (a thousand client sockets; root
+/// may raise the hard limit too).
 fn raise_nofile() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -66,6 +67,7 @@ fn raise_nofile() -> u64 {
     // SAFETY: getrlimit/setrlimit read and write the struct we own; no other memory.
     unsafe {
         assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        lim.rlim_max = lim.rlim_max.max(4096);
         lim.rlim_cur = lim.rlim_max;
         assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
     }
