@@ -29,8 +29,11 @@ mod tracefs_format {
     include!("../../fuzz/checks/tracefs_format.rs");
 }
 
+/// A fuzz target's body.
+type Check = fn(&[u8]);
+
 /// Every fuzz target, by the name of its file in fuzz/fuzz_targets/.
-const TARGETS: [(&str, fn(&[u8])); 6] = [
+const TARGETS: [(&str, Check); 6] = [
     ("btf_offsets", btf_offsets::check),
     ("ctnetlink_decode", ctnetlink_decode::check),
     ("http_request", http_request::check),
