@@ -30,6 +30,37 @@ struct Outcome {
     ok: bool,
 }
 
+/// The committed corpus of every target through its body in a plain build
+/// (detector/tests/fuzz_corpus.rs, which the test stage ran already): prints its per-target
+/// lines. The fuzzers themselves need a cold nightly sanitizer build too long for `cargo xtask
+/// test` on a small machine; they run with `cargo xtask fuzz`.
+pub fn corpus_counts(root: &Path) -> Result<()> {
+    let out = Command::new("cargo")
+        .current_dir(root)
+        .args([
+            "test",
+            "-q",
+            "-p",
+            "detector",
+            "--test",
+            "fuzz_corpus",
+            "--",
+            "--nocapture",
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running the fuzz corpus test")?;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if line.starts_with("fuzz corpus ") {
+            println!("{line}");
+        }
+    }
+    if !out.status.success() {
+        bail!("the fuzz corpus run failed (see detector/tests/fuzz_corpus.rs)");
+    }
+    Ok(())
+}
+
 /// `cargo xtask fuzz`.
 pub fn fuzz(args: &FuzzArgs) -> Result<()> {
     let (_, failed) = run_targets(args.seconds, args.target.as_deref())?;

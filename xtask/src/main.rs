@@ -143,7 +143,12 @@ fn test(args: &[String], no_vm: bool) -> Result<()> {
     passed += p;
     failed += f;
     // The fuzz targets run with `cargo xtask fuzz` (their cold nightly + sanitizer build takes
-    // longer than the rest of this stage list together on a 2-core machine).
+    // longer than the rest of this stage list together on a 2-core machine); their committed
+    // corpus ran through each target's body in a plain build above: its counts.
+    if let Err(e) = fuzz::corpus_counts(&root) {
+        println!("fuzz corpus FAILED: {e:#}");
+        failed += 1;
+    }
     if !no_vm {
         // The host half of the backend table is this run's results (the same tests).
         let t = Instant::now();

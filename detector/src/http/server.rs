@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
@@ -129,7 +129,12 @@ async fn stop_asked(stopped: &mut watch::Receiver<bool>) {
     }
 }
 
-/// Answers 503 to a connection over the cap, without reading its request.
+/// Bytes of a refused connection's request read (and discarded) before it is closed.
+const REFUSED_DRAIN_BYTES: usize = 16 * 1024;
+
+/// Answers 503 to a connection over the cap without parsing its request, then reads what the
+/// client sends until it closes (at most 2 s and a few KiB): a socket closed with unread data
+/// sends a reset, and a reset that arrives before the client has read the 503 destroys it.
 async fn refuse(mut tcp: TcpStream) {
     let body = "too many connections open; try again later\n";
     let reply = format!(
@@ -140,6 +145,14 @@ async fn refuse(mut tcp: TcpStream) {
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         let _ = tcp.write_all(reply.as_bytes()).await;
         let _ = tcp.shutdown().await;
+        let mut buf = [0u8; 1024];
+        let mut left = REFUSED_DRAIN_BYTES;
+        while left > 0 {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
     })
     .await;
 }
@@ -244,5 +257,68 @@ impl Connection {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        reason = "tests: a panic is the failure report"
+    )]
+    use super::*;
+
+    /// A client over the cap reads its 503 and then the end of the connection, whether its
+    /// request came at once or in pieces after the 503 went out: the refusal keeps reading
+    /// until the client closes, so neither an unread request nor one sent to a closed socket
+    /// turns the connection into a reset (a broken pipe, and no 503, for the client).
+    #[tokio::test]
+    async fn a_refused_client_reads_its_503_whenever_its_request_comes() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = Limits {
+            max_connections: 1,
+            ..Limits::default()
+        };
+        let (_stop, stopped) = watch::channel(false);
+        let metrics = Arc::new(Metrics::new());
+        tokio::spawn(serve(
+            listener,
+            Router::new(),
+            limits,
+            metrics.clone(),
+            stopped,
+        ));
+        let _held = TcpStream::connect(addr).await.unwrap();
+        for i in 0..6 {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            // Every other time the 503 is out before the request, which comes in two writes.
+            let late = i % 2 == 1;
+            if late {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            c.write_all(b"GET /metrics").await.unwrap();
+            if late {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            c.write_all(b" HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .expect("the request is sent, not refused by a reset");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let mut reply = Vec::new();
+            c.read_to_end(&mut reply)
+                .await
+                .expect("the 503, then the end of the connection, not a reset");
+            let reply = String::from_utf8_lossy(&reply);
+            assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
+        }
+        assert!(
+            metrics
+                .encode()
+                .contains("detector_http_limits_total{result=\"connections_refused\"} 6"),
+            "{}",
+            metrics.encode()
+        );
     }
 }

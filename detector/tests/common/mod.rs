@@ -11,6 +11,7 @@
 
 pub mod bpfmap;
 pub mod fake_api;
+pub mod faults;
 
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read};
@@ -255,7 +256,7 @@ impl Detector {
         Self::start(&["run", "--json"], args, ready)
     }
 
-    /// The detector's process id.
+    /// The detector's process id (for /proc and prlimit).
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
