@@ -28,18 +28,22 @@ mod record_decode {
 mod tracefs_format {
     include!("../../fuzz/checks/tracefs_format.rs");
 }
+mod watch_lines {
+    include!("../../fuzz/checks/watch_lines.rs");
+}
 
 /// A fuzz target's body.
 type Check = fn(&[u8]);
 
 /// Every fuzz target, by the name of its file in fuzz/fuzz_targets/.
-const TARGETS: [(&str, Check); 6] = [
+const TARGETS: [(&str, Check); 7] = [
     ("btf_offsets", btf_offsets::check),
     ("ctnetlink_decode", ctnetlink_decode::check),
     ("http_request", http_request::check),
     ("npa_layout", npa_layout::check),
     ("record_decode", record_decode::check),
     ("tracefs_format", tracefs_format::check),
+    ("watch_lines", watch_lines::check),
 ];
 
 #[test]
