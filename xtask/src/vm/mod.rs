@@ -296,6 +296,13 @@ fn guest(
     let prepare = t_prep.elapsed();
     let timeout = timeout.unwrap_or(Duration::from_secs(spec.timeout_secs));
 
+    // One guest at a time on this machine (TCG takes every core it is given), whichever
+    // checkout started it; the lock is released when this guest's run returns.
+    let lock = fs::File::create(cache_dir().join("qemu.lock"))?;
+    if lock.try_lock().is_err() {
+        println!("vm-test: waiting for another vm-test guest to finish");
+        lock.lock()?;
+    }
     // KVM only runs the host's own architecture.
     let mut kvm = arch.deb == AMD64.deb && cfg!(target_arch = "x86_64") && kvm_usable();
     let mut b;
