@@ -105,7 +105,7 @@ pub const GUESTS: &[GuestSpec] = &[
         arch: &ARM64,
         kernel_package: "linux-image-6.1.0-56-arm64",
         timeout_secs: 1200,
-        in_test: false,
+        in_test: true,
     },
 ];
 
