@@ -98,7 +98,7 @@ pub const GUESTS: &[GuestSpec] = &[
         arch: &AMD64,
         kernel_package: "linux-image-6.12.117+deb12-amd64",
         timeout_secs: 540,
-        in_test: false,
+        in_test: true,
     },
     GuestSpec {
         label: "6.1 arm64",
