@@ -3,8 +3,9 @@
 #   - Debian packages: those the tests drive (iproute2, nftables, conntrack, util-linux, procps,
 #     kmod), C toolchains for linking and for C in dependencies (gcc, libc6-dev, musl-tools,
 #     gcc-aarch64-linux-gnu) and qemu-user-static for the arm64 binary,
-#     deploy/'s tests (python3-venv, busybox, buildah, runc) and the qemu guest stage (qemu-system-x86,
-#     xz-utils, binutils), chromium for the report's screenshot test; see APT_PACKAGES below;
+#     deploy/'s tests (python3-venv, busybox, buildah, runc) and the qemu guest stage
+#     (qemu-system-x86, qemu-system-arm, xz-utils, zstd, binutils), chromium for the report's
+#     screenshot test; see APT_PACKAGES below;
 #   - the pinned stable toolchain (rust-toolchain.toml) with the musl targets, and the pinned
 #     nightly with rust-src (detector-ebpf/rust-toolchain.toml), with rustup;
 #   - bpf-linker, built from crates.io against that nightly's own libLLVM;
@@ -26,10 +27,12 @@ APT_PACKAGES=(iproute2 nftables conntrack util-linux procps kmod gcc libc6-dev)
 # deploy/: python3-venv for the manifest validator's venv (kubernetes-validate from PyPI),
 # busybox to test the tuner script under the shell of its busybox image.
 APT_PACKAGES+=(python3-venv busybox)
-# `cargo xtask vm-test` (the Debian 6.1 guest): qemu, xz to unpack the kernel image, strip for
-# the test binaries. (The guest's kernel and static busybox are fetched with apt-get download
-# into ~/.cache/detector/vm, never installed.)
-APT_PACKAGES+=(qemu-system-x86 xz-utils binutils)
+# `cargo xtask vm-test` (the Debian guests: 6.1 and 6.12 amd64, 6.1 arm64): qemu for both
+# architectures, xz and zstd to unpack kernel images and modules, binutils' strip and readelf
+# (the arm64 payload is stripped with gcc-aarch64-linux-gnu's binutils, below). (The guests'
+# kernels, static busybox and arm64 tools are fetched with apt-get download into
+# ~/.cache/detector/vm, never installed; arm64 through a private apt state there.)
+APT_PACKAGES+=(qemu-system-x86 qemu-system-arm xz-utils zstd binutils)
 # musl-tools: C code in dependencies (ring, under the Kubernetes client's rustls) built for the
 # static musl target (x86_64-linux-musl-gcc).
 APT_PACKAGES+=(musl-tools)

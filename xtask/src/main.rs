@@ -30,7 +30,7 @@ enum Task {
     /// Build everything and run every test: unit tests, and the privileged integration tests
     /// (real kernel, real BPF programs, TCP in network namespaces the tests create). Needs root.
     Test {
-        /// Skip the Debian 6.1 guest stage (`vm-test`) for a quick local run.
+        /// Skip the Debian guest stage (`vm-test`) for a quick local run.
         #[arg(long)]
         no_vm: bool,
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
@@ -51,12 +51,19 @@ enum Task {
     },
     /// Build the static (musl) detector binary and, with buildah, a FROM-scratch OCI archive.
     Image,
-    /// Run the end-to-end checks for every backend in a Debian 6.1 guest under qemu (kprobe and
-    /// fentry need a kernel that has them), and the host's run of the same tests. Needs root.
+    /// Run the end-to-end checks for every backend in Debian guests under qemu, one per
+    /// (kernel, arch) of the matrix: 6.1 and 6.12 amd64, 6.1 arm64 (kprobe and fentry need a
+    /// kernel that has them), and the host's run of the same tests. Needs root.
     VmTest {
-        /// Give up on the guest after this many seconds.
-        #[arg(long, default_value_t = 540)]
-        timeout: u64,
+        /// Give up on each guest after this many seconds (default: each guest's own).
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// Only this guest (repeatable), by its column name, e.g. `--guest "6.1 arm64"`.
+        #[arg(long = "guest", value_name = "LABEL")]
+        guests: Vec<String>,
+        /// Skip the host's run of the same tests (its column says `not run`).
+        #[arg(long)]
+        no_host: bool,
     },
     /// Measure overhead, event completeness, verdict latency and memory side by side, in
     /// namespaces it creates; writes BENCHMARKS.md and benchmarks/bench.json. Needs root.
@@ -152,7 +159,12 @@ fn test(args: &[String], no_vm: bool) -> Result<()> {
     if !no_vm {
         // The host half of the backend table is this run's results (the same tests).
         let t = Instant::now();
-        let (p, f) = vm::guest(&root, std::time::Duration::from_secs(540))
+        let in_test: Vec<String> = vm::GUESTS
+            .iter()
+            .filter(|g| g.in_test)
+            .map(|g| g.label.to_string())
+            .collect();
+        let (p, f) = vm::guests(&root, &in_test, None)
             .and_then(|g| vm::report(&g, &vm::host(&root, &names, args.is_empty())?))
             .unwrap_or_else(|e| {
                 println!("vm-test FAILED: {e:#}");
@@ -217,14 +229,15 @@ fn cargo_test(
 }
 
 /// `cargo xtask vm-test`: the guest's table and the host's, from a run of the same tests.
-fn vm_test(timeout: u64) -> Result<()> {
+fn vm_test(timeout: Option<u64>, guests: &[String], no_host: bool) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc_geteuid() } != 0 {
         bail!("vm-test runs the privileged tests on the host too: run it as root");
     }
     let root = root();
     build_ebpf()?;
-    let (passed, failed) = vm::vm_test(&root, std::time::Duration::from_secs(timeout), true)?;
+    let timeout = timeout.map(std::time::Duration::from_secs);
+    let (passed, failed) = vm::vm_test(&root, guests, timeout, !no_host)?;
     println!("{passed} passed, {failed} failed");
     if failed > 0 {
         bail!("{failed} vm-test check(s) failed");
@@ -257,7 +270,11 @@ fn main() -> Result<()> {
         }
         Task::Image => deploy::image(),
         Task::Test { args, no_vm } => test(&args, no_vm),
-        Task::VmTest { timeout } => vm_test(timeout),
+        Task::VmTest {
+            timeout,
+            guests,
+            no_host,
+        } => vm_test(timeout, &guests, no_host),
         Task::Bench(args) => bench::bench(args),
         Task::Fuzz(args) => fuzz::fuzz(&args),
     }

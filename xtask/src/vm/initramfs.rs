@@ -11,6 +11,7 @@ use std::process::{Command, Stdio};
 use anyhow::{Context, Result, bail};
 
 use super::CHECKS;
+use super::guests::GuestArch;
 use super::kernel::Kernel;
 use crate::util::output;
 
@@ -114,8 +115,14 @@ pub(super) fn libraries(bin: &str) -> Result<Vec<PathBuf>> {
         .collect())
 }
 
-/// The base initramfs: busybox, modules, tools, /init.
-pub(super) fn base_initramfs(k: &Kernel, busybox: &Path) -> Result<Vec<u8>> {
+/// The base initramfs: busybox, modules, the userland (tools and their libraries: (path in
+/// the guest, host file)), /init.
+pub(super) fn base_initramfs(
+    k: &Kernel,
+    busybox: &Path,
+    userland: &[(String, PathBuf)],
+    early_modules: &[&str],
+) -> Result<Vec<u8>> {
     let mut c = Cpio::default();
     for d in [
         "proc", "sys", "dev", "tmp", "run", "root", "etc", "usr/bin", "sbin", "var",
@@ -133,9 +140,19 @@ pub(super) fn base_initramfs(k: &Kernel, busybox: &Path) -> Result<Vec<u8>> {
             c.copy(Path::new(f), f)?;
         }
     }
-    // Modules with their dependencies, in the guest's module tree.
+    modules(&mut c, k, early_modules)?;
+    for (guest, host) in userland {
+        c.copy(host, guest)?;
+    }
+    Ok(c.finish())
+}
+
+/// The modules the checks need, with their dependencies, in the guest's module tree. Debian
+/// compresses modules with xz from 6.12 on; busybox's modprobe cannot load those, so they are
+/// decompressed here and the module index files name the plain `.ko` instead.
+fn modules(c: &mut Cpio, k: &Kernel, early_modules: &[&str]) -> Result<()> {
     let mut files = std::collections::BTreeSet::new();
-    for m in MODULES {
+    for m in MODULES.iter().chain(early_modules) {
         let deps = output(Command::new("modprobe").arg("-d").arg(&k.root).args([
             "-S",
             &k.release,
@@ -149,11 +166,27 @@ pub(super) fn base_initramfs(k: &Kernel, busybox: &Path) -> Result<Vec<u8>> {
         }
     }
     let moddir = format!("lib/modules/{}", k.release);
+    let mut compressed = false;
     for f in &files {
         let rel = Path::new(f)
             .strip_prefix(&k.root)
-            .with_context(|| format!("module {f} outside the kernel tree"))?;
-        c.copy(Path::new(f), &rel.to_string_lossy())?;
+            .with_context(|| format!("module {f} outside the kernel tree"))?
+            .to_string_lossy()
+            .into_owned();
+        if let Some(plain) = rel.strip_suffix(".xz") {
+            let ko = Command::new("xz")
+                .arg("-dc")
+                .arg(f)
+                .output()
+                .context("starting xz")?;
+            if !ko.status.success() || !ko.stdout.starts_with(b"\x7fELF") {
+                bail!("xz could not decompress {f}");
+            }
+            c.file(plain, 0o644, &ko.stdout);
+            compressed = true;
+        } else {
+            c.copy(Path::new(f), &rel)?;
+        }
     }
     for f in [
         "modules.dep",
@@ -169,27 +202,40 @@ pub(super) fn base_initramfs(k: &Kernel, busybox: &Path) -> Result<Vec<u8>> {
         "modules.softdep",
     ] {
         let p = k.root.join(&moddir).join(f);
-        if p.exists() {
+        if !p.exists() {
+            continue;
+        }
+        if !compressed {
             c.copy(&p, &format!("{moddir}/{f}"))?;
+        } else if !f.ends_with(".bin") {
+            // The binary indexes (kmod's) still name .ko.xz; busybox reads the text ones.
+            let text = fs::read_to_string(&p)?.replace(".ko.xz", ".ko");
+            c.file(&format!("{moddir}/{f}"), 0o644, text.as_bytes());
         }
     }
-    let mut libs = std::collections::BTreeSet::new();
-    for t in TOOLS {
-        c.copy(Path::new(t), t)?;
-        libs.extend(libraries(t)?);
-    }
-    for l in libs {
-        let real = fs::canonicalize(&l)?;
-        c.copy(&real, &l.to_string_lossy())?;
-    }
-    Ok(c.finish())
+    Ok(())
 }
 
 /// Builds the detector and its test executables for musl; returns (target name -> path) and
 /// the detector binary's path, both as cargo's JSON output reports them (so wherever the
 /// target directory is). In the guest the tests find the binary through `DETECTOR_BIN`.
-pub(super) fn build_musl(root: &Path) -> Result<(BTreeMap<String, PathBuf>, PathBuf)> {
+pub(super) fn build_musl(
+    root: &Path,
+    arch: &GuestArch,
+) -> Result<(BTreeMap<String, PathBuf>, PathBuf)> {
+    let target = arch.musl;
     let mut cmd = Command::new("cargo");
+    if let Some(prefix) = arch.cross_prefix {
+        // As `cargo xtask image` cross-builds: Rust's self-contained rust-lld links against the
+        // target's bundled musl; C in dependencies is compiled by Debian's cross gcc.
+        let env_target = target.replace('-', "_");
+        cmd.env(
+            format!("CARGO_TARGET_{}_LINKER", env_target.to_uppercase()),
+            "rust-lld",
+        )
+        .env(format!("CC_{env_target}"), format!("{prefix}gcc"))
+        .env(format!("AR_{env_target}"), format!("{prefix}ar"));
+    }
     // Release code (the guest is emulated: debug builds of the BTF parsing and the tests are
     // slow there) without debug info (stripped anyway; it costs compile and link time).
     cmd.current_dir(root)
@@ -199,7 +245,7 @@ pub(super) fn build_musl(root: &Path) -> Result<(BTreeMap<String, PathBuf>, Path
             "--release",
             "--no-run",
             "--target",
-            MUSL,
+            target,
             "-p",
             "detector",
             "--message-format=json-render-diagnostics",
@@ -215,8 +261,8 @@ pub(super) fn build_musl(root: &Path) -> Result<(BTreeMap<String, PathBuf>, Path
     let out = cmd.output().context("starting cargo")?;
     if !out.status.success() {
         bail!(
-            "building the guest's test binaries for {MUSL} failed (is the target installed? \
-             scripts/setup.sh adds it)"
+            "building the guest's test binaries for {target} failed (is the target \
+             installed? scripts/setup.sh adds it and the cross gcc)"
         );
     }
     let mut tests = BTreeMap::new();
@@ -250,10 +296,10 @@ pub(super) fn build_musl(root: &Path) -> Result<(BTreeMap<String, PathBuf>, Path
 }
 
 /// Debug info only makes the archive bigger (the guest has no use for it).
-pub(super) fn stripped(path: &Path, work: &Path) -> Result<Vec<u8>> {
+pub(super) fn stripped(path: &Path, work: &Path, arch: &GuestArch) -> Result<Vec<u8>> {
     let out = work.join("stripped");
     output(
-        Command::new("strip")
+        Command::new(format!("{}strip", arch.cross_prefix.unwrap_or_default()))
             .arg("--strip-debug")
             .arg("-o")
             .arg(&out)
@@ -270,18 +316,19 @@ pub(super) fn payload(
     tests: &BTreeMap<String, PathBuf>,
     detector: &Path,
     work: &Path,
+    arch: &GuestArch,
 ) -> Result<Vec<u8>> {
     let mut c = Cpio::default();
     c.file(
         &format!("{GUEST_DIR}/bin/detector"),
         0o755,
-        &stripped(detector, work)?,
+        &stripped(detector, work, arch)?,
     );
     for (name, path) in tests {
         c.file(
             &format!("{GUEST_DIR}/tests/{name}"),
             0o755,
-            &stripped(path, work)?,
+            &stripped(path, work, arch)?,
         );
     }
     let checks: String = CHECKS
@@ -308,16 +355,6 @@ pub(super) const MODULES: &[&str] = &[
     "cls_bpf",
 ];
 
-/// Dynamically linked tools the tests run, copied with their libraries.
-pub(super) const TOOLS: &[&str] = &[
-    "/usr/sbin/ip",
-    "/usr/sbin/tc",
-    "/usr/sbin/nft",
-    "/usr/sbin/conntrack",
-];
-
 pub(super) const INIT: &str = include_str!("init.sh");
 
 pub(super) const RUN: &str = include_str!("run.sh");
-
-pub(super) const MUSL: &str = "x86_64-unknown-linux-musl";

@@ -1,22 +1,28 @@
-//! `cargo xtask vm-test`: the detector's end-to-end checks in a Debian 6.1 guest under qemu.
+//! `cargo xtask vm-test`: the detector's end-to-end checks in Debian guests under qemu, one
+//! per (kernel, architecture) of the matrix in `guests.rs` (6.1 and 6.12 on amd64, 6.1 on
+//! arm64).
 //!
 //! The host kernel has neither kprobes nor BPF trampolines, so the kprobe and fentry backends
-//! can only be proven in a guest with a production-like kernel (EKS AL2023 runs 6.1, with
-//! nf_conntrack as a module). Steps:
-//! 1. Debian's `linux-image-6.1.0-*-amd64` package is downloaded with `apt-get download` (never
-//!    installed on the host), unpacked, `depmod`'ed, and its bzImage decompressed to an ELF
-//!    `vmlinux` that qemu boots directly (PVH). Cached under ~/.cache/detector/vm/ by version.
-//! 2. A base initramfs: static busybox, the modules the checks need with their dependencies,
-//!    `ip`, `tc`, `nft`, `conntrack` with their shared libraries, and an /init.
+//! can only be proven in a guest with a production-like kernel (EKS runs 6.1 and 6.12 with
+//! nf_conntrack as a module, on x86_64 and Graviton). Steps, per guest:
+//! 1. Debian's `linux-image-*` package for the guest's architecture is downloaded with
+//!    `apt-get download` (never installed on the host; a foreign architecture through a private
+//!    apt state), unpacked, `depmod`'ed; an amd64 bzImage is decompressed to an ELF `vmlinux`
+//!    that qemu boots directly (PVH). Cached under ~/.cache/detector/vm/ by version.
+//! 2. A base initramfs: static busybox, the modules the checks need with their dependencies
+//!    (xz-compressed ones decompressed), `ip`, `tc`, `nft`, `conntrack` with their shared
+//!    libraries (the host's, or the guest architecture's Debian packages), and an /init.
 //! 3. A payload archive appended to it: the detector and its integration-test executables built
-//!    for x86_64-unknown-linux-musl (static), the check list and the guest's run script.
-//! 4. qemu boots it (TCG; KVM only where the CPU has vmx/svm and it works), the guest writes one
-//!    `RESULT` line per check to its second serial port and a final `VMTEST-END` marker; a
-//!    timeout or a missing marker fails with the console log printed.
+//!    for the architecture's musl target (static; once per architecture and run), the check
+//!    list and the guest's run script.
+//! 4. qemu boots it (TCG; KVM only for the host's architecture where the CPU has vmx/svm and it
+//!    works), the guest writes one `RESULT` line per check to its results port and a final
+//!    `VMTEST-END` marker; a timeout or a missing marker fails with the console log printed.
 //!
 //! The checks are the host's own integration tests, run in the guest with `DETECTOR_BACKEND`
 //! set to each backend the guest's `detector doctor` says loads.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -24,15 +30,21 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 
+mod apt;
+mod guests;
 mod initramfs;
 mod kernel;
 mod qemu;
 mod results;
 
-use initramfs::{TOOLS, base_initramfs, build_musl, payload};
+use apt::Apt;
+use guests::{AMD64, GuestSpec, userland};
+use initramfs::{base_initramfs, build_musl, payload};
 use kernel::{busybox, kernel};
 use qemu::{boot, kvm_usable};
 use results::{host_tests, parse_results};
+
+pub use guests::GUESTS;
 
 pub use results::{host, passed_tests, report};
 
@@ -138,12 +150,12 @@ pub struct CheckResult {
     pub detail: String,
 }
 
-/// What the guest run produced.
+/// What one guest's run produced.
 pub struct GuestOutcome {
     pub results: Vec<CheckResult>,
     /// The guest's `auto` choice and doctor's line about it.
     pub auto: String,
-    /// Building the musl binaries and the images.
+    /// Building the musl binaries (the first guest of an architecture) and the images.
     pub prepare: Duration,
     /// qemu start to power-off.
     pub boot_to_end: Duration,
@@ -178,33 +190,103 @@ fn need(tool: &str, package: &str) -> Result<()> {
     Ok(())
 }
 
-/// Builds everything, boots the guest, returns its results (an error for a timeout, a missing
+/// One guest of the matrix: its outcome, or why it could not run (the table says so).
+pub struct GuestRun {
+    pub label: &'static str,
+    pub outcome: std::result::Result<GuestOutcome, String>,
+}
+
+/// The static test payload of one architecture: (test target -> executable, detector).
+type Payload = (BTreeMap<String, PathBuf>, PathBuf);
+
+/// Boots each guest of the matrix whose label is in `only` (all when empty), one at a time;
+/// `timeout` overrides each guest's own.
+pub fn guests(root: &Path, only: &[String], timeout: Option<Duration>) -> Result<Vec<GuestRun>> {
+    for label in only {
+        if !GUESTS.iter().any(|g| g.label == label) {
+            bail!(
+                "no guest `{label}`; the guests are: {}",
+                GUESTS
+                    .iter()
+                    .map(|g| g.label)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+    // Each architecture's payload is built once per run and shared by its guests.
+    let mut payloads: BTreeMap<&str, std::result::Result<Payload, String>> = BTreeMap::new();
+    let mut runs = Vec::new();
+    for spec in GUESTS
+        .iter()
+        .filter(|g| only.is_empty() || only.iter().any(|o| o == g.label))
+    {
+        let t0 = Instant::now();
+        println!("vm-test: ===== guest {} =====", spec.label);
+        let outcome = guest(root, spec, &mut payloads, timeout);
+        println!(
+            "vm-test: guest {} {} in {:.1} s",
+            spec.label,
+            if outcome.is_ok() {
+                "ran"
+            } else {
+                "FAILED to run"
+            },
+            t0.elapsed().as_secs_f64()
+        );
+        runs.push(GuestRun {
+            label: spec.label,
+            outcome: outcome.map_err(|e| format!("{e:#}")),
+        });
+    }
+    Ok(runs)
+}
+
+/// Builds what `spec` needs, boots it, returns its results (an error for a timeout, a missing
 /// end marker, or a guest that could not run its checks).
-pub fn guest(root: &Path, timeout: Duration) -> Result<GuestOutcome> {
+fn guest(
+    root: &Path,
+    spec: &GuestSpec,
+    payloads: &mut BTreeMap<&str, std::result::Result<Payload, String>>,
+    timeout: Option<Duration>,
+) -> Result<GuestOutcome> {
+    let arch = spec.arch;
+    let cross_strip = arch.cross_prefix.map(|p| format!("{p}strip"));
     for (tool, pkg) in [
-        ("qemu-system-x86_64", "qemu-system-x86"),
+        (arch.qemu, arch.qemu_package),
         ("xz", "xz-utils"),
+        ("zstd", "zstd"),
         ("depmod", "kmod"),
-        ("strip", "binutils"),
+        ("readelf", "binutils"),
+        (cross_strip.as_deref().unwrap_or("strip"), "binutils"),
         ("apt-get", "apt"),
         ("ldd", "libc-bin"),
     ] {
         need(tool, pkg)?;
     }
-    for t in TOOLS {
-        need(t, "iproute2/nftables/conntrack")?;
-    }
     let t_prep = Instant::now();
-    let k = kernel()?;
-    let busybox = busybox()?;
-    let work = cache_dir().join("run");
+    let apt = Apt::for_arch(arch.deb)?;
+    let k = kernel(&apt, spec.kernel_package)?;
+    let busybox = busybox(&apt)?;
+    let userland = userland(&apt)?;
+    let work = cache_dir().join(format!("run-{}", spec.label.replace(' ', "-")));
     fs::create_dir_all(&work)?;
-    let t = step("building the detector and its tests for musl (static)");
-    let (tests, detector) = build_musl(root)?;
-    done(t, "built");
+    let built = payloads.entry(arch.musl).or_insert_with(|| {
+        let t = step(&format!(
+            "building the detector and its tests for {} (static)",
+            arch.musl
+        ));
+        let b = build_musl(root, arch).map_err(|e| format!("{e:#}"));
+        done(t, "built");
+        b
+    });
+    let (tests, detector) = match built {
+        Ok(p) => p.clone(),
+        Err(e) => bail!("{e}"),
+    };
     let t = step("building the initramfs");
-    let mut initrd = base_initramfs(&k, &busybox)?;
-    initrd.extend(payload(&tests, &detector, &work)?);
+    let mut initrd = base_initramfs(&k, &busybox, &userland, arch.early_modules)?;
+    initrd.extend(payload(&tests, &detector, &work, arch)?);
     let initrd_path = work.join("initrd.cpio");
     fs::write(&initrd_path, &initrd)?;
     done(
@@ -212,16 +294,26 @@ pub fn guest(root: &Path, timeout: Duration) -> Result<GuestOutcome> {
         &format!("initramfs {} MiB", fs::metadata(&initrd_path)?.size() >> 20),
     );
     let prepare = t_prep.elapsed();
+    let timeout = timeout.unwrap_or(Duration::from_secs(spec.timeout_secs));
 
-    let mut kvm = kvm_usable();
+    // One guest at a time on this machine (TCG takes every core it is given), whichever
+    // checkout started it; the lock is released when this guest's run returns.
+    let lock = fs::File::create(cache_dir().join("qemu.lock"))?;
+    if lock.try_lock().is_err() {
+        println!("vm-test: waiting for another vm-test guest to finish");
+        lock.lock()?;
+    }
+    // KVM only runs the host's own architecture.
+    let mut kvm = arch.deb == AMD64.deb && cfg!(target_arch = "x86_64") && kvm_usable();
     let mut b;
     loop {
         let t = step(&format!(
-            "booting {} under qemu ({})",
+            "booting {} ({}) under qemu ({})",
             k.release,
+            arch.deb,
             if kvm { "KVM" } else { "TCG" }
         ));
-        b = boot(&k, &initrd_path, &work, kvm, timeout)?;
+        b = boot(arch, &k, &initrd_path, &work, kvm, timeout)?;
         done(t, "qemu exited");
         // KVM that looked usable but could not boot the guest: TCG always works.
         if kvm && !b.console.contains("VMTEST-BOOTED") {
@@ -269,13 +361,19 @@ pub fn guest(root: &Path, timeout: Duration) -> Result<GuestOutcome> {
     })
 }
 
-/// `cargo xtask vm-test`: the guest, then the host's own run of the same tests.
-pub fn vm_test(root: &Path, timeout: Duration, host_too: bool) -> Result<(u64, u64)> {
-    let g = guest(root, timeout)?;
+/// `cargo xtask vm-test`: the guests, then the host's own run of the same tests (unless
+/// `host_too` is off: its column then says `not run`).
+pub fn vm_test(
+    root: &Path,
+    only: &[String],
+    timeout: Option<Duration>,
+    host_too: bool,
+) -> Result<(u64, u64)> {
+    let runs = guests(root, only, timeout)?;
     let host_results = if host_too {
         host(root, &host_tests(root)?, true)?
     } else {
         host(root, &Default::default(), false)?
     };
-    report(&g, &host_results)
+    report(&runs, &host_results)
 }

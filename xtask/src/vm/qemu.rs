@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
+use super::guests::GuestArch;
 use super::kernel::Kernel;
 
 /// KVM only where the CPU has hardware virtualisation and the module is a real KVM (here it is
@@ -28,6 +29,7 @@ pub(super) struct Boot {
 }
 
 pub(super) fn boot(
+    arch: &GuestArch,
     k: &Kernel,
     initrd: &Path,
     work: &Path,
@@ -38,11 +40,15 @@ pub(super) fn boot(
     let results = work.join("results.txt");
     let _ = fs::remove_file(&console);
     let _ = fs::remove_file(&results);
-    let mut cmd = Command::new("qemu-system-x86_64");
+    let mut cmd = Command::new(arch.qemu);
+    cmd.args(arch.machine);
     if kvm {
         cmd.args(["-enable-kvm", "-cpu", "host"]);
     } else {
-        cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max"]);
+        cmd.args(["-accel", "tcg,thread=multi"]);
+        if arch.machine.is_empty() {
+            cmd.args(["-cpu", "max"]);
+        }
     }
     cmd.args([
         "-smp",
@@ -56,8 +62,9 @@ pub(super) fn boot(
     ])
     .arg("-serial")
     .arg(format!("file:{}", console.display()))
-    .arg("-serial")
-    .arg(format!("file:{}", results.display()))
+    .arg("-chardev")
+    .arg(format!("file,id=results,path={}", results.display()))
+    .args(arch.results_device)
     .arg("-kernel")
     .arg(&k.vmlinux)
     .arg("-initrd")
@@ -65,15 +72,19 @@ pub(super) fn boot(
     .arg("-append")
     // softlockup_panic: a guest that wedges ends at once (a panic, no end marker) with the
     // stuck CPU's backtrace on the console, instead of running into the timeout.
-    .arg(
-        "console=ttyS0 panic=-1 quiet loglevel=3 cryptomgr.notests mitigations=off nokaslr \
-         softlockup_panic=1",
-    )
+    // vmtest.results: where /init sends results (a parameter the kernel ignores).
+    .arg(format!(
+        "console={} panic=-1 quiet loglevel=3 cryptomgr.notests mitigations=off nokaslr \
+         softlockup_panic=1 vmtest.results={}",
+        arch.console, arch.results_tty
+    ))
     .stdin(Stdio::null())
     .stdout(Stdio::null())
     .stderr(Stdio::piped());
     let t0 = Instant::now();
-    let mut child = cmd.spawn().context("starting qemu-system-x86_64")?;
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", arch.qemu))?;
     let mut timed_out = false;
     let mut last_len = 0;
     loop {

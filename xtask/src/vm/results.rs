@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result};
 
-use super::{BACKENDS, CHECKS, CheckResult, CheckSpec, GuestOutcome, Status};
+use super::{BACKENDS, CHECKS, CheckResult, CheckSpec, GuestRun, Status};
 
 /// Parses `RESULT backend check status secs detail...` lines.
 pub(super) fn parse_results(text: &str) -> (Vec<CheckResult>, String) {
@@ -52,6 +52,28 @@ pub fn host(
     passed_tests: &std::collections::HashSet<String>,
     ran: bool,
 ) -> Result<Vec<CheckResult>> {
+    if !ran {
+        // No host run (vm-test --no-host, or a filtered test run): no column to fill, and
+        // possibly no host build of the detector to ask.
+        let mut out = Vec::new();
+        for c in CHECKS {
+            let backends: &[&str] = if c.scope == "kernel" {
+                &["-"]
+            } else {
+                BACKENDS
+            };
+            for b in backends {
+                out.push(CheckResult {
+                    backend: (*b).into(),
+                    check: c.name.into(),
+                    status: Status::NotRun,
+                    secs: 0.0,
+                    detail: String::new(),
+                });
+            }
+        }
+        return Ok(out);
+    }
     let detector = crate::util::target_dir(root)?.join("debug/detector");
     let doctor = Command::new(&detector)
         .args(["doctor", "--json"])
@@ -150,13 +172,16 @@ pub fn passed_tests(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// Prints the backend × check table for the guest and the host.
-pub fn print_table(guest: &[CheckResult], host: &[CheckResult]) {
+/// Prints the check × backend table: the host's column, then one per guest (kernel, arch).
+/// A guest that could not run says so in its column, and why below the table; cells that are
+/// not a pass are explained below it too (each distinct reason once).
+pub fn print_table(runs: &[GuestRun], host: &[CheckResult]) {
     println!();
-    println!(
-        "{:<24}{:<12}{:<14}{:<14}detail (guest; host when it differs)",
-        "check", "backend", "guest 6.1", "host"
-    );
+    let mut header = format!("{:<24}{:<12}{:<12}", "check", "backend", "host");
+    for r in runs {
+        header.push_str(&format!("{:<14}", r.label));
+    }
+    println!("{header}");
     let mut rows: Vec<(String, String)> = Vec::new();
     for c in CHECKS.iter().filter(|c| c.scope == "kernel") {
         rows.push((c.name.into(), "-".into()));
@@ -171,81 +196,120 @@ pub fn print_table(guest: &[CheckResult], host: &[CheckResult]) {
             .find(|r| r.check == check && r.backend == b)
             .cloned()
     };
-    for (check, b) in rows {
-        let g = find(guest, &check, &b);
-        let h = find(host, &check, &b);
-        let word = |r: &Option<CheckResult>| match r {
-            Some(r) if r.status == Status::Pass && r.secs > 0.0 => {
-                format!("pass {:.0}s", r.secs)
-            }
-            Some(r) => r.status.word().to_string(),
-            None => "-".into(),
-        };
-        let mut detail = g.as_ref().map(|r| r.detail.clone()).unwrap_or_default();
-        if let Some(h) = &h
-            && g.as_ref().is_none_or(|g| g.detail != h.detail)
+    let word = |r: &Option<CheckResult>| match r {
+        Some(r) if r.status == Status::Pass && r.secs > 0.0 => format!("pass {:.0}s", r.secs),
+        Some(r) => r.status.word().to_string(),
+        None => "-".into(),
+    };
+    // (column, backend, reason) of every cell that is not a pass, in order, once each.
+    let mut notes: Vec<(String, String, String)> = Vec::new();
+    let mut note = |col: &str, r: &Option<CheckResult>| {
+        if let Some(r) = r
+            && r.status != Status::Pass
+            && r.status != Status::NotRun
         {
-            detail = format!("{detail}; host: {}", h.detail);
+            let n = (col.to_string(), r.backend.clone(), r.detail.clone());
+            if !notes.contains(&n) {
+                notes.push(n);
+            }
         }
-        println!("{check:<24}{b:<12}{:<14}{:<14}{detail}", word(&g), word(&h));
+    };
+    for (check, b) in rows {
+        let h = find(host, &check, &b);
+        note("host", &h);
+        let mut line = format!("{check:<24}{b:<12}{:<12}", word(&h));
+        for run in runs {
+            let cell = match &run.outcome {
+                Ok(g) => {
+                    let r = find(&g.results, &check, &b);
+                    note(run.label, &r);
+                    word(&r)
+                }
+                Err(_) => "skipped".into(),
+            };
+            line.push_str(&format!("{cell:<14}"));
+        }
+        println!("{line}");
+    }
+    for run in runs {
+        match &run.outcome {
+            Ok(g) => println!(
+                "{}: auto picks {}; wall time {:.1} s (build and images {:.1} s, qemu {} boot \
+                 to power-off {:.1} s)",
+                run.label,
+                g.auto,
+                (g.prepare + g.boot_to_end).as_secs_f64(),
+                g.prepare.as_secs_f64(),
+                g.accel,
+                g.boot_to_end.as_secs_f64()
+            ),
+            Err(why) => println!("{}: skipped: {why}", run.label),
+        }
+    }
+    for (col, b, why) in notes {
+        println!("  {col} {b}: {why}");
     }
 }
 
-/// Failures that make the run fail: any failed check, and a guest where the kprobe backend
-/// (the one production nodes with nf_conntrack as a module need) or `auto` does not work.
-pub fn failures(g: &GuestOutcome, host: &[CheckResult]) -> Vec<String> {
+/// Failures that make the run fail: any failed check, a guest that could not run, and a guest
+/// where the kprobe backend (the one production nodes with nf_conntrack as a module need) or
+/// `auto` does not pass every check.
+pub fn failures(runs: &[GuestRun], host: &[CheckResult]) -> Vec<String> {
     let mut f = Vec::new();
-    for r in g.results.iter() {
-        if r.status == Status::Fail {
-            f.push(format!("guest {} {}: {}", r.backend, r.check, r.detail));
-        }
-    }
     for r in host {
         if r.status == Status::Fail {
             f.push(format!("host {} {}: {}", r.backend, r.check, r.detail));
         }
     }
-    for c in CHECKS {
-        let b = if c.scope == "kernel" { "-" } else { "kprobe" };
-        if !g
-            .results
-            .iter()
-            .any(|r| r.backend == b && r.check == c.name && r.status == Status::Pass)
-        {
-            f.push(format!("guest {b} {} did not pass", c.name));
+    for run in runs {
+        let g = match &run.outcome {
+            Ok(g) => g,
+            Err(why) => {
+                f.push(format!("guest {} did not run: {why}", run.label));
+                continue;
+            }
+        };
+        let label = run.label;
+        for r in g.results.iter() {
+            if r.status == Status::Fail {
+                f.push(format!("{label} {} {}: {}", r.backend, r.check, r.detail));
+            }
         }
-    }
-    let auto = g.auto.split(':').next().unwrap_or_default();
-    let auto_ok = BACKENDS.contains(&auto)
-        && CHECKS.iter().filter(|c| c.scope == "backend").all(|c| {
-            g.results
+        for c in CHECKS {
+            let b = if c.scope == "kernel" { "-" } else { "kprobe" };
+            if !g
+                .results
                 .iter()
-                .any(|r| r.backend == auto && r.check == c.name && r.status == Status::Pass)
-        });
-    if !auto_ok {
-        f.push(format!(
-            "guest auto picks `{}`, which did not pass every check",
-            g.auto
-        ));
+                .any(|r| r.backend == b && r.check == c.name && r.status == Status::Pass)
+            {
+                f.push(format!("{label} {b} {} did not pass", c.name));
+            }
+        }
+        let auto = g.auto.split(':').next().unwrap_or_default();
+        let auto_ok = BACKENDS.contains(&auto)
+            && CHECKS.iter().filter(|c| c.scope == "backend").all(|c| {
+                g.results
+                    .iter()
+                    .any(|r| r.backend == auto && r.check == c.name && r.status == Status::Pass)
+            });
+        if !auto_ok {
+            f.push(format!(
+                "{label} auto picks `{}`, which did not pass every check",
+                g.auto
+            ));
+        }
     }
     f
 }
 
 /// Prints the table and timings; returns (passed, failed) counted over guest checks.
-pub fn report(g: &GuestOutcome, host: &[CheckResult]) -> Result<(u64, u64)> {
-    print_table(&g.results, host);
-    println!(
-        "guest: auto picks {}\nguest wall time: {:.1} s (build and images {:.1} s, qemu {} boot to power-off {:.1} s)",
-        g.auto,
-        (g.prepare + g.boot_to_end).as_secs_f64(),
-        g.prepare.as_secs_f64(),
-        g.accel,
-        g.boot_to_end.as_secs_f64()
-    );
-    let f = failures(g, host);
-    let passed = g
-        .results
+pub fn report(runs: &[GuestRun], host: &[CheckResult]) -> Result<(u64, u64)> {
+    print_table(runs, host);
+    let f = failures(runs, host);
+    let passed = runs
         .iter()
+        .filter_map(|r| r.outcome.as_ref().ok())
+        .flat_map(|g| &g.results)
         .filter(|r| r.status == Status::Pass)
         .count() as u64;
     let failed = f.len() as u64;

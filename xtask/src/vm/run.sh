@@ -1,13 +1,13 @@
 #!/bin/sh
 # The vm-test guest's checks: every check of /detector/checks for every backend the kernel
-# supports, one RESULT line each on /dev/ttyS1:
+# supports, one RESULT line each on the results port (/init exports VMTEST_RESULTS):
 #   RESULT <backend|-|auto> <check> <pass|fail|unsupported> <seconds> <detail>
 # Backends that do not load get `unsupported` with `detector doctor`'s reason.
 # The payload has its own directory: the host's paths mean nothing here (/tmp is a tmpfs).
 cd /detector
 # The integration tests run the detector binary named here, not the path cargo built it at.
 export DETECTOR_BIN=/detector/bin/detector
-OUT=/dev/ttyS1
+OUT=${VMTEST_RESULTS:-/dev/ttyS1}
 result() { echo "RESULT $*" > $OUT; echo "RESULT $*"; }
 # crc32c_generic first: libcrc32c (nf_conntrack's dependency) fails with "unknown symbol"
 # without it. nf_conntrack is a module here, as on EKS nodes.
