@@ -96,6 +96,8 @@ pub async fn run(args: TraceArgs) -> Result<()> {
         wall: WallClock::measure(),
         hz,
     };
+    // The signal handlers first: a Ctrl-C right after the line below must stop it cleanly.
+    let mut stream = Stream::new(reader, args.watermark_ms, args.duration)?;
     eprintln!(
         "detector: tracing conntrack with the {backend} backend (insert time {}){}; Ctrl-C to stop",
         backend.insert_precision(),
@@ -106,7 +108,6 @@ pub async fn run(args: TraceArgs) -> Result<()> {
         }
     );
 
-    let mut stream = Stream::new(reader, args.watermark_ms, args.duration)?;
     let mut summary = Summary::default();
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());

@@ -277,14 +277,8 @@ async fn event_loop<W: Write>(
     det: &mut Detector<W>,
     attached: &mut Attached,
     spec: &MapSpec,
-    watermark_ms: u64,
-    duration: Option<f64>,
+    mut stream: Stream,
 ) -> Result<Stream> {
-    let reader = attached
-        .reader
-        .take()
-        .context("the ring buffer's reader was already taken")?;
-    let mut stream = Stream::new(reader, watermark_ms, duration)?;
     let mut ready = Vec::new();
     let mut watch = MapWatch::default();
     loop {
@@ -418,18 +412,18 @@ pub async fn run(opts: RunOptions, mut services: RunServices) -> Result<()> {
     det.metrics
         .capacity_total("undecodable_startup_keys", undecodable_startup_keys);
     super::trim_heap();
+    // The signal handlers before the announcement: a Ctrl-C right after "Ctrl-C to stop" (or
+    // a SIGINT once ready) must stop it cleanly, not kill it with its summary unwritten.
+    let reader = attached
+        .reader
+        .take()
+        .context("the ring buffer's reader was already taken")?;
+    let stream = Stream::new(reader, opts.watermark_ms, opts.duration)?;
     announce(&map, &attached, &snap, det.out.traces.dir.dir());
     // Probes attached and both start-up snapshots taken.
     det.metrics.set_ready(true);
 
-    let stream = event_loop(
-        &mut det,
-        &mut attached,
-        &opts.spec,
-        opts.watermark_ms,
-        opts.duration,
-    )
-    .await?;
+    let stream = event_loop(&mut det, &mut attached, &opts.spec, stream).await?;
 
     // Every trace queued is written (or counted as failed) before the counts are taken.
     det.out.traces.drain();
