@@ -129,8 +129,25 @@ impl Cleanup {
         Ok(Pending { flows, candidates })
     }
 
-    /// Second half: delete the keys whose flow is missing from the dump.
+    /// Second half: delete the keys whose flow is missing from the dump, from a thread in the
+    /// node's namespace. NPA runs there (hostNetwork), so its bpf(2) deletes come from a task
+    /// in that namespace, and the detector judges each delete in its deleting task's one.
     pub fn delete_phase(&mut self, p: Pending) -> Result<usize> {
+        let ns = std::fs::File::open(&self.netns)
+            .with_context(|| format!("opening the node's namespace {}", self.netns.display()))?;
+        let this = &mut *self;
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || -> Result<usize> {
+                    testbed::netns::enter(&ns).context("entering the node's namespace")?;
+                    this.delete_here(p)
+                })
+                .join()
+        })
+        .map_err(|_| anyhow::anyhow!("the lab's cleanup thread panicked"))?
+    }
+
+    fn delete_here(&mut self, p: Pending) -> Result<usize> {
         let mut h = self.open()?;
         let (copied_at, keys) = match p.candidates {
             Candidates::Copied(at, keys) => (Some(at), keys),
