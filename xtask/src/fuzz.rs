@@ -2,6 +2,13 @@
 //! pinned nightly) and runs each for a fixed time from its committed seeds in fuzz/corpus/.
 //! Inputs libFuzzer finds go to a scratch corpus under fuzz/target/, so a run never changes the
 //! repository; a crash fails the target and names the file that reproduces it.
+//!
+//! Two builds: the default is cargo-fuzz's own (release, AddressSanitizer) for long runs;
+//! `--quick` is a debug build without a sanitizer, which `cargo xtask test` runs for
+//! [`TEST_SECONDS`] per target. Its cold build takes about 3 minutes on 2 cores (the sanitizer
+//! build about 16 minutes of CPU), and its overflow checks and debug assertions catch
+//! arithmetic that a release build would wrap silently; the decoders hold no `unsafe` code for
+//! the sanitizer to watch.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -11,13 +18,17 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 
 /// Seconds per target when `cargo xtask test` runs the fuzz stage.
-pub const TEST_SECONDS: u64 = 10;
+pub const TEST_SECONDS: u64 = 5;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct FuzzArgs {
     /// Seconds to run each target (libFuzzer's -max_total_time).
-    #[arg(long, default_value_t = TEST_SECONDS)]
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub seconds: u64,
+    /// The build `cargo xtask test` runs: debug (overflow checks on), no sanitizer; it builds
+    /// in a few minutes where the default release + AddressSanitizer build takes far longer.
+    #[arg(long)]
+    pub quick: bool,
     /// Only this target (a file name in fuzz/fuzz_targets/ without `.rs`).
     pub target: Option<String>,
 }
@@ -32,8 +43,7 @@ struct Outcome {
 
 /// The committed corpus of every target through its body in a plain build
 /// (detector/tests/fuzz_corpus.rs, which the test stage ran already): prints its per-target
-/// lines. The fuzzers themselves need a cold nightly sanitizer build too long for `cargo xtask
-/// test` on a small machine; they run with `cargo xtask fuzz`.
+/// lines.
 pub fn corpus_counts(root: &Path) -> Result<()> {
     let out = Command::new("cargo")
         .current_dir(root)
@@ -63,11 +73,20 @@ pub fn corpus_counts(root: &Path) -> Result<()> {
 
 /// `cargo xtask fuzz`.
 pub fn fuzz(args: &FuzzArgs) -> Result<()> {
-    let (_, failed) = run_targets(args.seconds, args.target.as_deref())?;
+    let (_, failed) = run_targets(args.seconds, args.quick, args.target.as_deref())?;
     if failed > 0 {
         bail!("{failed} fuzz target(s) crashed");
     }
     Ok(())
+}
+
+/// The fuzz stage of `cargo xtask test`: every target for [`TEST_SECONDS`] in the quick build;
+/// (passed, failed) targets, a build failure counting as one failure.
+pub fn test_stage() -> (u64, u64) {
+    run_targets(TEST_SECONDS, true, None).unwrap_or_else(|e| {
+        println!("fuzz FAILED: {e:#}");
+        (0, 1)
+    })
 }
 
 /// The nightly that builds the eBPF object; cargo-fuzz needs a nightly too, and one pin is
@@ -84,12 +103,16 @@ fn nightly(root: &Path) -> Result<String> {
         .with_context(|| format!("{} names no channel", file.display()))
 }
 
-/// `cargo +<nightly> fuzz ...` in fuzz/, without the outer cargo's toolchain and flags.
-fn cargo_fuzz(root: &Path, nightly: &str) -> Command {
+/// `cargo +<nightly> fuzz <sub> [--dev -s none]` in fuzz/, without the outer cargo's toolchain
+/// and flags. `run` must get the build options `build` got, or it builds again.
+fn cargo_fuzz(root: &Path, nightly: &str, sub: &str, quick: bool) -> Command {
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root.join("fuzz"))
         .arg(format!("+{nightly}"))
-        .arg("fuzz");
+        .args(["fuzz", sub]);
+    if quick {
+        cmd.args(["--dev", "--sanitizer", "none"]);
+    }
     for var in [
         "RUSTUP_TOOLCHAIN",
         "RUSTC",
@@ -118,7 +141,7 @@ fn targets(root: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
-fn run_targets(seconds: u64, only: Option<&str>) -> Result<(u64, u64)> {
+fn run_targets(seconds: u64, quick: bool, only: Option<&str>) -> Result<(u64, u64)> {
     let root = super::root();
     let nightly = nightly(&root)?;
     let mut names = targets(&root)?;
@@ -129,18 +152,25 @@ fn run_targets(seconds: u64, only: Option<&str>) -> Result<(u64, u64)> {
         names.retain(|n| n == t);
     }
     let t0 = Instant::now();
-    let mut build = cargo_fuzz(&root, &nightly);
-    build.arg("build");
+    let mut build = cargo_fuzz(&root, &nightly, "build", quick);
     if only.is_some() {
         build.args(&names);
     }
     super::run(&mut build).context(
         "building the fuzz targets (needs cargo-fuzz and the pinned nightly: run scripts/setup.sh)",
     )?;
-    println!("fuzz: built in {:.0} s", t0.elapsed().as_secs_f64());
+    println!(
+        "fuzz: built in {:.0} s ({})",
+        t0.elapsed().as_secs_f64(),
+        if quick {
+            "debug, no sanitizer"
+        } else {
+            "release, AddressSanitizer"
+        }
+    );
     let (mut passed, mut failed) = (0, 0);
     for name in &names {
-        let o = run_one(&root, &nightly, name, seconds)?;
+        let o = run_one(&root, &nightly, name, seconds, quick)?;
         let execs = o
             .executions
             .map_or_else(|| "? executions".to_string(), |n| format!("{n} executions"));
@@ -168,15 +198,15 @@ fn run_targets(seconds: u64, only: Option<&str>) -> Result<(u64, u64)> {
 }
 
 /// Runs one target from its seeds; new inputs go to a scratch corpus, not the committed one.
-fn run_one(root: &Path, nightly: &str, name: &str, seconds: u64) -> Result<Outcome> {
+fn run_one(root: &Path, nightly: &str, name: &str, seconds: u64, quick: bool) -> Result<Outcome> {
     let seeds = root.join("fuzz/corpus").join(name);
     let scratch = root.join("fuzz/target/corpus").join(name);
     let artifacts: PathBuf = root.join("fuzz/artifacts").join(name);
     for dir in [&scratch, &artifacts] {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let mut cmd = cargo_fuzz(root, nightly);
-    cmd.args(["run", name])
+    let mut cmd = cargo_fuzz(root, nightly, "run", quick);
+    cmd.arg(name)
         .arg(&scratch)
         .arg(&seeds)
         .arg("--")

@@ -149,13 +149,17 @@ fn test(args: &[String], no_vm: bool) -> Result<()> {
     let (p, f) = deploy::test_stages()?;
     passed += p;
     failed += f;
-    // The fuzz targets run with `cargo xtask fuzz` (their cold nightly + sanitizer build takes
-    // longer than the rest of this stage list together on a 2-core machine); their committed
-    // corpus ran through each target's body in a plain build above: its counts.
+    // The committed corpus through each target's body in the plain build (the test above), then
+    // a few seconds of libFuzzer per target in the quick fuzz build.
     if let Err(e) = fuzz::corpus_counts(&root) {
         println!("fuzz corpus FAILED: {e:#}");
         failed += 1;
     }
+    let t = Instant::now();
+    let (p, f) = fuzz::test_stage();
+    println!("fuzz: {:.0} s", t.elapsed().as_secs_f64());
+    passed += p;
+    failed += f;
     if !no_vm {
         // The host half of the backend table is this run's results (the same tests).
         let t = Instant::now();
