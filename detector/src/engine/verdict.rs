@@ -133,6 +133,12 @@ pub enum VerdictClass {
 }
 
 impl VerdictClass {
+    pub const ALL: [VerdictClass; 3] = [
+        VerdictClass::PortReuse,
+        VerdictClass::SnapshotLag,
+        VerdictClass::StaleMatch,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             VerdictClass::PortReuse => "port-reuse",

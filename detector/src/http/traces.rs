@@ -13,6 +13,8 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
+use crate::engine::VerdictClass;
+
 /// One trace file as `GET /v1/traces` lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TraceEntry {
@@ -39,17 +41,22 @@ pub fn servable_name(name: &str) -> bool {
         && !name.contains("..")
 }
 
-/// The class in a file name: `race-{delete_ts}-{class}-{src}.{sport}-{dst}.{dport}.json`. The
-/// addresses hold no `-` (IPv6 colons are written `_`), so the class is what is left between
-/// the timestamp and the last two `-`-separated parts; classes may contain `-` themselves.
+/// The class in a file name: `race-{delete_ts}-{class}-{key...}.json`, where the key part has
+/// been `{src}.{sport}-{dst}.{dport}` and is now `{proto}-{src}.{sport}-{dst}.{dport}-owner...`
+/// (trace_file.rs); classes contain `-` themselves, so the class is the known class name the
+/// rest starts with.
 fn class_of(name: &str) -> String {
     if name.starts_with("summary-") {
         return "summary".into();
     }
-    name.strip_prefix("race-")
-        .and_then(|r| r.strip_suffix(".json"))
+    let rest = name
+        .strip_prefix("race-")
         .and_then(|r| r.split_once('-'))
-        .and_then(|(_ts, rest)| rest.rsplitn(3, '-').nth(2))
+        .map_or("", |(_ts, rest)| rest);
+    VerdictClass::ALL
+        .iter()
+        .map(|c| c.name())
+        .find(|c| rest.strip_prefix(c).is_some_and(|r| r.starts_with('-')))
         .unwrap_or("unknown")
         .to_string()
 }
@@ -194,5 +201,34 @@ mod tests {
             "stale-match"
         );
         assert_eq!(class_of("summary-x.json"), "summary");
+    }
+
+    /// The names the trace writer gives today, for every class and an IPv6 key: the listing
+    /// parses what the writer writes.
+    #[test]
+    fn class_comes_from_the_writers_own_names() {
+        let tmp = std::env::temp_dir().join(format!("detector-trace-names-{}", std::process::id()));
+        let mut dir = crate::report::trace_file::TraceDir::create(&tmp).unwrap();
+        for (src, dst, owner) in [
+            ("10.78.1.2", "10.78.2.2", "10.78.2.2"),
+            ("fd00::1", "fd00::2", "fd00::1"),
+        ] {
+            let key = crate::npa::NpaKey {
+                src: src.parse().unwrap(),
+                sport: 42001,
+                dst: dst.parse().unwrap(),
+                dport: 8080,
+                proto: 17,
+                owner: owner.parse().unwrap(),
+                ifindex: Some(7),
+            };
+            for class in VerdictClass::ALL {
+                let path = dir.name(12345, class.name(), &key);
+                let name = path.file_name().unwrap().to_str().unwrap();
+                assert!(servable_name(name), "{name} not servable");
+                assert_eq!(class_of(name), class.name(), "{name}");
+            }
+        }
+        std::fs::remove_dir_all(&tmp).unwrap();
     }
 }
