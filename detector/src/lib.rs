@@ -21,6 +21,7 @@ pub mod postmortem;
 pub mod record;
 pub mod report;
 pub mod snapshot;
+pub mod stderr;
 pub mod telemetry;
 #[cfg(test)]
 mod testutil;

@@ -107,7 +107,7 @@ fn main() -> ExitCode {
         Command::Validate(a) => match lab::validate(a) {
             Ok(true) => Ok(()),
             Ok(false) => {
-                eprintln!("detector validate: races detected (see above)");
+                detector::note!("detector validate: races detected (see above)");
                 return ExitCode::FAILURE;
             }
             Err(e) => Err(e),
@@ -125,7 +125,7 @@ fn main() -> ExitCode {
                     msg.push_str(&format!(": {c}"));
                 }
             }
-            eprintln!("{msg}");
+            detector::note!("{msg}");
             ExitCode::FAILURE
         }
     }

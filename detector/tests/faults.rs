@@ -38,6 +38,7 @@ fn every_out_of_range_flag_is_a_usage_error_with_its_range() {
         (&["run", "--max-flows", "0"], "1 to"),
         (&["run", "--trace-max-files=-1"], "whole number"),
         (&["run", "--http-max-connections", "0"], "0"),
+        (&["run", "--replay", "99999999999"], "0..=10000"),
     ];
     for (args, want) in cases {
         let (code, err) = detector(args);
@@ -46,4 +47,19 @@ fn every_out_of_range_flag_is_a_usage_error_with_its_range() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
         assert!(!err.contains('\u{1b}'), "{args:?}: colour codes in {err:?}");
     }
+}
+
+/// stderr a pipe whose reader has gone (`detector ... 2>&1 | head -1`): the detector's lines
+/// for people cannot be written, which must not turn an orderly exit into a panic (101).
+#[test]
+fn a_closed_stderr_pipe_is_not_a_panic() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let status = Command::new(env!("CARGO_BIN_EXE_detector"))
+        .args(["replay", "/nonexistent/recording.ndjson"])
+        .stdout(std::process::Stdio::null())
+        .stderr(writer)
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "{status}");
 }

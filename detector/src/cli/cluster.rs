@@ -122,10 +122,12 @@ pub async fn run(args: ClusterVerdictArgs) -> Result<bool> {
     let duration = Duration::from_secs(args.duration);
     let (races, complete) = match args.from {
         Source::Events => {
-            eprintln!(
+            crate::note!(
                 "detector cluster-verdict: watching for {} s (race Events of every node, \
                  reproducer {}/{})",
-                args.duration, args.reproducer_namespace, args.reproducer_selector
+                args.duration,
+                args.reproducer_namespace,
+                args.reproducer_selector
             );
             tokio::time::sleep(duration).await;
             let events: Api<Event> = Api::all(client.clone());

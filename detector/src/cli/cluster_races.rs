@@ -187,7 +187,7 @@ pub async fn gather(
             }
         }
     }
-    eprintln!(
+    crate::note!(
         "detector cluster-verdict: watching {} detector(s) in namespace {} for {} s",
         watching.len(),
         args.detector_namespace,

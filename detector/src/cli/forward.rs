@@ -84,9 +84,10 @@ impl KubeTarget {
                 self.detector_namespace
             );
         };
-        eprintln!(
+        crate::note!(
             "detector: node {node}: pod {}/{name}, port {} forwarded through the API server",
-            self.detector_namespace, self.detector_port
+            self.detector_namespace,
+            self.detector_port
         );
         forward_to_pod(pods, name, self.detector_port).await
     }

@@ -116,7 +116,7 @@ pub fn lab(args: LabArgs) -> Result<()> {
         for m in &mounts {
             let _ = Command::new("umount").arg(m).status();
         }
-        eprintln!(
+        crate::note!(
             "detector lab: removed {} leftover namespace(s) and {} mount(s)",
             left.len(),
             mounts.len()

@@ -116,7 +116,7 @@ pub fn run(args: ReplayArgs) -> Result<()> {
     };
     let counts =
         replay(BufReader::new(input), make).with_context(|| format!("replaying {}", args.input))?;
-    eprintln!(
+    crate::note!(
         "detector replay: {} verdict(s) replayed ({} in the recording); traces in {}",
         counts.verdicts_replayed,
         counts.verdicts_recorded,

@@ -102,10 +102,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
         );
     }
     // The server first: /healthz answers and /readyz says 503 while the probes attach.
-    let mut services = RunServices::new(args.serve.replay);
+    let mut services = RunServices::new(args.serve.replay as usize);
     services.trace_dir = Some(args.trace_dir.clone());
     if let Some(addr) = args.serve.start(&mut services).await? {
-        eprintln!(
+        crate::note!(
             "detector: serving http://{addr} (/metrics, /v1/races, /v1/events, /v1/traces, /healthz, /readyz)"
         );
     }

@@ -98,7 +98,7 @@ pub async fn run(args: TraceArgs) -> Result<()> {
     };
     // The signal handlers first: a Ctrl-C right after the line below must stop it cleanly.
     let mut stream = Stream::new(reader, args.watermark_ms, args.duration)?;
-    eprintln!(
+    crate::note!(
         "detector: tracing conntrack with the {backend} backend (insert time {}){}; Ctrl-C to stop",
         backend.insert_precision(),
         if netns != 0 {
@@ -139,7 +139,7 @@ pub async fn run(args: TraceArgs) -> Result<()> {
         writeln!(out, "{v}").ok();
     }
     out.flush().ok();
-    eprintln!(
+    crate::note!(
         "detector: {} NEW, {} DESTROY; lost in kernel: {} (ring buffer full), dedupe table full: {}, \
          kernel read failures: {}, undecodable: {}, late (out of order): {}",
         summary.ct_new,
@@ -151,7 +151,7 @@ pub async fn run(args: TraceArgs) -> Result<()> {
         summary.reorder.late,
     );
     if let Some(e) = &reader.last_decode_error {
-        eprintln!("detector: last undecodable record: {e}");
+        crate::note!("detector: last undecodable record: {e}");
     }
     Ok(())
 }

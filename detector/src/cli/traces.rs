@@ -105,7 +105,7 @@ pub async fn run(args: TracesArgs) -> Result<()> {
         }
         TracesCommand::Pull { target, out } => {
             let p = pull(&target.remote().await?, &out).await?;
-            eprintln!(
+            crate::note!(
                 "detector traces: fetched {} ({} bytes), {} already in {}",
                 p.fetched,
                 p.bytes,

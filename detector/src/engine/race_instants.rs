@@ -5,7 +5,6 @@
 
 use serde::{Serialize, Serializer};
 
-use super::verdict::OldEntry;
 use crate::record::{DestroyReason, Task};
 
 /// A task's command name as the kernel keeps it (at most 15 bytes and a NUL): fixed-size so
@@ -93,6 +92,23 @@ impl ReapedBy {
             Self::Task { pid, comm } => format!("task {}/{pid}", comm.as_str()),
         }
     }
+}
+
+/// The last destroyed entry of a flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct OldEntry {
+    pub id: u64,
+    pub born_ns: Option<u64>,
+    pub netns: u32,
+    pub destroyed_ns: u64,
+    /// `None` when no destroy record was seen and the engine inferred the end from a new entry
+    /// taking the same tuple in the same netns (the record was lost).
+    pub reason: Option<DestroyReason>,
+    /// When its timeout ran out: set only when it was destroyed expired and the kernel's tick
+    /// length was known.
+    pub expiry_ns: Option<u64>,
+    /// Who removed it from the kernel table (`None` when its end was inferred).
+    pub reaped_by: Option<ReapedBy>,
 }
 
 /// The instants of a port-reuse race, each a kernel time (ns, CLOCK_MONOTONIC), with the gaps

@@ -4,7 +4,8 @@
 use serde::Serialize;
 
 use super::input::{DeleteResult, KernelView};
-use super::race_instants::{RaceInstants, ReapedBy};
+pub use super::race_instants::OldEntry;
+use super::race_instants::RaceInstants;
 use crate::npa::{Layout, NpaKey};
 use crate::record::{DestroyReason, FlowTuple, Task, TcpState};
 
@@ -171,23 +172,6 @@ pub struct LiveEntry {
     pub reply: Option<FlowTuple>,
     /// Remaining timeout at the delete, from the kernel view.
     pub timeout_left_ns: Option<i64>,
-}
-
-/// The last destroyed entry of a flow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct OldEntry {
-    pub id: u64,
-    pub born_ns: Option<u64>,
-    pub netns: u32,
-    pub destroyed_ns: u64,
-    /// `None` when no destroy record was seen and the engine inferred the end from a new entry
-    /// taking the same tuple in the same netns (the record was lost).
-    pub reason: Option<DestroyReason>,
-    /// When its timeout ran out: set only when it was destroyed expired and the kernel's tick
-    /// length was known.
-    pub expiry_ns: Option<u64>,
-    /// Who removed it from the kernel table (`None` when its end was inferred).
-    pub reaped_by: Option<ReapedBy>,
 }
 
 /// The first dropped packet of the flow after the delete.

@@ -48,9 +48,10 @@ pub struct ServeArgs {
     /// File holding a bearer token that every endpoint but /healthz and /readyz requires.
     #[arg(long, value_name = "PATH")]
     pub token_file: Option<std::path::PathBuf>,
-    /// Races replayed to a stream client when it connects.
-    #[arg(long, default_value_t = 100, value_name = "N")]
-    pub replay: usize,
+    /// Races replayed to a stream client when it connects (kept in memory: at most 10000).
+    #[arg(long, default_value_t = 100, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub replay: u32,
     /// HTTP connections open at most; more are answered 503 (counted in
     /// `detector_http_limits_total`).
     #[arg(long, default_value_t = 256, value_name = "N",

@@ -168,6 +168,11 @@ pub async fn file_handler(dir: Option<PathBuf>, name: String) -> Response {
 
 #[cfg(test)]
 mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        reason = "tests: a panic is the failure report"
+    )]
     use super::*;
 
     #[test]

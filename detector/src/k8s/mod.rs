@@ -4,7 +4,6 @@
 
 pub mod enrich;
 pub mod events;
-pub mod sink;
 
 use std::sync::Arc;
 use std::time::Duration;

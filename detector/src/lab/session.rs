@@ -164,14 +164,14 @@ pub fn run_lab(args: &LabSettings) -> Result<LabReport> {
         if err.read_line(&mut line)? == 0 {
             bail!("the detector exited before it was ready");
         }
-        eprint!("{line}");
+        crate::note!("{}", line.trim_end_matches('\n'));
         if line.contains("watching map") {
             break;
         }
     }
     std::thread::spawn(move || {
         for l in err.lines().map_while(Result::ok) {
-            eprintln!("{l}");
+            crate::note!("{l}");
         }
     });
     let mut out = det.stdout.take().context("detector stdout")?;
@@ -197,7 +197,7 @@ pub fn run_lab(args: &LabSettings) -> Result<LabReport> {
             if v["type"] == "verdict" {
                 let l = race_line(&v);
                 if json_out {
-                    eprintln!("{l}");
+                    crate::note!("{l}");
                 } else {
                     println!("{l}");
                 }
@@ -248,7 +248,7 @@ pub fn run_lab(args: &LabSettings) -> Result<LabReport> {
         // Idle past the timeout: the kernel entries expire, the map keeps the keys.
         nap(period);
         if stopping() {
-            eprintln!("detector lab: stopping early");
+            crate::note!("detector lab: stopping early");
             break;
         }
         let pending = cleanup.dump_phase()?;
@@ -259,7 +259,7 @@ pub fn run_lab(args: &LabSettings) -> Result<LabReport> {
         let n = cleanup.delete_phase(pending)?;
         client.collect();
         cycles += 1;
-        eprintln!(
+        crate::note!(
             "detector lab: cycle {}/{}: {n} deletes, {} wrongful so far, {} failed requests so far",
             cycle + 1,
             args.cycles,

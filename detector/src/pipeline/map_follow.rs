@@ -24,7 +24,7 @@ pub async fn wait_for_map(spec: &MapSpec, deadline: Option<Instant>) -> Result<A
         match target::resolve(spec) {
             Ok(map) => {
                 if said {
-                    eprintln!(
+                    crate::note!(
                         "detector: the agent's map is pinned at {}: map {} (waited {:.1} s)",
                         pin_of(spec),
                         map.id,
@@ -38,7 +38,7 @@ pub async fn wait_for_map(spec: &MapSpec, deadline: Option<Instant>) -> Result<A
                     return Err(e.into());
                 }
                 if !said {
-                    eprintln!(
+                    crate::note!(
                         "detector: waiting for the agent's map to be pinned at {} (--map-pin: no \
                          lookup by name)",
                         pin_of(spec)
@@ -77,7 +77,7 @@ impl MapWatch {
             } else {
                 format!("map {} (was {watched})", map.id)
             };
-            eprintln!(
+            crate::note!(
                 "detector: the agent's map is pinned again at {}: {what}, after {gap:.1} s",
                 pin_of(spec)
             );
@@ -88,7 +88,7 @@ impl MapWatch {
     fn pin_missing(&mut self, spec: &MapSpec, watched: u32) {
         if self.pin_missing_since.is_none() {
             self.pin_missing_since = Some(Instant::now());
-            eprintln!(
+            crate::note!(
                 "detector: nothing is pinned at {} any more (agent restart?): waiting for it to \
                  reappear, still watching map {watched} meanwhile (--map-pin: no lookup by name)",
                 pin_of(spec)

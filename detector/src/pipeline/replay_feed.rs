@@ -73,7 +73,7 @@ pub fn replay<R: BufRead, W: Write>(
         let parsed = match parse_line(&text, hz) {
             Ok(p) => p,
             Err(problem) if lines.peek().is_none() && !text.trim_end().ends_with('}') => {
-                eprintln!(
+                crate::note!(
                     "detector replay: warning: line {} is truncated ({problem}); ignored",
                     i + 1
                 );

@@ -17,12 +17,12 @@ use crate::clock::{self, WallClock};
 use crate::engine::{Engine, EngineConfig, Input};
 use crate::http::RunServices;
 use crate::http::sink::HubSink;
-use crate::k8s::sink::EventSink;
 use crate::kernel::reader::Reader;
 use crate::kernel::{Backend, Probe, ProbeSettings};
 use crate::npa::target::{self, AgentMap, MapSpec};
 use crate::report::Sink;
 use crate::report::console::Console;
+use crate::report::kube_events::EventSink;
 use crate::report::render::{TimeBase, hex};
 use crate::report::summary::{RunCounts, RunInfo, TraceWriteCounts, capacity_line, summary};
 use crate::report::trace_file::{self, TraceDir, TraceFiles};
@@ -200,7 +200,7 @@ pub fn endpoint(t: &crate::record::FlowTuple) -> serde_json::Value {
 /// The start-up lines on stderr: what is watched, by whom the map is held, whether writes
 /// are observed.
 fn announce(map: &AgentMap, a: &Attached, snap: &Snapshots, traces: &Path) {
-    eprintln!(
+    crate::note!(
         "detector: watching map {} `{}` (found by {}, layout {}, {} keys now) and conntrack \
          ({} entries now) with the {} backend; traces in {}; Ctrl-C to stop",
         map.id,
@@ -213,7 +213,7 @@ fn announce(map: &AgentMap, a: &Attached, snap: &Snapshots, traces: &Path) {
         traces.display()
     );
     let holders = target::holders(map.id);
-    eprintln!(
+    crate::note!(
         "detector: map {} is open in {}",
         map.id,
         if holders.is_empty() {
@@ -227,11 +227,11 @@ fn announce(map: &AgentMap, a: &Attached, snap: &Snapshots, traces: &Path) {
         }
     );
     match &a.no_writes {
-        Some(why) => eprintln!(
+        Some(why) => crate::note!(
             "detector: datapath writes to the map are not observable ({why}); deletes are \
              judged by the kernel's conntrack entry at the delete"
         ),
-        None => eprintln!(
+        None => crate::note!(
             "detector: datapath writes to the map are observed ({} on \
              htab_lru_map_update_elem/htab_lru_map_delete_elem)",
             a.writes_hook
@@ -363,7 +363,7 @@ pub async fn run(opts: RunOptions, mut services: RunServices) -> Result<()> {
     };
     let (tables, too_small) =
         crate::kernel::sizing::describe(&sizing, crate::kernel::sizing::possible_cpus());
-    eprintln!("{tables}");
+    crate::note!("{tables}");
     if let Some(w) = too_small {
         tracing::warn!("{w}");
     }
@@ -473,7 +473,7 @@ pub async fn run(opts: RunOptions, mut services: RunServices) -> Result<()> {
     // Trace files that did not make it to disk, on a line of their own.
     let lost_traces = WriteCounts::get(&det.out.traces.counts().failed) + trace_writes.dropped;
     if lost_traces > 0 || !det.out.traces.summary_written() {
-        eprintln!(
+        crate::note!(
             "detector: trace files not written: {} failed, {} dropped (queue full); summary \
              file {}",
             WriteCounts::get(&det.out.traces.counts().failed),
@@ -485,7 +485,7 @@ pub async fn run(opts: RunOptions, mut services: RunServices) -> Result<()> {
             }
         );
     }
-    eprintln!(
+    crate::note!(
         "detector: {} race(s) ({} traces written), {} closed-flow deletes, {} rightful deletes, \
          {} deletes of unknown keys; events lost in kernel: {}; {}; summary: {}",
         counts.races,

@@ -134,7 +134,7 @@ pub fn run(args: ReportArgs) -> Result<()> {
         write_atomic(&index, index_page(&title, &rows).as_bytes())?;
         println!("{}", index.display());
     }
-    eprintln!(
+    crate::note!(
         "{} race{} written to {}",
         rows.len(),
         if rows.len() == 1 { "" } else { "s" },

@@ -32,7 +32,7 @@ impl<W: Write> Sink for Console<W> {
         match r.text_to {
             TextTo::Nowhere => {}
             TextTo::Stdout => writeln!(self.out, "{}", r.text())?,
-            TextTo::Stderr => eprintln!("{}", r.text()),
+            TextTo::Stderr => crate::note!("{}", r.text()),
         }
         Ok(())
     }

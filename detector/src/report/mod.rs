@@ -1,11 +1,12 @@
 //! What the detector tells people: readable lines and NDJSON (`render`, `verdict`), the run
 //! summary (`summary`), and the outputs they go to, each behind [`Sink`]: stdout (`console`),
 //! trace files (`trace_file`), the HTTP hub (`crate::http::sink`) and Kubernetes Events
-//! (`crate::k8s::sink`).
+//! (`kube_events`).
 
 pub mod closed_flow;
 pub mod confirmation;
 pub mod console;
+pub mod kube_events;
 pub mod render;
 pub mod summary;
 pub mod trace_file;

@@ -5,7 +5,6 @@ use serde_json::json;
 use crate::engine::Stats;
 use crate::kernel::CounterSnapshot;
 use crate::npa::target::AgentMap;
-use crate::pipeline::reorder::ReorderStats;
 use crate::report::trace_file::TRACE_SCHEMA_VERSION;
 
 /// What the run counted, besides the engine's and the kernel's counters.
@@ -50,7 +49,9 @@ pub fn summary(
     counts: &RunCounts,
     engine: &Stats,
     kernel: &CounterSnapshot,
-    reorder: &ReorderStats,
+    // The event loop's reorder statistics, as it serialises them (the pipeline's type: the
+    // report layer sits below the pipeline and does not name it).
+    reorder: &impl serde::Serialize,
 ) -> serde_json::Value {
     json!({
         "type": "summary",
@@ -71,6 +72,7 @@ pub fn summary(
         "conntrack_full_deletes": counts.conntrack_full_deletes,
         "maybe_incomplete": overflowed(kernel, engine, counts) > 0 || kernel.lost_total() > 0,
         "trace_writes": counts.trace_writes,
+        "stderr_lines_lost": crate::stderr::lost(),
         "engine": engine,
         "kernel": kernel,
         "reorder": reorder,
@@ -185,7 +187,8 @@ mod tests {
                 pin: None,
             },
         };
-        let s = summary(&info, &c, &stats, &kernel, &ReorderStats::default());
+        let reorder = serde_json::json!({"late": 0, "forced": 0});
+        let s = summary(&info, &c, &stats, &kernel, &reorder);
         assert_eq!(s["maybe_incomplete"], true);
         assert_eq!(s["conntrack_full_deletes"], 4);
     }

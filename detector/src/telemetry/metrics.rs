@@ -85,6 +85,7 @@ struct Mirrored {
     lost: [u64; detector_common::kind::COUNT as usize],
     rightful: u64,
     closed_flow: u64,
+    stderr_lost: u64,
     evictions: [u64; 4],
     capacity: std::collections::HashMap<&'static str, u64>,
 }
@@ -96,6 +97,7 @@ pub struct Metrics {
     verdicts: Family<ClassLabel, Counter>,
     rightful: Counter,
     closed_flow: Counter,
+    stderr_lost: Counter,
     confirmed: Counter,
     unconfirmed: Counter,
     shadow_entries: Family<TableLabel, Gauge>,
@@ -143,6 +145,7 @@ impl Metrics {
         let verdicts = Family::<ClassLabel, Counter>::default();
         let rightful = Counter::default();
         let closed_flow = Counter::default();
+        let stderr_lost = Counter::default();
         let confirmed = Counter::default();
         let unconfirmed = Counter::default();
         let shadow_entries = Family::<TableLabel, Gauge>::default();
@@ -185,6 +188,12 @@ impl Metrics {
             "closed_flow_deletes",
             "Agent deletes of keys whose connection had closed (TCP CLOSE/TIME_WAIT): no race",
             closed_flow.clone(),
+        );
+        registry.register(
+            "stderr_lines_lost",
+            "Lines for people the detector could not write to stderr (a closed pipe): detection \
+             went on without them",
+            stderr_lost.clone(),
         );
         registry.register(
             "races_confirmed",
@@ -282,6 +291,7 @@ impl Metrics {
             verdicts,
             rightful,
             closed_flow,
+            stderr_lost,
             confirmed,
             unconfirmed,
             shadow_entries,
@@ -421,6 +431,11 @@ impl Metrics {
                     .inc_by(now - *seen);
                 *seen = now;
             }
+        }
+        let stderr_lost = crate::stderr::lost();
+        if stderr_lost > m.stderr_lost {
+            self.stderr_lost.inc_by(stderr_lost - m.stderr_lost);
+            m.stderr_lost = stderr_lost;
         }
         if stats.deletes.rightful > m.rightful {
             self.rightful.inc_by(stats.deletes.rightful - m.rightful);

@@ -108,7 +108,7 @@ pub async fn run(mut args: WatchArgs) -> Result<()> {
                 format!("the detector at {url} closed the stream")
             }
         };
-        eprintln!(
+        crate::note!(
             "detector watch: {why}; reconnecting in {} s",
             backoff.as_secs()
         );
@@ -189,7 +189,7 @@ impl Watcher {
             s => return End::Fatal(anyhow!("{}: unexpected HTTP status {s}", self.url)),
         }
         if self.connected_once {
-            eprintln!("detector watch: reconnected to {}", self.url);
+            crate::note!("detector watch: reconnected to {}", self.url);
         }
         self.connected_once = true;
         let mut body = resp.into_body();

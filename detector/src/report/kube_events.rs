@@ -2,9 +2,9 @@
 
 use anyhow::Result;
 
-use super::EventSender;
-use crate::report::verdict::notice;
-use crate::report::{Sink, VerdictOut};
+use super::verdict::notice;
+use super::{Sink, VerdictOut};
+use crate::k8s::EventSender;
 
 pub struct EventSink(pub EventSender);
 
