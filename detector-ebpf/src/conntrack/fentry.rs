@@ -20,7 +20,9 @@ use crate::kernel::{NfConn, Skb};
 pub fn ct_confirm_fexit(ctx: FExitContext) -> u32 {
     if ctx.ret::<i32>() == Ok(NF_ACCEPT) {
         report_new(
-            Skb(ctx.arg::<u64>(0)).nfct(config_u32(|c| &c.skb_nfct)).entry(),
+            Skb(ctx.arg::<u64>(0))
+                .nfct(config_u32(|c| &c.skb_nfct))
+                .entry(),
             FEXIT_CONFIRM,
         );
     }

@@ -53,7 +53,10 @@ pub fn ct_confirm_kretprobe(ctx: RetProbeContext) -> u32 {
     let _ = CONFIRM_SKB.remove(&key);
     if ctx.ret::<i32>() == NF_ACCEPT {
         // Read _nfct after the call: clash resolution may have swapped in the existing entry.
-        report_new(Skb(skb).nfct(config_u32(|c| &c.skb_nfct)).entry(), KRETPROBE_CONFIRM);
+        report_new(
+            Skb(skb).nfct(config_u32(|c| &c.skb_nfct)).entry(),
+            KRETPROBE_CONFIRM,
+        );
     }
     0
 }
