@@ -24,6 +24,17 @@ use crate::kernel::{IP_CT_ESTABLISHED, NfConn, Nfct, Skb, read_kernel, read_kern
 #[map]
 static CT_CACHE: Array<u64> = Array::with_max_entries(1, 0);
 
+/// Slots of [`OTHER_CACHES`].
+const OTHER_CACHE_SLOTS: u32 = 256;
+
+/// Until the first conntrack free resolves `CT_CACHE`, caches already found not to be
+/// nf_conntrack, direct-mapped by address: without it every slab free on the machine reads a
+/// cache name until then (about 100 ns each), and a node with idle flows may free no
+/// conntrack entry for minutes. Only an exact match counts, so a collision or a racing write
+/// (a whole u64, always a checked non-conntrack cache) costs a name read, never a miss.
+#[map]
+static OTHER_CACHES: Array<u64> = Array::with_max_entries(OTHER_CACHE_SLOTS, 0);
+
 /// Whether a packet carrying `nfct` can be the first one of its entry these probes see after
 /// the entry was confirmed; the others leave before any map operation.
 ///
@@ -88,7 +99,19 @@ fn is_ct_cache(arg: u64) -> bool {
     if known != 0 {
         return known == arg;
     }
+    // kmem_cache structs are a few hundred bytes apart: the bits above 7 tell them apart.
+    let other = OTHER_CACHES.get_ptr_mut(((arg >> 7) ^ (arg >> 15)) as u32 % OTHER_CACHE_SLOTS);
+    if let Some(other) = other {
+        // SAFETY: a slot of an array map, valid for the program's run; a u64 load.
+        if unsafe { *other } == arg {
+            return false;
+        }
+    }
     if !names_ct_cache(arg) {
+        if let Some(other) = other {
+            // SAFETY: as above; a u64 store of a cache checked not to be nf_conntrack.
+            unsafe { *other = arg };
+        }
         return false;
     }
     // SAFETY: as above; every CPU that gets here stores the same value.
