@@ -3,7 +3,6 @@
 //! header and task fields.
 
 use aya_ebpf::{
-    Global,
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
     macros::map,
     maps::{PerCpuArray, RingBuf},
@@ -12,9 +11,12 @@ use detector_common::{EventHeader, ProbeConfig, RECORD_VERSION, TaskInfo, counte
 
 use crate::kernel::cpu_id;
 
-/// Offsets and settings resolved by userspace from BTF (see `detector::probe::offsets`).
+/// Offsets and settings resolved by userspace from BTF (see `detector::probe::offsets`),
+/// written into the object's .rodata before load. Read only through [`probe_config`] and
+/// [`config_u32`], whose volatile reads keep the compiler from folding in the zeros the object
+/// was built with.
 #[unsafe(no_mangle)]
-pub static CONFIG: Global<ProbeConfig> = Global::new(ProbeConfig::ZERO);
+pub static CONFIG: ProbeConfig = ProbeConfig::ZERO;
 
 /// The single ring buffer every record goes through. Userspace may resize it before load.
 #[map]
@@ -25,10 +27,21 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
-/// The configuration userspace wrote before load.
+/// The configuration userspace wrote before load, all of it: some forty loads and stores, so
+/// the per-packet and per-free paths read the one field they need with [`config_u32`] and
+/// copy the rest only once they have something to report.
 #[inline(always)]
 pub fn probe_config() -> ProbeConfig {
-    CONFIG.load()
+    // SAFETY: CONFIG is a static (valid, aligned, never written by the program); volatile
+    // because userspace rewrote it after compilation.
+    unsafe { core::ptr::read_volatile(&CONFIG) }
+}
+
+/// One field of the configuration, e.g. `config_u32(|c| &c.skb_nfct)`: a single load.
+#[inline(always)]
+pub fn config_u32(field: impl Fn(&'static ProbeConfig) -> &'static u32) -> u32 {
+    // SAFETY: `field` returns a reference into CONFIG (see `probe_config`).
+    unsafe { core::ptr::read_volatile(field(&CONFIG)) }
 }
 
 /// Adds one to counter `index`.

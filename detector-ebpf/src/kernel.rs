@@ -20,6 +20,10 @@ use crate::emit::count;
 /// `_nfct` keeps `enum ip_conntrack_info` in its low three bits (NFCT_INFOMASK).
 const NFCT_PTRMASK: u64 = !7;
 
+/// `enum ip_conntrack_info`: a packet in the original direction of an entry that has already
+/// seen a reply.
+pub const IP_CT_ESTABLISHED: u64 = 0;
+
 /// Size of a kernel pointer: `fdtable->fd` is an array of `struct file *`. Both targets the
 /// object is built for (x86_64, aarch64) are 64-bit.
 const POINTER_SIZE: u64 = 8;
@@ -104,7 +108,13 @@ impl NfConn {
     /// `ct->status` (`enum ip_conntrack_status` bits, `detector_common::ips`).
     #[inline(always)]
     pub fn status(self, cfg: &ProbeConfig) -> u64 {
-        read_kernel(self.0, cfg.ct_status)
+        self.status_at(cfg.ct_status)
+    }
+
+    /// `ct->status`, given the field's offset (`ProbeConfig::ct_status`).
+    #[inline(always)]
+    pub fn status_at(self, ct_status: u32) -> u64 {
+        read_kernel(self.0, ct_status)
     }
 
     /// `ct->proto.tcp.state` (`detector_common::tcp_state`); meaningful for TCP entries only.
@@ -168,11 +178,10 @@ fn read_tuple(t: u64, cfg: &ProbeConfig) -> Tuple {
 pub struct Skb(pub u64);
 
 impl Skb {
-    /// The conntrack entry attached to the packet (`skb->_nfct` without its ctinfo bits).
+    /// `skb->_nfct`, given the field's offset (`ProbeConfig::skb_nfct`).
     #[inline(always)]
-    pub fn conntrack(self, cfg: &ProbeConfig) -> NfConn {
-        let nfct: u64 = read_kernel(self.0, cfg.skb_nfct);
-        NfConn(nfct & NFCT_PTRMASK)
+    pub fn nfct(self, skb_nfct: u32) -> Nfct {
+        Nfct(read_kernel(self.0, skb_nfct))
     }
 
     /// Kernel address of the packet's network header, if it has one set.
@@ -191,6 +200,25 @@ impl Skb {
     #[inline(always)]
     pub fn protocol(self, cfg: &ProbeConfig) -> u16 {
         u16::from_be(read_kernel::<u16>(self.0, cfg.skb_protocol))
+    }
+}
+
+/// `skb->_nfct`: the packet's conntrack entry and, in the low bits, how the packet relates to
+/// it (`enum ip_conntrack_info`).
+#[derive(Clone, Copy)]
+pub struct Nfct(pub u64);
+
+impl Nfct {
+    /// The entry (null for an untracked packet).
+    #[inline(always)]
+    pub fn entry(self) -> NfConn {
+        NfConn(self.0 & NFCT_PTRMASK)
+    }
+
+    /// The packet's `enum ip_conntrack_info` (`IP_CT_*`).
+    #[inline(always)]
+    pub fn info(self) -> u64 {
+        self.0 & !NFCT_PTRMASK
     }
 }
 

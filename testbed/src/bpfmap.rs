@@ -15,6 +15,8 @@ const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 /// `BPF_MAP_TYPE_LRU_HASH`, the type of NPA's conntrack map.
 pub const LRU_HASH: u32 = 9;
 /// The longest map name the kernel keeps (BPF_OBJ_NAME_LEN less the NUL).
@@ -43,6 +45,14 @@ const BATCH_KEYS: usize = 16;
 const BATCH_VALUES: usize = 24;
 const BATCH_COUNT: usize = 32;
 const BATCH_FD: usize = 36;
+
+/// prog_get_fd_by_id: prog_id. obj_get_info_by_fd: bpf_fd, info_len, info.
+const BY_ID_PROG_ID: usize = 0;
+const INFO_FD: usize = 0;
+const INFO_LEN: usize = 4;
+const INFO_PTR: usize = 8;
+/// `struct bpf_prog_info`: name (BPF_OBJ_NAME_LEN bytes).
+const PROG_INFO_NAME: usize = 64;
 
 fn bpf(cmd: libc::c_long, attr: &mut Attr) -> libc::c_long {
     // SAFETY: `attr` is a zeroed bpf_attr-sized buffer that outlives the call; every pointer
@@ -221,4 +231,34 @@ impl Drop for Bpffs {
         let _ = run("umount", &[&self.dir.to_string_lossy()]);
         let _ = std::fs::remove_dir(&self.dir);
     }
+}
+
+/// The name of the loaded BPF program `id` (as `prog_id:` in a process's fdinfo shows it),
+/// as its loader gave it (the kernel keeps 15 bytes).
+pub fn prog_name(id: u32) -> Result<String> {
+    let mut a: Attr = [0; 128];
+    put_u32(&mut a, BY_ID_PROG_ID, id);
+    let fd = bpf(BPF_PROG_GET_FD_BY_ID, &mut a);
+    if fd < 0 {
+        return Err(Error::Syscall {
+            call: "BPF_PROG_GET_FD_BY_ID",
+            source: io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut info = [0u8; 128];
+    let mut a: Attr = [0; 128];
+    put_u32(&mut a, INFO_FD, fd.as_raw_fd() as u32);
+    put_u32(&mut a, INFO_LEN, info.len() as u32);
+    put_ptr(&mut a, INFO_PTR, info.as_mut_ptr());
+    if bpf(BPF_OBJ_GET_INFO_BY_FD, &mut a) != 0 {
+        return Err(Error::Syscall {
+            call: "BPF_OBJ_GET_INFO_BY_FD",
+            source: io::Error::last_os_error(),
+        });
+    }
+    let name = &info[PROG_INFO_NAME..PROG_INFO_NAME + MAX_NAME + 1];
+    let len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    Ok(String::from_utf8_lossy(&name[..len]).into_owned())
 }

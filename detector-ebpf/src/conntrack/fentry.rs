@@ -13,14 +13,16 @@ use aya_ebpf::{
 use detector_common::source::{FENTRY_DESTROY, FEXIT_CONFIRM};
 
 use super::{NF_ACCEPT, report_destroy, report_new};
-use crate::emit::probe_config;
+use crate::emit::config_u32;
 use crate::kernel::{NfConn, Skb};
 
 #[fexit(function = "__nf_conntrack_confirm")]
 pub fn ct_confirm_fexit(ctx: FExitContext) -> u32 {
     if ctx.ret::<i32>() == Ok(NF_ACCEPT) {
         report_new(
-            Skb(ctx.arg::<u64>(0)).conntrack(&probe_config()),
+            Skb(ctx.arg::<u64>(0))
+                .nfct(config_u32(|c| &c.skb_nfct))
+                .entry(),
             FEXIT_CONFIRM,
         );
     }

@@ -19,7 +19,7 @@ use detector_common::{
 };
 
 use super::{NF_ACCEPT, report_destroy, report_new};
-use crate::emit::{count, probe_config};
+use crate::emit::{config_u32, count};
 use crate::kernel::{NfConn, Skb, cpu_id};
 
 /// The skb passed to `__nf_conntrack_confirm`, for the kretprobe. Keyed by task and CPU:
@@ -53,7 +53,10 @@ pub fn ct_confirm_kretprobe(ctx: RetProbeContext) -> u32 {
     let _ = CONFIRM_SKB.remove(&key);
     if ctx.ret::<i32>() == NF_ACCEPT {
         // Read _nfct after the call: clash resolution may have swapped in the existing entry.
-        report_new(Skb(skb).conntrack(&probe_config()), KRETPROBE_CONFIRM);
+        report_new(
+            Skb(skb).nfct(config_u32(|c| &c.skb_nfct)).entry(),
+            KRETPROBE_CONFIRM,
+        );
     }
     0
 }

@@ -17,7 +17,9 @@ pub mod tracepoint;
 use aya_ebpf::{macros::map, maps::HashMap};
 use detector_common::{CtEvent, ProbeConfig, Tuple, counter, ips, kind, reason};
 
-use crate::emit::{count, current_task_info, probe_config, record_header, submit_record};
+use crate::emit::{
+    config_u32, count, current_task_info, probe_config, record_header, submit_record,
+};
 use crate::kernel::{NfConn, jiffies, now_ns};
 
 /// Confirmed entries already reported (nf_conn address -> kernel ts of their NEW). Dedupes the
@@ -98,23 +100,23 @@ fn expiry_ns(now: u64, timeout_left: i32, cfg: &ProbeConfig) -> u64 {
     (now as i64).saturating_add(delta).max(0) as u64
 }
 
-/// The probe configuration and the entry's status bits, if `ct` is a confirmed entry. Entries
-/// that were allocated but never confirmed (a lost clash, a packet after expiry that was
-/// dropped) are freed too, but were never in the table, so neither NEW nor DESTROY reports them.
+/// The entry's status bits, if `ct` is a confirmed entry. Entries that were allocated but
+/// never confirmed (a lost clash, a packet after expiry that was dropped) are freed too, but
+/// were never in the table, so neither NEW nor DESTROY reports them. Reads one config field,
+/// not the whole configuration: this runs for every tracked packet.
 #[inline(always)]
-fn confirmed(ct: NfConn) -> Option<(ProbeConfig, u64)> {
+fn confirmed_status(ct: NfConn) -> Option<u64> {
     if ct.is_null() {
         return None;
     }
-    let cfg = probe_config();
-    let status = ct.status(&cfg);
-    (status & ips::CONFIRMED != 0).then_some((cfg, status))
+    let status = ct.status_at(config_u32(|c| &c.ct_status));
+    (status & ips::CONFIRMED != 0).then_some(status)
 }
 
 /// A confirmed entry was seen for the first time: remember it and emit NEW.
 #[inline(always)]
 pub fn report_new(ct: NfConn, source: u8) {
-    let Some((cfg, status)) = confirmed(ct) else {
+    let Some(status) = confirmed_status(ct) else {
         return;
     };
     // Fast path for every later packet of the flow.
@@ -122,6 +124,8 @@ pub fn report_new(ct: NfConn, source: u8) {
     if unsafe { SEEN.get(&ct.0) }.is_some() {
         return;
     }
+    // Something to report (or a flow of another namespace): the one copy of the configuration.
+    let cfg = probe_config();
     let netns = ct.netns(&cfg);
     if cfg.netns_filter != 0 && netns != cfg.netns_filter {
         return;
@@ -160,9 +164,10 @@ pub fn report_new(ct: NfConn, source: u8) {
 /// A confirmed entry is being destroyed: emit DESTROY with its birth time, forget it.
 #[inline(always)]
 pub fn report_destroy(ct: NfConn, source: u8) {
-    let Some((cfg, status)) = confirmed(ct) else {
+    let Some(status) = confirmed_status(ct) else {
         return;
     };
+    let cfg = probe_config();
     let born = born_ns(ct);
     if born != 0 {
         let _ = SEEN.remove(&ct.0);

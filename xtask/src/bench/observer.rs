@@ -1,6 +1,7 @@
 //! What watches conntrack during a measurement (the detector on a backend, `conntrack -E`,
 //! nothing), started and stopped around each run, and its cost.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -183,11 +184,30 @@ impl Bench {
     }
 }
 
-/// An observer's CPU time, its BPF programs' run time and run count so far.
-pub(super) fn cost(pid: u32) -> Result<(u64, u64, u64)> {
-    let cpu = sys::proc_cpu_ns(pid)?;
-    let (ns, cnt) = sys::bpf_prog_stats(pid)?;
-    Ok((cpu, ns, cnt))
+/// What an observer has cost so far: its CPU time, and its BPF programs' run time and runs.
+pub(super) struct Cost {
+    pub(super) cpu_ns: u64,
+    pub(super) programs: BTreeMap<String, sys::ProgRuns>,
+}
+
+impl Cost {
+    /// Run time and runs of all its programs together.
+    pub(super) fn bpf_total(&self) -> sys::ProgRuns {
+        self.programs
+            .values()
+            .fold(sys::ProgRuns::default(), |t, r| sys::ProgRuns {
+                ns: t.ns + r.ns,
+                cnt: t.cnt + r.cnt,
+            })
+    }
+}
+
+/// An observer's cost so far.
+pub(super) fn cost(pid: u32) -> Result<Cost> {
+    Ok(Cost {
+        cpu_ns: sys::proc_cpu_ns(pid)?,
+        programs: sys::bpf_prog_stats(pid)?,
+    })
 }
 
 pub(super) fn read_all(r: impl std::io::Read) -> Vec<String> {

@@ -78,10 +78,17 @@ impl Bench {
                     if let (Some(a), Some(b)) = (cost0, cost1) {
                         let per = |x: u64| x as f64 / c.ops.max(1) as f64;
                         let cfg = &mut w.configs[i];
-                        cfg.observer_cpu_ns_per_op.push(per(b.0 - a.0));
+                        cfg.observer_cpu_ns_per_op.push(per(b.cpu_ns - a.cpu_ns));
                         if matches!(o, Observer::Run(_)) {
-                            cfg.bpf_ns_per_op.push(per(b.1 - a.1));
-                            cfg.bpf_runs_per_op.push(per(b.2 - a.2));
+                            let (ta, tb) = (a.bpf_total(), b.bpf_total());
+                            cfg.bpf_ns_per_op.push(per(tb.ns - ta.ns));
+                            cfg.bpf_runs_per_op.push(per(tb.cnt - ta.cnt));
+                            for (name, r) in &b.programs {
+                                let before = a.programs.get(name).copied().unwrap_or_default();
+                                let p = cfg.bpf_programs.entry(name.clone()).or_default();
+                                p.ns_per_op.push(per(r.ns - before.ns));
+                                p.runs_per_op.push(per(r.cnt - before.cnt));
+                            }
                         }
                     }
                     w.configs[i].runs.push(c);

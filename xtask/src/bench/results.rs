@@ -28,6 +28,13 @@ pub struct Workload {
     pub configs: Vec<Config>,
 }
 
+/// One BPF program's run time and runs per operation, per run.
+#[derive(Debug, Default, Serialize)]
+pub struct ProgramCost {
+    pub ns_per_op: Vec<f64>,
+    pub runs_per_op: Vec<f64>,
+}
+
 #[derive(Debug, Default, Serialize)]
 pub struct Config {
     pub name: String,
@@ -39,6 +46,8 @@ pub struct Config {
     pub bpf_ns_per_op: Vec<f64>,
     /// BPF program runs per operation, per run.
     pub bpf_runs_per_op: Vec<f64>,
+    /// The same two figures for each BPF program, by program name.
+    pub bpf_programs: std::collections::BTreeMap<String, ProgramCost>,
     pub median_rate: f64,
     /// Median rate over the baseline's median.
     pub ratio: f64,

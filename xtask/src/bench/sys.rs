@@ -380,11 +380,18 @@ pub fn proc_cpu_ns(pid: u32) -> Result<u64> {
     Ok(ticks * 1_000_000_000 / hz)
 }
 
-/// Run time and run count summed over the BPF programs a process holds open (needs
-/// kernel.bpf_stats_enabled=1), each program counted once.
-pub fn bpf_prog_stats(pid: u32) -> Result<(u64, u64)> {
+/// One BPF program's counters (kernel.bpf_stats_enabled): run time and run count.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProgRuns {
+    pub ns: u64,
+    pub cnt: u64,
+}
+
+/// The counters of each BPF program a process holds open, by program name (each program
+/// counted once, however many descriptors name it). Needs kernel.bpf_stats_enabled=1.
+pub fn bpf_prog_stats(pid: u32) -> Result<std::collections::BTreeMap<String, ProgRuns>> {
     let mut seen = std::collections::HashSet::new();
-    let (mut ns, mut cnt) = (0, 0);
+    let mut out = std::collections::BTreeMap::new();
     for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))?.filter_map(|e| e.ok()) {
         let Ok(s) = std::fs::read_to_string(e.path()) else {
             continue;
@@ -394,13 +401,16 @@ pub fn bpf_prog_stats(pid: u32) -> Result<(u64, u64)> {
                 .find_map(|l| l.strip_prefix(k))
                 .and_then(|v| v.trim().parse::<u64>().ok())
         };
-        if let (Some(id), Some(t), Some(c)) =
+        if let (Some(id), Some(ns), Some(cnt)) =
             (get("prog_id:"), get("run_time_ns:"), get("run_cnt:"))
             && seen.insert(id)
         {
-            ns += t;
-            cnt += c;
+            let name =
+                testbed::bpfmap::prog_name(id as u32).unwrap_or_else(|_| format!("prog {id}"));
+            let r: &mut ProgRuns = out.entry(name).or_default();
+            r.ns += ns;
+            r.cnt += cnt;
         }
     }
-    Ok((ns, cnt))
+    Ok(out)
 }

@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use super::{Plan, Results};
 
 mod notes;
+mod programs;
 
 pub use notes::dhat_top;
 use notes::notes;
@@ -412,6 +413,7 @@ pub fn markdown(r: &Results, plan: &Plan) -> String {
             );
         }
         let _ = writeln!(s);
+        programs::table(&mut s, w);
     }
     let _ = writeln!(s, "## 2. Event completeness\n");
     let _ = writeln!(
