@@ -234,7 +234,12 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         std::fs::create_dir_all(p)?;
     }
     std::fs::write(&json, serde_json::to_string_pretty(&b.res)?)?;
-    let text = report::markdown(&b.res, &b.plan);
+    // The file this run replaces (or, for a run written elsewhere, the repository's) gives the
+    // "previous run" column.
+    let previous = std::fs::read_to_string(&md)
+        .or_else(|_| std::fs::read_to_string(root.join("BENCHMARKS.md")))
+        .ok();
+    let text = report::with_previous(&report::markdown(&b.res, &b.plan), previous.as_deref());
     std::fs::write(&md, &text)?;
     println!("{text}");
     eprintln!(

@@ -10,10 +10,12 @@ use serde_json::{Value, json};
 use super::{Plan, Results};
 
 mod notes;
+mod previous;
 mod programs;
 
 pub use notes::dhat_top;
 use notes::notes;
+pub use previous::with_previous;
 
 /// The machine and the code measured.
 pub fn machine(root: &Path) -> Value {
