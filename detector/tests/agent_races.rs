@@ -28,20 +28,8 @@ fn key(sport: u16, server: std::net::SocketAddr, layout: Layout) -> NpaKey {
 
 /// `detector run` on the test's map and server namespace.
 fn start(map: &AgentMap, ns: &NetnsPair, traces: &std::path::Path, after: &str) -> Detector {
-    Detector::run(&[
-        "--map-pin",
-        map.pin.to_str().unwrap(),
-        "--map-name",
-        &map.name,
-        "--netns",
-        &NetnsPair::path(&ns.server),
-        "--trace-dir",
-        traces.to_str().unwrap(),
-        "--trace-after",
-        after,
-        "--watermark-ms",
-        "5",
-    ])
+    let netns = NetnsPair::path(&ns.server);
+    Detector::watching(map, Some(&netns), traces, &["--trace-after", after])
 }
 
 /// `detector replay` of the run's own recording reproduces its verdicts one for one (all but

@@ -35,20 +35,8 @@ fn reset_flow_is_a_closed_flow_delete_and_a_live_flow_a_race() {
     let map = AgentMap::create(layout, &fs.dir.join("aws_conntrack_map"), &unique_name());
     let server = start_echo_server(&ns.server, ns.server_ip);
     let traces = fs.dir.with_extension("traces");
-    let det = Detector::run(&[
-        "--map-pin",
-        map.pin.to_str().unwrap(),
-        "--map-name",
-        &map.name,
-        "--netns",
-        &NetnsPair::path(&ns.server),
-        "--trace-dir",
-        traces.to_str().unwrap(),
-        "--trace-after",
-        "1",
-        "--watermark-ms",
-        "5",
-    ]);
+    let netns = NetnsPair::path(&ns.server);
+    let det = Detector::watching(&map, Some(&netns), &traces, &["--trace-after", "1"]);
 
     // C: closed with a reset; its entry stays in CLOSE (10 s by default) when the key goes.
     let c = connect_from(&ns.client, server);

@@ -146,18 +146,8 @@ fn open_flow_is_known(tracked: Tracked) {
     let map = AgentMap::create(layout, &fs.dir.join("aws_conntrack_map"), &unique_name());
     let traces = fs.dir.with_extension("traces");
     let server: SocketAddr = start_echo_server(&line.server, SERVER_IP);
-    let det = Detector::run(&[
-        "--map-pin",
-        map.pin.to_str().unwrap(),
-        "--map-name",
-        &map.name,
-        "--netns",
-        netns::path(&judged).to_str().unwrap(),
-        "--trace-dir",
-        traces.to_str().unwrap(),
-        "--watermark-ms",
-        "5",
-    ]);
+    let netns = netns::path(&judged);
+    let det = Detector::watching(&map, netns.to_str(), &traces, &[]);
     // One request/reply, then the connection stays open (the echo server keeps it).
     let conn = connect_from(&line.client, server);
     let sport = conn.local_addr().unwrap().port();

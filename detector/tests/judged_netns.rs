@@ -59,20 +59,12 @@ fn deletes_are_judged_in_the_deleting_tasks_namespace() {
     let traces = fs.dir.with_extension("traces");
     // No --netns: the detector runs in the host's namespace, the flows' entries are in the
     // server's.
-    let det = Detector::run(&[
-        "--map-pin",
-        map.pin.to_str().unwrap(),
-        "--map-name",
-        &map.name,
-        "--trace-dir",
-        traces.to_str().unwrap(),
-        "--trace-after",
-        "0.5",
-        "--watermark-ms",
-        "5",
-        "--listen",
-        LISTEN,
-    ]);
+    let det = Detector::watching(
+        &map,
+        None,
+        &traces,
+        &["--trace-after", "0.5", "--listen", LISTEN],
+    );
     let server_netns = ns.inode(&ns.server);
     let host_netns = {
         use std::os::unix::fs::MetadataExt;

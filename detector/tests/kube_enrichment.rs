@@ -172,26 +172,22 @@ fn a_race_names_its_pods_and_makes_an_event_on_each() {
     let map = AgentMap::create(layout, &fs.dir.join("aws_conntrack_map"), &unique_name());
     let server = start_echo_server(&ns.server, ns.server_ip);
     let traces = dir.join("traces");
-    let det = Detector::run(&[
-        "--map-pin",
-        map.pin.to_str().unwrap(),
-        "--map-name",
-        &map.name,
-        "--netns",
-        &NetnsPair::path(&ns.server),
-        "--trace-dir",
-        traces.to_str().unwrap(),
-        "--trace-after",
-        "0.5",
-        "--watermark-ms",
-        "5",
-        "--listen",
-        "off",
-        "--kube",
-        "on",
-        "--node-name",
-        "node-t",
-    ]);
+    let netns = NetnsPair::path(&ns.server);
+    let det = Detector::watching(
+        &map,
+        Some(&netns),
+        &traces,
+        &[
+            "--trace-after",
+            "0.5",
+            "--listen",
+            "off",
+            "--kube",
+            "on",
+            "--node-name",
+            "node-t",
+        ],
+    );
     // The watch follows the list once the index is built: from then on lookups see the pods.
     wait_for("the pod watch", || {
         seen.lock()

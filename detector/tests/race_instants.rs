@@ -48,20 +48,8 @@ fn a_race_orders_expiry_reap_reuse_and_delete() {
     let map = AgentMap::create(layout, &fs.dir.join("aws_conntrack_map"), &unique_name());
     let server = start_echo_server(&ns.server, ns.server_ip);
     let traces = fs.dir.with_extension("traces");
-    let det = Detector::run(&[
-        "--map-pin",
-        map.pin.to_str().unwrap(),
-        "--map-name",
-        &map.name,
-        "--netns",
-        &NetnsPair::path(&ns.server),
-        "--trace-dir",
-        traces.to_str().unwrap(),
-        "--trace-after",
-        "0.5",
-        "--watermark-ms",
-        "5",
-    ]);
+    let netns = NetnsPair::path(&ns.server);
+    let det = Detector::watching(&map, Some(&netns), &traces, &["--trace-after", "0.5"]);
 
     let port = 43_000 + (std::process::id() % 1000) as u16;
     let key = common::client_key(port, server, Some(5));

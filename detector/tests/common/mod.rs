@@ -251,6 +251,26 @@ impl Detector {
         Self::start(&["run", "--json"], args, "detector: watching map")
     }
 
+    /// The set-up the race tests share: `detector run` on the agent map `map` (by its pin and
+    /// name), judging in `netns` (`None`: the deleting task's namespace), traces in `traces`,
+    /// a 5 ms watermark, then `extra` flags.
+    pub fn watching(
+        map: &bpfmap::AgentMap,
+        netns: Option<&str>,
+        traces: &Path,
+        extra: &[&str],
+    ) -> Self {
+        let pin = map.pin.to_str().unwrap();
+        let traces = traces.to_str().unwrap();
+        let mut args = vec!["--map-pin", pin, "--map-name", &map.name];
+        if let Some(ns) = netns {
+            args.extend(["--netns", ns]);
+        }
+        args.extend(["--trace-dir", traces, "--watermark-ms", "5"]);
+        args.extend_from_slice(extra);
+        Self::run(&args)
+    }
+
     /// Starts `detector run --json <args>` and waits until it prints `ready` on stderr.
     pub fn run_until(args: &[&str], ready: &'static str) -> Self {
         Self::start(&["run", "--json"], args, ready)
