@@ -163,6 +163,25 @@ fn bad_input_is_named_with_its_problem_and_fails() {
         assert!(err.contains(want), "{input:?}: want {want:?} in {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
+    // A directory of races with a file name as --out: an error, not a directory named so.
+    let good = scratch("good");
+    std::fs::copy(
+        fixtures().join(format!("{RACE}.json")),
+        good.join(format!("{RACE}.json")),
+    )
+    .unwrap();
+    let named = scratch("named-out").join("all.perfetto.json");
+    let out = report(&[
+        good.to_str().unwrap(),
+        "--format",
+        "perfetto",
+        "--out",
+        named.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--out names a directory"), "{err}");
+    assert!(!named.exists(), "{named:?} was created");
 }
 
 fn chromium() -> Option<PathBuf> {

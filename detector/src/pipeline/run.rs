@@ -485,11 +485,18 @@ pub async fn run(opts: RunOptions, mut services: RunServices) -> Result<()> {
             }
         );
     }
+    // Retention is not loss, but a user looking for a trace should know it may be gone.
+    let removed = WriteCounts::get(&det.out.traces.counts().removed);
     crate::note!(
-        "detector: {} race(s) ({} traces written), {} closed-flow deletes, {} rightful deletes, \
-         {} deletes of unknown keys; events lost in kernel: {}; {}; summary: {}",
+        "detector: {} race(s) ({} traces written{}), {} closed-flow deletes, {} rightful \
+         deletes, {} deletes of unknown keys; events lost in kernel: {}; {}; summary: {}",
         counts.races,
         counts.traces_written,
+        if removed > 0 {
+            format!(", {removed} old ones removed by the directory's limits")
+        } else {
+            String::new()
+        },
         stats.deletes.closed_flow,
         stats.deletes.rightful,
         stats.deletes.unseen,

@@ -110,6 +110,25 @@ pub fn run(args: ReportArgs) -> Result<()> {
         .out
         .clone()
         .unwrap_or_else(|| args.input.join("report"));
+    // A directory of races makes a directory of pages: a file name here would become a
+    // directory of that name.
+    if !out_dir.is_dir()
+        && out_dir
+            .extension()
+            .is_some_and(|e| e == "json" || e == "html")
+    {
+        bail!(
+            "--out {}: for a directory of traces, --out names a directory (one {} file per \
+             race{}); give a directory, or a single trace file as the input",
+            out_dir.display(),
+            args.format.extension(),
+            if args.format == ReportFormat::Html {
+                ", and index.html"
+            } else {
+                ""
+            }
+        );
+    }
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create {}", out_dir.display()))?;
     let mut rows = Vec::new();

@@ -181,6 +181,12 @@ impl TraceDir {
     /// removes temporary files an earlier run left behind.
     pub fn create(dir: &Path) -> Result<Self> {
         use std::os::unix::fs::DirBuilderExt;
+        if dir.exists() && !dir.is_dir() {
+            anyhow::bail!(
+                "the trace directory {} is not a directory (set --trace-dir to a directory)",
+                dir.display()
+            );
+        }
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o750)
@@ -452,6 +458,12 @@ mod tests {
         assert!(!leftover.exists(), "leftover temporary file not cleaned");
         let fresh = dir.join("new");
         TraceDir::create(&fresh).unwrap();
+        // A file where the directory should be: named as such, not "File exists".
+        let file = dir.join("a-file");
+        std::fs::write(&file, b"").unwrap();
+        let err = TraceDir::create(&file).err().map(|e| format!("{e:#}"));
+        let err = err.unwrap_or_default();
+        assert!(err.contains("is not a directory"), "{err}");
         let mode = std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode & 0o027, 0, "directory mode {mode:o}");
         // Both pods' keys of one flow, deleted in one batch: one timestamp, one 5-tuple.
