@@ -94,6 +94,7 @@ pub fn run(args: ReplayArgs) -> Result<()> {
             agent_netns: start.agent_netns,
             metrics: Arc::new(Metrics::new()),
             backend: "replay",
+            event_counters: Default::default(),
             // Filled from the recording's `conntrack_fill` lines.
             ct_full: FullWindows::default(),
             pods: None,

@@ -25,7 +25,7 @@ use crate::report::render::{self, TimeBase};
 use crate::report::trace_file::TraceFiles;
 use crate::report::verdict::{verdict_json, verdict_text};
 use crate::report::{ConfirmationOut, Record, Sink, TextTo, TraceOut, VerdictOut};
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{EventCounters, Metrics};
 
 /// Where `detector run` sends what it finds: stdout, the trace files, and any other sinks
 /// (the HTTP hub, Kubernetes Events).
@@ -83,6 +83,8 @@ pub struct Detector<W: Write> {
     pub metrics: Arc<Metrics>,
     /// The backend's name, a label of the events counter.
     pub backend: &'static str,
+    /// The events counter per record kind, so counting a record takes no lookup.
+    pub event_counters: EventCounters,
     /// The pods on this node, when Kubernetes enrichment is on.
     pub pods: Option<PodIndex>,
     pub out: Outputs<W>,
@@ -115,7 +117,8 @@ impl<W: Write> Detector<W> {
 
     /// Converts one reordered event into engine input, and shows it where wanted.
     pub fn input(&mut self, ev: Event) -> Result<()> {
-        self.metrics.event(kind_of(&ev), self.backend);
+        self.event_counters
+            .inc(&self.metrics, kind_of(&ev), self.backend);
         let u = self.time;
         match ev {
             Event::Ct(mut c) => {

@@ -397,6 +397,7 @@ pub async fn run(opts: RunOptions, mut services: RunServices) -> Result<()> {
         agent_netns: opts.agent_netns,
         metrics: services.metrics.clone(),
         backend: attached.backend.name(),
+        event_counters: Default::default(),
         pods,
         out: Outputs {
             console: Console::new(std::io::BufWriter::new(stdout.lock()), opts.json),

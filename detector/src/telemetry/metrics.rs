@@ -79,6 +79,23 @@ pub struct ResultLabel {
     pub result: String,
 }
 
+/// The event loop's handles on the events counter, one per record kind, fetched once: counting
+/// a record is then one atomic add.
+#[derive(Default)]
+pub struct EventCounters(Vec<(&'static str, Counter)>);
+
+impl EventCounters {
+    pub fn inc(&mut self, metrics: &Metrics, kind: &'static str, backend: &'static str) {
+        if let Some((_, c)) = self.0.iter().find(|(k, _)| *k == kind) {
+            c.inc();
+            return;
+        }
+        let c = metrics.event_counter(kind, backend);
+        c.inc();
+        self.0.push((kind, c));
+    }
+}
+
 /// Totals already exported, for the counters mirrored from cumulative sources.
 #[derive(Default)]
 struct Mirrored {
@@ -309,12 +326,18 @@ impl Metrics {
     }
 
     pub fn event(&self, kind: &str, backend: &str) {
+        self.event_counter(kind, backend).inc();
+    }
+
+    /// The events counter of one (kind, backend) pair, to keep: the family's lookup builds two
+    /// label strings and takes a lock, too much for every record (see [`EventCounters`]).
+    pub fn event_counter(&self, kind: &str, backend: &str) -> Counter {
         self.events
             .get_or_create(&KindBackend {
                 kind: kind.into(),
                 backend: backend.into(),
             })
-            .inc();
+            .clone()
     }
 
     pub fn verdict(&self, class: VerdictClass, latency_ns: u64) {
@@ -482,6 +505,26 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kept_event_counters_count_in_the_family() {
+        let m = Metrics::new();
+        let mut c = EventCounters::default();
+        for _ in 0..3 {
+            c.inc(&m, "ct_new", "tracepoint");
+        }
+        c.inc(&m, "agent_delete", "tracepoint");
+        m.event("ct_new", "tracepoint");
+        let text = m.encode();
+        assert!(
+            text.contains("detector_events_total{kind=\"ct_new\",backend=\"tracepoint\"} 4"),
+            "{text}"
+        );
+        assert!(
+            text.contains("detector_events_total{kind=\"agent_delete\",backend=\"tracepoint\"} 1"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn mirrored_counters_add_only_the_difference() {
