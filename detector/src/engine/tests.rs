@@ -250,7 +250,7 @@ fn port_reuse_is_recognised() {
     assert_eq!(e.stats().verdicts.decided_by_shadow, 1);
     // The live line's story: the predecessor's end, the live entry's birth and the delete,
     // not the first entry's birth or the datapath's insert.
-    let story = crate::report::verdict::story_timeline(&v);
+    let story = crate::report::verdict::story_timeline(v);
     assert_eq!(
         event_names(&story),
         ["ct_destroy", "ct_new", "agent_delete"]
