@@ -49,9 +49,55 @@ fn replay(input: &str, stdin: Option<&str>, args: &[&str], name: &str) -> Output
     let mut pipe = child.stdin.take().unwrap();
     pipe.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
     drop(pipe);
-    let out = child.wait_with_output().unwrap();
+    let mut out = child.wait_with_output().unwrap();
+    out.stdout = with_full_timelines(&out.stdout);
     let _ = std::fs::remove_dir_all(&dir);
     out
+}
+
+/// The replay's stdout with each verdict line's timeline as its trace file holds it. The line
+/// carries only the race's story (the previous entry's destroy, the live entry's birth, the
+/// delete) and how many events the full timeline has; the full timeline goes to the trace
+/// file. Checks that the story is drawn from the trace's timeline and that the count is its
+/// length, then puts the full timeline back, so that the recordings (made when the line
+/// carried the full timeline) are compared whole.
+fn with_full_timelines(stdout: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(stdout);
+    let mut out = String::new();
+    for line in text.lines() {
+        let parsed = serde_json::from_str::<Value>(line).ok();
+        let Some(mut v) = parsed.filter(|v| v["type"] == "verdict") else {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        };
+        let path = v["trace_file"].as_str().unwrap().to_string();
+        let doc: Value = serde_json::from_slice(
+            &std::fs::read(&path).unwrap_or_else(|e| panic!("trace {path}: {e}")),
+        )
+        .unwrap();
+        let full = doc["trace"]["verdict"]["timeline"]
+            .as_array()
+            .unwrap()
+            .clone();
+        let story = v["verdict"]["timeline"].as_array().unwrap();
+        assert_eq!(v["timeline_events"], full.len(), "{line}");
+        assert!(story.len() < full.len() || story == &full, "{line}");
+        assert!(
+            story.iter().all(|e| full.contains(e)),
+            "the line's story is not from the trace's timeline: {line}"
+        );
+        assert!(
+            story.iter().any(|e| e["event"] == "agent_delete"
+                && e["ts_ns"] == v["verdict"]["delete_ts_ns"]),
+            "the story lacks the delete: {line}"
+        );
+        v["verdict"]["timeline"] = full.into();
+        v.as_object_mut().unwrap().remove("timeline_events");
+        out.push_str(&v.to_string());
+        out.push('\n');
+    }
+    out.into_bytes()
 }
 
 /// The verdict lines of an NDJSON text, without the two fields that belong to the live run

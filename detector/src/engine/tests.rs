@@ -248,6 +248,17 @@ fn port_reuse_is_recognised() {
     assert_eq!(e.stats().verdicts.port_reuse, 1);
     assert_eq!(e.stats().deletes.live, 1);
     assert_eq!(e.stats().verdicts.decided_by_shadow, 1);
+    // The live line's story: the predecessor's end, the live entry's birth and the delete,
+    // not the first entry's birth or the datapath's insert.
+    let story = crate::report::verdict::story_timeline(v);
+    assert_eq!(
+        event_names(&story),
+        ["ct_destroy", "ct_new", "agent_delete"]
+    );
+    assert_eq!(
+        story.iter().map(|e| e.ts_ns).collect::<Vec<_>>(),
+        [100 * S, 101 * S, 101 * S + 500 * MS]
+    );
     let j = serde_json::to_value(v).unwrap();
     assert_eq!(j["kind"], "live-entry-delete");
     assert_eq!(j["class"], "port-reuse");

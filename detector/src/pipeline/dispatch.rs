@@ -23,7 +23,7 @@ use crate::report::confirmation::{confirmation_json, confirmation_text};
 use crate::report::console::Console;
 use crate::report::render::{self, TimeBase};
 use crate::report::trace_file::TraceFiles;
-use crate::report::verdict::{verdict_json, verdict_text};
+use crate::report::verdict::{story_timeline, verdict_json, verdict_text};
 use crate::report::{ConfirmationOut, Record, Sink, TextTo, TraceOut, VerdictOut};
 use crate::telemetry::metrics::{EventCounters, Metrics};
 
@@ -436,7 +436,18 @@ impl<W: Write> Detector<W> {
                         .traces
                         .dir
                         .name_verdict(v.delete_ts_ns, v.class.name(), &v.key);
-                let json = verdict_json(&v, latency, &pods, trace_file.clone(), &self.time)?;
+                // The line and the streams carry the race's story; the trace file, written
+                // off the event loop, has the full timeline.
+                let timeline_events = v.timeline.len();
+                v.timeline = story_timeline(&v);
+                let json = verdict_json(
+                    &v,
+                    timeline_events,
+                    latency,
+                    &pods,
+                    trace_file.clone(),
+                    &self.time,
+                )?;
                 let mut text = verdict_text(&v, latency, &pods, &self.time);
                 if self.replaying
                     && let Some(i) = text.rfind(" (detected ")

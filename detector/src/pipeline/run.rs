@@ -21,7 +21,7 @@ use crate::kernel::reader::Reader;
 use crate::kernel::{Backend, Probe, ProbeSettings};
 use crate::npa::target::{self, AgentMap, MapSpec};
 use crate::report::Sink;
-use crate::report::console::Console;
+use crate::report::console::{Console, STDOUT_BUFFER_BYTES};
 use crate::report::kube_events::EventSink;
 use crate::report::render::{TimeBase, hex};
 use crate::report::summary::{RunCounts, RunInfo, TraceWriteCounts, capacity_line, summary};
@@ -400,7 +400,10 @@ pub async fn run(opts: RunOptions, mut services: RunServices) -> Result<()> {
         event_counters: Default::default(),
         pods,
         out: Outputs {
-            console: Console::new(std::io::BufWriter::new(stdout.lock()), opts.json),
+            console: Console::new(
+                std::io::BufWriter::with_capacity(STDOUT_BUFFER_BYTES, stdout.lock()),
+                opts.json,
+            ),
             traces: TraceFiles::new(traces, trace_file::hostname(), &started, writer),
             others,
         },

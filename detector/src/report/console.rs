@@ -7,6 +7,12 @@ use anyhow::Result;
 
 use super::{ConfirmationOut, Record, Sink, TextTo, VerdictOut};
 
+/// The buffer in front of stdout: with `--json` every kernel record is a line, so a batch of
+/// the ring buffer is tens of kilobytes; the event loop flushes once per batch, and a buffer
+/// that holds the batch makes that one write instead of one per 8 KiB (each write wakes the
+/// reader, which on a small node takes the CPU from the loop).
+pub const STDOUT_BUFFER_BYTES: usize = 64 << 10;
+
 /// stdout, buffered (flushed by the event loop after each batch).
 pub struct Console<W: Write> {
     out: W,
@@ -56,9 +62,9 @@ impl<W: Write> Sink for Console<W> {
     }
 }
 
-/// Gives a piped stdout room for a burst of verdicts (each NDJSON line carries its timeline,
-/// about 9 KB), so that a reader (the lab, a container runtime's log pipe) that is a little slow
-/// does not block the event loop on a full 64 KiB pipe. Best effort: 1 MiB is the default
+/// Gives a piped stdout room for a burst of records (with `--json`, every kernel record and
+/// every verdict is a line), so that a reader (the lab, a container runtime's log pipe) that
+/// is a little slow does not block the event loop on a full 64 KiB pipe. Best effort: 1 MiB is the default
 /// pipe-max-size, and a failure leaves the pipe as it was.
 pub fn widen_stdout_pipe() {
     use std::os::fd::AsRawFd;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-use crate::engine::{RaceInstants, Verdict};
+use crate::engine::{RaceInstants, TimelineEvent, TimelineKind, Verdict};
 use crate::k8s::{PodRef, RaceNotice};
 use crate::record::{DestroyReason, FlowTuple, proto_name};
 use crate::report::render::TimeBase;
@@ -17,6 +17,9 @@ struct VerdictLine<'a> {
     kind: &'static str,
     ts_ns: u64,
     trace_file: PathBuf,
+    /// How many events the verdict's full timeline has (it is in the trace file); the line's
+    /// `verdict.timeline` is the race's story only ([`story_timeline`]).
+    timeline_events: usize,
     detection_latency_ns: u64,
     verdict: VerdictBody<'a>,
 }
@@ -31,10 +34,28 @@ struct VerdictBody<'a> {
     pods: &'a [PodRef],
 }
 
-/// The NDJSON line of a verdict; `time` and the verdict's own wall times are added after its
-/// `ts_ns`.
+/// The events of a verdict's timeline that tell the race on the live line and the streams:
+/// the predecessor's destroy (port-reuse), the live entry's birth (or its first sighting in
+/// the start-up snapshot) and the delete, in time order. The full timeline (up to 32 events
+/// per flow, about 8 KB as JSON) goes only to the trace file: serialising it on the event loop
+/// for every verdict of a burst made each later verdict of the burst wait for it.
+pub fn story_timeline(v: &Verdict) -> Vec<TimelineEvent> {
+    let old_id = v.old.map(|o| o.id);
+    let tells = |e: &TimelineEvent| match &e.what {
+        TimelineKind::CtDestroy { id, .. } => Some(*id) == old_id,
+        TimelineKind::CtNew { id, .. } | TimelineKind::CtExisting { id, .. } => *id == v.live.id,
+        TimelineKind::AgentDelete { .. } => e.ts_ns == v.delete_ts_ns,
+        _ => false,
+    };
+    v.timeline.iter().filter(|e| tells(e)).cloned().collect()
+}
+
+/// The NDJSON line of a verdict whose `timeline` is already its story ([`story_timeline`]);
+/// `timeline_events` counts the full timeline of the trace file. `time` and the verdict's
+/// own wall times are added after its `ts_ns`.
 pub fn verdict_json(
     v: &Verdict,
+    timeline_events: usize,
     latency_ns: u64,
     pods: &[PodRef],
     trace_file: PathBuf,
@@ -45,6 +66,7 @@ pub fn verdict_json(
             kind: "verdict",
             ts_ns: v.delete_ts_ns,
             trace_file,
+            timeline_events,
             detection_latency_ns: latency_ns,
             verdict: VerdictBody { verdict: v, pods },
         },
