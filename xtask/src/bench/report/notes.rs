@@ -45,8 +45,16 @@ pub(super) fn notes(s: &mut String, r: &Results) {
              `htab_map_update_elem`/`lookup_nulls_elem_raw` in the profile) and on every slab free \
              (each packet's own buffers are slab objects, hence the many runs per TCP \
              connection); in user space, the loop reads two records per flow (NEW and DESTROY) \
-             through the reorder buffer into the engine's shadows. The cost is per operation, so \
-             at the rates of a real node (far below this saturating generator) it is the same \
+             through the reorder buffer into the engine's shadows. The per-program tables below \
+             show where the BPF time goes: a NEW report (`ct_new_net_dev_queue` on a flow's first \
+             packet) costs about 3 us and a DESTROY about 1 us, most of it the inserts into and \
+             removals from the two tables of live entries (`SEEN`, `FLOWS`); packets of an \
+             established flow leave before any map operation. Those tables allocate each entry as \
+             it is inserted (`BPF_F_NO_PREALLOC`, the default from Linux 6.1, which keeps their \
+             idle memory small); with `--preallocate-tables` the bench measured about 0.8 us less \
+             per TCP connection and 1.8 us less per new UDP flow in BPF (quick runs on 2026-12-01, \
+             alternated), for all of the tables' memory taken at start. The cost is per operation, \
+             so at the rates of a real node (far below this saturating generator) it is the same \
              microseconds per flow, not this share of the throughput. Section 5's system-wide \
              profile shows the split. `conntrack -E` is measured the same way for comparison.",
             per_op.join("; ")
@@ -58,14 +66,16 @@ pub(super) fn notes(s: &mut String, r: &Results) {
         n.push(format!(
             "Verdict latency: the liveness is decided in the kernel at the delete; the verdict is \
              emitted when the delete's record leaves the reorder buffer, {} ms after its \
-             timestamp (the event loop wakes on the ring buffer and at each held record's due \
-             time: detector/src/cmd/stream.rs). The lab's cleanup deletes its keys in one burst, \
-             and each verdict of a burst waits for the ones before it: every verdict line carries \
-             the flow's whole timeline (8 KB of JSON for 32 events: engine_mem), written by the detector and parsed \
-             by the lab's reader on the same two CPUs, so the tail grows by tens to hundreds of \
-             microseconds per verdict of the burst. The first verdict of a burst arrives about 3 ms \
-             after its delete. A slimmer live line (the timeline only in the trace file) is what \
-             would bring p99 under 5 ms.",
+             timestamp (the event loop, on a runtime of its own thread, wakes on the ring buffer \
+             and at each held record's due time, to tokio's 1 ms timer: \
+             detector/src/pipeline/event_loop.rs). The lab's cleanup deletes its keys in one \
+             burst, and each verdict of a burst waits for the ones before it: about 50 us each on \
+             the loop (the engine's decision 10-15 us, the NDJSON line with the race's story \
+             about 25 us, the readable line and the sinks the rest; the full timeline goes only \
+             to the trace file), while the lab's reader parses the lines on the same two CPUs. \
+             So p99 is about the watermark, plus up to a millisecond of timer, plus 64 verdicts \
+             of about 50 us: a burst of 64 deletes cannot meet 5 ms with a 2 ms watermark \
+             unless a verdict costs far less.",
             l.watermark_ms
         ));
     }
@@ -76,7 +86,7 @@ pub(super) fn notes(s: &mut String, r: &Results) {
                  engine's flow table (a dense slab with a u32-linked recency list: packed tuple, \
                  the live entry inline, the last destroyed entry), a node in its agent-key table, \
                  both tables' hash indexes and the pre-existing-entry index; the engine's part is \
-                 262 B per flow at 524288 flows (`cargo run --release -p detector --example \
+                 302 B per flow at 524288 flows (`cargo run --release -p detector --example \
                  engine_mem`), and its flight recorder of the last 32768 events is a fixed cost. \
                  The flow and key tables hold the same 5-tuple twice: folding \
                  the key table into the flow table is the next step toward 160 B. The peak \

@@ -44,10 +44,19 @@ fn summary_rows(md: &str) -> HashMap<String, String> {
     rows
 }
 
-/// "date, commit" of a BENCHMARKS.md, from its `- date:` line.
+/// "machine, date, commit" of a BENCHMARKS.md, from its `- machine:` and `- date:` lines:
+/// figures from another machine are not comparable one for one, and the header says so.
 fn run_label(md: &str) -> Option<String> {
     let line = md.lines().find_map(|l| l.strip_prefix("- date: "))?;
-    Some(line.split(", mode").next().unwrap_or(line).to_string())
+    let when = line.split(", mode").next().unwrap_or(line);
+    let machine = md
+        .lines()
+        .find_map(|l| l.strip_prefix("- machine: "))
+        .map(|m| m.split(" (").next().unwrap_or(m));
+    Some(match machine {
+        Some(m) => format!("{m}, {when}"),
+        None => when.to_string(),
+    })
 }
 
 /// `new` with a "previous run" column in its Summary table, from `old` (the file it replaces).
@@ -99,14 +108,14 @@ pub fn with_previous(new: &str, old: Option<&str>) -> String {
 mod tests {
     use super::*;
 
-    const OLD: &str = "# Benchmarks\n\n- date: 2026-11-26 11:51 UTC, commit 436dfe3, mode `full`, wall time 358 s\n\n## Summary\n\n| figure | measured | target | result |\n|---|---|---|---|\n| TCP cost with detector | 20.0% | <= 3% | missed |\n| ... as CPU time per operation | 3.01 us | - | - |\n| UDP cost with detector | 49.0% | <= 3% | missed |\n| ... as CPU time per operation | 3.24 us | - | - |\n| verdict latency (lab, 256 verdicts) | p99 10.57 ms | p99 <= 5 ms | missed |\n\n### Notes\n\n| not | a | summary | row |\n";
+    const OLD: &str = "# Benchmarks\n\n- machine: AMD EPYC (2 cores, 23.5 GiB), kernel 6.18.44\n- date: 2026-11-26 11:51 UTC, commit 436dfe3, mode `full`, wall time 358 s\n\n## Summary\n\n| figure | measured | target | result |\n|---|---|---|---|\n| TCP cost with detector | 20.0% | <= 3% | missed |\n| ... as CPU time per operation | 3.01 us | - | - |\n| UDP cost with detector | 49.0% | <= 3% | missed |\n| ... as CPU time per operation | 3.24 us | - | - |\n| verdict latency (lab, 256 verdicts) | p99 10.57 ms | p99 <= 5 ms | missed |\n\n### Notes\n\n| not | a | summary | row |\n";
 
     #[test]
     fn each_row_gets_the_previous_runs_figure() {
         let new = "## Summary\n\n| figure | measured | target | result |\n|---|---|---|---|\n| TCP cost with detector | 9.0% | <= 3% | missed |\n| ... as CPU time per operation | 1.50 us | - | - |\n| UDP cost with detector | 40.0% | <= 3% | missed |\n| ... as CPU time per operation | 2.00 us | - | - |\n| verdict latency (lab, 64 verdicts) | p99 4.00 ms | p99 <= 5 ms | met |\n| a new figure | 1 | - | - |\n\n## 1. Overhead\n\n| figure | measured | target | result |\n";
         let out = with_previous(new, Some(OLD));
         assert!(out.contains(
-            "| figure | measured | previous run (2026-11-26 11:51 UTC, commit 436dfe3) | target | result |"
+            "| figure | measured | previous run (AMD EPYC, 2026-11-26 11:51 UTC, commit 436dfe3) | target | result |"
         ));
         assert!(out.contains("| TCP cost with detector | 9.0% | 20.0% | <= 3% | missed |"));
         // The "..." rows follow the row they continue.
