@@ -15,8 +15,10 @@ use crate::kernel::cpu_id;
 /// written into the object's .rodata before load. Read only through [`probe_config`] and
 /// [`config_u32`], whose volatile reads keep the compiler from folding in the zeros the object
 /// was built with.
+/// Not `pub`: a plain read (`CONFIG.field`) would be folded to the zeros the object was built
+/// with.
 #[unsafe(no_mangle)]
-pub static CONFIG: ProbeConfig = ProbeConfig::ZERO;
+static CONFIG: ProbeConfig = ProbeConfig::ZERO;
 
 /// The single ring buffer every record goes through. Userspace may resize it before load.
 #[map]

@@ -1,7 +1,8 @@
 //! Lines for people on stderr that never stop the detector: `eprintln!` panics when stderr is
 //! a pipe whose reader has gone (`detector run 2>&1 | head -1`), and a detector must go on
-//! detecting without its console. Lines that could not be written are counted (the exit line
-//! and `detector_stderr_lines_lost_total` in /metrics), not silently dropped.
+//! detecting without its console. Lines that could not be written are counted (the summary's
+//! `stderr_lines_lost` and `detector_stderr_lines_lost_total` in /metrics), not silently
+//! dropped. Test code keeps `eprintln!`, which the test harness captures.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};

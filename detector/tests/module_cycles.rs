@@ -29,9 +29,18 @@ fn is_test_file(p: &Path) -> bool {
     name == "tests.rs" || name.ends_with("_tests.rs") || name == "testutil.rs"
 }
 
-/// The file's production code: up to its `#[cfg(test)]` test module, without `//` comments.
+/// The file's production code: up to its inline `#[cfg(test)] mod NAME {` block (a
+/// `#[cfg(test)] mod tests;` declaration does not end it), without `//` comments.
 fn production_code(text: &str) -> String {
-    let end = text.find("#[cfg(test)]\nmod ").unwrap_or(text.len());
+    let end = text
+        .match_indices("#[cfg(test)]\nmod ")
+        .find(|(i, m)| {
+            text[i + m.len()..]
+                .lines()
+                .next()
+                .is_some_and(|l| l.trim_end().ends_with('{'))
+        })
+        .map_or(text.len(), |(i, _)| i);
     text[..end]
         .lines()
         .map(|l| l.split_once("//").map_or(l, |(code, _)| code))
@@ -39,17 +48,41 @@ fn production_code(text: &str) -> String {
         .join("\n")
 }
 
-/// The identifiers that follow `prefix` in `code` (`crate::engine::x` gives `engine`).
+/// The identifiers that follow `prefix` in `code` (`crate::engine::x` gives `engine`), with
+/// grouped paths expanded (`super::{flow_id::X, verdict}` gives `flow_id` and `verdict`).
 fn referenced(code: &str, prefix: &str) -> BTreeSet<String> {
-    code.match_indices(prefix)
-        .map(|(i, _)| {
-            code[i + prefix.len()..]
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                .collect::<String>()
-        })
-        .filter(|m| !m.is_empty())
-        .collect()
+    let ident = |s: &str| {
+        s.trim_start()
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect::<String>()
+    };
+    let mut out = BTreeSet::new();
+    for (i, _) in code.match_indices(prefix) {
+        let rest = &code[i + prefix.len()..];
+        let Some(group) = rest.strip_prefix('{') else {
+            out.insert(ident(rest));
+            continue;
+        };
+        // The group's items at depth 0: each starts with a module name.
+        let mut depth = 0;
+        let mut item_start = true;
+        for (j, c) in group.char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' if depth == 0 => break,
+                '}' => depth -= 1,
+                ',' if depth == 0 => item_start = true,
+                c if item_start && !c.is_whitespace() => {
+                    out.insert(ident(&group[j..]));
+                    item_start = false;
+                }
+                _ => {}
+            }
+        }
+    }
+    out.retain(|m| !m.is_empty() && m != "self");
+    out
 }
 
 /// A cycle in `edges`, if any, as the modules along it.
@@ -147,6 +180,18 @@ fn engine_modules_import_each_other_without_cycles() {
     if let Some(c) = find_cycle(&edges) {
         panic!("import cycle between engine modules: {}", c.join(" -> "));
     }
+}
+
+#[test]
+fn grouped_paths_name_each_module() {
+    let r = referenced(
+        "use super::{flow_id::{FlowId, NO_EVENT}, verdict::X, self};\nuse super::shadow::Y;",
+        "super::",
+    );
+    assert_eq!(
+        r.into_iter().collect::<Vec<_>>(),
+        ["flow_id", "shadow", "verdict"]
+    );
 }
 
 #[test]

@@ -107,28 +107,40 @@ fn is_ct_cache(arg: u64) -> bool {
             return false;
         }
     }
-    if !names_ct_cache(arg) {
-        if let Some(other) = other {
-            // SAFETY: as above; a u64 store of a cache checked not to be nf_conntrack.
-            unsafe { *other = arg };
+    match cache_name_is_ct(arg) {
+        Some(true) => {
+            // SAFETY: as above; every CPU that gets here stores the same value.
+            unsafe { *slot = arg };
+            true
         }
-        return false;
+        Some(false) => {
+            if let Some(other) = other {
+                // SAFETY: as above; a u64 store of a cache whose name was read and is not
+                // nf_conntrack.
+                unsafe { *other = arg };
+            }
+            false
+        }
+        // The name could not be read: not remembered, so the next free asks again (a cache
+        // remembered wrongly would hide every conntrack free for good).
+        None => false,
     }
-    // SAFETY: as above; every CPU that gets here stores the same value.
-    unsafe { *slot = arg };
-    true
 }
 
-/// The slow path of [`is_ct_cache`] until the first conntrack free: the cache's name.
+/// The slow path of [`is_ct_cache`] until the first conntrack free: whether the cache's name
+/// is `nf_conntrack`, `None` when the name could not be read.
 #[inline(always)]
-fn names_ct_cache(arg: u64) -> bool {
+fn cache_name_is_ct(arg: u64) -> Option<bool> {
     let name: u64 = if config_u32(|c| &c.kmem_free_arg_cache) != 0 {
         read_kernel(arg, config_u32(|c| &c.kmem_cache_name))
     } else {
         arg
     };
+    if name == 0 {
+        return None;
+    }
     let mut buf = [0u8; 16];
-    read_kernel_str(name, &mut buf) == Some(b"nf_conntrack".as_slice())
+    read_kernel_str(name, &mut buf).map(|n| n == b"nf_conntrack".as_slice())
 }
 
 // A raw tracepoint, not tp_btf: 6.1's verifier refuses tp_btf reads of the `const void *`

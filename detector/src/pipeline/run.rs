@@ -271,6 +271,10 @@ fn say_conntrack_fill(change: Change) {
     }
 }
 
+/// Records the loop handles between turns of the tasks it shares its thread with (a quarter of
+/// a stream client's backlog, `http::CLIENT_BACKLOG`).
+const INPUTS_PER_TURN: usize = 1024;
+
 /// Reads the ring until the duration ends or a signal stops it; returns the stream for its
 /// final counters.
 async fn event_loop<W: Write>(
@@ -283,9 +287,14 @@ async fn event_loop<W: Write>(
     let mut watch = MapWatch::default();
     loop {
         let step = stream.next(&mut ready).await?;
-        // Released records first: the tick's time is after all of them.
-        for ev in ready.drain(..) {
+        // Released records first: the tick's time is after all of them. The HTTP server's
+        // tasks share this thread: they get a turn every INPUTS_PER_TURN records, so a big
+        // batch does not overrun the /v1/events clients' backlogs before they can drain.
+        for (i, ev) in ready.drain(..).enumerate() {
             det.input(ev)?;
+            if i % INPUTS_PER_TURN == INPUTS_PER_TURN - 1 {
+                tokio::task::yield_now().await;
+            }
         }
         match step {
             Step::Stop => break,

@@ -78,16 +78,17 @@ impl Bench {
                     if let (Some(a), Some(b)) = (cost0, cost1) {
                         let per = |x: u64| x as f64 / c.ops.max(1) as f64;
                         let cfg = &mut w.configs[i];
-                        cfg.observer_cpu_ns_per_op.push(per(b.cpu_ns - a.cpu_ns));
+                        cfg.observer_cpu_ns_per_op
+                            .push(per(b.cpu_ns.saturating_sub(a.cpu_ns)));
                         if matches!(o, Observer::Run(_)) {
                             let (ta, tb) = (a.bpf_total(), b.bpf_total());
-                            cfg.bpf_ns_per_op.push(per(tb.ns - ta.ns));
-                            cfg.bpf_runs_per_op.push(per(tb.cnt - ta.cnt));
+                            cfg.bpf_ns_per_op.push(per(tb.ns.saturating_sub(ta.ns)));
+                            cfg.bpf_runs_per_op.push(per(tb.cnt.saturating_sub(ta.cnt)));
                             for (name, r) in &b.programs {
                                 let before = a.programs.get(name).copied().unwrap_or_default();
                                 let p = cfg.bpf_programs.entry(name.clone()).or_default();
-                                p.ns_per_op.push(per(r.ns - before.ns));
-                                p.runs_per_op.push(per(r.cnt - before.cnt));
+                                p.ns_per_op.push(per(r.ns.saturating_sub(before.ns)));
+                                p.runs_per_op.push(per(r.cnt.saturating_sub(before.cnt)));
                             }
                         }
                     }
