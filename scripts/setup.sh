@@ -45,6 +45,8 @@ APT_PACKAGES+=(chromium)
 # deploy-test's runtime test: buildah builds the image (no daemon) and Debian's runc runs it
 # with the DaemonSet's security context (deploy/tests/test_runc.py).
 APT_PACKAGES+=(buildah runc)
+# The fuzz stage of `cargo xtask test`: libfuzzer-sys compiles libFuzzer's C++ sources.
+APT_PACKAGES+=(g++)
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/detector
 CARGO_BIN=${CARGO_HOME:-$HOME/.cargo}/bin
 
