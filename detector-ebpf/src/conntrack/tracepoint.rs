@@ -13,10 +13,11 @@ use aya_ebpf::{
     maps::Array,
     programs::{BtfTracePointContext, RawTracePointContext},
 };
+use detector_common::counter;
 use detector_common::source::{TP_CONSUME_SKB, TP_KFREE_SKB, TP_KMEM_CACHE_FREE, TP_NET_DEV_QUEUE};
 
 use super::{report_destroy, report_new};
-use crate::emit::config_u32;
+use crate::emit::{config_u32, count};
 use crate::kernel::{IP_CT_ESTABLISHED, NfConn, Nfct, Skb, read_kernel, read_kernel_str};
 
 /// Address of the `nf_conntrack` kmem_cache, found by name on the first conntrack free and
@@ -137,10 +138,17 @@ fn cache_name_is_ct(arg: u64) -> Option<bool> {
         arg
     };
     if name == 0 {
+        // The failed pointer read was counted by read_kernel.
         return None;
     }
     let mut buf = [0u8; 16];
-    read_kernel_str(name, &mut buf).map(|n| n == b"nf_conntrack".as_slice())
+    let read = read_kernel_str(name, &mut buf).map(|n| n == b"nf_conntrack".as_slice());
+    if read.is_none() {
+        // A free skipped unread may have been a conntrack entry's: counted, so the run's
+        // read_failed (/metrics, the summary) shows it.
+        count(counter::READ_FAILED);
+    }
+    read
 }
 
 // A raw tracepoint, not tp_btf: 6.1's verifier refuses tp_btf reads of the `const void *`
