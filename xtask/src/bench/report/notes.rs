@@ -51,9 +51,9 @@ pub(super) fn notes(s: &mut String, r: &Results) {
              removals from the two tables of live entries (`SEEN`, `FLOWS`); packets of an \
              established flow leave before any map operation. Those tables allocate each entry as \
              it is inserted (`BPF_F_NO_PREALLOC`, the default from Linux 6.1, which keeps their \
-             idle memory small); with `--preallocate-tables` the bench measured about 0.8 us less \
-             per TCP connection and 1.8 us less per new UDP flow in BPF (quick runs on 2026-12-01, \
-             alternated), for all of the tables' memory taken at start. The cost is per operation, \
+             idle memory small); `detector run --preallocate-tables` spares the inserts that \
+             allocation for all of the tables' memory taken at start (measure it with a \
+             `--detector` wrapper that adds the flag). The cost is per operation, \
              so at the rates of a real node (far below this saturating generator) it is the same \
              microseconds per flow, not this share of the throughput. Section 5's system-wide \
              profile shows the split. `conntrack -E` is measured the same way for comparison.",
@@ -69,13 +69,12 @@ pub(super) fn notes(s: &mut String, r: &Results) {
              timestamp (the event loop, on a runtime of its own thread, wakes on the ring buffer \
              and at each held record's due time, to tokio's 1 ms timer: \
              detector/src/pipeline/event_loop.rs). The lab's cleanup deletes its keys in one \
-             burst, and each verdict of a burst waits for the ones before it: about 50 us each on \
-             the loop (the engine's decision 10-15 us, the NDJSON line with the race's story \
-             about 25 us, the readable line and the sinks the rest; the full timeline goes only \
-             to the trace file), while the lab's reader parses the lines on the same two CPUs. \
-             So p99 is about the watermark, plus up to a millisecond of timer, plus 64 verdicts \
-             of about 50 us: a burst of 64 deletes cannot meet 5 ms with a 2 ms watermark \
-             unless a verdict costs far less.",
+             burst, and each verdict of a burst waits for the ones before it on the loop: the \
+             engine's decision and its lines (`cargo run --release -p detector --example \
+             engine_mem` prints both costs; the live line carries the race's story, the full \
+             timeline goes only to the trace file), while the lab's reader parses the lines on \
+             the same two CPUs. So p99 is about the watermark, plus up to a millisecond of timer, \
+             plus the burst's verdicts one after another.",
             l.watermark_ms
         ));
     }
