@@ -17,25 +17,15 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::api::{Api, ListParams};
 
-use super::forward::forward_to_pod;
+use super::forward::{DetectorPods, forward_to_pod};
 use super::remote::{Remote, read_token};
 
 /// Where the detectors are and how to talk to them.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DetectorsArgs {
-    /// Namespace of the detector DaemonSet (`--from detectors`).
-    #[arg(long, default_value = "detector", value_name = "NS")]
-    pub detector_namespace: String,
-    /// Label selector of the detector pods (`--from detectors`).
-    #[arg(
-        long,
-        default_value = "app.kubernetes.io/name=detector",
-        value_name = "SELECTOR"
-    )]
-    pub detector_selector: String,
-    /// The detectors' HTTP port in their pods (`--from detectors`).
-    #[arg(long, default_value_t = 9477, value_name = "PORT")]
-    pub detector_port: u16,
+    /// The detector pods (`--from detectors`).
+    #[command(flatten)]
+    pub detectors: DetectorPods,
     /// File holding the bearer token of the detectors' --token-file (`--from detectors`).
     #[arg(long, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
@@ -147,14 +137,14 @@ pub async fn gather(
     duration: Duration,
 ) -> Result<BTreeMap<String, DetectorTally>> {
     let token = read_token(args.token_file.as_deref())?;
-    let pods: Api<Pod> = Api::namespaced(client, &args.detector_namespace);
+    let pods: Api<Pod> = Api::namespaced(client, &args.detectors.detector_namespace);
     let list = pods
-        .list(&ListParams::default().labels(&args.detector_selector))
+        .list(&ListParams::default().labels(&args.detectors.detector_selector))
         .await
         .with_context(|| {
             format!(
                 "listing the detector pods ({}) in namespace {}",
-                args.detector_selector, args.detector_namespace
+                args.detectors.detector_selector, args.detectors.detector_namespace
             )
         })?;
     let until = tokio::time::Instant::now() + duration;
@@ -176,7 +166,7 @@ pub async fn gather(
             out.insert(node, t);
             continue;
         }
-        match forward_to_pod(pods.clone(), name, args.detector_port).await {
+        match forward_to_pod(pods.clone(), name, args.detectors.detector_port).await {
             Ok(url) => watching.push((
                 node,
                 tokio::spawn(watch_one(url, token.clone(), since, until, t)),
@@ -190,7 +180,7 @@ pub async fn gather(
     crate::note!(
         "detector cluster-verdict: watching {} detector(s) in namespace {} for {} s",
         watching.len(),
-        args.detector_namespace,
+        args.detectors.detector_namespace,
         duration.as_secs()
     );
     for (node, task) in watching {

@@ -19,6 +19,14 @@ pub struct KubeTarget {
     /// Reach the detector on the node of this pod (NAMESPACE/NAME).
     #[arg(long, value_name = "NS/NAME")]
     pub pod: Option<String>,
+    #[command(flatten)]
+    pub detectors: DetectorPods,
+}
+
+/// Which pods are the detectors and where they serve: the flags of every command that reaches
+/// them through the API server (one node's, or all of them for `cluster-verdict`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct DetectorPods {
     /// Namespace of the detector DaemonSet.
     #[arg(long, default_value = "detector", value_name = "NS")]
     pub detector_namespace: String,
@@ -29,7 +37,7 @@ pub struct KubeTarget {
         value_name = "SELECTOR"
     )]
     pub detector_selector: String,
-    /// The detector's HTTP port in its pod.
+    /// The detectors' HTTP port in their pods.
     #[arg(long, default_value_t = 9477, value_name = "PORT")]
     pub detector_port: u16,
 }
@@ -63,14 +71,14 @@ impl KubeTarget {
             .await
             .context("no Kubernetes configuration (KUBECONFIG or ~/.kube/config)")?;
         let node = self.node(&client).await?;
-        let pods: Api<Pod> = Api::namespaced(client, &self.detector_namespace);
+        let pods: Api<Pod> = Api::namespaced(client, &self.detectors.detector_namespace);
         let lp = ListParams::default()
-            .labels(&self.detector_selector)
+            .labels(&self.detectors.detector_selector)
             .fields(&format!("spec.nodeName={node}"));
         let list = pods.list(&lp).await.with_context(|| {
             format!(
                 "listing the detector pods ({}) in namespace {}",
-                self.detector_selector, self.detector_namespace
+                self.detectors.detector_selector, self.detectors.detector_namespace
             )
         })?;
         let running = list
@@ -80,16 +88,16 @@ impl KubeTarget {
         let Some(name) = running.and_then(|p| p.metadata.name) else {
             bail!(
                 "no running detector pod ({}) on node {node} in namespace {}",
-                self.detector_selector,
-                self.detector_namespace
+                self.detectors.detector_selector,
+                self.detectors.detector_namespace
             );
         };
         crate::note!(
             "detector: node {node}: pod {}/{name}, port {} forwarded through the API server",
-            self.detector_namespace,
-            self.detector_port
+            self.detectors.detector_namespace,
+            self.detectors.detector_port
         );
-        forward_to_pod(pods, name, self.detector_port).await
+        forward_to_pod(pods, name, self.detectors.detector_port).await
     }
 }
 
