@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use common::bpfmap::{AgentMap, Bpffs, unique_name};
 use common::{
-    Detector, NetnsPair, connect_from, connect_from_port, privileged, reset, start_echo_server,
+    Detector, NetnsPair, RaceWorld, connect_from, connect_from_port, privileged, reset,
+    start_echo_server,
 };
 use detector::npa::{Layout, NpaKey};
 use serde_json::Value;
@@ -83,11 +84,13 @@ fn verdicts(events: &[Value]) -> Vec<&Value> {
 
 fn run_scenario(layout: &str) {
     let layout: Layout = layout.parse().unwrap();
-    let ns = NetnsPair::new(2);
-    let fs = Bpffs::mount();
-    let map = AgentMap::create(layout, &fs.dir.join("aws_conntrack_map"), &unique_name());
-    let server = start_echo_server(&ns.server, ns.server_ip);
-    let traces = fs.dir.with_extension("traces");
+    let RaceWorld {
+        ns,
+        fs: _fs,
+        map,
+        server,
+        traces,
+    } = RaceWorld::new(layout, 2);
     let det = start(&map, &ns, &traces, "0.5");
 
     // B: a flow that ends (expires, and a dump reaps it) before the cleanup deletes its key.
@@ -300,11 +303,13 @@ fn batch_deletes_are_judged_key_by_key() {
         return;
     }
     let layout: Layout = "v4-24/16".parse().unwrap();
-    let ns = NetnsPair::new(30);
-    let fs = Bpffs::mount();
-    let map = AgentMap::create(layout, &fs.dir.join("aws_conntrack_map"), &unique_name());
-    let server = start_echo_server(&ns.server, ns.server_ip);
-    let traces = fs.dir.with_extension("traces");
+    let RaceWorld {
+        ns,
+        fs: _fs,
+        map,
+        server,
+        traces,
+    } = RaceWorld::new(layout, 30);
     let det = start(&map, &ns, &traces, "0.2");
     let e = connect_from(&ns.client, server);
     let ke = key(e.local_addr().unwrap().port(), server, layout);
@@ -346,11 +351,13 @@ fn a_batch_of_2000_live_keys_is_2000_races() {
     }
     const N: usize = 2000;
     let layout: Layout = "v4-24/16".parse().unwrap();
-    let ns = NetnsPair::new(30);
-    let fs = Bpffs::mount();
-    let map = AgentMap::create(layout, &fs.dir.join("aws_conntrack_map"), &unique_name());
-    let server = start_echo_server(&ns.server, ns.server_ip);
-    let traces = fs.dir.with_extension("traces");
+    let RaceWorld {
+        ns,
+        fs: _fs,
+        map,
+        server,
+        traces,
+    } = RaceWorld::new(layout, 30);
     let det = start(&map, &ns, &traces, "0.2");
     let streams: Vec<_> = (0..N).map(|_| connect_from(&ns.client, server)).collect();
     let keys: Vec<NpaKey> = streams
@@ -396,11 +403,13 @@ fn flows_from_before_the_start_are_known() {
         return;
     }
     let layout: Layout = "v4-24/16".parse().unwrap();
-    let ns = NetnsPair::new(60);
-    let fs = Bpffs::mount();
-    let map = AgentMap::create(layout, &fs.dir.join("aws_conntrack_map"), &unique_name());
-    let server = start_echo_server(&ns.server, ns.server_ip);
-    let traces = fs.dir.with_extension("traces");
+    let RaceWorld {
+        ns,
+        fs: _fs,
+        map,
+        server,
+        traces,
+    } = RaceWorld::new(layout, 60);
     let idle = connect_from(&ns.client, server);
     let busy = connect_from(&ns.client, server);
     let k_idle = key(idle.local_addr().unwrap().port(), server, layout);

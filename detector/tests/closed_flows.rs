@@ -15,8 +15,7 @@ use std::io::Write;
 use std::thread::sleep;
 use std::time::Duration;
 
-use common::bpfmap::{AgentMap, Bpffs, unique_name};
-use common::{Detector, NetnsPair, connect_from, of_type, privileged, reset, start_echo_server};
+use common::{Detector, NetnsPair, RaceWorld, connect_from, of_type, privileged, reset};
 use detector::npa::{Layout, NpaKey};
 use serde_json::Value;
 
@@ -30,11 +29,13 @@ fn reset_flow_is_a_closed_flow_delete_and_a_live_flow_a_race() {
         return;
     }
     let layout: Layout = "v4-24/16".parse().unwrap();
-    let ns = NetnsPair::new(30);
-    let fs = Bpffs::mount();
-    let map = AgentMap::create(layout, &fs.dir.join("aws_conntrack_map"), &unique_name());
-    let server = start_echo_server(&ns.server, ns.server_ip);
-    let traces = fs.dir.with_extension("traces");
+    let RaceWorld {
+        ns,
+        fs: _fs,
+        map,
+        server,
+        traces,
+    } = RaceWorld::new(layout, 30);
     let netns = NetnsPair::path(&ns.server);
     let det = Detector::watching(&map, Some(&netns), &traces, &["--trace-after", "1"]);
 

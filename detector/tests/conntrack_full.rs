@@ -19,9 +19,8 @@ use std::io::{Read, Write};
 use std::thread::sleep;
 use std::time::Duration;
 
-use common::bpfmap::{AgentMap, Bpffs, unique_name};
 use common::{
-    Detector, NetnsPair, client_key, connect_from, of_type, privileged, run_ok, start_echo_server,
+    Detector, NetnsPair, RaceWorld, client_key, connect_from, of_type, privileged, run_ok,
 };
 use detector::npa::Layout;
 
@@ -68,11 +67,13 @@ fn verdicts_while_the_conntrack_table_is_full_are_flagged() {
         return;
     }
     let layout: Layout = "v4-24/16".parse().unwrap();
-    let ns = NetnsPair::new(60);
-    let fs = Bpffs::mount();
-    let map = AgentMap::create(layout, &fs.dir.join("aws_conntrack_map"), &unique_name());
-    let server = start_echo_server(&ns.server, ns.server_ip);
-    let traces = fs.dir.with_extension("traces");
+    let RaceWorld {
+        ns,
+        fs,
+        map,
+        server,
+        traces,
+    } = RaceWorld::new(layout, 60);
     let listen = "127.0.0.1:19495";
     let det = Detector::run(&[
         "--map-pin",

@@ -15,8 +15,8 @@ mod common;
 use std::thread::sleep;
 use std::time::Duration;
 
-use common::bpfmap::{AgentMap, Bpffs, unique_name};
-use common::{Detector, NetnsPair, connect_from, in_netns, of_type, privileged, start_echo_server};
+use common::bpfmap::AgentMap;
+use common::{Detector, RaceWorld, connect_from, in_netns, of_type, privileged};
 use detector::npa::{Layout, NpaKey};
 
 const LISTEN: &str = "127.0.0.1:19497";
@@ -52,11 +52,13 @@ fn deletes_are_judged_in_the_deleting_tasks_namespace() {
         return;
     }
     let layout: Layout = "v4-24/16".parse().unwrap();
-    let ns = NetnsPair::new(30);
-    let fs = Bpffs::mount();
-    let map = AgentMap::create(layout, &fs.dir.join("aws_conntrack_map"), &unique_name());
-    let server = start_echo_server(&ns.server, ns.server_ip);
-    let traces = fs.dir.with_extension("traces");
+    let RaceWorld {
+        ns,
+        fs: _fs,
+        map,
+        server,
+        traces,
+    } = RaceWorld::new(layout, 30);
     // No --netns: the detector runs in the host's namespace, the flows' entries are in the
     // server's.
     let det = Detector::watching(

@@ -16,7 +16,7 @@ use std::thread::sleep;
 use std::time::Duration;
 
 use common::bpfmap::{AgentMap, Bpffs, unique_name};
-use common::{Detector, NetnsPair, connect_from, of_type, privileged, start_echo_server};
+use common::{Detector, NetnsPair, RaceWorld, connect_from, of_type, privileged};
 use detector::npa::{Layout, NpaKey};
 
 fn key(sport: u16, server: std::net::SocketAddr) -> NpaKey {
@@ -50,11 +50,13 @@ fn delete_of_an_evicted_preexisting_live_flow_is_unjudged() {
         return;
     }
     let layout: Layout = "v4-24/16".parse().unwrap();
-    let ns = NetnsPair::new(60);
-    let fs = Bpffs::mount();
-    let map = AgentMap::create(layout, &fs.dir.join("aws_conntrack_map"), &unique_name());
-    let server = start_echo_server(&ns.server, ns.server_ip);
-    let traces = fs.dir.with_extension("traces");
+    let RaceWorld {
+        ns,
+        fs: _fs,
+        map,
+        server,
+        traces,
+    } = RaceWorld::new(layout, 60);
     let idle = connect_from(&ns.client, server);
     let k_idle = key(idle.local_addr().unwrap().port(), server);
     map.insert(&k_idle, 1);
@@ -99,11 +101,13 @@ fn full_kernel_tables_flag_deletes_and_export_counters() {
     }
     const N: usize = 100;
     let layout: Layout = "v4-24/16".parse().unwrap();
-    let ns = NetnsPair::new(60);
-    let fs = Bpffs::mount();
-    let map = AgentMap::create(layout, &fs.dir.join("aws_conntrack_map"), &unique_name());
-    let server = start_echo_server(&ns.server, ns.server_ip);
-    let traces = fs.dir.with_extension("traces");
+    let RaceWorld {
+        ns,
+        fs: _fs,
+        map,
+        server,
+        traces,
+    } = RaceWorld::new(layout, 60);
     let listen = "127.0.0.1:19493";
     let det = Detector::run(&[
         "--map-pin",

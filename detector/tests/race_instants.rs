@@ -15,10 +15,7 @@ mod common;
 use std::thread::sleep;
 use std::time::Duration;
 
-use common::bpfmap::{AgentMap, Bpffs, unique_name};
-use common::{
-    Detector, NetnsPair, connect_from_port, of_type, privileged, reset, start_echo_server,
-};
+use common::{Detector, NetnsPair, RaceWorld, connect_from_port, of_type, privileged, reset};
 use detector::npa::Layout;
 use serde_json::Value;
 
@@ -43,11 +40,13 @@ fn a_race_orders_expiry_reap_reuse_and_delete() {
     }
     let established_timeout_s = 2;
     let layout: Layout = "v4-24/16".parse().unwrap();
-    let ns = NetnsPair::new(established_timeout_s);
-    let fs = Bpffs::mount();
-    let map = AgentMap::create(layout, &fs.dir.join("aws_conntrack_map"), &unique_name());
-    let server = start_echo_server(&ns.server, ns.server_ip);
-    let traces = fs.dir.with_extension("traces");
+    let RaceWorld {
+        ns,
+        fs: _fs,
+        map,
+        server,
+        traces,
+    } = RaceWorld::new(layout, established_timeout_s);
     let netns = NetnsPair::path(&ns.server);
     let det = Detector::watching(&map, Some(&netns), &traces, &["--trace-after", "0.5"]);
 

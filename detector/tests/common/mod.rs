@@ -400,3 +400,36 @@ pub fn client_key(sport: u16, server: SocketAddr, ifindex: Option<u32>) -> detec
 pub fn of_type<'a>(events: &'a [serde_json::Value], t: &str) -> Vec<&'a serde_json::Value> {
     events.iter().filter(|e| e["type"] == t).collect()
 }
+
+/// What a race test starts from: a client/server namespace pair, a bpffs holding an agent map
+/// of the test's layout, an echo server in the server namespace and the trace directory. The
+/// fields are in the order the tests used to declare them, so they drop the same way.
+pub struct RaceWorld {
+    pub ns: NetnsPair,
+    pub fs: bpfmap::Bpffs,
+    pub map: bpfmap::AgentMap,
+    pub server: SocketAddr,
+    pub traces: PathBuf,
+}
+
+impl RaceWorld {
+    /// `established_timeout_s`: the pair's `nf_conntrack_tcp_timeout_established`.
+    pub fn new(layout: detector::npa::Layout, established_timeout_s: u32) -> Self {
+        let ns = NetnsPair::new(established_timeout_s);
+        let fs = bpfmap::Bpffs::mount();
+        let map = bpfmap::AgentMap::create(
+            layout,
+            &fs.dir.join("aws_conntrack_map"),
+            &bpfmap::unique_name(),
+        );
+        let server = start_echo_server(&ns.server, ns.server_ip);
+        let traces = fs.dir.with_extension("traces");
+        Self {
+            ns,
+            fs,
+            map,
+            server,
+            traces,
+        }
+    }
+}
