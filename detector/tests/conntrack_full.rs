@@ -15,10 +15,10 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::thread::sleep;
 use std::time::Duration;
 
+use common::faults::{metric, metrics};
 use common::{
     Detector, NetnsPair, RaceWorld, client_key, connect_from, of_type, privileged, run_ok,
 };
@@ -41,24 +41,6 @@ impl Drop for LoweredLimit {
     fn drop(&mut self) {
         std::fs::write(MAX, &self.0).unwrap();
     }
-}
-
-fn metrics(addr: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text
-}
-
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing in {text}"))
 }
 
 #[test]

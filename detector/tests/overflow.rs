@@ -11,35 +11,16 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::thread::sleep;
 use std::time::Duration;
 
 use common::bpfmap::{AgentMap, Bpffs, unique_name};
+use common::faults::{metric, metrics};
 use common::{Detector, NetnsPair, RaceWorld, connect_from, of_type, privileged};
 use detector::npa::{Layout, NpaKey};
 
 fn key(sport: u16, server: std::net::SocketAddr) -> NpaKey {
     common::client_key(sport, server, None)
-}
-
-/// The body of `GET /metrics` from the detector listening on `addr`.
-fn metrics(addr: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text
-}
-
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing in {text}"))
 }
 
 /// A pre-existing, idle ESTABLISHED flow whose state the engine evicts (`--max-flows 8`, then

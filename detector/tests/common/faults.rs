@@ -176,10 +176,16 @@ pub fn metric(text: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("{name} missing in {text}"))
 }
 
-/// `detector_trace_writes_total{result="<result>"}` from /metrics on `addr`.
-pub fn trace_writes(addr: &str, result: &str) -> u64 {
+/// The /metrics text of the detector serving on `addr`.
+pub fn metrics(addr: &str) -> String {
     let (code, text) = get(addr, "/metrics").unwrap_or_else(|e| panic!("/metrics: {e}"));
     assert_eq!(code, 200, "{text}");
+    text
+}
+
+/// `detector_trace_writes_total{result="<result>"}` from /metrics on `addr`.
+pub fn trace_writes(addr: &str, result: &str) -> u64 {
+    let text = metrics(addr);
     metric(
         &text,
         &format!("detector_trace_writes_total{{result=\"{result}\"}}"),
