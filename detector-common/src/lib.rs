@@ -347,6 +347,10 @@ pub struct TargetMap {
 
 /// Kernel struct offsets and run-time settings, resolved by userspace from BTF and written into
 /// the object's read-only data before load (one global, like pwru's config). Every field is a
+/// Bytes the programs copy per `struct nf_conntrack_tuple` (40 bytes on every kernel since
+/// 2.6); every tuple field offset must lie within them (checked before load).
+pub const TUPLE_READ_BYTES: usize = 40;
+
 /// `u32` so the struct has no padding; offsets are in bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

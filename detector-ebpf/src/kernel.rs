@@ -13,7 +13,7 @@ use aya_ebpf::helpers::{
     bpf_probe_read_kernel, bpf_probe_read_kernel_buf, bpf_probe_read_kernel_str_bytes,
     bpf_probe_read_user, bpf_probe_read_user_buf,
 };
-use detector_common::{ProbeConfig, Tuple, counter};
+use detector_common::{ProbeConfig, TUPLE_READ_BYTES, Tuple, counter};
 
 use crate::emit::count;
 
@@ -158,19 +158,41 @@ impl NfConn {
     }
 }
 
-/// A `struct nf_conntrack_tuple` at kernel address `t`, ports in host order.
+/// A `struct nf_conntrack_tuple` at kernel address `t`, ports in host order, read in one
+/// copy (a report reads two tuples; one read per field made twelve): the fields are then
+/// taken from the copy at their BTF offsets, which userspace checked to lie within
+/// [`TUPLE_READ_BYTES`]. A failed read is counted and yields the zero tuple, as a failed
+/// field read did.
 #[inline(always)]
 fn read_tuple(t: u64, cfg: &ProbeConfig) -> Tuple {
-    Tuple {
-        family: read_kernel::<u16>(t, cfg.tuple_l3num) as u8,
-        proto: read_kernel::<u8>(t, cfg.tuple_protonum),
-        // `u.all` is __be16.
-        src_port: u16::from_be(read_kernel::<u16>(t, cfg.tuple_src_port)),
-        dst_port: u16::from_be(read_kernel::<u16>(t, cfg.tuple_dst_port)),
-        _pad: 0,
-        src_addr: read_kernel::<[u8; 16]>(t, cfg.tuple_src_addr),
-        dst_addr: read_kernel::<[u8; 16]>(t, cfg.tuple_dst_addr),
+    let mut buf = [0u8; TUPLE_READ_BYTES];
+    if !read_kernel_bytes(t, &mut buf) {
+        count(counter::READ_FAILED);
+        buf = [0u8; TUPLE_READ_BYTES];
     }
+    Tuple {
+        family: field::<u16>(&buf, cfg.tuple_l3num) as u8,
+        proto: field::<u8>(&buf, cfg.tuple_protonum),
+        // `u.all` is __be16.
+        src_port: u16::from_be(field::<u16>(&buf, cfg.tuple_src_port)),
+        dst_port: u16::from_be(field::<u16>(&buf, cfg.tuple_dst_port)),
+        _pad: 0,
+        src_addr: field::<[u8; 16]>(&buf, cfg.tuple_src_addr),
+        dst_addr: field::<[u8; 16]>(&buf, cfg.tuple_dst_addr),
+    }
+}
+
+/// The `T` at byte `off` of a copied tuple; zero if it would not fit (userspace refuses such
+/// offsets before load, and the check keeps the verifier's bounds).
+#[inline(always)]
+fn field<T: Copy + Default>(buf: &[u8; TUPLE_READ_BYTES], off: u32) -> T {
+    let off = off as usize;
+    if off > TUPLE_READ_BYTES - core::mem::size_of::<T>() {
+        return T::default();
+    }
+    // SAFETY: `off + size_of::<T>()` is within `buf` (checked above); the read is unaligned
+    // and `T` is plain data (integers and byte arrays), so any bytes are a valid `T`.
+    unsafe { core::ptr::read_unaligned(buf.as_ptr().add(off).cast::<T>()) }
 }
 
 /// A `struct sk_buff *`.

@@ -122,6 +122,12 @@ impl BpfMap {
         self.fd.as_raw_fd() as u32
     }
 
+    /// The map's descriptor, for reads the test harness does not wrap.
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fd.as_fd()
+    }
+
     /// Pins the map at `path` (in a bpffs).
     pub fn pin(&self, path: &Path) -> Result<()> {
         let c = CString::new(path.as_os_str().as_encoded_bytes())

@@ -76,7 +76,7 @@ impl Engine {
         // Copied out so that the flow's borrow of `self` ends here.
         let shadow_live = flow.youngest_live().cloned();
         let live_entries: Vec<_> = flow.live.to_vec();
-        let last_destroyed = flow.last_destroyed;
+        let last_destroyed = flow.last_destroyed.as_deref().copied();
         let n_live = live_entries.len();
         let by_id = |id: u64| live_entries.iter().find(|e| e.id == id).cloned();
 

@@ -379,7 +379,11 @@ impl Engine {
             let flow = self.flow_mut(fid.clone());
             prev[j] = std::mem::replace(&mut flow.last_event, idx);
             // Its destroy was processed first (late insert record): do not resurrect it.
-            if flow.last_destroyed.is_some_and(|d| d.id == entry.id) {
+            if flow
+                .last_destroyed
+                .as_ref()
+                .is_some_and(|d| d.id == entry.id)
+            {
                 continue;
             }
             if let Some(known) = flow.live.iter_mut().find(|e| e.id == entry.id) {

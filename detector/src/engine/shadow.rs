@@ -263,8 +263,10 @@ pub(crate) struct FlowState {
     /// Live entries; usually one (kept inline, no allocation), more when the flow is tracked
     /// in several netns (host and pod) since agent keys cannot tell netns apart.
     pub live: SmallVec<[KEntry; 1]>,
-    /// The most recently destroyed entry, so a reused tuple can be recognised.
-    pub last_destroyed: Option<OldEntry>,
+    /// The most recently destroyed entry, so a reused tuple can be recognised. Boxed: most
+    /// tracked flows are live and have none, and inline it would cost each of them its 80-odd
+    /// bytes.
+    pub last_destroyed: Option<Box<OldEntry>>,
     /// The flow's newest event in the flight recorder (the head of its chain there).
     pub last_event: u64,
 }
@@ -298,9 +300,13 @@ impl FlowState {
         self.live.retain(|e| e.id != old.id);
         let newer_known = self
             .last_destroyed
+            .as_deref()
             .is_some_and(|d| d.id != old.id && d.destroyed_ns > old.destroyed_ns);
         if !newer_known {
-            self.last_destroyed = Some(old);
+            match &mut self.last_destroyed {
+                Some(kept) => **kept = old,
+                None => self.last_destroyed = Some(Box::new(old)),
+            }
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The kernel offsets the programs need, resolved from BTF into one `ProbeConfig`.
 
-use detector_common::ProbeConfig;
+use detector_common::{ProbeConfig, TUPLE_READ_BYTES};
 
 use super::btf::{BtfError, KernelBtf};
 
@@ -99,6 +99,24 @@ pub fn resolve(btf: &KernelBtf) -> Result<(ProbeConfig, Vec<Resolved>), BtfError
             path,
             offset,
         });
+    }
+    // The programs copy each tuple whole: every field they take must lie in the copy.
+    for (field, offset, size) in [
+        ("src.u3", cfg.tuple_src_addr, 16),
+        ("src.u.all", cfg.tuple_src_port, 2),
+        ("src.l3num", cfg.tuple_l3num, 2),
+        ("dst.u3", cfg.tuple_dst_addr, 16),
+        ("dst.u.all", cfg.tuple_dst_port, 2),
+        ("dst.protonum", cfg.tuple_protonum, 1),
+    ] {
+        if offset as usize + size > TUPLE_READ_BYTES {
+            return Err(BtfError::Layout(format!(
+                "struct nf_conntrack_tuple member {field} at byte {offset} lies beyond the \
+                 {TUPLE_READ_BYTES} bytes the programs copy per tuple: this kernel's conntrack \
+                 tuple is not one the detector knows; please report it with `detector doctor`'s \
+                 output"
+            )));
+        }
     }
     // kmem_cache_free(call_site, ptr, s): `s` became the cache itself in 6.2; before, it was
     // the cache's name. Undescribed: assume the current form.

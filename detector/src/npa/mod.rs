@@ -3,6 +3,7 @@
 
 pub mod codec;
 pub mod layout;
+pub mod map_keys;
 pub mod target;
 
 pub use codec::{CodecError, NpaKey, NpaValue};

@@ -352,51 +352,6 @@ pub fn target_map(layout: KeyLayout, netns: u32) -> TargetMap {
     }
 }
 
-/// Every key currently in the map (start-up snapshot), as raw bytes.
-pub fn keys(map: &AgentMap) -> Result<Vec<Vec<u8>>, TargetError> {
-    let data = match &map.pin {
-        Some(pin) => aya::maps::MapData::from_pin(pin),
-        None => aya::maps::MapData::from_id(map.id),
-    }
-    .map_err(|source| TargetError::Read { id: map.id, source })?;
-    // The pin may have been replaced since `resolve`: the keys must come from the map the
-    // probes watch.
-    if let Ok(info) = data.info()
-        && info.id() != map.id
-    {
-        return Err(TargetError::Replaced {
-            id: map.id,
-            now: info.id(),
-        });
-    }
-    let m = aya::maps::Map::HashMap(data);
-    // Keys and values are fixed-size byte arrays; pick the types by the map's sizes (aya
-    // checks them against the map).
-    fn collect<const K: usize, const V: usize>(
-        m: aya::maps::Map,
-        id: u32,
-    ) -> Result<Vec<Vec<u8>>, TargetError> {
-        let h: aya::maps::HashMap<_, [u8; K], [u8; V]> =
-            aya::maps::HashMap::try_from(m).map_err(|source| TargetError::Read { id, source })?;
-        Ok(h.keys()
-            .filter_map(Result::ok)
-            .map(|k| k.to_vec())
-            .collect())
-    }
-    match (map.key_size, map.value_size) {
-        (20, 1) => collect::<20, 1>(m, map.id),
-        (20, 16) => collect::<20, 16>(m, map.id),
-        (24, 1) => collect::<24, 1>(m, map.id),
-        (24, 16) => collect::<24, 16>(m, map.id),
-        (56, 1) => collect::<56, 1>(m, map.id),
-        (56, 16) => collect::<56, 16>(m, map.id),
-        (60, 1) => collect::<60, 1>(m, map.id),
-        (60, 16) => collect::<60, 16>(m, map.id),
-        // A --layout override on a map of other sizes: no snapshot, deletes still decode.
-        _ => Ok(Vec::new()),
-    }
-}
-
 #[cfg(test)]
 mod strict_tests {
     use super::*;

@@ -19,6 +19,7 @@ use crate::http::RunServices;
 use crate::http::sink::HubSink;
 use crate::kernel::reader::Reader;
 use crate::kernel::{Backend, Probe, ProbeSettings};
+use crate::npa::map_keys;
 use crate::npa::target::{self, AgentMap, MapSpec};
 use crate::report::Sink;
 use crate::report::console::{Console, STDOUT_BUFFER_BYTES};
@@ -28,6 +29,7 @@ use crate::report::summary::{RunCounts, RunInfo, TraceWriteCounts, capacity_line
 use crate::report::trace_file::{self, TraceDir, TraceFiles};
 use crate::report::trace_writer::{TraceWriter, WriteCounts, WriterLimits};
 use crate::snapshot::fill::ConntrackFill;
+use crate::snapshot::{CtSnapshotEntry, SnapshotError};
 
 /// What `detector run` was asked to do, in the pipeline's terms.
 pub struct RunOptions {
@@ -97,37 +99,88 @@ struct Snapshots {
 
 /// Start-up snapshots of the kernel table and of the map, taken after the probes are attached
 /// so that no entry slips between the dump and the first event. (A dump also evicts entries
-/// that have already expired: those come through as DESTROY events.) Consumed here so that
-/// neither snapshot outlives the start-up.
+/// that have already expired: those come through as DESTROY events.) The kernel dumps its
+/// table on another thread, a datagram's entries at a time, while this one reads the map's
+/// keys (batched), then feeds the engine each batch of entries as it arrives, then the keys:
+/// the dump overlaps the key read and the engine's inserts, and the whole table is never held
+/// twice. Consumed here so that neither snapshot outlives the start-up.
 fn take_snapshots<W: Write>(
     det: &mut Detector<W>,
     netns_path: Option<&str>,
 ) -> Result<(Snapshots, u64)> {
     let dump_ns = clock::monotonic_ns();
-    let table = crate::snapshot::dump(netns_path.map(Path::new))
-        .context("start-up snapshot of the kernel conntrack table")?;
-    det.metrics.snapshot(
-        "conntrack",
-        clock::monotonic_ns().saturating_sub(dump_ns) as f64 / 1e9,
-    );
-    let entries = table.len();
-    record_startup(det, &table, dump_ns)?;
-    det.pre = startup::load_conntrack(&mut det.engine, table, det.agent_netns, dump_ns);
-    let keys_ns = clock::monotonic_ns();
-    let keys = target::keys(&det.map)?;
-    det.metrics.snapshot(
-        "map",
-        clock::monotonic_ns().saturating_sub(keys_ns) as f64 / 1e9,
-    );
+    // Bounded: a dump faster than the engine waits for it rather than piling up (freed
+    // batches would stay in the allocator's arenas, in the steady RSS).
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<CtSnapshotEntry>>(64);
+    std::thread::scope(|s| -> Result<_> {
+        let dump = std::thread::Builder::new()
+            .name("ct-dump".into())
+            .spawn_scoped(s, move || {
+                crate::snapshot::dump_each(netns_path.map(Path::new), |chunk| {
+                    tx.send(chunk).is_ok()
+                })
+                .map(|()| clock::monotonic_ns())
+            })
+            .map_err(SnapshotError::Thread)
+            .context("start-up snapshot of the kernel conntrack table")?;
+        let keys = map_keys::keys(&det.map);
+        let keys_ns = clock::monotonic_ns();
+        record_run_start(det, dump_ns)?;
+        let mut pre = Preexisting::new(det.agent_netns, dump_ns);
+        let mut entries = 0;
+        for chunk in rx {
+            entries += chunk.len();
+            for e in chunk {
+                record_startup_entry(det, &e, dump_ns)?;
+                pre.feed(&mut det.engine, e);
+            }
+        }
+        pre.seal();
+        det.pre = pre;
+        let dump_done = dump
+            .join()
+            .unwrap_or(Err(SnapshotError::ThreadPanicked))
+            .context("start-up snapshot of the kernel conntrack table")?;
+        det.metrics
+            .snapshot("conntrack", dump_done.saturating_sub(dump_ns) as f64 / 1e9);
+        det.metrics
+            .snapshot("map", keys_ns.saturating_sub(dump_ns) as f64 / 1e9);
+        let (n_keys, undecodable) = load_keys(det, keys?)?;
+        det.recording(&|| {
+            serde_json::json!({"type": "startup_done", "startup_entries": entries,
+                               "startup_keys": n_keys})
+            .to_string()
+        })?;
+        Ok((
+            Snapshots {
+                entries,
+                keys: n_keys,
+            },
+            undecodable,
+        ))
+    })
+}
+
+/// Feeds the map's keys to the engine: how many there were, and how many of them did not
+/// decode with the map's layout.
+fn load_keys<W: Write>(det: &mut Detector<W>, keys: map_keys::KeySnapshot) -> Result<(usize, u64)> {
     let n_keys = keys.len();
-    for k in &keys {
+    if let Some(e) = &keys.stopped {
+        tracing::warn!(
+            "reading the map's keys at start-up stopped after {n_keys} ({}): {e}; deletes of the \
+             keys not read show as deletes of unknown keys",
+            keys.method.label()
+        );
+    }
+    for k in keys.iter() {
         let map_id = det.map.id;
         det.recording(&|| {
             serde_json::json!({"type": "startup_key", "map_id": map_id, "key_hex": hex(k)})
                 .to_string()
         })?;
     }
-    let undecodable = startup::load_map_keys(&mut det.engine, det.map.id, det.map.layout.key, keys);
+    let undecodable =
+        startup::load_map_keys(&mut det.engine, det.map.id, det.map.layout.key, keys.iter());
     if undecodable > 0 {
         tracing::warn!(
             "{undecodable} of the map's {n_keys} keys at start-up did not decode with layout {}; \
@@ -135,23 +188,14 @@ fn take_snapshots<W: Write>(
             det.map.layout
         );
     }
-    Ok((
-        Snapshots {
-            entries,
-            keys: n_keys,
-        },
-        undecodable,
-    ))
+    Ok((n_keys, undecodable))
 }
 
-/// The recording's first lines (`detector replay` reads them): what the run judged with (kernel
-/// tick rate, wall clock, the agent's namespace and map, the engine's settings), then the
-/// start-up conntrack snapshot, one line per entry.
-fn record_startup<W: Write>(
-    det: &mut Detector<W>,
-    table: &[crate::snapshot::CtSnapshotEntry],
-    dump_ns: u64,
-) -> Result<()> {
+/// The recording's first line (`detector replay` reads it): what the run judged with (kernel
+/// tick rate, wall clock, the agent's namespace and map, the engine's settings). The
+/// conntrack snapshot's entries follow as they are dumped, one line each, then the map's keys
+/// at start-up, then `startup_done` with both counts.
+fn record_run_start<W: Write>(det: &mut Detector<W>, dump_ns: u64) -> Result<()> {
     let cfg = det.engine.config();
     let start = serde_json::json!({
         "type": "run_start",
@@ -167,28 +211,31 @@ fn record_startup<W: Write>(
             "before_window_ns": cfg.before_window_ns,
             "after_window_ns": cfg.after_window_ns,
         },
-        "startup_entries": table.len(),
     })
     .to_string();
-    det.recording(&|| start.clone())?;
-    for e in table {
-        det.recording(&|| {
-            serde_json::json!({
-                "type": "startup_entry",
-                "dump_ns": dump_ns,
-                "id": e.id,
-                "proto": e.orig.proto,
-                "orig": endpoint(&e.orig),
-                "reply": endpoint(&e.reply),
-                "status": e.status,
-                "timeout_s": e.timeout_s,
-                "zone": e.zone,
-                "mark": e.mark,
-            })
-            .to_string()
-        })?;
-    }
-    Ok(())
+    det.recording(&|| start.clone())
+}
+
+fn record_startup_entry<W: Write>(
+    det: &mut Detector<W>,
+    e: &CtSnapshotEntry,
+    dump_ns: u64,
+) -> Result<()> {
+    det.recording(&|| {
+        serde_json::json!({
+            "type": "startup_entry",
+            "dump_ns": dump_ns,
+            "id": e.id,
+            "proto": e.orig.proto,
+            "orig": endpoint(&e.orig),
+            "reply": endpoint(&e.reply),
+            "status": e.status,
+            "timeout_s": e.timeout_s,
+            "zone": e.zone,
+            "mark": e.mark,
+        })
+        .to_string()
+    })
 }
 
 /// A tuple as the stream writes one (`src`, `sport`, `dst`, `dport`).

@@ -91,6 +91,18 @@ impl Preexisting {
         }
     }
 
+    /// Feeds one entry of the snapshot to the engine and keeps it (then [`Preexisting::seal`]
+    /// once all are in).
+    pub fn feed(&mut self, engine: &mut Engine, e: CtSnapshotEntry) {
+        self.insert(e.orig, e.reply, e.id, e.timeout_s);
+        engine.push(Input::CtExisting {
+            id: Self::engine_id(e.id),
+            netns: self.netns,
+            orig: e.orig,
+            reply: e.reply,
+        });
+    }
+
     /// Sorts the entries for lookups, once the snapshot is in. (A tuple is in one netns's
     /// table at most once, so there are no duplicates to worry about.)
     pub fn seal(&mut self) {
@@ -152,13 +164,7 @@ pub fn load_conntrack(
 ) -> Preexisting {
     let mut pre = Preexisting::new(netns, dump_ns);
     for e in table {
-        pre.insert(e.orig, e.reply, e.id, e.timeout_s);
-        engine.push(Input::CtExisting {
-            id: Preexisting::engine_id(e.id),
-            netns,
-            orig: e.orig,
-            reply: e.reply,
-        });
+        pre.feed(engine, e);
     }
     pre.seal();
     pre
@@ -171,11 +177,11 @@ pub fn load_map_keys(
     engine: &mut Engine,
     map_id: u32,
     layout: KeyLayout,
-    keys: Vec<Vec<u8>>,
+    keys: impl IntoIterator<Item = impl AsRef<[u8]>>,
 ) -> u64 {
     let mut undecodable = 0;
     for k in keys {
-        match NpaKey::decode(layout, &k) {
+        match NpaKey::decode(layout, k.as_ref()) {
             Ok(key) => {
                 engine.push(Input::MapExisting { map_id, key });
             }

@@ -120,29 +120,47 @@ pub const RECV_TIMEOUT_S: u64 = 10;
 /// See the module documentation: the dump also makes the kernel evict entries that have
 /// already expired (each a conntrack DESTROY at that moment).
 pub fn dump(netns: Option<&Path>) -> Result<Vec<CtSnapshotEntry>, SnapshotError> {
+    let mut entries = Vec::new();
+    dump_each(netns, |chunk| {
+        entries.extend(chunk);
+        true
+    })?;
+    Ok(entries)
+}
+
+/// [`dump`], handing the entries to `each` a datagram at a time as they arrive, so a caller
+/// can use them while the kernel is still dumping (and never holds the whole table twice);
+/// `each` returning false ends the dump early.
+pub fn dump_each(
+    netns: Option<&Path>,
+    each: impl FnMut(Vec<CtSnapshotEntry>) -> bool + Send,
+) -> Result<(), SnapshotError> {
     let Some(path) = netns else {
-        return netlink::dump_current_netns();
+        return netlink::dump_current_netns_each(each);
     };
     let file = File::open(path).map_err(|source| SnapshotError::OpenNetns {
         path: path.to_path_buf(),
         source,
     })?;
     let path = path.to_path_buf();
-    let worker = std::thread::Builder::new()
-        .name("ct-snapshot".into())
-        .spawn(move || {
-            // SAFETY: `file` is an open descriptor for the life of the call; setns changes the
-            // network namespace of this thread only (CLONE_NEWNET), which ends with the dump.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            if rc != 0 {
-                return Err(SnapshotError::EnterNetns {
-                    path,
-                    source: io::Error::last_os_error(),
-                });
-            }
-            drop(file);
-            netlink::dump_current_netns()
-        })
-        .map_err(SnapshotError::Thread)?;
-    worker.join().map_err(|_| SnapshotError::ThreadPanicked)?
+    std::thread::scope(|s| {
+        let worker = std::thread::Builder::new()
+            .name("ct-snapshot".into())
+            .spawn_scoped(s, move || {
+                // SAFETY: `file` is an open descriptor for the life of the call; setns changes
+                // the network namespace of this thread only (CLONE_NEWNET), which ends with the
+                // dump.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                if rc != 0 {
+                    return Err(SnapshotError::EnterNetns {
+                        path,
+                        source: io::Error::last_os_error(),
+                    });
+                }
+                drop(file);
+                netlink::dump_current_netns_each(each)
+            })
+            .map_err(SnapshotError::Thread)?;
+        worker.join().map_err(|_| SnapshotError::ThreadPanicked)?
+    })
 }

@@ -10,22 +10,27 @@ use super::{CtSnapshotEntry, RECV_TIMEOUT_S, SnapshotError};
 /// Receive buffer; grown when a datagram is larger (seen with `MSG_PEEK | MSG_TRUNC`).
 const RECV_BUF: usize = 64 * 1024;
 
-/// Dumps the conntrack table of the network namespace of the calling thread.
-pub(super) fn dump_current_netns() -> Result<Vec<CtSnapshotEntry>, SnapshotError> {
+/// Dumps the conntrack table of the network namespace of the calling thread, handing each
+/// datagram's entries to `each` as they are decoded; `each` returning false (its consumer is
+/// gone) ends the dump early.
+pub(super) fn dump_current_netns_each(
+    mut each: impl FnMut(Vec<CtSnapshotEntry>) -> bool,
+) -> Result<(), SnapshotError> {
     let fd = open_socket()?;
     let seq = 1;
     send_to_kernel(&fd, &dump_request(seq))?;
 
     let mut buf = vec![0u8; RECV_BUF];
-    let mut entries = Vec::new();
     let mut interrupted = false;
     loop {
         let Some(n) = recv_datagram(&fd, &mut buf)? else {
             continue; // not from the kernel
         };
         let decoded = decode_messages(&buf[..n])?;
-        entries.extend(decoded.entries);
         interrupted |= decoded.interrupted;
+        if !decoded.entries.is_empty() && !each(decoded.entries) {
+            return Ok(());
+        }
         if decoded.done {
             break;
         }
@@ -35,7 +40,7 @@ pub(super) fn dump_current_netns() -> Result<Vec<CtSnapshotEntry>, SnapshotError
             "conntrack dump flagged NLM_F_DUMP_INTR: the table changed during the dump, entries may be missing or repeated"
         );
     }
-    Ok(entries)
+    Ok(())
 }
 
 fn open_socket() -> Result<OwnedFd, SnapshotError> {

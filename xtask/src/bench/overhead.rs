@@ -9,7 +9,7 @@ use anyhow::Result;
 
 use super::load::{self, Count, TcpSink, UdpGen};
 use super::observer::{Observer, cost};
-use super::profile::{perf_top, tool_ok};
+use super::profile::{perf_top, perf_top_of, tool_ok};
 use super::sys::{self, Proc, Topology, check_stop};
 use super::{Bench, Config, Profile, Workload, stats};
 
@@ -143,6 +143,12 @@ impl Bench {
                         perf_top(&data, "comm,dso,sym", 20)?,
                     ]
                     .concat(),
+                });
+                self.res.profiles.push(Profile {
+                    what: "the same profile, the detector's event-loop thread alone (kernel \
+                           time in its system calls included; shares of that thread's time)"
+                        .to_string(),
+                    top: perf_top_of(&data, "detector", 25)?,
                 });
             }
         }

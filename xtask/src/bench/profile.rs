@@ -17,8 +17,31 @@ pub(super) fn tool_ok(tool: &str) -> bool {
 
 /// The top lines of a perf recording by self time, sorted by `sort` (comm, dso, sym...).
 pub(super) fn perf_top(data: &Path, sort: &str, n: usize) -> Result<Vec<String>> {
+    perf_report(data, &["--sort", sort], n)
+}
+
+/// The top lines of one command's samples (`comm`) by symbol, as shares of that command's
+/// own time.
+pub(super) fn perf_top_of(data: &Path, comm: &str, n: usize) -> Result<Vec<String>> {
+    perf_report(
+        data,
+        &[
+            "--comms",
+            comm,
+            "--percentage",
+            "relative",
+            "--sort",
+            "dso,sym",
+        ],
+        n,
+    )
+}
+
+fn perf_report(data: &Path, args: &[&str], n: usize) -> Result<Vec<String>> {
     let out = Command::new("perf")
-        .args(["report", "--stdio", "--no-children", "--sort", sort, "-i"])
+        .args(["report", "--stdio", "--no-children"])
+        .args(args)
+        .arg("-i")
         .arg(data)
         .output()
         .context("perf report")?;

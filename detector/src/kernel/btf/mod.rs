@@ -41,6 +41,8 @@ pub enum BtfError {
     NoStruct(String),
     #[error("struct {strukt} has no member path `{path}` in this kernel's BTF")]
     NoMember { strukt: String, path: String },
+    #[error("{0}")]
+    Layout(String),
     #[error("malformed member path `{0}`")]
     BadPath(String),
     #[error("BTF error while resolving {what}: {source}")]
