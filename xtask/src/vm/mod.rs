@@ -45,15 +45,13 @@ mod transport;
 use apt::Apt;
 use guests::{AMD64, GuestSpec, userland};
 use initramfs::{base_initramfs, build_musl, payload};
-
-pub use bench::vm_bench;
-use kernel::Kernel;
-use kernel::{busybox, kernel};
+use kernel::{Kernel, busybox, kernel};
 use qemu::{Boot, boot, kvm_usable};
 use results::{host_tests, parse_results};
-pub use transport::encode;
 
+pub use bench::vm_bench;
 pub use guests::GUESTS;
+pub use transport::encode;
 
 pub use results::{host, passed_tests, report};
 

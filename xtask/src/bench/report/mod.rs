@@ -34,8 +34,7 @@ pub fn machine(root: &Path) -> Value {
         .find_map(|l| l.strip_prefix("MemTotal:"))
         .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
         .map_or(0.0, |kib| kib / 1048576.0);
-    // Only git needs the checkout: in a vm-bench guest it is absent, and the other commands
-    // still answer.
+    // Only git needs the checkout (absent in a vm-bench guest, where the rest still answers).
     let out = |cmd: &str, args: &[&str]| {
         let mut c = Command::new(cmd);
         if cmd == "git" {
@@ -423,9 +422,7 @@ pub fn markdown(r: &Results, plan: &Plan, guest: Option<&GuestBench>) -> String 
         let _ = writeln!(s);
         programs::table(&mut s, w);
     }
-    if let Some(g) = guest {
-        s.push_str(&guest_section(g));
-    }
+    s.push_str(&guest.map(guest_section).unwrap_or_default());
     let _ = writeln!(s, "## 2. Event completeness\n");
     let _ = writeln!(
         s,
