@@ -109,9 +109,11 @@ pub fn guest_section(g: &GuestBench) -> String {
              ratios are TCG's: it charges by translated instruction, and traps (a kprobe's \
              breakpoint, a kretprobe's return hook) cost more there than on hardware, so \
              read them as which backend does more work per operation, not as native \
-             nanoseconds. Programs that run when a flow ends (`ct_destroy_*`) run mostly after \
-             the measured seconds (the entries' timeouts end during the next flush), so they \
-             are under-counted for both backends alike.\n"
+             nanoseconds. The kprobe backend's destroy program (on `nf_ct_destroy`) runs when \
+             an entry is freed, mostly after the measured seconds (the bench's entries time \
+             out 1 s after their last packet), so its share is under-counted: its runs/op \
+             says which fraction was counted. The tracepoint backend's (on every \
+             `kmem_cache_free`) runs on all the workload's slab frees and is fully counted.\n"
         );
     }
     let _ = writeln!(
