@@ -106,10 +106,12 @@ pub fn guest_section(g: &GuestBench) -> String {
              operation** (how often each backend's programs fire, whatever the CPU's speed) \
              and **the ratio between the backends** (the same workload on the same emulated \
              CPU; the ratio columns are each backend over the tracepoint backend). Even the \
-             ratios are TCG's: it charges by translated instruction, and traps (a kprobe's \
-             breakpoint, a kretprobe's return hook) cost more there than on hardware, so \
+             ratios are TCG's (it charges by translated instruction, not by native cycle): \
              read them as which backend does more work per operation, not as native \
-             nanoseconds. The kprobe backend's destroy program (on `nf_ct_destroy`) runs when \
+             nanoseconds. BPF ns/op is the programs' own run time (bpf_stats); the cost of \
+             the hook around them (a kprobe's ftrace entry or breakpoint, a kretprobe's \
+             return hook, a tracepoint's call) is in neither it nor the observer's CPU, only \
+             in the throughput column, the noisiest figure under emulation. The kprobe backend's destroy program (on `nf_ct_destroy`) runs when \
              an entry is freed, mostly after the measured seconds (the bench's entries time \
              out 1 s after their last packet), so its share is under-counted: its runs/op \
              says which fraction was counted. The tracepoint backend's (on every \
