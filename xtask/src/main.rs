@@ -65,6 +65,23 @@ enum Task {
         #[arg(long)]
         no_host: bool,
     },
+    /// Run the bench's overhead part in a Debian guest under qemu, on every backend that loads
+    /// there (kprobe and tracepoint side by side; the host has no kprobes), and store its
+    /// results as benchmarks/bench-guest.json for BENCHMARKS.md. About 5 minutes under TCG.
+    VmBench {
+        /// The guest, by its vm-test column name.
+        #[arg(long, value_name = "LABEL", default_value = "6.1 amd64")]
+        guest: String,
+        /// Give up on the guest after this many seconds (default 1800).
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// Where to write the results (default: benchmarks/bench-guest.json).
+        #[arg(long, value_name = "PATH")]
+        out: Option<PathBuf>,
+    },
+    /// In a vm-bench guest: print a file as the lines that carry it over the results port.
+    #[command(hide = true)]
+    VmSend { file: PathBuf },
     /// Measure overhead, event completeness, verdict latency and memory side by side, in
     /// namespaces it creates; writes BENCHMARKS.md and benchmarks/bench.json. Needs root.
     Bench(bench::BenchArgs),
@@ -249,6 +266,15 @@ fn vm_test(timeout: Option<u64>, guests: &[String], no_host: bool) -> Result<()>
     Ok(())
 }
 
+/// `cargo xtask vm-bench`: the guest's bench, stored; its section of BENCHMARKS.md printed.
+fn vm_bench(guest: &str, timeout: Option<u64>, out: Option<PathBuf>) -> Result<()> {
+    let root = root();
+    let timeout = timeout.map(std::time::Duration::from_secs);
+    let doc = vm::vm_bench(&root, guest, timeout, out)?;
+    println!("{}", bench::guest_section(&serde_json::from_value(doc)?));
+    Ok(())
+}
+
 unsafe extern "C" {
     #[link_name = "geteuid"]
     fn libc_geteuid() -> u32;
@@ -279,6 +305,17 @@ fn main() -> Result<()> {
             guests,
             no_host,
         } => vm_test(timeout, &guests, no_host),
+        Task::VmBench {
+            guest,
+            timeout,
+            out,
+        } => vm_bench(&guest, timeout, out),
+        Task::VmSend { file } => {
+            let data =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            print!("{}", vm::encode(&data));
+            Ok(())
+        }
         Task::Bench(args) => bench::bench(args),
         Task::Fuzz(args) => fuzz::fuzz(&args),
     }

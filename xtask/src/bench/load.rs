@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail};
 use super::sys::{self, enter, in_netns};
 
 /// What a generator did in its run.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub struct Count {
     pub ops: u64,
     pub errors: u64,

@@ -126,7 +126,8 @@ impl Bench {
             sys::nap(Duration::from_millis(500));
             std::thread::spawn(move || read_all(err))
         } else {
-            sys::wait_line(err, move |l| l.contains(ready), Duration::from_secs(60))
+            // Generous: in an emulated guest (vm-bench) the start-up takes tens of seconds.
+            sys::wait_line(err, move |l| l.contains(ready), Duration::from_secs(240))
                 .with_context(|| format!("waiting for {} to be ready", obs.name()))?
                 .1
         };

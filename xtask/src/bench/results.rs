@@ -1,12 +1,14 @@
-//! Everything the bench measures, serialized as bench.json.
+//! Everything the bench measures, serialized as bench.json (and read back from a guest's
+//! bench-guest.json, so fields a file lacks take their defaults).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::load::Count;
 
 /// Everything measured; serialized as bench.json.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Results {
     pub machine: Value,
     pub plan: Value,
@@ -21,7 +23,8 @@ pub struct Results {
 }
 
 /// One workload's throughput under each observer, repetitions interleaved.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Workload {
     pub name: String,
     pub unit: String,
@@ -29,13 +32,15 @@ pub struct Workload {
 }
 
 /// One BPF program's run time and runs per operation, per run.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ProgramCost {
     pub ns_per_op: Vec<f64>,
     pub runs_per_op: Vec<f64>,
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Config {
     pub name: String,
     pub runs: Vec<Count>,
@@ -54,7 +59,8 @@ pub struct Config {
 }
 
 /// One rate step of the completeness test, for one observer.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Step {
     pub observer: String,
     /// Events per second asked (None: unlimited).
@@ -77,7 +83,8 @@ pub struct Step {
     pub flushed: u64,
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Latency {
     pub samples: Vec<u64>,
     pub p50_ns: u64,
@@ -91,7 +98,8 @@ pub struct Latency {
     pub watermark_ms: u64,
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Memory {
     pub flows_target: u64,
     pub kernel_entries: u64,
@@ -110,7 +118,8 @@ pub struct Memory {
     pub fill_s: f64,
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Profile {
     pub what: String,
     pub top: Vec<String>,

@@ -216,19 +216,14 @@ fn modules(c: &mut Cpio, k: &Kernel, early_modules: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// Builds the detector and its test executables for musl; returns (target name -> path) and
-/// the detector binary's path, both as cargo's JSON output reports them (so wherever the
-/// target directory is). In the guest the tests find the binary through `DETECTOR_BIN`.
-pub(super) fn build_musl(
-    root: &Path,
-    arch: &GuestArch,
-) -> Result<(BTreeMap<String, PathBuf>, PathBuf)> {
-    let target = arch.musl;
+/// `cargo` set up to build for the architecture's musl target (the build's JSON messages on
+/// stdout, its diagnostics on stderr).
+pub(super) fn musl_cargo(root: &Path, arch: &GuestArch) -> Command {
     let mut cmd = Command::new("cargo");
     if let Some(prefix) = arch.cross_prefix {
         // As `cargo xtask image` cross-builds: Rust's self-contained rust-lld links against the
         // target's bundled musl; C in dependencies is compiled by Debian's cross gcc.
-        let env_target = target.replace('-', "_");
+        let env_target = arch.musl.replace('-', "_");
         cmd.env(
             format!("CARGO_TARGET_{}_LINKER", env_target.to_uppercase()),
             "rust-lld",
@@ -240,19 +235,31 @@ pub(super) fn build_musl(
     // slow there) without debug info (stripped anyway; it costs compile and link time).
     cmd.current_dir(root)
         .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
-        .args([
-            "test",
-            "--release",
-            "--no-run",
-            "--target",
-            target,
-            "-p",
-            "detector",
-            "--message-format=json-render-diagnostics",
-            "--lib",
-        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
+    cmd
+}
+
+/// Builds the detector and its test executables for musl; returns (target name -> path) and
+/// the detector binary's path, both as cargo's JSON output reports them (so wherever the
+/// target directory is). In the guest the tests find the binary through `DETECTOR_BIN`.
+pub(super) fn build_musl(
+    root: &Path,
+    arch: &GuestArch,
+) -> Result<(BTreeMap<String, PathBuf>, PathBuf)> {
+    let target = arch.musl;
+    let mut cmd = musl_cargo(root, arch);
+    cmd.args([
+        "test",
+        "--release",
+        "--no-run",
+        "--target",
+        target,
+        "-p",
+        "detector",
+        "--message-format=json-render-diagnostics",
+        "--lib",
+    ]);
     for c in CHECKS {
         if c.target != "lib" {
             cmd.args(["--test", c.target]);
@@ -340,6 +347,26 @@ pub(super) fn payload(
     Ok(c.finish())
 }
 
+/// The payload of a vm-bench guest: the detector and xtask (which runs the bench and sends its
+/// results), with the bench's script as the run script /init starts.
+pub(super) fn bench_payload(
+    detector: &Path,
+    xtask: &Path,
+    work: &Path,
+    arch: &GuestArch,
+) -> Result<Vec<u8>> {
+    let mut c = Cpio::default();
+    for (name, path) in [("detector", detector), ("xtask", xtask)] {
+        c.file(
+            &format!("{GUEST_DIR}/bin/{name}"),
+            0o755,
+            &stripped(path, work, arch)?,
+        );
+    }
+    c.file(&format!("{GUEST_DIR}/run.sh"), 0o755, BENCH.as_bytes());
+    Ok(c.finish())
+}
+
 /// Modules the checks need; their dependencies come along (modprobe --show-depends).
 /// crc32c_generic must be loaded before libcrc32c (nf_conntrack's dependency) can resolve.
 pub(super) const MODULES: &[&str] = &[
@@ -358,3 +385,5 @@ pub(super) const MODULES: &[&str] = &[
 pub(super) const INIT: &str = include_str!("init.sh");
 
 pub(super) const RUN: &str = include_str!("run.sh");
+
+pub(super) const BENCH: &str = include_str!("bench.sh");

@@ -21,6 +21,9 @@
 //!
 //! The checks are the host's own integration tests, run in the guest with `DETECTOR_BACKEND`
 //! set to each backend the guest's `detector doctor` says loads.
+//!
+//! `cargo xtask vm-bench` (`bench.rs`) boots the same guest with another payload: the bench's
+//! overhead part, its results sent back over the results port (`transport.rs`).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -31,20 +34,24 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 
 mod apt;
+mod bench;
 mod guests;
 mod initramfs;
 mod kernel;
 mod qemu;
 mod results;
+mod transport;
 
 use apt::Apt;
 use guests::{AMD64, GuestSpec, userland};
 use initramfs::{base_initramfs, build_musl, payload};
-use kernel::{busybox, kernel};
-use qemu::{boot, kvm_usable};
+use kernel::{Kernel, busybox, kernel};
+use qemu::{Boot, boot, kvm_usable};
 use results::{host_tests, parse_results};
 
+pub use bench::vm_bench;
 pub use guests::GUESTS;
+pub use transport::encode;
 
 pub use results::{host, passed_tests, report};
 
@@ -251,26 +258,8 @@ fn guest(
     timeout: Option<Duration>,
 ) -> Result<GuestOutcome> {
     let arch = spec.arch;
-    let cross_strip = arch.cross_prefix.map(|p| format!("{p}strip"));
-    for (tool, pkg) in [
-        (arch.qemu, arch.qemu_package),
-        ("xz", "xz-utils"),
-        ("zstd", "zstd"),
-        ("depmod", "kmod"),
-        ("readelf", "binutils"),
-        (cross_strip.as_deref().unwrap_or("strip"), "binutils"),
-        ("apt-get", "apt"),
-        ("ldd", "libc-bin"),
-    ] {
-        need(tool, pkg)?;
-    }
     let t_prep = Instant::now();
-    let apt = Apt::for_arch(arch.deb)?;
-    let k = kernel(&apt, spec.kernel_package)?;
-    let busybox = busybox(&apt)?;
-    let userland = userland(&apt)?;
-    let work = cache_dir().join(format!("run-{}", spec.label.replace(' ', "-")));
-    fs::create_dir_all(&work)?;
+    let (k, base, work) = images(spec, "run")?;
     let built = payloads.entry(arch.musl).or_insert_with(|| {
         let t = step(&format!(
             "building the detector and its tests for {} (static)",
@@ -285,7 +274,7 @@ fn guest(
         Err(e) => bail!("{e}"),
     };
     let t = step("building the initramfs");
-    let mut initrd = base_initramfs(&k, &busybox, &userland, arch.early_modules)?;
+    let mut initrd = base;
     initrd.extend(payload(&tests, &detector, &work, arch)?);
     let initrd_path = work.join("initrd.cpio");
     fs::write(&initrd_path, &initrd)?;
@@ -295,7 +284,67 @@ fn guest(
     );
     let prepare = t_prep.elapsed();
     let timeout = timeout.unwrap_or(Duration::from_secs(spec.timeout_secs));
+    let (b, accel) = boot_one(spec, &k, &initrd_path, &work, timeout)?;
+    let (results, auto) = parse_results(&b.results);
+    if std::env::var_os("DETECTOR_VM_CONSOLE").is_some()
+        || results.iter().any(|r| r.status == Status::Fail)
+    {
+        println!(
+            "----- guest console -----\n{}\n----- end of console -----",
+            b.console
+        );
+    }
+    Ok(GuestOutcome {
+        results,
+        auto,
+        prepare,
+        boot_to_end: b.elapsed,
+        accel,
+    })
+}
 
+/// The guest's memory (the initramfs is unpacked into it; vm-bench's detector maps, sized
+/// for `--max-entries 1048576`, fit beside it).
+const GUEST_MEMORY: &str = "1536M";
+
+/// The guest's kernel and base initramfs (cached downloads), and its work directory
+/// (`<what>-<label>` in the cache).
+fn images(spec: &GuestSpec, what: &str) -> Result<(Kernel, Vec<u8>, PathBuf)> {
+    let arch = spec.arch;
+    let cross_strip = arch.cross_prefix.map(|p| format!("{p}strip"));
+    for (tool, pkg) in [
+        (arch.qemu, arch.qemu_package),
+        ("xz", "xz-utils"),
+        ("zstd", "zstd"),
+        ("depmod", "kmod"),
+        ("readelf", "binutils"),
+        (cross_strip.as_deref().unwrap_or("strip"), "binutils"),
+        ("apt-get", "apt"),
+        ("ldd", "libc-bin"),
+    ] {
+        need(tool, pkg)?;
+    }
+    let apt = Apt::for_arch(arch.deb)?;
+    let k = kernel(&apt, spec.kernel_package)?;
+    let busybox = busybox(&apt)?;
+    let userland = userland(&apt)?;
+    let work = cache_dir().join(format!("{what}-{}", spec.label.replace(' ', "-")));
+    fs::create_dir_all(&work)?;
+    let base = base_initramfs(&k, &busybox, &userland, arch.early_modules)?;
+    Ok((k, base, work))
+}
+
+/// Boots one guest and waits for it to power off; an error (with the console printed) for a
+/// timeout or a run that ended without its `VMTEST-END rc=0` marker. Returns the boot and the
+/// accelerator that ran it.
+fn boot_one(
+    spec: &GuestSpec,
+    k: &Kernel,
+    initrd_path: &Path,
+    work: &Path,
+    timeout: Duration,
+) -> Result<(Boot, &'static str)> {
+    let arch = spec.arch;
     // One guest at a time on this machine (TCG takes every core it is given), whichever
     // checkout started it; the lock is released when this guest's run returns.
     let lock = fs::File::create(cache_dir().join("qemu.lock"))?;
@@ -313,7 +362,7 @@ fn guest(
             arch.deb,
             if kvm { "KVM" } else { "TCG" }
         ));
-        b = boot(arch, &k, &initrd_path, &work, kvm, timeout)?;
+        b = boot(arch, k, initrd_path, work, kvm, timeout)?;
         done(t, "qemu exited");
         // KVM that looked usable but could not boot the guest: TCG always works.
         if kvm && !b.console.contains("VMTEST-BOOTED") {
@@ -343,22 +392,7 @@ fn guest(
                 .into(),
         ));
     }
-    let (results, auto) = parse_results(&b.results);
-    if std::env::var_os("DETECTOR_VM_CONSOLE").is_some()
-        || results.iter().any(|r| r.status == Status::Fail)
-    {
-        println!(
-            "----- guest console -----\n{}\n----- end of console -----",
-            b.console
-        );
-    }
-    Ok(GuestOutcome {
-        results,
-        auto,
-        prepare,
-        boot_to_end: b.elapsed,
-        accel: if kvm { "KVM" } else { "TCG" },
-    })
+    Ok((b, if kvm { "KVM" } else { "TCG" }))
 }
 
 /// `cargo xtask vm-test`: the guests, then the host's own run of the same tests (unless

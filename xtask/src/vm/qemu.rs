@@ -54,7 +54,7 @@ pub(super) fn boot(
         "-smp",
         "2",
         "-m",
-        "1536M",
+        super::GUEST_MEMORY,
         "-nodefaults",
         "-display",
         "none",

@@ -9,10 +9,12 @@ use serde_json::{Value, json};
 
 use super::{Plan, Results};
 
+mod guest;
 mod notes;
 mod previous;
 mod programs;
 
+pub use guest::{GuestBench, guest_section, read_guest};
 pub use notes::dhat_top;
 use notes::notes;
 pub use previous::with_previous;
@@ -32,10 +34,13 @@ pub fn machine(root: &Path) -> Value {
         .find_map(|l| l.strip_prefix("MemTotal:"))
         .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
         .map_or(0.0, |kib| kib / 1048576.0);
+    // Only git needs the checkout (absent in a vm-bench guest, where the rest still answers).
     let out = |cmd: &str, args: &[&str]| {
-        Command::new(cmd)
-            .args(args)
-            .current_dir(root)
+        let mut c = Command::new(cmd);
+        if cmd == "git" {
+            c.current_dir(root);
+        }
+        c.args(args)
             .output()
             .ok()
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
@@ -152,7 +157,7 @@ pub fn thresholds(r: &Results, observer: &str) -> (Option<f64>, Option<f64>) {
     (clean, lossy)
 }
 
-pub fn markdown(r: &Results, plan: &Plan) -> String {
+pub fn markdown(r: &Results, plan: &Plan, guest: Option<&GuestBench>) -> String {
     let m = &r.machine;
     let mut s = String::new();
     let _ = writeln!(s, "# Benchmarks\n");
@@ -417,6 +422,7 @@ pub fn markdown(r: &Results, plan: &Plan) -> String {
         let _ = writeln!(s);
         programs::table(&mut s, w);
     }
+    s.push_str(&guest.map(guest_section).unwrap_or_default());
     let _ = writeln!(s, "## 2. Event completeness\n");
     let _ = writeln!(
         s,
