@@ -8,6 +8,7 @@
 //! deletes the keys of flows missing from its dump, which are live again by then.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -175,6 +176,18 @@ pub fn run_lab(args: &LabSettings) -> Result<LabReport> {
         }
     });
     let mut out = det.stdout.take().context("detector stdout")?;
+    // A burst of deletes makes a burst of verdict lines (a few KiB each) and kernel records:
+    // with the pipe's default 64 KiB the detector would wait on its stdout for this reader,
+    // which parses the verdicts, and its later verdicts would come out late by that wait. A
+    // node's log collector is not a pipe this small; 1 MiB is the unprivileged maximum.
+    // SAFETY: F_SETPIPE_SZ on a pipe descriptor this function owns; failure only leaves the
+    // default size.
+    if unsafe { libc::fcntl(out.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) } < 0 {
+        tracing::debug!(
+            "could not enlarge the detector's stdout pipe: {}",
+            std::io::Error::last_os_error()
+        );
+    }
     // Races are shown as they are found (on stderr when stdout carries the JSON report).
     let json_out = args.json;
     let mut recording = match &args.record {

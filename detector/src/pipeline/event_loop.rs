@@ -9,6 +9,7 @@ use tokio::time::{Instant, Interval};
 
 use crate::clock;
 use crate::kernel::reader::Reader;
+use crate::pipeline::release_timer::ReleaseTimer;
 use crate::pipeline::reorder::{Reorder, ReorderStats};
 use crate::record::Event;
 
@@ -31,12 +32,10 @@ pub enum Step {
     Stop,
 }
 
-/// tokio's timer resolution.
-const TIMER_GRANULARITY_NS: u64 = 1_000_000;
-
 pub struct Stream {
     pub reader: Reader,
     reorder: Reorder<Event>,
+    release_timer: ReleaseTimer,
     incoming: Vec<Event>,
     tick: Interval,
     sigint: Signal,
@@ -62,6 +61,7 @@ impl Stream {
         Ok(Self {
             reader,
             reorder: Reorder::new(watermark_ns, 1 << 20),
+            release_timer: ReleaseTimer::new().context("creating the release timer (timerfd)")?,
             incoming: Vec::new(),
             tick: tokio::time::interval(Duration::from_millis(5)),
             sigint: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
@@ -78,15 +78,14 @@ impl Stream {
     /// Waits for the next thing to do.
     ///
     /// Records are released as soon as they pass the watermark: the loop wakes when the ring
-    /// buffer has data and at the instant the oldest held record is due, so a verdict waits
-    /// the watermark (less up to the timer's 1 ms granularity), not an extra polling period.
+    /// buffer has data and at the instant the oldest held record is due (a timerfd, to the
+    /// nanosecond), so a verdict waits the watermark and no polling period or timer rounding.
     pub async fn next(&mut self, ready: &mut Vec<Event>) -> Result<Step> {
         let deadline = self.deadline;
-        // Both clocks are CLOCK_MONOTONIC (tokio's Instant is std's), so the wait is exact.
-        let due = self
-            .reorder
-            .next_release_ns()
-            .map(|t| Duration::from_nanos(t.saturating_sub(clock::monotonic_ns())));
+        self.release_timer
+            .arm(self.reorder.next_release_ns())
+            .context("arming the release timer")?;
+        let due = self.reorder.next_release_ns().is_some();
         tokio::select! {
             _ = self.sigint.recv() => Ok(Step::Stop),
             _ = self.sigterm.recv() => Ok(Step::Stop),
@@ -102,21 +101,11 @@ impl Stream {
                 self.reorder.release(clock::monotonic_ns(), ready);
                 Ok(Step::Events)
             }
-            _ = async {
-                match due {
-                    Some(d) => tokio::time::sleep(d).await,
-                    None => std::future::pending().await,
-                }
-            } => {
+            r = self.release_timer.fired(), if due => {
+                r.context("waiting on the release timer")?;
                 // Read first, so nothing older than the release point stays behind.
                 self.take_incoming(ready);
-                // tokio's timer fires on whole milliseconds: a record due a few microseconds
-                // after this one would wait for the next millisecond, and a burst of deletes
-                // (spread over a fraction of a millisecond) would come out in stalls of about
-                // 1 ms each. So release what falls due within the timer's granularity now: each
-                // record is still held at least the watermark less 1 ms, and one that arrives
-                // later than that is counted as late, never dropped.
-                self.reorder.release(clock::monotonic_ns() + TIMER_GRANULARITY_NS, ready);
+                self.reorder.release(clock::monotonic_ns(), ready);
                 Ok(Step::Events)
             }
             _ = self.tick.tick() => {

@@ -7,6 +7,7 @@ pub mod ct_full;
 pub mod dispatch;
 pub mod event_loop;
 pub mod map_follow;
+pub mod release_timer;
 pub mod reorder;
 pub mod replay;
 pub mod replay_feed;

@@ -66,15 +66,15 @@ pub(super) fn notes(s: &mut String, r: &Results) {
         n.push(format!(
             "Verdict latency: the liveness is decided in the kernel at the delete; the verdict is \
              emitted when the delete's record leaves the reorder buffer, {} ms after its \
-             timestamp (the event loop, on a runtime of its own thread, wakes on the ring buffer \
-             and at each held record's due time, to tokio's 1 ms timer: \
-             detector/src/pipeline/event_loop.rs). The lab's cleanup deletes its keys in one \
-             burst, and each verdict of a burst waits for the ones before it on the loop: the \
-             engine's decision and its lines (`cargo run --release -p detector --example \
-             engine_mem` prints both costs; the live line carries the race's story, the full \
-             timeline goes only to the trace file), while the lab's reader parses the lines on \
-             the same two CPUs. So p99 is about the watermark, plus up to a millisecond of timer, \
-             plus the burst's verdicts one after another.",
+             timestamp (the event loop wakes on the ring buffer and, through a timerfd, at the \
+             nanosecond each held record is due: detector/src/pipeline/event_loop.rs). The \
+             first verdict of a burst comes out about then; the later ones of the same burst \
+             (the lab's cleanup deletes its keys in one) come out in groups about a millisecond \
+             apart, while the detector's thread is mostly asleep (a `perf record -p` of it \
+             during the lab finds it waiting, not computing): the lab's agent, reproducer and \
+             reader share the two CPUs with it, and the delay between a record's submission \
+             and its delivery to the loop is not measured yet. The engine's decision and its \
+             lines cost microseconds (`cargo run --release -p detector --example engine_mem`).",
             l.watermark_ms
         ));
     }
@@ -83,26 +83,29 @@ pub(super) fn notes(s: &mut String, r: &Results) {
             n.push(
                 "Memory: per tracked flow the detector keeps, in user space, a node in the \
                  engine's flow table (a dense slab with a u32-linked recency list: packed tuple, \
-                 the live entry inline, the last destroyed entry), a node in its agent-key table, \
-                 both tables' hash indexes and the pre-existing-entry index; the engine's part is \
-                 302 B per flow at 524288 flows (`cargo run --release -p detector --example \
-                 engine_mem`), and its flight recorder of the last 32768 events is a fixed cost. \
-                 The flow and key tables hold the same 5-tuple twice: folding \
-                 the key table into the flow table is the next step toward 160 B. The peak \
-                 (VmHWM) is above the steady RSS because of the start-up snapshots (the \
-                 ctnetlink dump and the map's keys as vectors), freed once fed to the engine; \
-                 the parsed kernel BTF is freed once the programs are loaded. The heap profile \
-                 in section 5 gives each part's bytes per flow."
+                 the live entry inline, the last destroyed entry boxed, as most flows have \
+                 none), a node in its agent-key table, both tables' hash indexes and the \
+                 pre-existing-entry index; `cargo run --release -p detector --example \
+                 engine_mem` prints the engine's part per flow at 524288 flows, and its flight \
+                 recorder of the last 32768 events is a fixed cost. The flow and key tables hold \
+                 the same 5-tuple twice: folding the key table into the flow table is the next \
+                 step toward 160 B. The peak (VmHWM) is above the steady RSS by the parsed \
+                 kernel BTF (freed once the programs are loaded: the idle run's peak) and the \
+                 start-up snapshots in flight (the dump is streamed into the engine a datagram \
+                 at a time; the map's keys are one flat buffer). The heap profile in section 5 \
+                 gives each part's bytes per flow."
                     .to_string(),
             );
         }
         if m.ready_median_s > 2.0 {
             n.push(
-                "Start-up: the engine's inserts of 524288 entries and keys take about 0.45 s \
-                 (`cargo run --release -p detector --example engine_mem`); the rest goes to the \
-                 kernel's ctnetlink dump and to reading the agent map's keys one \
-                 `BPF_MAP_GET_NEXT_KEY` at a time (batched reads are the next step); see the \
-                 start-up profile in section 5."
+                "Start-up: the map's keys are read in batches (`BPF_MAP_LOOKUP_BATCH`) while the \
+                 kernel dumps its conntrack table on another thread, and the dump's entries go \
+                 into the engine as they arrive; what remains is the idle start (BTF, loading \
+                 and attaching the programs: the idle row's ready time), the kernel's ctnetlink \
+                 dump, and the engine's inserts of 524288 entries and keys (`cargo run --release \
+                 -p detector --example engine_mem` prints their time), whose hash lookups lead \
+                 the start-up profile in section 5."
                     .to_string(),
             );
         }
