@@ -66,15 +66,17 @@ pub(super) fn notes(s: &mut String, r: &Results) {
         n.push(format!(
             "Verdict latency: the liveness is decided in the kernel at the delete; the verdict is \
              emitted when the delete's record leaves the reorder buffer, {} ms after its \
-             timestamp (the event loop wakes on the ring buffer and, through a timerfd, at the \
-             nanosecond each held record is due: detector/src/pipeline/event_loop.rs). The \
-             first verdict of a burst comes out about then; the later ones of the same burst \
-             (the lab's cleanup deletes its keys in one) come out in groups about a millisecond \
-             apart, while the detector's thread is mostly asleep (a `perf record -p` of it \
-             during the lab finds it waiting, not computing): the lab's agent, reproducer and \
-             reader share the two CPUs with it, and the delay between a record's submission \
-             and its delivery to the loop is not measured yet. The engine's decision and its \
-             lines cost microseconds (`cargo run --release -p detector --example engine_mem`).",
+             timestamp (the event loop wakes on the ring buffer and, through a timerfd, when \
+             the oldest held record is due, releasing what falls due within the next 0.25 ms \
+             with it: detector/src/pipeline/event_loop.rs). The first verdict of a burst comes \
+             out about then; the later ones of the same burst (the lab's cleanup deletes its \
+             keys in one) leave about 150 us apart although their records are all in the loop \
+             within half a millisecond of their deletes (measured with a build that logged each \
+             delete record's arrival), and a `perf record -p` of the detector during the lab \
+             finds its thread parked most of the time: it waits for a CPU, which the lab's \
+             agent, reproducer and reader (it parses every verdict line) take on this \
+             two-CPU machine. The engine's decision and its lines cost microseconds (`cargo run \
+             --release -p detector --example engine_mem`).",
             l.watermark_ms
         ));
     }
