@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use super::guests::{GUESTS, GuestArch};
+use super::guests::{GuestArch, guest_by_label};
 use super::initramfs::{bench_payload, musl_cargo};
 use super::{GUEST_MEMORY, boot_one, done, images, step, transport};
 
@@ -36,16 +36,7 @@ pub fn vm_bench(
     timeout: Option<Duration>,
     out: Option<PathBuf>,
 ) -> Result<Value> {
-    let spec = GUESTS.iter().find(|g| g.label == label).with_context(|| {
-        format!(
-            "no guest `{label}`; the guests are: {}",
-            GUESTS
-                .iter()
-                .map(|g| g.label)
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    })?;
+    let spec = guest_by_label(label)?;
     let t_prep = Instant::now();
     let (k, mut initrd, work) = images(spec, "bench")?;
     let t = step(&format!(

@@ -227,3 +227,17 @@ fn elf_dynamic(path: &Path) -> Result<(Option<String>, Vec<String>)> {
         .collect();
     Ok((interp, needed))
 }
+
+/// The guest of the matrix labelled `label`; an error listing the labels when there is none.
+pub fn guest_by_label(label: &str) -> anyhow::Result<&'static GuestSpec> {
+    GUESTS.iter().find(|g| g.label == label).ok_or_else(|| {
+        anyhow::anyhow!(
+            "no guest `{label}`; the guests are: {}",
+            GUESTS
+                .iter()
+                .map(|g| g.label)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })
+}

@@ -43,7 +43,7 @@ mod results;
 mod transport;
 
 use apt::Apt;
-use guests::{AMD64, GuestSpec, userland};
+use guests::{AMD64, GuestSpec, guest_by_label, userland};
 use initramfs::{base_initramfs, build_musl, payload};
 use kernel::{Kernel, busybox, kernel};
 use qemu::{Boot, boot, kvm_usable};
@@ -210,16 +210,7 @@ type Payload = (BTreeMap<String, PathBuf>, PathBuf);
 /// `timeout` overrides each guest's own.
 pub fn guests(root: &Path, only: &[String], timeout: Option<Duration>) -> Result<Vec<GuestRun>> {
     for label in only {
-        if !GUESTS.iter().any(|g| g.label == label) {
-            bail!(
-                "no guest `{label}`; the guests are: {}",
-                GUESTS
-                    .iter()
-                    .map(|g| g.label)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-        }
+        guest_by_label(label)?;
     }
     // Each architecture's payload is built once per run and shared by its guests.
     let mut payloads: BTreeMap<&str, std::result::Result<Payload, String>> = BTreeMap::new();

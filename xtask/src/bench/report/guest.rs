@@ -9,7 +9,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::super::Results;
-use super::{k, median, programs, us};
+use super::format::{bpf_cell, cpu_cell, k, median, us};
+use super::programs;
 
 /// The guest the figures come from (written by `cargo xtask vm-bench` on the host).
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -173,20 +174,8 @@ pub fn guest_section(g: &GuestBench) -> String {
                 c.name,
                 k(c.median_rate),
                 c.ratio,
-                if c.observer_cpu_ns_per_op.is_empty() {
-                    "-".to_string()
-                } else {
-                    us(median(&c.observer_cpu_ns_per_op))
-                },
-                if c.bpf_ns_per_op.is_empty() {
-                    "-".to_string()
-                } else {
-                    format!(
-                        "{} ({:.1})",
-                        us(median(&c.bpf_ns_per_op)),
-                        median(&c.bpf_runs_per_op)
-                    )
-                }
+                cpu_cell(c),
+                bpf_cell(c),
             );
         }
         let _ = writeln!(s);

@@ -9,11 +9,13 @@ use serde_json::{Value, json};
 
 use super::{Plan, Results};
 
+mod format;
 mod guest;
 mod notes;
 mod previous;
 mod programs;
 
+use format::{bpf_cell, cpu_cell, fmt_num, k, median, mib, ms, us};
 pub use guest::{GuestBench, guest_section, read_guest};
 pub use notes::dhat_top;
 use notes::notes;
@@ -80,36 +82,6 @@ pub fn numbers(line: &str) -> Vec<u64> {
         .collect()
 }
 
-fn k(x: f64) -> String {
-    if x >= 10_000.0 {
-        format!("{:.0}k", x / 1000.0)
-    } else if x >= 1000.0 {
-        format!("{:.1}k", x / 1000.0)
-    } else {
-        format!("{x:.0}")
-    }
-}
-
-fn us(ns: f64) -> String {
-    if ns >= 10_000.0 {
-        format!("{:.0} us", ns / 1e3)
-    } else {
-        format!("{:.2} us", ns / 1e3)
-    }
-}
-
-fn median(v: &[f64]) -> f64 {
-    super::stats::median(v)
-}
-
-fn ms(ns: u64) -> String {
-    format!("{:.2} ms", ns as f64 / 1e6)
-}
-
-fn mib(b: u64) -> String {
-    format!("{:.1} MiB", b as f64 / 1048576.0)
-}
-
 /// Lower is better: met, or missed by how much.
 fn at_most(value: f64, target: f64, unit: &str) -> String {
     if value <= target {
@@ -120,16 +92,6 @@ fn at_most(value: f64, target: f64, unit: &str) -> String {
             fmt_num(value - target),
             value / target
         )
-    }
-}
-
-fn fmt_num(x: f64) -> String {
-    if x.abs() >= 100.0 {
-        format!("{x:.0}")
-    } else if x.abs() >= 1.0 {
-        format!("{x:.1}")
-    } else {
-        format!("{x:.2}")
     }
 }
 
@@ -403,20 +365,8 @@ pub fn markdown(r: &Results, plan: &Plan, guest: Option<&GuestBench>) -> String 
                     .map(|x| k(x.rate()))
                     .collect::<Vec<_>>()
                     .join(", "),
-                if c.observer_cpu_ns_per_op.is_empty() {
-                    "-".to_string()
-                } else {
-                    us(median(&c.observer_cpu_ns_per_op))
-                },
-                if c.bpf_ns_per_op.is_empty() {
-                    "-".to_string()
-                } else {
-                    format!(
-                        "{} ({:.1})",
-                        us(median(&c.bpf_ns_per_op)),
-                        median(&c.bpf_runs_per_op)
-                    )
-                }
+                cpu_cell(c),
+                bpf_cell(c),
             );
         }
         let _ = writeln!(s);

@@ -4,7 +4,8 @@ use std::fmt::Write;
 
 use serde_json::Value;
 
-use super::{Results, median, thresholds, us};
+use super::format::{median, us};
+use super::{Results, thresholds};
 
 /// What dominates each missed target (from the code's structure and the profiles in section
 /// 5), written only for targets this run missed.
