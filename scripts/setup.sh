@@ -38,8 +38,10 @@ APT_PACKAGES+=(qemu-system-x86 qemu-system-arm xz-utils zstd binutils)
 APT_PACKAGES+=(musl-tools)
 # The arm64 (Graviton) static binary of `cargo xtask image`: Debian's aarch64 cross gcc for the
 # same C code (it links with Rust's self-contained rust-lld and bundled musl, so no aarch64 musl
-# gcc is needed), its binutils' strip, and qemu-user-static to run the result here.
-APT_PACKAGES+=(gcc-aarch64-linux-gnu qemu-user-static)
+# gcc is needed), its libc headers (ring's C includes <stdint.h>; only a Recommends of the gcc
+# package, so a machine that installs without recommends lacks it), its binutils' strip, and
+# qemu-user-static to run the result here.
+APT_PACKAGES+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static)
 # chromium: detector/tests/report.rs renders a race page headless and checks the screenshot.
 APT_PACKAGES+=(chromium)
 # deploy-test's runtime test: buildah builds the image (no daemon) and Debian's runc runs it
