@@ -1,6 +1,9 @@
 //! How the report writes numbers: rates, durations, sizes and the per-observer cells.
 
-use super::super::results::Config;
+use std::fmt::Write;
+
+use super::super::results::{Config, Workload};
+use super::programs;
 
 pub(super) fn k(x: f64) -> String {
     if x >= 10_000.0 {
@@ -61,5 +64,38 @@ pub(super) fn fmt_num(x: f64) -> String {
         format!("{x:.1}")
     } else {
         format!("{x:.2}")
+    }
+}
+
+/// One table per workload (each observer's rate, ratio, CPU and BPF per operation, and the
+/// interleaved runs' rates when `runs`), each followed by its per-program table.
+pub(super) fn workload_tables(s: &mut String, overhead: &[Workload], runs: bool) {
+    for w in overhead {
+        let (runs_head, runs_rule) = if runs { (" runs |", "---|") } else { ("", "") };
+        let _ = writeln!(
+            s,
+            "| {} | median {} | vs none |{runs_head} observer CPU/op | BPF/op (runs/op) |",
+            w.name, w.unit
+        );
+        let _ = writeln!(s, "|---|---|---|{runs_rule}---|---|");
+        for c in &w.configs {
+            let rates = if runs {
+                let list: Vec<String> = c.runs.iter().map(|x| k(x.rate())).collect();
+                format!(" {} |", list.join(", "))
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.3} |{rates} {} | {} |",
+                c.name,
+                k(c.median_rate),
+                c.ratio,
+                cpu_cell(c),
+                bpf_cell(c),
+            );
+        }
+        let _ = writeln!(s);
+        programs::table(s, w);
     }
 }

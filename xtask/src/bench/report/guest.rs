@@ -9,8 +9,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::super::Results;
-use super::format::{bpf_cell, cpu_cell, k, median, us};
-use super::programs;
+use super::format::{median, us, workload_tables};
 
 /// The guest the figures come from (written by `cargo xtask vm-bench` on the host).
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -160,27 +159,7 @@ pub fn guest_section(g: &GuestBench) -> String {
         "Each workload under each observer in the guest{}:\n",
         if emulated { " (emulated rates)" } else { "" }
     );
-    for w in &r.overhead {
-        let _ = writeln!(
-            s,
-            "| {} | median {} | vs none | observer CPU/op | BPF/op (runs/op) |",
-            w.name, w.unit
-        );
-        let _ = writeln!(s, "|---|---|---|---|---|");
-        for c in &w.configs {
-            let _ = writeln!(
-                s,
-                "| {} | {} | {:.3} | {} | {} |",
-                c.name,
-                k(c.median_rate),
-                c.ratio,
-                cpu_cell(c),
-                bpf_cell(c),
-            );
-        }
-        let _ = writeln!(s);
-        programs::table(&mut s, w);
-    }
+    workload_tables(&mut s, &r.overhead, false);
     s
 }
 

@@ -15,7 +15,7 @@ mod notes;
 mod previous;
 mod programs;
 
-use format::{bpf_cell, cpu_cell, fmt_num, k, median, mib, ms, us};
+use format::{fmt_num, k, median, mib, ms, us, workload_tables};
 pub use guest::{GuestBench, guest_section, read_guest};
 pub use notes::dhat_top;
 use notes::notes;
@@ -346,32 +346,7 @@ pub fn markdown(r: &Results, plan: &Plan, guest: Option<&GuestBench>) -> String 
          hardly moves them.\n",
         plan.reps, plan.phase_s
     );
-    for w in &r.overhead {
-        let _ = writeln!(
-            s,
-            "| {} | median {} | vs none | runs | observer CPU/op | BPF/op (runs/op) |",
-            w.name, w.unit
-        );
-        let _ = writeln!(s, "|---|---|---|---|---|---|");
-        for c in &w.configs {
-            let _ = writeln!(
-                s,
-                "| {} | {} | {:.3} | {} | {} | {} |",
-                c.name,
-                k(c.median_rate),
-                c.ratio,
-                c.runs
-                    .iter()
-                    .map(|x| k(x.rate()))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                cpu_cell(c),
-                bpf_cell(c),
-            );
-        }
-        let _ = writeln!(s);
-        programs::table(&mut s, w);
-    }
+    workload_tables(&mut s, &r.overhead, true);
     s.push_str(&guest.map(guest_section).unwrap_or_default());
     let _ = writeln!(s, "## 2. Event completeness\n");
     let _ = writeln!(
