@@ -87,10 +87,11 @@ impl Stream {
     /// (less [`RELEASE_SLACK_NS`]).
     pub async fn next(&mut self, ready: &mut Vec<Event>) -> Result<Step> {
         let deadline = self.deadline;
+        let due = self.reorder.next_release_ns();
         self.release_timer
-            .arm(self.reorder.next_release_ns())
+            .arm(due)
             .context("arming the release timer")?;
-        let due = self.reorder.next_release_ns().is_some();
+        let due = due.is_some();
         tokio::select! {
             _ = self.sigint.recv() => Ok(Step::Stop),
             _ = self.sigterm.recv() => Ok(Step::Stop),
