@@ -2,8 +2,7 @@
 
 use super::flow_id::{FlowId, NO_EVENT};
 use super::race_instants::RaceInstants;
-use super::shadow::{KEntry, MapKey};
-use super::verdict::{self, Unjudged, UnjudgedReason};
+use super::verdict::{self, DeleteEvent, Unjudged, UnjudgedReason};
 use super::{
     AgentDelete, ClosedFlowDelete, DecidedBy, DeleteResult, Engine, KernelView, LiveEntry, Output,
     Pending, RaceConfirmation, TimelineEvent, TimelineKind, Trace, Verdict, VerdictKind,
@@ -39,29 +38,34 @@ impl Engine {
     }
 
     pub(super) fn on_delete(&mut self, d: AgentDelete, out: &mut Vec<Output>) {
-        let fid = FlowId::of_key(&d.key);
+        let (fid, src_is_lo) = FlowId::oriented_key(&d.key);
         let ev = TimelineEvent {
             seq: self.next_seq(),
             ts_ns: d.ts_ns,
-            what: TimelineKind::AgentDelete {
+            what: TimelineKind::AgentDelete(Box::new(DeleteEvent {
                 task: d.task.clone(),
                 map_id: d.map_id,
                 key: d.key.clone(),
                 result: d.result,
                 kernel_view: d.kernel_view,
-            },
-        };
-        // Only a successful delete removes the key; the others leave the map as it was.
-        let map_entry = match d.result {
-            DeleteResult::Deleted => self.map.remove(&MapKey::of(&d.key)),
-            _ => self.map.get(&MapKey::of(&d.key)).copied(),
+            })),
         };
         let idx = self.recorder.next_index();
-        let prev = std::mem::replace(&mut self.flow_mut(fid.clone()).last_event, idx);
+        let flow = self.flow_mut(fid.clone());
+        let prev = std::mem::replace(&mut flow.last_event, idx);
+        // Only a successful delete removes the key; the others leave the map as it was.
+        let key_known = match d.result {
+            DeleteResult::Deleted => flow.take_key(&d.key, src_is_lo),
+            _ => flow.key_mut(&d.key, src_is_lo).map(|k| k.clone()),
+        };
+        let key_inserted_ns = key_known.as_ref().and_then(|k| k.inserted_ns());
+        let known = key_known.is_some() || flow.has_kernel_state();
+        if matches!(d.result, DeleteResult::Deleted) && key_known.is_some() {
+            self.map_keys -= 1;
+        }
         self.recorder
             .record(ev, [Some(fid.clone()), None], [prev, NO_EVENT]);
         let flow = self.flow_mut(fid.clone());
-        let known = map_entry.is_some() || flow.has_kernel_state();
         match d.result {
             DeleteResult::Deleted => {}
             DeleteResult::NotFound => {
@@ -134,8 +138,8 @@ impl Engine {
                         // 0 is what the kernel side reports when it does not know the birth.
                         born_ns: (born_ns != 0).then_some(born_ns),
                         netns: in_shadow.as_ref().map(|e| e.netns),
-                        orig: in_shadow.as_ref().map(KEntry::orig),
-                        reply: in_shadow.as_ref().map(KEntry::reply),
+                        orig: in_shadow.as_ref().map(|e| e.orig(&fid)),
+                        reply: in_shadow.as_ref().map(|e| e.reply(&fid)),
                         timeout_left_ns: Some(timeout_left_ns),
                     },
                     DecidedBy::Kernel,
@@ -158,10 +162,10 @@ impl Engine {
                 (
                     LiveEntry {
                         id: e.id,
-                        born_ns: e.born_ns,
+                        born_ns: e.born_ns(),
                         netns: Some(e.netns),
-                        orig: Some(e.orig()),
-                        reply: Some(e.reply()),
+                        orig: Some(e.orig(&fid)),
+                        reply: Some(e.reply(&fid)),
                         timeout_left_ns: None,
                     },
                     DecidedBy::Shadow,
@@ -179,7 +183,7 @@ impl Engine {
                 live_entries
                     .iter()
                     .filter(|e| e.netns != judged)
-                    .max_by_key(|e| e.born_ns)
+                    .max_by_key(|e| e.born_ns())
                     .map(|e| (judged, e.netns))
             });
             if let Some((judged, live_netns)) = elsewhere {
@@ -261,7 +265,7 @@ impl Engine {
 
         let mut fids = vec![fid];
         if let (Some(orig), Some(reply)) = (live.orig, live.reply) {
-            let (first, dnat) = FlowId::of_entry(&orig, &reply);
+            let ((first, _), dnat) = FlowId::of_entry(&orig, &reply);
             fids.extend([Some(first), dnat].into_iter().flatten());
         }
         fids.sort();
@@ -279,7 +283,7 @@ impl Engine {
             delete_ts_ns: d.ts_ns,
             live,
             old,
-            key_inserted_ns: map_entry.and_then(|m| m.inserted_ns),
+            key_inserted_ns,
             reuse_gap_ns,
             delete_lag_ns: live.born_ns.map(|b| d.ts_ns.saturating_sub(b)),
             instants,

@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use crate::npa::NpaKey;
-use crate::record::FlowTuple;
+use crate::record::{FlowTuple, PackedTuple};
 
 /// No event: the end of a flow's chain of events in the flight recorder.
 pub(crate) const NO_EVENT: u64 = u64::MAX;
@@ -12,64 +12,62 @@ pub(crate) const NO_EVENT: u64 = u64::MAX;
 /// A 5-tuple with its two ends sorted, so both directions of a flow name the same id.
 ///
 /// Agent keys carry no netns, so neither does the id: one id gathers the flow's entries in
-/// every netns (see [`FlowState::live`]).
+/// every netns (see [`FlowState::live`](super::shadow::FlowState::live)).
 ///
-/// Packed, as the flow table holds one per tracked flow: an IPv4 flow in 13 bytes inline
-/// (proto, then address and port of each end), an IPv6 one (or a mixed one, which the kernel
-/// never reports) boxed with a family byte per end, so the id is 16 bytes either way.
+/// The sorted tuple packed (the lower end as its source): an IPv4 flow in 13 bytes inline, an
+/// IPv6 one boxed, 16 bytes either way. With one bit saying which end is a tuple's source, the
+/// id gives the tuple back, so what the flow table stores per flow need not repeat it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub(crate) enum FlowId {
-    V4([u8; 13]),
-    V6(Box<[u8; 39]>),
-}
+pub(crate) struct FlowId(PackedTuple);
 
 impl FlowId {
-    fn new(proto: u8, a: (IpAddr, u16), b: (IpAddr, u16)) -> Self {
-        let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
-        match (lo.0, hi.0) {
-            (IpAddr::V4(l), IpAddr::V4(h)) => {
-                let mut id = [0u8; 13];
-                id[0] = proto;
-                id[1..5].copy_from_slice(&l.octets());
-                id[5..7].copy_from_slice(&lo.1.to_be_bytes());
-                id[7..11].copy_from_slice(&h.octets());
-                id[11..13].copy_from_slice(&hi.1.to_be_bytes());
-                FlowId::V4(id)
-            }
-            _ => {
-                let mut id = [0u8; 39];
-                id[0] = proto;
-                for (at, (addr, port)) in [(1, lo), (20, hi)] {
-                    let (family, bytes) = match addr {
-                        IpAddr::V4(a) => (4, a.to_ipv6_mapped().octets()),
-                        IpAddr::V6(a) => (6, a.octets()),
-                    };
-                    id[at] = family;
-                    id[at + 1..at + 17].copy_from_slice(&bytes);
-                    id[at + 17..at + 19].copy_from_slice(&port.to_be_bytes());
-                }
-                FlowId::V6(Box::new(id))
-            }
-        }
+    /// The id of the flow between `a` and `b`, and whether `a` is its lower end.
+    fn new(proto: u8, a: (IpAddr, u16), b: (IpAddr, u16)) -> (Self, bool) {
+        let a_is_lo = a <= b;
+        let (lo, hi) = if a_is_lo { (a, b) } else { (b, a) };
+        let sorted = FlowTuple {
+            proto,
+            src: lo.0,
+            sport: lo.1,
+            dst: hi.0,
+            dport: hi.1,
+        };
+        (FlowId(PackedTuple::of(&sorted)), a_is_lo)
     }
 
-    pub(crate) fn of_tuple(t: &FlowTuple) -> Self {
+    /// The flow's tuple seen from its lower end (`src_is_lo`) or from its higher end.
+    pub(crate) fn tuple(&self, src_is_lo: bool) -> FlowTuple {
+        let t = self.0.tuple();
+        if src_is_lo { t } else { t.reversed() }
+    }
+
+    /// The id of `t`'s flow, and whether `t`'s source is the id's lower end.
+    pub(crate) fn oriented(t: &FlowTuple) -> (Self, bool) {
         Self::new(t.proto, (t.src, t.sport), (t.dst, t.dport))
     }
 
-    pub(crate) fn of_key(k: &NpaKey) -> Self {
+    /// The id of `k`'s flow, and whether `k`'s source is the id's lower end.
+    pub(crate) fn oriented_key(k: &NpaKey) -> (Self, bool) {
         Self::new(k.proto, (k.src, k.sport), (k.dst, k.dport))
     }
 
-    /// The ids under which NPA's cleanup would find a kernel entry: its original tuple and,
-    /// when the reply comes from elsewhere than the original destination (DNAT, e.g. a
-    /// Service VIP), `orig.src:sport -> reply.src:sport`. Like NPA, only the address decides
-    /// whether the second form exists.
-    pub(crate) fn of_entry(orig: &FlowTuple, reply: &FlowTuple) -> (FlowId, Option<FlowId>) {
-        let first = Self::of_tuple(orig);
+    pub(crate) fn of_tuple(t: &FlowTuple) -> Self {
+        Self::oriented(t).0
+    }
+
+    /// The ids under which NPA's cleanup would find a kernel entry: its original tuple's (with
+    /// whether the original source is that id's lower end) and, when the reply comes from
+    /// elsewhere than the original destination (DNAT, e.g. a Service VIP),
+    /// `orig.src:sport -> reply.src:sport`. Like NPA, only the address decides whether the
+    /// second form exists.
+    pub(crate) fn of_entry(
+        orig: &FlowTuple,
+        reply: &FlowTuple,
+    ) -> ((FlowId, bool), Option<FlowId>) {
+        let first = Self::oriented(orig);
         let dnat = (reply.src != orig.dst)
-            .then(|| Self::new(orig.proto, (orig.src, orig.sport), (reply.src, reply.sport)))
-            .filter(|d| *d != first);
+            .then(|| Self::new(orig.proto, (orig.src, orig.sport), (reply.src, reply.sport)).0)
+            .filter(|d| *d != first.0);
         (first, dnat)
     }
 }
@@ -94,11 +92,35 @@ mod tests {
         };
         let orig = t("10.0.0.5", 40000, "172.20.0.10", 80);
         assert_eq!(FlowId::of_tuple(&orig), FlowId::of_tuple(&orig.reversed()));
-        let (first, dnat) = FlowId::of_entry(&orig, &orig.reversed());
+        let ((first, _), dnat) = FlowId::of_entry(&orig, &orig.reversed());
         assert_eq!(first, FlowId::of_tuple(&orig));
         assert!(dnat.is_none());
         let reply = t("10.0.1.7", 8080, "10.0.0.5", 40000);
         let (_, dnat) = FlowId::of_entry(&orig, &reply);
         assert_eq!(dnat, Some(FlowId::of_tuple(&reply)));
+    }
+
+    #[test]
+    fn a_flow_id_gives_each_orientation_of_its_tuple_back() {
+        let t = |s: &str, sp, d: &str, dp| FlowTuple {
+            proto: 17,
+            src: s.parse().unwrap(),
+            sport: sp,
+            dst: d.parse().unwrap(),
+            dport: dp,
+        };
+        for tuple in [
+            t("10.0.0.5", 40000, "10.0.1.7", 53),
+            t("10.0.1.7", 53, "10.0.0.5", 40000),
+            t("10.0.0.5", 7, "10.0.0.5", 7),
+            t("fd00::5", 40000, "fd00::1", 53),
+            t("10.0.0.5", 40000, "fd00::1", 53),
+            t("fd00::1", 53, "10.0.0.5", 40000),
+        ] {
+            let (fid, src_is_lo) = FlowId::oriented(&tuple);
+            assert_eq!(fid.tuple(src_is_lo), tuple);
+            assert_eq!(fid.tuple(!src_is_lo), tuple.reversed());
+            assert_eq!(FlowId::oriented(&tuple.reversed()).0, fid);
+        }
     }
 }

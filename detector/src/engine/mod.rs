@@ -45,8 +45,9 @@
 //! engine knew nothing about is counted as unseen.
 //!
 //! # Bounds
-//! Flow states and agent-map keys are each kept in tables of at most `max_flows` entries,
-//! least recently touched first out; timelines come from one flight recorder of
+//! Flows are kept in one table of at most `max_flows` flows, least recently touched first
+//! out; a flow holds its kernel entries and the agent-map keys that name it, so an evicted
+//! flow takes its keys along (counted as evicted keys); timelines come from one flight recorder of
 //! `recorder_len` events (all flows) and show at most `timeline_len` events per flow; pending
 //! traces are capped at `max_flows`; global markers (lost records, map re-creations) at
 //! `max_markers`. Every eviction is counted in [`Stats::evictions`].
@@ -61,6 +62,7 @@
 mod decide;
 mod flow_id;
 mod input;
+mod lru;
 mod race_instants;
 mod recorder;
 mod shadow;
@@ -83,16 +85,17 @@ use smallvec::SmallVec;
 use serde::Serialize;
 
 use flow_id::{FlowId, NO_EVENT};
+use lru::LruMap;
 use recorder::Recorder;
-use shadow::{FlowState, KEntry, LruMap, MapEntry, MapKey, insert_sorted};
+use shadow::{AgentKey, FlowState, KEntry, insert_sorted};
 
 pub use input::{AgentDelete, DeleteResult, Input, KernelView};
 pub use race_instants::{Comm, RaceInstants, ReapedBy};
 pub use stats::{DeleteCounts, EvictionCounts, InputCounts, Stats, VerdictCounts};
 pub use verdict::{
-    ClosedFlowDelete, DecidedBy, DeniedPacket, LiveEntry, OldEntry, Output, RaceConfirmation,
-    TimelineEvent, TimelineKind, Trace, Unjudged, UnjudgedReason, Verdict, VerdictClass,
-    VerdictKind,
+    ClosedFlowDelete, DecidedBy, DeleteEvent, DeniedPacket, LiveEntry, OldEntry, Output,
+    RaceConfirmation, TimelineEvent, TimelineKind, Trace, Unjudged, UnjudgedReason, Verdict,
+    VerdictClass, VerdictKind,
 };
 
 use crate::npa::NpaKey;
@@ -102,8 +105,9 @@ const NS_PER_SEC: u64 = 1_000_000_000;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct EngineConfig {
-    /// Bound on flow states and on agent-map keys (each). Default 524 288: NPA's
-    /// `aws_conntrack_map` has `max_entries = 512 * 1024`, so a full map still fits.
+    /// Bound on flow states (a flow's kernel entries and agent-map keys together). Default
+    /// 524 288: NPA's `aws_conntrack_map` has `max_entries = 512 * 1024`, so a full map still
+    /// fits.
     pub max_flows: usize,
     /// A live entry younger than this at the delete was created after the agent took its
     /// copy of the map, so its delete is a race (snapshot-lag / port-reuse); an older one
@@ -159,8 +163,10 @@ struct Pending {
 
 pub struct Engine {
     cfg: EngineConfig,
+    /// Every tracked flow: its kernel entries, agent-map keys and timeline head.
     flows: LruMap<FlowId, FlowState>,
-    map: LruMap<MapKey, MapEntry>,
+    /// Agent-map keys held in `flows`.
+    map_keys: u64,
     recorder: Recorder,
     /// Lost-record and map-recreation markers, sorted by timestamp.
     markers: VecDeque<TimelineEvent>,
@@ -186,7 +192,7 @@ impl Engine {
     pub fn new(cfg: EngineConfig) -> Self {
         Self {
             flows: LruMap::new(cfg.max_flows),
-            map: LruMap::new(cfg.max_flows),
+            map_keys: 0,
             recorder: Recorder::new(cfg.recorder_len),
             markers: VecDeque::new(),
             lost_horizon_ns: None,
@@ -239,14 +245,13 @@ impl Engine {
                 orig,
                 reply,
             } => {
-                let e = KEntry::new(id, netns, &orig, &reply, Some(ts_ns));
                 let what = TimelineKind::CtNew {
                     id,
                     netns,
                     orig,
                     reply,
                 };
-                self.on_ct_new(ts_ns, e, what);
+                self.on_ct_new(ts_ns, Some(ts_ns), (id, netns, orig, reply), what);
             }
             Input::CtExisting {
                 id,
@@ -254,14 +259,13 @@ impl Engine {
                 orig,
                 reply,
             } => {
-                let e = KEntry::new(id, netns, &orig, &reply, None);
                 let what = TimelineKind::CtExisting {
                     id,
                     netns,
                     orig,
                     reply,
                 };
-                self.on_ct_new(self.now_ns, e, what);
+                self.on_ct_new(self.now_ns, None, (id, netns, orig, reply), what);
             }
             Input::CtDestroy {
                 ts_ns,
@@ -320,7 +324,13 @@ impl Engine {
             } => {
                 // The agent restarted: keys of the old map are gone with it. The kernel table
                 // is untouched, so its shadow stays.
-                self.map.retain(|_, e| e.map_id != old_id);
+                let mut dropped = 0;
+                for flow in self.flows.values_mut() {
+                    let before = flow.keys.len();
+                    flow.keys.retain(|k| k.map_id != old_id);
+                    dropped += before - flow.keys.len();
+                }
+                self.map_keys -= dropped as u64;
                 let seq = self.next_seq();
                 self.push_marker(TimelineEvent {
                     seq,
@@ -332,7 +342,7 @@ impl Engine {
         }
         self.flush_ready(out);
         self.stats.flows_tracked = self.flows.len() as u64;
-        self.stats.map_keys_tracked = self.map.len() as u64;
+        self.stats.map_keys_tracked = self.map_keys;
         self.stats.timeline_events_pushed_out = self.recorder.pushed_out();
     }
 
@@ -355,6 +365,9 @@ impl Engine {
         let (flow, evicted) = self.flows.get_or_insert_with(id, FlowState::default);
         if let Some((evicted_id, evicted_state)) = evicted {
             self.stats.evictions.flows += 1;
+            let keys = evicted_state.keys.len() as u64;
+            self.stats.evictions.map_keys += keys;
+            self.map_keys -= keys;
             if !evicted_state.live.is_empty() {
                 let (_, forgotten) = self.evicted_live.get_or_insert_with(evicted_id, || ());
                 self.evicted_live_overflowed |= forgotten.is_some();
@@ -363,13 +376,21 @@ impl Engine {
         flow
     }
 
-    fn on_ct_new(&mut self, ts_ns: u64, entry: KEntry, what: TimelineKind) {
+    /// A confirmed entry (`CtNew`, born at `born_ns`) or one found at start-up (`CtExisting`,
+    /// birth unknown).
+    fn on_ct_new(
+        &mut self,
+        ts_ns: u64,
+        born_ns: Option<u64>,
+        (id, netns, orig, reply): (u64, u32, FlowTuple, FlowTuple),
+        what: TimelineKind,
+    ) {
         let ev = TimelineEvent {
             seq: self.next_seq(),
             ts_ns,
             what,
         };
-        let (first, dnat) = FlowId::of_entry(&entry.orig(), &entry.reply());
+        let ((first, orig_src_is_lo), dnat) = FlowId::of_entry(&orig, &reply);
         let fids = [Some(first), dnat];
         let idx = self.recorder.next_index();
         let mut prev = [NO_EVENT; 2];
@@ -379,39 +400,37 @@ impl Engine {
             let flow = self.flow_mut(fid.clone());
             prev[j] = std::mem::replace(&mut flow.last_event, idx);
             // Its destroy was processed first (late insert record): do not resurrect it.
-            if flow
-                .last_destroyed
-                .as_ref()
-                .is_some_and(|d| d.id == entry.id)
-            {
+            if flow.last_destroyed.as_ref().is_some_and(|d| d.id == id) {
                 continue;
             }
-            if let Some(known) = flow.live.iter_mut().find(|e| e.id == entry.id) {
+            if let Some(known) = flow.live.iter_mut().find(|e| e.id == id) {
                 // Seen before (snapshot, then its NEW): keep whatever birth is known.
-                known.born_ns = known.born_ns.or(entry.born_ns);
+                known.learn_birth(born_ns);
                 continue;
             }
             // One netns cannot hold two entries of one flow, so a live one there ended
             // without its destroy reaching us.
-            let superseded: SmallVec<[KEntry; 1]> = flow
+            let superseded: SmallVec<[(u64, Option<u64>); 1]> = flow
                 .live
                 .iter()
-                .filter(|e| e.netns == entry.netns)
-                .cloned()
+                .filter(|e| e.netns == netns)
+                .map(|e| (e.id, e.born_ns()))
                 .collect();
-            for s in superseded {
+            for (old_id, old_born) in superseded {
                 implicit += 1;
                 flow.note_destroyed(OldEntry {
-                    id: s.id,
-                    born_ns: s.born_ns,
-                    netns: s.netns,
+                    id: old_id,
+                    born_ns: old_born,
+                    netns,
                     destroyed_ns: ts_ns,
                     reason: None,
                     expiry_ns: None,
                     reaped_by: None,
                 });
             }
-            flow.live.push(entry.clone());
+            let under_orig = (j == 0).then_some(orig_src_is_lo);
+            flow.live
+                .push(KEntry::new(id, netns, born_ns, (&orig, &reply), under_orig));
         }
         self.recorder.record(ev, fids, prev);
         self.stats.implicit_destroys += implicit;
@@ -439,7 +458,7 @@ impl Engine {
                 reason,
             },
         };
-        let (first, dnat) = FlowId::of_entry(orig, reply);
+        let ((first, _), dnat) = FlowId::of_entry(orig, reply);
         let fids = [Some(first), dnat];
         let idx = self.recorder.next_index();
         let mut prev = [NO_EVENT; 2];
@@ -451,7 +470,7 @@ impl Engine {
                 flow.live
                     .iter()
                     .find(|e| e.id == id)
-                    .and_then(|e| e.born_ns)
+                    .and_then(KEntry::born_ns)
             });
             flow.note_destroyed(OldEntry {
                 id,
@@ -474,25 +493,24 @@ impl Engine {
         inserted_ns: Option<u64>,
         what: TimelineKind,
     ) {
-        let fid = FlowId::of_key(&key);
-        let (entry, evicted) = self.map.get_or_insert_with(MapKey::of(&key), || MapEntry {
-            map_id,
-            inserted_ns,
-        });
-        entry.map_id = map_id;
-        entry.inserted_ns = inserted_ns.or(entry.inserted_ns);
-        if evicted.is_some() {
-            self.stats.evictions.map_keys += 1;
+        let (fid, src_is_lo) = FlowId::oriented_key(&key);
+        let idx = self.recorder.next_index();
+        // The flow is touched as well, as a key of it is a reason to keep its state.
+        let flow = self.flow_mut(fid.clone());
+        let prev = std::mem::replace(&mut flow.last_event, idx);
+        match flow.key_mut(&key, src_is_lo) {
+            Some(known) => known.learn_insert(map_id, inserted_ns),
+            None => {
+                flow.keys
+                    .push(AgentKey::new(&key, src_is_lo, map_id, inserted_ns));
+                self.map_keys += 1;
+            }
         }
         let ev = TimelineEvent {
             seq: self.next_seq(),
             ts_ns,
             what,
         };
-        // The flow is touched as well, as a key of it is a reason to keep its state.
-        let idx = self.recorder.next_index();
-        let flow = self.flow_mut(fid.clone());
-        let prev = std::mem::replace(&mut flow.last_event, idx);
         self.recorder
             .record(ev, [Some(fid), None], [prev, NO_EVENT]);
     }

@@ -53,14 +53,16 @@ impl Recorder {
     /// Appends an event; `prev[j]` is the index of the previous event of `flows[j]`
     /// ([`NO_EVENT`] if none).
     pub(crate) fn record(&mut self, ev: TimelineEvent, flows: [Option<FlowId>; 2], prev: [u64; 2]) {
-        self.ring.push_back(Recorded { ev, flows, prev });
-        while self.ring.len() > self.cap {
+        // Room is made before the push, so the ring never holds more than `cap` events and
+        // its buffer never grows past them (one more would double it).
+        while self.ring.len() >= self.cap {
             if let Some(old) = self.ring.pop_front() {
                 self.base += 1;
                 self.pushed_out += 1;
                 self.horizon_ns = Some(self.horizon_ns.unwrap_or(0).max(old.ev.ts_ns));
             }
         }
+        self.ring.push_back(Recorded { ev, flows, prev });
     }
 
     fn get(&self, idx: u64) -> Option<&Recorded> {

@@ -1,268 +1,173 @@
-//! The engine's shadows: per-flow state (live kernel entries, the last destroyed one, a
-//! bounded timeline) and the agent's map, each in a bounded least-recently-touched table.
+//! The engine's per-flow state: the flow's live kernel entries, its last destroyed one, the
+//! agent-map keys that name it and the head of its timeline, all in one node of the flow table
+//! ([`LruMap`](super::lru::LruMap)). The flow id holds the 5-tuple once; entries and keys keep
+//! only which of its ends is their source.
 
 use std::collections::VecDeque;
-use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
 
-use hashbrown::HashTable;
 use smallvec::SmallVec;
 
-use super::flow_id::NO_EVENT;
+use super::flow_id::{FlowId, NO_EVENT};
 use super::verdict::{OldEntry, TimelineEvent};
 use crate::npa::NpaKey;
-use crate::record::{FlowTuple, PackedTuple};
+use crate::record::FlowTuple;
 
-/// No node: the end of the recency list.
-const NIL: u32 = u32::MAX;
+/// A kernel timestamp that may be unknown, in 8 bytes: `u64::MAX`, which a monotonic clock in
+/// ns reaches after 584 years, stands for none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OptNs(u64);
 
-struct Node<K, V> {
-    key: K,
-    val: V,
-    /// Neighbours in the recency list (slab indices): `prev` is older, `next` newer.
-    prev: u32,
-    next: u32,
-}
-
-/// A map bounded to `cap` entries that evicts the least recently touched one.
-///
-/// Entries live in one dense slab (`Vec`), linked oldest to newest through `u32` indices, and
-/// the hash index holds only those indices: one allocation per table instead of a hash map
-/// plus a recency tree holding each key a second time. Recency is list order, not a
-/// timestamp, so out-of-order timestamps cannot make a fresh entry look old.
-///
-/// Hashing: keys are 5-tuples, which pods partly choose (ports), so a fixed-seed hash would
-/// let a pod craft colliding flows and slow every lookup (hash flooding). `foldhash`'s
-/// `RandomState` seeds every table from a per-process random value, so collisions cannot be
-/// precomputed, and the hash values never leave the process; that, plus the table bound,
-/// is enough for kernel-supplied keys at a fraction of SipHash's cost.
-pub(crate) struct LruMap<K, V> {
-    nodes: Vec<Node<K, V>>,
-    index: HashTable<u32>,
-    hasher: foldhash::fast::RandomState,
-    oldest: u32,
-    newest: u32,
-    cap: usize,
-}
-
-impl<K: Eq + Hash, V> LruMap<K, V> {
-    pub(crate) fn new(cap: usize) -> Self {
-        Self {
-            nodes: Vec::new(),
-            index: HashTable::new(),
-            hasher: foldhash::fast::RandomState::default(),
-            oldest: NIL,
-            newest: NIL,
-            // Indices are u32 with one value reserved for NIL.
-            cap: cap.clamp(1, (NIL - 1) as usize),
-        }
+impl OptNs {
+    pub(crate) fn of(ns: Option<u64>) -> Self {
+        Self(ns.unwrap_or(u64::MAX))
     }
 
-    pub(crate) fn len(&self) -> usize {
-        self.nodes.len()
-    }
-
-    fn find(&self, k: &K) -> Option<u32> {
-        let h = self.hasher.hash_one(k);
-        self.index
-            .find(h, |&i| self.nodes[i as usize].key == *k)
-            .copied()
-    }
-
-    fn unlink(&mut self, i: u32) {
-        let (p, n) = {
-            let node = &self.nodes[i as usize];
-            (node.prev, node.next)
-        };
-        if p == NIL {
-            self.oldest = n;
-        } else {
-            self.nodes[p as usize].next = n;
-        }
-        if n == NIL {
-            self.newest = p;
-        } else {
-            self.nodes[n as usize].prev = p;
-        }
-    }
-
-    fn link_newest(&mut self, i: u32) {
-        let newest = self.newest;
-        let node = &mut self.nodes[i as usize];
-        node.prev = newest;
-        node.next = NIL;
-        if newest == NIL {
-            self.oldest = i;
-        } else {
-            self.nodes[newest as usize].next = i;
-        }
-        self.newest = i;
-    }
-
-    fn touch(&mut self, i: u32) {
-        if self.newest != i {
-            self.unlink(i);
-            self.link_newest(i);
-        }
-    }
-
-    pub(crate) fn get(&self, k: &K) -> Option<&V> {
-        self.find(k).map(|i| &self.nodes[i as usize].val)
-    }
-
-    /// Mutable access that also marks the entry as recently used.
-    pub(crate) fn get_mut(&mut self, k: &K) -> Option<&mut V> {
-        let i = self.find(k)?;
-        self.touch(i);
-        Some(&mut self.nodes[i as usize].val)
-    }
-
-    /// The entry for `k`, created with `make` if absent; a creation that overflows the table
-    /// returns the evicted entry too.
-    pub(crate) fn get_or_insert_with(
-        &mut self,
-        k: K,
-        make: impl FnOnce() -> V,
-    ) -> (&mut V, Option<(K, V)>) {
-        if let Some(i) = self.find(&k) {
-            self.touch(i);
-            return (&mut self.nodes[i as usize].val, None);
-        }
-        let evicted = if self.nodes.len() >= self.cap {
-            self.pop_oldest()
-        } else {
-            None
-        };
-        let i = self.nodes.len() as u32;
-        let h = self.hasher.hash_one(&k);
-        self.nodes.push(Node {
-            key: k,
-            val: make(),
-            prev: NIL,
-            next: NIL,
-        });
-        let (nodes, hasher) = (&self.nodes, &self.hasher);
-        self.index
-            .insert_unique(h, i, |&j| hasher.hash_one(&nodes[j as usize].key));
-        self.link_newest(i);
-        (&mut self.nodes[i as usize].val, evicted)
-    }
-
-    pub(crate) fn remove(&mut self, k: &K) -> Option<V> {
-        let i = self.find(k)?;
-        Some(self.remove_at(i).1)
-    }
-
-    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&K, &V) -> bool) {
-        let mut i = 0;
-        while i < self.nodes.len() {
-            let node = &self.nodes[i];
-            if keep(&node.key, &node.val) {
-                i += 1;
-            } else {
-                // The last node moves into `i`: look at `i` again.
-                self.remove_at(i as u32);
-            }
-        }
-    }
-
-    fn pop_oldest(&mut self) -> Option<(K, V)> {
-        (self.oldest != NIL).then(|| self.remove_at(self.oldest))
-    }
-
-    /// Removes node `i`, moving the slab's last node into its place to keep the slab dense.
-    fn remove_at(&mut self, i: u32) -> (K, V) {
-        self.unlink(i);
-        let h = self.hasher.hash_one(&self.nodes[i as usize].key);
-        if let Ok(e) = self.index.find_entry(h, |&j| j == i) {
-            e.remove();
-        }
-        let last = (self.nodes.len() - 1) as u32;
-        let node = self.nodes.swap_remove(i as usize);
-        if i != last {
-            let moved = &self.nodes[i as usize];
-            let (p, n) = (moved.prev, moved.next);
-            let h = self.hasher.hash_one(&moved.key);
-            if let Some(slot) = self.index.find_mut(h, |&j| j == last) {
-                *slot = i;
-            }
-            if p == NIL {
-                self.oldest = i;
-            } else {
-                self.nodes[p as usize].next = i;
-            }
-            if n == NIL {
-                self.newest = i;
-            } else {
-                self.nodes[n as usize].prev = i;
-            }
-        }
-        (node.key, node.val)
-    }
-
-    /// Keys from the least to the most recently touched (tests).
-    #[cfg(test)]
-    pub(crate) fn keys_by_age(&self) -> Vec<&K> {
-        let mut out = Vec::new();
-        let mut i = self.oldest;
-        while i != NIL {
-            let node = &self.nodes[i as usize];
-            out.push(&node.key);
-            i = node.next;
-        }
-        out
+    pub(crate) fn get(self) -> Option<u64> {
+        (self.0 != u64::MAX).then_some(self.0)
     }
 }
 
-/// A kernel entry the shadow believes live (confirmed, not yet destroyed).
+/// A kernel entry the shadow believes live (confirmed, not yet destroyed), as the flow it is
+/// stored under holds it: 32 bytes.
 ///
-/// Packed, as every tracked flow holds one: the original tuple in 16 bytes, and the reply
-/// tuple only when NAT made it differ from the original reversed.
+/// Its tuples are told by the flow id and one bit, unless they cannot be: NAT made the reply
+/// differ from the original reversed, or the entry is stored under its DNAT form (whose id is
+/// not the original tuple's). Then both are boxed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct KEntry {
     pub id: u64,
-    /// `None` for entries that predate the detector.
-    pub born_ns: Option<u64>,
-    orig: PackedTuple,
-    nat_reply: Option<Box<FlowTuple>>,
+    born: OptNs,
+    tuples: Option<Box<[FlowTuple; 2]>>,
     pub netns: u32,
+    /// The original tuple's source is the flow id's lower end.
+    orig_src_is_lo: bool,
 }
 
 impl KEntry {
+    /// `orig_src_is_lo` is `Some` when the entry is stored under its original tuple's flow id
+    /// (whether that tuple's source is the id's lower end), `None` under its DNAT form.
     pub(crate) fn new(
         id: u64,
         netns: u32,
-        orig: &FlowTuple,
-        reply: &FlowTuple,
         born_ns: Option<u64>,
+        (orig, reply): (&FlowTuple, &FlowTuple),
+        orig_src_is_lo: Option<bool>,
     ) -> Self {
+        let plain = orig_src_is_lo.filter(|_| *reply == orig.reversed());
         Self {
             id,
-            born_ns,
-            orig: PackedTuple::of(orig),
-            nat_reply: (*reply != orig.reversed()).then(|| Box::new(*reply)),
+            born: OptNs::of(born_ns),
+            tuples: plain.is_none().then(|| Box::new([*orig, *reply])),
             netns,
+            orig_src_is_lo: plain.unwrap_or(false),
         }
     }
 
-    pub(crate) fn orig(&self) -> FlowTuple {
-        self.orig.tuple()
+    /// `None` for entries that predate the detector.
+    pub(crate) fn born_ns(&self) -> Option<u64> {
+        self.born.get()
     }
 
-    pub(crate) fn reply(&self) -> FlowTuple {
-        match &self.nat_reply {
-            Some(r) => **r,
-            None => self.orig().reversed(),
+    /// Keeps the birth already known, else takes `born_ns`.
+    pub(crate) fn learn_birth(&mut self, born_ns: Option<u64>) {
+        self.born = OptNs::of(self.born.get().or(born_ns));
+    }
+
+    /// The original tuple; `fid` is the id of the flow the entry is stored under.
+    pub(crate) fn orig(&self, fid: &FlowId) -> FlowTuple {
+        match &self.tuples {
+            Some(t) => t[0],
+            None => fid.tuple(self.orig_src_is_lo),
+        }
+    }
+
+    /// The reply tuple; `fid` is the id of the flow the entry is stored under.
+    pub(crate) fn reply(&self, fid: &FlowId) -> FlowTuple {
+        match &self.tuples {
+            Some(t) => t[1],
+            None => fid.tuple(!self.orig_src_is_lo),
         }
     }
 }
 
-/// Everything known about one [`FlowId`](super::flow_id::FlowId).
+/// The owner is the key's destination (else its source, or [`AgentKey::other_owner`]).
+const OWNER_IS_DST: u8 = 1;
+/// The key's source is the flow id's lower end.
+const SRC_IS_LO: u8 = 2;
+/// The key has an ifindex (NPA v1.3.7 on).
+const HAS_IFINDEX: u8 = 4;
+
+/// An agent-map key as the flow it names holds it, with what the shadow knows of it: 32 bytes
+/// against the 64 of an [`NpaKey`]. The 5-tuple is the flow id's, with one bit for which end
+/// is the source; the owner is which end it is (NPA always uses one), another address boxed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AgentKey {
+    /// Last datapath insert/update seen; none for start-up snapshot keys.
+    inserted: OptNs,
+    other_owner: Option<Box<IpAddr>>,
+    pub map_id: u32,
+    ifindex: u32,
+    flags: u8,
+}
+
+impl AgentKey {
+    /// `src_is_lo`: whether `k`'s source is the lower end of its flow id
+    /// ([`FlowId::oriented_key`]).
+    pub(crate) fn new(k: &NpaKey, src_is_lo: bool, map_id: u32, inserted_ns: Option<u64>) -> Self {
+        let (flags, ifindex, other_owner) = Self::shape(k, src_is_lo);
+        Self {
+            inserted: OptNs::of(inserted_ns),
+            other_owner: other_owner.map(Box::new),
+            map_id,
+            ifindex,
+            flags,
+        }
+    }
+
+    fn shape(k: &NpaKey, src_is_lo: bool) -> (u8, u32, Option<IpAddr>) {
+        let mut flags = if src_is_lo { SRC_IS_LO } else { 0 };
+        let mut other = None;
+        if k.owner == k.src {
+        } else if k.owner == k.dst {
+            flags |= OWNER_IS_DST;
+        } else {
+            other = Some(k.owner);
+        }
+        if k.ifindex.is_some() {
+            flags |= HAS_IFINDEX;
+        }
+        (flags, k.ifindex.unwrap_or(0), other)
+    }
+
+    /// Whether this is key `k` of the flow (`src_is_lo` as in [`AgentKey::new`]).
+    pub(crate) fn is(&self, k: &NpaKey, src_is_lo: bool) -> bool {
+        let (flags, ifindex, other) = Self::shape(k, src_is_lo);
+        self.flags == flags
+            && self.ifindex == ifindex
+            && self.other_owner.as_deref() == other.as_ref()
+    }
+
+    pub(crate) fn inserted_ns(&self) -> Option<u64> {
+        self.inserted.get()
+    }
+
+    /// Keeps the last insert known, else takes `inserted_ns`.
+    pub(crate) fn learn_insert(&mut self, map_id: u32, inserted_ns: Option<u64>) {
+        self.map_id = map_id;
+        self.inserted = OptNs::of(inserted_ns.or(self.inserted.get()));
+    }
+}
+
+/// Everything known about one [`FlowId`].
 #[derive(Debug)]
 pub(crate) struct FlowState {
     /// Live entries; usually one (kept inline, no allocation), more when the flow is tracked
     /// in several netns (host and pod) since agent keys cannot tell netns apart.
     pub live: SmallVec<[KEntry; 1]>,
+    /// The agent-map keys naming the flow; usually one (inline), more when both ends are
+    /// local pods (one per owner) or the datapath keyed both directions.
+    pub keys: SmallVec<[AgentKey; 1]>,
     /// The most recently destroyed entry, so a reused tuple can be recognised. Boxed: most
     /// tracked flows are live and have none, and inline it would cost each of them its 80-odd
     /// bytes.
@@ -275,6 +180,7 @@ impl Default for FlowState {
     fn default() -> Self {
         Self {
             live: SmallVec::new(),
+            keys: SmallVec::new(),
             last_destroyed: None,
             last_event: NO_EVENT,
         }
@@ -292,7 +198,7 @@ impl FlowState {
     pub(crate) fn youngest_live(&self) -> Option<&KEntry> {
         self.live
             .iter()
-            .max_by_key(|e| e.born_ns.map_or(0, |b| b + 1))
+            .max_by_key(|e| e.born_ns().map_or(0, |b| b + 1))
     }
 
     /// Records the end of entry `id` unless a later end is already known (a late record).
@@ -309,6 +215,17 @@ impl FlowState {
             }
         }
     }
+
+    /// Key `k` of the flow, if the shadow holds it (`src_is_lo` as in [`AgentKey::new`]).
+    pub(crate) fn key_mut(&mut self, k: &NpaKey, src_is_lo: bool) -> Option<&mut AgentKey> {
+        self.keys.iter_mut().find(|a| a.is(k, src_is_lo))
+    }
+
+    /// Removes key `k` of the flow, returning what the shadow knew of it.
+    pub(crate) fn take_key(&mut self, k: &NpaKey, src_is_lo: bool) -> Option<AgentKey> {
+        let i = self.keys.iter().position(|a| a.is(k, src_is_lo))?;
+        Some(self.keys.swap_remove(i))
+    }
 }
 
 pub(crate) fn insert_sorted(ring: &mut VecDeque<TimelineEvent>, ev: TimelineEvent) {
@@ -318,48 +235,6 @@ pub(crate) fn insert_sorted(ring: &mut VecDeque<TimelineEvent>, ev: TimelineEven
         .rposition(|e| e.ts_ns <= ev.ts_ns)
         .map_or(0, |p| p + 1);
     ring.insert(pos, ev);
-}
-
-/// An agent-map key as the map shadow stores it: the 5-tuple packed, the owner as which end
-/// of the key it is (NPA always uses one; another address is boxed), 40 bytes against 64.
-/// Equal exactly when the [`NpaKey`]s are.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(crate) struct MapKey {
-    tuple: PackedTuple,
-    /// `None`: the owner is `src`; `Some(None)`: `dst`; `Some(Some(a))`: another address.
-    owner: Option<Option<Box<IpAddr>>>,
-    ifindex: Option<u32>,
-}
-
-impl MapKey {
-    pub(crate) fn of(k: &NpaKey) -> Self {
-        let owner = if k.owner == k.src {
-            None
-        } else if k.owner == k.dst {
-            Some(None)
-        } else {
-            Some(Some(Box::new(k.owner)))
-        };
-        Self {
-            tuple: PackedTuple::of(&FlowTuple {
-                proto: k.proto,
-                src: k.src,
-                sport: k.sport,
-                dst: k.dst,
-                dport: k.dport,
-            }),
-            owner,
-            ifindex: k.ifindex,
-        }
-    }
-}
-
-/// What the shadow knows of one key in the agent's map.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct MapEntry {
-    pub map_id: u32,
-    /// Last datapath insert/update seen; `None` for start-up snapshot keys.
-    pub inserted_ns: Option<u64>,
 }
 
 #[cfg(test)]
@@ -372,81 +247,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lru_evicts_least_recently_touched() {
-        let mut m: LruMap<u32, &str> = LruMap::new(2);
-        assert!(m.get_or_insert_with(1, || "a").1.is_none());
-        assert!(m.get_or_insert_with(2, || "b").1.is_none());
-        // Touch 1 so that 2 is the oldest.
-        assert!(m.get_mut(&1).is_some());
-        let (_, evicted) = m.get_or_insert_with(3, || "c");
-        assert_eq!(evicted, Some((2, "b")));
-        assert_eq!(m.len(), 2);
-        assert_eq!(m.remove(&1), Some("a"));
-        m.retain(|_, v| *v != "c");
-        assert_eq!(m.len(), 0);
-        assert!(m.pop_oldest().is_none());
-    }
-
-    #[test]
-    fn lru_slab_stays_consistent_against_a_model() {
-        // A plain Vec of (key, value), oldest first, is the model; random operations on a
-        // small table exercise eviction, removal from the middle (slab swaps) and retain.
-        let mut m: LruMap<u16, u32> = LruMap::new(8);
-        let mut model: Vec<(u16, u32)> = Vec::new();
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        for step in 0..20_000u32 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let k = (x % 13) as u16;
-            match (x >> 32) % 10 {
-                0..=4 => {
-                    let (v, evicted) = m.get_or_insert_with(k, || step);
-                    let want_evicted = if let Some(p) = model.iter().position(|e| e.0 == k) {
-                        let e = model.remove(p);
-                        model.push(e);
-                        None
-                    } else {
-                        let ev = (model.len() >= 8).then(|| model.remove(0));
-                        model.push((k, step));
-                        ev
-                    };
-                    assert_eq!(*v, model.last().unwrap().1);
-                    assert_eq!(evicted, want_evicted);
-                }
-                5 | 6 => {
-                    let got = m.get_mut(&k).map(|v| *v);
-                    let want = model.iter().position(|e| e.0 == k).map(|p| {
-                        let e = model.remove(p);
-                        model.push(e);
-                        e.1
-                    });
-                    assert_eq!(got, want);
-                }
-                7 | 8 => {
-                    let want = model
-                        .iter()
-                        .position(|e| e.0 == k)
-                        .map(|p| model.remove(p).1);
-                    assert_eq!(m.remove(&k), want);
-                }
-                _ => {
-                    m.retain(|k, _| k % 3 != 0);
-                    model.retain(|e| e.0 % 3 != 0);
-                }
-            }
-            let keys: Vec<u16> = m.keys_by_age().into_iter().copied().collect();
-            let want: Vec<u16> = model.iter().map(|e| e.0).collect();
-            assert_eq!(keys, want, "step {step}");
-            assert_eq!(m.len(), model.len());
-            for (k, v) in &model {
-                assert_eq!(m.get(k), Some(v));
-            }
-        }
-    }
-
-    #[test]
-    fn map_keys_are_equal_exactly_when_npa_keys_are() {
+    fn agent_keys_match_exactly_the_npa_keys_they_were_made_from() {
         let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
         let base = NpaKey {
             src: ip("10.0.0.5"),
@@ -457,6 +258,14 @@ mod tests {
             owner: ip("10.0.0.5"),
             ifindex: None,
         };
+        let reversed = NpaKey {
+            src: base.dst,
+            sport: base.dport,
+            dst: base.src,
+            dport: base.sport,
+            ..base.clone()
+        };
+        // Keys of one flow id (a flow holds only its own), differing in every other part.
         let variants = [
             base.clone(),
             NpaKey {
@@ -468,28 +277,64 @@ mod tests {
                 ..base.clone()
             },
             NpaKey {
+                owner: ip("10.9.9.8"),
+                ..base.clone()
+            },
+            NpaKey {
                 ifindex: Some(3),
                 ..base.clone()
             },
             NpaKey {
-                sport: 40001,
+                ifindex: Some(0),
                 ..base.clone()
             },
+            reversed.clone(),
             NpaKey {
-                src: ip("fd00::5"),
-                owner: ip("fd00::5"),
-                ..base.clone()
+                owner: ip("10.0.1.7"),
+                ..reversed
             },
         ];
+        let fid = FlowId::oriented_key(&base).0;
         for a in &variants {
+            let (fa, a_lo) = FlowId::oriented_key(a);
+            assert_eq!(fa, fid);
+            let stored = AgentKey::new(a, a_lo, 1, Some(5));
             for b in &variants {
-                assert_eq!(MapKey::of(a) == MapKey::of(b), a == b, "{a:?} vs {b:?}");
+                let (_, b_lo) = FlowId::oriented_key(b);
+                assert_eq!(stored.is(b, b_lo), a == b, "{a:?} vs {b:?}");
             }
         }
     }
 
     #[test]
-    fn kernel_entries_keep_both_tuples() {
+    fn a_flow_finds_takes_and_updates_its_keys() {
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let k = NpaKey {
+            src: ip("fd00::5"),
+            sport: 40000,
+            dst: ip("fd00::7"),
+            dport: 80,
+            proto: 17,
+            owner: ip("fd00::7"),
+            ifindex: Some(9),
+        };
+        let (_, lo) = FlowId::oriented_key(&k);
+        let mut f = FlowState::default();
+        f.keys.push(AgentKey::new(&k, lo, 1, None));
+        let key = f.key_mut(&k, lo).unwrap();
+        key.learn_insert(2, Some(70));
+        key.learn_insert(2, None);
+        assert_eq!((key.map_id, key.inserted_ns()), (2, Some(70)));
+        assert!(
+            f.take_key(&k, !lo).is_none(),
+            "the other direction is another key"
+        );
+        assert_eq!(f.take_key(&k, lo).unwrap().inserted_ns(), Some(70));
+        assert!(f.keys.is_empty());
+    }
+
+    #[test]
+    fn kernel_entries_give_both_tuples_back() {
         let t = |s: &str, sp, d: &str, dp| FlowTuple {
             proto: 17,
             src: s.parse().unwrap(),
@@ -498,17 +343,39 @@ mod tests {
             dport: dp,
         };
         let orig = t("10.0.0.5", 40000, "172.20.0.10", 53);
-        let plain = KEntry::new(1, 7, &orig, &orig.reversed(), None);
-        assert!(plain.nat_reply.is_none(), "no NAT: the reply is not stored");
-        assert_eq!((plain.orig(), plain.reply()), (orig, orig.reversed()));
+        for o in [
+            orig,
+            orig.reversed(),
+            t("fd00::1", 1, "fd00::2", 2),
+            t("fd00::2", 2, "fd00::1", 1),
+        ] {
+            let (fid, lo) = FlowId::oriented(&o);
+            let plain = KEntry::new(1, 7, None, (&o, &o.reversed()), Some(lo));
+            assert!(plain.tuples.is_none(), "no NAT: no tuple is stored");
+            assert_eq!((plain.orig(&fid), plain.reply(&fid)), (o, o.reversed()));
+        }
+        // DNAT: stored under both ids, boxed under each since the reply is not the reverse.
         let nat = t("10.0.1.7", 5353, "10.0.0.5", 40000);
-        let dnat = KEntry::new(2, 7, &orig, &nat, Some(9));
-        assert_eq!(
-            (dnat.orig(), dnat.reply(), dnat.born_ns),
-            (orig, nat, Some(9))
-        );
-        let v6 = t("fd00::1", 1, "fd00::2", 2);
-        let e = KEntry::new(3, 7, &v6, &v6.reversed(), None);
-        assert_eq!((e.orig(), e.reply()), (v6, v6.reversed()));
+        let ((first, lo), dnat) = FlowId::of_entry(&orig, &nat);
+        let dnat = dnat.unwrap();
+        let under_first = KEntry::new(2, 7, Some(9), (&orig, &nat), Some(lo));
+        let under_dnat = KEntry::new(2, 7, Some(9), (&orig, &nat), None);
+        for (e, fid) in [(&under_first, &first), (&under_dnat, &dnat)] {
+            assert_eq!(
+                (e.orig(fid), e.reply(fid), e.born_ns()),
+                (orig, nat, Some(9))
+            );
+        }
+        let mut e = under_first;
+        e.learn_birth(Some(20));
+        assert_eq!(e.born_ns(), Some(9), "a known birth is kept");
+    }
+
+    #[test]
+    fn a_tracked_flow_stays_small() {
+        // What every tracked flow costs in the table; BENCHMARKS.md counts on it.
+        assert_eq!(std::mem::size_of::<KEntry>(), 32);
+        assert_eq!(std::mem::size_of::<AgentKey>(), 32);
+        assert_eq!(std::mem::size_of::<FlowState>(), 96);
     }
 }

@@ -128,7 +128,7 @@ impl VerdictCounts {
 pub struct EvictionCounts {
     /// Flow states (live entries, history and timeline of one 5-tuple).
     pub flows: u64,
-    /// Keys of the agent-map shadow.
+    /// Agent-map keys held by the evicted flows (a key goes with its flow).
     pub map_keys: u64,
     /// Pending traces emitted before their after-window closed.
     pub traces: u64,

@@ -173,7 +173,7 @@ fn event_names(tl: &[TimelineEvent]) -> Vec<&'static str> {
             TimelineKind::CtExisting { .. } => "ct_existing",
             TimelineKind::MapExisting { .. } => "map_existing",
             TimelineKind::AgentInsert { .. } => "agent_insert",
-            TimelineKind::AgentDelete { .. } => "agent_delete",
+            TimelineKind::AgentDelete(_) => "agent_delete",
             TimelineKind::PacketDrop { .. } => "packet_drop",
             TimelineKind::Lost { .. } => "lost",
             TimelineKind::MapRecreated { .. } => "map_recreated",

@@ -287,13 +287,9 @@ pub enum TimelineKind {
         map_id: u32,
         key: NpaKey,
     },
-    AgentDelete {
-        task: Task,
-        map_id: u32,
-        key: NpaKey,
-        result: DeleteResult,
-        kernel_view: Option<KernelView>,
-    },
+    /// Boxed: the largest event and a rare one, it would set the size of every event in the
+    /// flight recorder.
+    AgentDelete(Box<DeleteEvent>),
     PacketDrop {
         netns: u32,
         tuple: FlowTuple,
@@ -306,6 +302,16 @@ pub enum TimelineKind {
         old_id: u32,
         new_id: u32,
     },
+}
+
+/// An agent delete as a timeline shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeleteEvent {
+    pub task: Task,
+    pub map_id: u32,
+    pub key: NpaKey,
+    pub result: DeleteResult,
+    pub kernel_view: Option<KernelView>,
 }
 
 /// Classifies a live-entry delete.

@@ -44,7 +44,7 @@ pub fn story_timeline(v: &Verdict) -> Vec<TimelineEvent> {
     let tells = |e: &TimelineEvent| match &e.what {
         TimelineKind::CtDestroy { id, .. } => Some(*id) == old_id,
         TimelineKind::CtNew { id, .. } | TimelineKind::CtExisting { id, .. } => *id == v.live.id,
-        TimelineKind::AgentDelete { .. } => e.ts_ns == v.delete_ts_ns,
+        TimelineKind::AgentDelete(_) => e.ts_ns == v.delete_ts_ns,
         _ => false,
     };
     v.timeline.iter().filter(|e| tells(e)).cloned().collect()

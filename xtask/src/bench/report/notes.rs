@@ -85,15 +85,15 @@ pub(super) fn notes(s: &mut String, r: &Results) {
         if m.user_bytes_per_flow > 160.0 || m.hwm > 96 << 20 {
             n.push(
                 "Memory: per tracked flow the detector keeps, in user space, a node in the \
-                 engine's flow table (a dense slab with a u32-linked recency list: packed tuple, \
-                 the live entry inline, the last destroyed entry boxed, as most flows have \
-                 none), a node in its agent-key table, both tables' hash indexes and the \
-                 pre-existing-entry index; `cargo run --release -p detector --example \
-                 engine_mem` prints the engine's part per flow at 524288 flows, and its flight \
-                 recorder of the last 32768 events is a fixed cost. The flow and key tables hold \
-                 the same 5-tuple twice: folding the key table into the flow table is the next \
-                 step toward 160 B. The peak (VmHWM) is above the steady RSS by the parsed \
-                 kernel BTF (freed once the programs are loaded: the idle run's peak) and the \
+                 engine's flow table (a dense slab with a u32-linked recency list: the flow's \
+                 packed tuple once, its live entry and its agent-map key inline in 32 bytes \
+                 each as they name the tuple's ends by one bit, the last destroyed entry boxed, \
+                 as most flows have none), the table's hash index and the pre-existing-entry \
+                 index (24 B); `cargo run --release -p detector --example engine_mem` prints the \
+                 engine's part per flow at 524288 flows, and its flight recorder of the last \
+                 32768 events is a fixed cost (about 5 MiB). The peak (VmHWM) is above the \
+                 steady RSS by the parsed kernel BTF (freed once the programs are loaded: the \
+                 idle run's peak) and the \
                  start-up snapshots in flight (the dump is streamed into the engine a datagram \
                  at a time; the map's keys are one flat buffer). The heap profile in section 5 \
                  gives each part's bytes per flow."
