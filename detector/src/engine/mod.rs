@@ -60,6 +60,7 @@
 //! verdict already emitted.
 
 mod decide;
+mod few;
 mod flow_id;
 mod input;
 mod lru;

@@ -6,8 +6,7 @@
 use std::collections::VecDeque;
 use std::net::IpAddr;
 
-use smallvec::SmallVec;
-
+use super::few::Few;
 use super::flow_id::{FlowId, NO_EVENT};
 use super::verdict::{OldEntry, TimelineEvent};
 use crate::npa::NpaKey;
@@ -93,10 +92,8 @@ impl KEntry {
 
 /// The owner is the key's destination (else its source, or [`AgentKey::other_owner`]).
 const OWNER_IS_DST: u8 = 1;
-/// The key's source is the flow id's lower end.
-const SRC_IS_LO: u8 = 2;
 /// The key has an ifindex (NPA v1.3.7 on).
-const HAS_IFINDEX: u8 = 4;
+const HAS_IFINDEX: u8 = 2;
 
 /// An agent-map key as the flow it names holds it, with what the shadow knows of it: 32 bytes
 /// against the 64 of an [`NpaKey`]. The 5-tuple is the flow id's, with one bit for which end
@@ -109,24 +106,28 @@ pub(crate) struct AgentKey {
     pub map_id: u32,
     ifindex: u32,
     flags: u8,
+    /// The key's source is the flow id's lower end. A `bool` of its own (not a flag bit):
+    /// its spare values are where [`Few`] keeps its tag.
+    src_is_lo: bool,
 }
 
 impl AgentKey {
     /// `src_is_lo`: whether `k`'s source is the lower end of its flow id
     /// ([`FlowId::oriented_key`]).
     pub(crate) fn new(k: &NpaKey, src_is_lo: bool, map_id: u32, inserted_ns: Option<u64>) -> Self {
-        let (flags, ifindex, other_owner) = Self::shape(k, src_is_lo);
+        let (flags, ifindex, other_owner) = Self::shape(k);
         Self {
             inserted: OptNs::of(inserted_ns),
             other_owner: other_owner.map(Box::new),
             map_id,
             ifindex,
             flags,
+            src_is_lo,
         }
     }
 
-    fn shape(k: &NpaKey, src_is_lo: bool) -> (u8, u32, Option<IpAddr>) {
-        let mut flags = if src_is_lo { SRC_IS_LO } else { 0 };
+    fn shape(k: &NpaKey) -> (u8, u32, Option<IpAddr>) {
+        let mut flags = 0;
         let mut other = None;
         if k.owner == k.src {
         } else if k.owner == k.dst {
@@ -142,8 +143,9 @@ impl AgentKey {
 
     /// Whether this is key `k` of the flow (`src_is_lo` as in [`AgentKey::new`]).
     pub(crate) fn is(&self, k: &NpaKey, src_is_lo: bool) -> bool {
-        let (flags, ifindex, other) = Self::shape(k, src_is_lo);
-        self.flags == flags
+        let (flags, ifindex, other) = Self::shape(k);
+        self.src_is_lo == src_is_lo
+            && self.flags == flags
             && self.ifindex == ifindex
             && self.other_owner.as_deref() == other.as_ref()
     }
@@ -164,10 +166,10 @@ impl AgentKey {
 pub(crate) struct FlowState {
     /// Live entries; usually one (kept inline, no allocation), more when the flow is tracked
     /// in several netns (host and pod) since agent keys cannot tell netns apart.
-    pub live: SmallVec<[KEntry; 1]>,
+    pub live: Few<KEntry>,
     /// The agent-map keys naming the flow; usually one (inline), more when both ends are
     /// local pods (one per owner) or the datapath keyed both directions.
-    pub keys: SmallVec<[AgentKey; 1]>,
+    pub keys: Few<AgentKey>,
     /// The most recently destroyed entry, so a reused tuple can be recognised. Boxed: most
     /// tracked flows are live and have none, and inline it would cost each of them its 80-odd
     /// bytes.
@@ -179,8 +181,8 @@ pub(crate) struct FlowState {
 impl Default for FlowState {
     fn default() -> Self {
         Self {
-            live: SmallVec::new(),
-            keys: SmallVec::new(),
+            live: Few::None,
+            keys: Few::None,
             last_destroyed: None,
             last_event: NO_EVENT,
         }
@@ -376,6 +378,8 @@ mod tests {
         // What every tracked flow costs in the table; BENCHMARKS.md counts on it.
         assert_eq!(std::mem::size_of::<KEntry>(), 32);
         assert_eq!(std::mem::size_of::<AgentKey>(), 32);
-        assert_eq!(std::mem::size_of::<FlowState>(), 96);
+        assert_eq!(std::mem::size_of::<Few<KEntry>>(), 32);
+        assert_eq!(std::mem::size_of::<Few<AgentKey>>(), 32);
+        assert_eq!(std::mem::size_of::<FlowState>(), 80);
     }
 }

@@ -65,6 +65,23 @@ impl KeySnapshot {
     pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
         self.bytes.chunks_exact(self.key_size.max(1))
     }
+
+    /// The last `n` keys (all of them when there are fewer).
+    pub fn last(&self, n: usize) -> impl Iterator<Item = &[u8]> {
+        let from = self.len().saturating_sub(n) * self.key_size;
+        self.bytes[from..].chunks_exact(self.key_size.max(1))
+    }
+
+    /// Forgets the last `n` keys and gives their memory back (the snapshot is fed to the
+    /// engine a chunk at a time, so that it and the engine's tables do not peak together).
+    pub fn forget_last(&mut self, n: usize) {
+        let keep = self.len().saturating_sub(n) * self.key_size;
+        self.bytes.truncate(keep);
+        // Shrinking in halves: each shrink is a reallocation, and this keeps them few.
+        if self.bytes.capacity() > 2 * keep.max(4096) {
+            self.bytes.shrink_to_fit();
+        }
+    }
 }
 
 /// Every key currently in the map (the start-up snapshot).
@@ -256,5 +273,33 @@ fn snapshot(
         key_size,
         method,
         stopped,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        reason = "tests: a panic is the failure report"
+    )]
+    use super::*;
+
+    #[test]
+    fn fed_a_chunk_at_a_time_every_key_comes_out_once() {
+        let bytes: Vec<u8> = (0..10_000u32).flat_map(|i| i.to_be_bytes()).collect();
+        let mut snap = snapshot(bytes, 4, ReadMethod::Batch, None);
+        let mut seen = Vec::new();
+        while !snap.is_empty() {
+            let before = snap.len();
+            seen.extend(snap.last(3000).map(<[u8]>::to_vec));
+            snap.forget_last(3000);
+            assert_eq!(snap.len(), before.saturating_sub(3000));
+            assert!(snap.bytes.capacity() <= 2 * (snap.bytes.len().max(4096)));
+        }
+        seen.sort();
+        let want: Vec<Vec<u8>> = (0..10_000u32).map(|i| i.to_be_bytes().to_vec()).collect();
+        assert_eq!(seen, want);
+        assert_eq!(snap.last(5).count(), 0);
     }
 }

@@ -14,6 +14,20 @@ pub mod replay_feed;
 pub mod run;
 pub mod startup;
 
+/// Serves every large allocation (the engine's flow table, the start-up snapshots) from a
+/// mapping of its own, as musl (the image's libc) does: a growing table then moves by mremap
+/// instead of being copied within the heap, and a freed one goes back to the kernel at once.
+/// Left to itself, glibc raises that threshold as set-up frees the parsed BTF, and the flow
+/// table's old copy, left in the heap each time it doubles, stayed in the RSS until the trim:
+/// most of the start-up peak above the steady RSS.
+pub(crate) fn map_large_allocations() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets one of the allocator's tunables, under the allocator's lock.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 /// Returns the heap's free memory to the kernel. Set-up parses tens of MiB (BTF, the object,
 /// start-up snapshots) that are freed before the loop starts; glibc keeps freed memory for
 /// reuse and would hold it in the process's RSS for the whole run.

@@ -9,7 +9,7 @@ use anyhow::Result;
 
 use super::dispatch::Detector;
 use super::replay::{Recorded, ReplayError, RunStart, apply_view, parse_line};
-use super::startup;
+use super::startup::{self, Preexisting};
 use crate::clock::WallClock;
 use crate::record::Event;
 use crate::snapshot::CtSnapshotEntry;
@@ -26,10 +26,16 @@ pub struct ReplayCounts {
 /// Start-up state read before the first event: fed to the engine all at once, as `run` does.
 #[derive(Default)]
 struct Startup {
-    entries: Vec<CtSnapshotEntry>,
+    /// In the order the live run fed them: it interleaves entries and keys, and the
+    /// engine's event numbers (timelines' `seq`) follow that order.
+    items: Vec<StartupItem>,
     dump_ns: u64,
-    keys: Vec<(u32, Vec<u8>)>,
     loaded: bool,
+}
+
+enum StartupItem {
+    Entry(CtSnapshotEntry),
+    Key(u32, Vec<u8>),
 }
 
 impl Startup {
@@ -39,12 +45,18 @@ impl Startup {
             return;
         }
         self.loaded = true;
-        let entries = std::mem::take(&mut self.entries);
-        d.pre = startup::load_conntrack(&mut d.engine, entries, d.agent_netns, self.dump_ns);
-        let (layout, keys) = (d.map.layout.key, std::mem::take(&mut self.keys));
-        for (map_id, key) in keys {
-            startup::load_map_keys(&mut d.engine, map_id, layout, vec![key]);
+        let mut pre = Preexisting::new(d.agent_netns, self.dump_ns);
+        let layout = d.map.layout.key;
+        for item in std::mem::take(&mut self.items) {
+            match item {
+                StartupItem::Entry(e) => pre.feed(&mut d.engine, e),
+                StartupItem::Key(map_id, key) => {
+                    startup::load_map_keys(&mut d.engine, map_id, layout, [key]);
+                }
+            }
         }
+        pre.seal();
+        d.pre = pre;
     }
 }
 
@@ -116,11 +128,11 @@ pub fn replay<R: BufRead, W: Write>(
             Recorded::StartupEntry { dump_ns, entry } => {
                 d.recording(&|| text.clone())?;
                 startup.dump_ns = dump_ns;
-                startup.entries.push(entry);
+                startup.items.push(StartupItem::Entry(entry));
             }
             Recorded::StartupKey { map_id, key } => {
                 d.recording(&|| text.clone())?;
-                startup.keys.push((map_id, key));
+                startup.items.push(StartupItem::Key(map_id, key));
             }
             Recorded::Verdict(_) => counts.verdicts_recorded += 1,
             Recorded::DeleteKernelView(_) => {

@@ -101,13 +101,16 @@ struct Snapshots {
 /// so that no entry slips between the dump and the first event. (A dump also evicts entries
 /// that have already expired: those come through as DESTROY events.) The kernel dumps its
 /// table on another thread, a datagram's entries at a time, while this one reads the map's
-/// keys (batched), then feeds the engine each batch of entries as it arrives, then the keys:
-/// the dump overlaps the key read and the engine's inserts, and the whole table is never held
-/// twice. Consumed here so that neither snapshot outlives the start-up.
+/// keys (batched); then this one feeds the engine each batch of entries as it arrives and,
+/// while none is waiting, a chunk of the keys, whose memory goes back as they go in. The dump
+/// overlaps the key read and the engine's inserts, and the start-up peak holds neither the
+/// whole table twice nor all the keys besides it. Consumed here so that neither snapshot
+/// outlives the start-up.
 fn take_snapshots<W: Write>(
     det: &mut Detector<W>,
     netns_path: Option<&str>,
 ) -> Result<(Snapshots, u64)> {
+    use std::sync::mpsc::TryRecvError;
     let dump_ns = clock::monotonic_ns();
     // Bounded: a dump faster than the engine waits for it rather than piling up (freed
     // batches would stay in the allocator's arenas, in the steady RSS).
@@ -123,17 +126,35 @@ fn take_snapshots<W: Write>(
             })
             .map_err(SnapshotError::Thread)
             .context("start-up snapshot of the kernel conntrack table")?;
-        let keys = map_keys::keys(&det.map);
+        let mut keys = map_keys::keys(&det.map)?;
         let keys_ns = clock::monotonic_ns();
         record_run_start(det, dump_ns)?;
+        warn_if_keys_stopped(det, &keys);
+        let n_keys = keys.len();
+        let mut undecodable = 0;
         let mut pre = Preexisting::new(det.agent_netns, dump_ns);
         let mut entries = 0;
-        for chunk in rx {
+        loop {
+            let chunk = match rx.try_recv() {
+                Ok(chunk) => chunk,
+                Err(TryRecvError::Empty) if !keys.is_empty() => {
+                    undecodable += feed_keys(det, &mut keys)?;
+                    continue;
+                }
+                Err(TryRecvError::Empty) => match rx.recv() {
+                    Ok(chunk) => chunk,
+                    Err(_) => break,
+                },
+                Err(TryRecvError::Disconnected) => break,
+            };
             entries += chunk.len();
             for e in chunk {
                 record_startup_entry(det, &e, dump_ns)?;
                 pre.feed(&mut det.engine, e);
             }
+        }
+        while !keys.is_empty() {
+            undecodable += feed_keys(det, &mut keys)?;
         }
         pre.seal();
         det.pre = pre;
@@ -145,7 +166,13 @@ fn take_snapshots<W: Write>(
             .snapshot("conntrack", dump_done.saturating_sub(dump_ns) as f64 / 1e9);
         det.metrics
             .snapshot("map", keys_ns.saturating_sub(dump_ns) as f64 / 1e9);
-        let (n_keys, undecodable) = load_keys(det, keys?)?;
+        if undecodable > 0 {
+            tracing::warn!(
+                "{undecodable} of the map's {n_keys} keys at start-up did not decode with layout \
+                 {}; they are left out (wrong --layout?)",
+                det.map.layout
+            );
+        }
         det.recording(&|| {
             serde_json::json!({"type": "startup_done", "startup_entries": entries,
                                "startup_keys": n_keys})
@@ -161,34 +188,40 @@ fn take_snapshots<W: Write>(
     })
 }
 
-/// Feeds the map's keys to the engine: how many there were, and how many of them did not
-/// decode with the map's layout.
-fn load_keys<W: Write>(det: &mut Detector<W>, keys: map_keys::KeySnapshot) -> Result<(usize, u64)> {
-    let n_keys = keys.len();
+/// Keys fed to the engine at a time while the dump has no entries waiting: about 100 KiB.
+const KEY_CHUNK: usize = 4096;
+
+/// Says so when the start-up walk of the map's keys stopped before the end.
+fn warn_if_keys_stopped<W: Write>(det: &Detector<W>, keys: &map_keys::KeySnapshot) {
     if let Some(e) = &keys.stopped {
         tracing::warn!(
-            "reading the map's keys at start-up stopped after {n_keys} ({}): {e}; deletes of the \
-             keys not read show as deletes of unknown keys",
-            keys.method.label()
+            "reading the map's keys at start-up stopped after {} ({}): {e}; deletes of the keys \
+             not read show as deletes of unknown keys (map {})",
+            keys.len(),
+            keys.method.label(),
+            det.map.id
         );
     }
-    for k in keys.iter() {
-        let map_id = det.map.id;
+}
+
+/// Records and feeds the engine the snapshot's last [`KEY_CHUNK`] keys, then forgets them;
+/// returns how many of them did not decode with the map's layout.
+fn feed_keys<W: Write>(det: &mut Detector<W>, keys: &mut map_keys::KeySnapshot) -> Result<u64> {
+    let map_id = det.map.id;
+    for k in keys.last(KEY_CHUNK) {
         det.recording(&|| {
             serde_json::json!({"type": "startup_key", "map_id": map_id, "key_hex": hex(k)})
                 .to_string()
         })?;
     }
-    let undecodable =
-        startup::load_map_keys(&mut det.engine, det.map.id, det.map.layout.key, keys.iter());
-    if undecodable > 0 {
-        tracing::warn!(
-            "{undecodable} of the map's {n_keys} keys at start-up did not decode with layout {}; \
-             they are left out (wrong --layout?)",
-            det.map.layout
-        );
-    }
-    Ok((n_keys, undecodable))
+    let undecodable = startup::load_map_keys(
+        &mut det.engine,
+        map_id,
+        det.map.layout.key,
+        keys.last(KEY_CHUNK),
+    );
+    keys.forget_last(KEY_CHUNK);
+    Ok(undecodable)
 }
 
 /// The recording's first line (`detector replay` reads it): what the run judged with (kernel
@@ -391,6 +424,7 @@ async fn event_loop<W: Write>(
 }
 
 pub async fn run(opts: RunOptions, mut services: RunServices) -> Result<()> {
+    super::map_large_allocations();
     let deadline = opts
         .duration
         .map(|secs| std::time::Instant::now() + std::time::Duration::from_secs_f64(secs));
@@ -466,8 +500,10 @@ pub async fn run(opts: RunOptions, mut services: RunServices) -> Result<()> {
         replaying: false,
         ct_full: FullWindows::new(open_conntrack_fill(opts.netns_path.as_deref())),
     };
-    // Every program is loaded: the parsed BTF is no longer needed.
+    // Every program is loaded: the parsed BTF is no longer needed, and its memory goes back to
+    // the kernel before the snapshots fill the engine (else the start-up peak holds both).
     attached.probe.release_btf();
+    super::trim_heap();
     let (snap, undecodable_startup_keys) = take_snapshots(&mut det, opts.netns_path.as_deref())?;
     det.metrics
         .capacity_total("undecodable_startup_keys", undecodable_startup_keys);

@@ -154,22 +154,6 @@ impl Preexisting {
     }
 }
 
-/// Feeds the start-up conntrack snapshot (taken in namespace `netns` at monotonic `dump_ns`) to
-/// the engine, and keeps its entries for reconciling the first events.
-pub fn load_conntrack(
-    engine: &mut Engine,
-    table: Vec<CtSnapshotEntry>,
-    netns: u32,
-    dump_ns: u64,
-) -> Preexisting {
-    let mut pre = Preexisting::new(netns, dump_ns);
-    for e in table {
-        pre.feed(engine, e);
-    }
-    pre.seal();
-    pre
-}
-
 /// Feeds the start-up snapshot of the agent's map to the engine, so deletes of keys inserted
 /// before the detector started are known. Returns how many keys did not decode with `layout`
 /// (they are left out; a wrong `--layout` shows here first).

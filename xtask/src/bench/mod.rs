@@ -4,7 +4,8 @@
 //!
 //! 1. Overhead: TCP connect/reset churn and UDP new flows per second through conntrack,
 //!    without the detector, with `detector run` on each backend that loads here, and with
-//!    `conntrack -E`; the tracepoint backend's cost on unrelated slab frees.
+//!    `conntrack -E`; the tracepoint backend's cost on unrelated slab frees, next to an empty
+//!    BPF program's on the same tracepoint (the floor of what bpf_stats counts per run).
 //! 2. Completeness: the conntrack event rate raised step by step; events generated (the
 //!    generator, cross-checked with the kernel's table) against what `detector trace` and
 //!    `conntrack -E` delivered.
@@ -20,6 +21,7 @@
 
 mod bpfmap;
 mod completeness;
+mod floor;
 mod latency;
 mod load;
 mod memory;

@@ -20,6 +20,9 @@ pub(super) enum Observer {
     /// `detector trace` (the event stream alone, for counting) on a backend.
     Trace(String),
     Conntrack,
+    /// No process: an empty BPF program on the detector's slab-free tracepoint, for the floor
+    /// of what bpf_stats counts per run ([`super::floor`]).
+    EmptyProgram,
 }
 
 impl Observer {
@@ -29,6 +32,7 @@ impl Observer {
             Observer::Run(b) => format!("detector run ({b})"),
             Observer::Trace(b) => format!("detector trace ({b})"),
             Observer::Conntrack => "conntrack -E".into(),
+            Observer::EmptyProgram => "empty BPF program (floor)".into(),
         }
     }
 }
@@ -75,7 +79,7 @@ impl Bench {
     pub(super) fn start(&self, obs: &Observer, srv: &Path, map: &Path) -> Result<Running> {
         let traces = self.work.join("traces");
         let (mut cmd, ready) = match obs {
-            Observer::None => {
+            Observer::None | Observer::EmptyProgram => {
                 return Ok(Running {
                     proc: None,
                     stdout: None,

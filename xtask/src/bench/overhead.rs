@@ -7,11 +7,15 @@ use std::time::Duration;
 
 use anyhow::Result;
 
+use super::floor::EmptyProgram;
 use super::load::{self, Count, TcpSink, UdpGen};
 use super::observer::{Observer, cost};
 use super::profile::{perf_top, perf_top_of, tool_ok};
 use super::sys::{self, Proc, Topology, check_stop};
 use super::{Bench, Config, Profile, Workload, stats};
+
+/// The raw tracepoint of the tracepoint backend's DESTROY program, run on every slab free.
+const SLAB_FREE_TRACEPOINT: &str = "kmem_cache_free";
 
 impl Bench {
     /// Overhead: each workload under each observer, repetitions interleaved so that drift in
@@ -29,6 +33,13 @@ impl Bench {
         observers.push(Observer::Conntrack);
         let slab_observers: Vec<Observer> = std::iter::once(Observer::None)
             .chain(self.res.backends.iter().map(|b| Observer::Run(b.clone())))
+            .chain(
+                self.res
+                    .backends
+                    .iter()
+                    .any(|b| b == "tracepoint")
+                    .then_some(Observer::EmptyProgram),
+            )
             .collect();
         for (name, unit, obs) in [
             ("TCP connection churn", "connections/s", &observers),
@@ -59,6 +70,10 @@ impl Bench {
                     // starts (the same pause for every configuration).
                     sys::nap(Duration::from_millis(1000));
                     let pid = running.proc.as_ref().map(Proc::pid);
+                    let floor = matches!(o, Observer::EmptyProgram)
+                        .then(|| EmptyProgram::attach(SLAB_FREE_TRACEPOINT))
+                        .transpose()?;
+                    let floor0 = floor.as_ref().map(EmptyProgram::runs).transpose()?;
                     let cost0 = pid.map(cost).transpose()?;
                     let c = match name {
                         "TCP connection churn" => load::tcp_churn(&cli, dst, 8, dur)?,
@@ -66,6 +81,8 @@ impl Bench {
                         _ => load::slab_frees(&cli, 2, dur)?,
                     };
                     let cost1 = pid.map(cost).transpose()?;
+                    let floor1 = floor.as_ref().map(EmptyProgram::runs).transpose()?;
+                    drop(floor);
                     self.stop(running)?;
                     load::check_reach(&c, name)?;
                     eprintln!(
@@ -91,6 +108,16 @@ impl Bench {
                                 p.runs_per_op.push(per(r.cnt.saturating_sub(before.cnt)));
                             }
                         }
+                    }
+                    if let (Some(a), Some(b)) = (floor0, floor1) {
+                        let per = |x: u64| x as f64 / c.ops.max(1) as f64;
+                        let cfg = &mut w.configs[i];
+                        let (ns, runs) = (per(b.ns - a.ns), per(b.cnt - a.cnt));
+                        cfg.bpf_ns_per_op.push(ns);
+                        cfg.bpf_runs_per_op.push(runs);
+                        let p = cfg.bpf_programs.entry("floor".into()).or_default();
+                        p.ns_per_op.push(ns);
+                        p.runs_per_op.push(runs);
                     }
                     w.configs[i].runs.push(c);
                 }

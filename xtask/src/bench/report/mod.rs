@@ -222,6 +222,14 @@ pub fn markdown(r: &Results, plan: &Plan, guest: Option<&GuestBench>) -> String 
             }
         }
     }
+    if let Some(row) = r
+        .overhead
+        .iter()
+        .find(|w| w.name == "unrelated slab frees")
+        .and_then(programs::slab_free_row)
+    {
+        let _ = writeln!(s, "{row}");
+    }
     let det = r
         .backends
         .first()
@@ -336,7 +344,9 @@ pub fn markdown(r: &Results, plan: &Plan, guest: Option<&GuestBench>) -> String 
          connection one conntrack entry; UDP datagrams by 2 threads with sendmmsg, each to a new \
          5-tuple (32 source ports x 64000 destination ports); and, for the tracepoint backend's \
          `kmem_cache_free` hook, UDP sockets opened and closed by 2 threads (frees of other slab \
-         caches). Each configuration ran {} time(s) for {:.0} s, interleaved; the median is shown. \
+         caches), also with an empty BPF program (`r0 = 0; exit`, loaded by the bench) on that \
+         tracepoint alone: its ns per run is the floor bpf_stats shows for any program there. \
+         Each configuration ran {} time(s) for {:.0} s, interleaved; the median is shown. \
          `detector run` watched the namespace (`--netns`) and an empty agent map, with \
          `--max-entries 1048576` (sized to the bench's nf_conntrack_max, as its help asks); `conntrack -E` ran \
          in the namespace with its output read by the bench. CPU/op: the observer process's CPU \
