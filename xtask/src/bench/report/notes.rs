@@ -84,19 +84,22 @@ pub(super) fn notes(s: &mut String, r: &Results) {
     if let Some(m) = &r.memory {
         if m.user_bytes_per_flow > 160.0 || m.hwm > 96 << 20 {
             n.push(
-                "Memory: per tracked flow the detector keeps, in user space, a node in the \
-                 engine's flow table (a dense slab with a u32-linked recency list: the flow's \
-                 packed tuple once, its live entry and its agent-map key inline in 32 bytes \
-                 each as they name the tuple's ends by one bit, the last destroyed entry boxed, \
-                 as most flows have none), the table's hash index and the pre-existing-entry \
-                 index (24 B); `cargo run --release -p detector --example engine_mem` prints the \
-                 engine's part per flow at 524288 flows, and its flight recorder of the last \
-                 32768 events is a fixed cost (about 5 MiB). The peak (VmHWM) is above the \
-                 steady RSS by the parsed kernel BTF (freed once the programs are loaded: the \
-                 idle run's peak) and the \
-                 start-up snapshots in flight (the dump is streamed into the engine a datagram \
-                 at a time; the map's keys are one flat buffer). The heap profile in section 5 \
-                 gives each part's bytes per flow."
+                "Memory: per tracked flow the detector keeps, in user space, a 104-byte node in \
+                 the engine's flow table (a dense slab with a u32-linked recency list: the flow's \
+                 packed tuple once; its live entries and its agent-map keys, 32 bytes each when \
+                 it has one of each, as they name the tuple's ends by one bit; the last \
+                 destroyed entry boxed, as most flows have none; the head of its timeline), the \
+                 table's hash index (about 10 B) and the pre-existing-entry index (24 B); `cargo \
+                 run --release -p detector --example engine_mem` prints the engine's part per \
+                 flow at 524288 flows, and its flight recorder of the last 32768 events is a \
+                 fixed cost (about 5 MiB). The steady RSS is the idle process (the binary, its \
+                 runtime and buffers: the idle row) plus those bytes per flow. The peak (VmHWM) \
+                 is above the steady RSS by the start-up's transients: the flow table's slab and \
+                 index growing by doubling, the map's keys not yet fed (they go in a chunk at a \
+                 time while the kernel dumps, their memory given back as they go) and the dump's \
+                 batches in flight. The idle run's peak is the parsed kernel BTF (two parsers', \
+                 about 50 MiB, freed and trimmed once the programs are loaded). The heap profile \
+                 in section 5 gives each part's bytes per flow."
                     .to_string(),
             );
         }
