@@ -49,11 +49,23 @@ impl<T> Few<T> {
         };
     }
 
-    /// Keeps the values `keep` says yes to, in order.
-    pub(crate) fn retain(&mut self, keep: impl FnMut(&T) -> bool) {
-        let mut v = std::mem::take(self).into_vec();
-        v.retain(keep);
-        *self = Self::from_vec(v);
+    /// Keeps the values `keep` says yes to, in order. Allocates nothing: it runs on every
+    /// destroy.
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
+        match self {
+            Few::None => {}
+            Few::One(t) => {
+                if !keep(t) {
+                    *self = Few::None;
+                }
+            }
+            Few::Many(v) => {
+                v.retain(keep);
+                if v.len() < 2 {
+                    *self = Self::from_vec(std::mem::take(v));
+                }
+            }
+        }
     }
 
     /// Removes value `i`, the last one taking its place.
@@ -61,10 +73,15 @@ impl<T> Few<T> {
     /// # Panics
     /// If `i` is out of bounds, as `Vec::swap_remove`.
     pub(crate) fn swap_remove(&mut self, i: usize) -> T {
-        let mut v = std::mem::take(self).into_vec();
-        let t = v.swap_remove(i);
-        *self = Self::from_vec(v);
-        t
+        match std::mem::take(self) {
+            Few::One(t) if i == 0 => t,
+            other => {
+                let mut v = other.into_vec();
+                let t = v.swap_remove(i);
+                *self = Self::from_vec(v);
+                t
+            }
+        }
     }
 
     fn into_vec(self) -> Vec<T> {

@@ -116,67 +116,57 @@ impl<K: Eq + Hash, V> LruMap<K, V> {
         k: K,
         make: impl FnOnce() -> V,
     ) -> (&mut V, Option<(K, V)>) {
-        if let Some(i) = self.find(&k) {
+        let h = self.hasher.hash_one(&k);
+        let found = self
+            .index
+            .find(h, |&i| self.nodes[i as usize].key == k)
+            .copied();
+        if let Some(i) = found {
             self.touch(i);
             return (&mut self.nodes[i as usize].val, None);
         }
-        let evicted = if self.nodes.len() >= self.cap {
-            self.pop_oldest()
-        } else {
-            None
-        };
+        if self.nodes.len() >= self.cap && self.oldest != NIL {
+            // Full: the new entry takes the oldest one's node in place. Removing that node
+            // instead would move the slab's last node into its hole, and with it rewrite the
+            // index and both neighbours of a node no one asked for: cache misses, on every
+            // insert of a full table.
+            let i = self.oldest;
+            self.unlink(i);
+            let old_h = self.hasher.hash_one(&self.nodes[i as usize].key);
+            if let Ok(e) = self.index.find_entry(old_h, |&j| j == i) {
+                e.remove();
+            }
+            let node = &mut self.nodes[i as usize];
+            let evicted = (
+                std::mem::replace(&mut node.key, k),
+                std::mem::replace(&mut node.val, make()),
+            );
+            self.insert_index(h, i);
+            self.link_newest(i);
+            return (&mut self.nodes[i as usize].val, Some(evicted));
+        }
         let i = self.nodes.len() as u32;
-        let h = self.hasher.hash_one(&k);
         self.nodes.push(Node {
             key: k,
             val: make(),
             prev: NIL,
             next: NIL,
         });
+        self.insert_index(h, i);
+        self.link_newest(i);
+        (&mut self.nodes[i as usize].val, None)
+    }
+
+    /// Indexes node `i`, whose key hashes to `h`.
+    fn insert_index(&mut self, h: u64, i: u32) {
         let (nodes, hasher) = (&self.nodes, &self.hasher);
         self.index
             .insert_unique(h, i, |&j| hasher.hash_one(&nodes[j as usize].key));
-        self.link_newest(i);
-        (&mut self.nodes[i as usize].val, evicted)
     }
 
     /// Every value, in no particular order (no entry is touched).
     pub(crate) fn values_mut(&mut self) -> impl Iterator<Item = &mut V> {
         self.nodes.iter_mut().map(|n| &mut n.val)
-    }
-
-    fn pop_oldest(&mut self) -> Option<(K, V)> {
-        (self.oldest != NIL).then(|| self.remove_at(self.oldest))
-    }
-
-    /// Removes node `i`, moving the slab's last node into its place to keep the slab dense.
-    fn remove_at(&mut self, i: u32) -> (K, V) {
-        self.unlink(i);
-        let h = self.hasher.hash_one(&self.nodes[i as usize].key);
-        if let Ok(e) = self.index.find_entry(h, |&j| j == i) {
-            e.remove();
-        }
-        let last = (self.nodes.len() - 1) as u32;
-        let node = self.nodes.swap_remove(i as usize);
-        if i != last {
-            let moved = &self.nodes[i as usize];
-            let (p, n) = (moved.prev, moved.next);
-            let h = self.hasher.hash_one(&moved.key);
-            if let Some(slot) = self.index.find_mut(h, |&j| j == last) {
-                *slot = i;
-            }
-            if p == NIL {
-                self.oldest = i;
-            } else {
-                self.nodes[p as usize].next = i;
-            }
-            if n == NIL {
-                self.newest = i;
-            } else {
-                self.nodes[n as usize].prev = i;
-            }
-        }
-        (node.key, node.val)
     }
 
     /// Keys from the least to the most recently touched (tests).
@@ -212,15 +202,15 @@ mod tests {
         let (_, evicted) = m.get_or_insert_with(3, || "c");
         assert_eq!(evicted, Some((2, "b")));
         assert_eq!(m.len(), 2);
-        assert_eq!(m.pop_oldest(), Some((1, "a")));
-        assert_eq!(m.pop_oldest(), Some((3, "c")));
-        assert!(m.pop_oldest().is_none());
+        assert_eq!(m.keys_by_age(), [&1, &3]);
+        assert_eq!(m.get(&2), None);
     }
 
     #[test]
     fn lru_slab_stays_consistent_against_a_model() {
         // A plain Vec of (key, value), oldest first, is the model; random operations on a
-        // small table exercise eviction, removal from the middle (slab swaps) and updates.
+        // small table exercise eviction (the new entry reusing the oldest's node, anywhere in
+        // the slab), recency and updates.
         let mut m: LruMap<u16, u32> = LruMap::new(8);
         let mut model: Vec<(u16, u32)> = Vec::new();
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -254,9 +244,22 @@ mod tests {
                     assert_eq!(got, want);
                 }
                 7 | 8 => {
-                    // The oldest node sits anywhere in the slab: its removal moves the last.
-                    let want = (!model.is_empty()).then(|| model.remove(0));
-                    assert_eq!(m.pop_oldest(), want);
+                    // A key past the model's range: always new, so a full table evicts.
+                    let k = 100 + (x >> 40) as u16 % 5;
+                    let (_, evicted) = m.get_or_insert_with(k, || step);
+                    let want = match model.iter().position(|e| e.0 == k) {
+                        Some(p) => {
+                            let e = model.remove(p);
+                            model.push(e);
+                            None
+                        }
+                        None => {
+                            let ev = (model.len() >= 8).then(|| model.remove(0));
+                            model.push((k, step));
+                            ev
+                        }
+                    };
+                    assert_eq!(evicted, want);
                 }
                 _ => {
                     for v in m.values_mut() {
