@@ -109,17 +109,16 @@ mod tests {
         reason = "tests: a panic is the failure report"
     )]
     use super::*;
+    use crate::testutil::Rng;
 
     #[test]
     fn few_behaves_as_a_vec() {
         // A Vec is the model; pushes, retains and swap-removes through every size.
         let mut few: Few<u32> = Few::default();
         let mut model: Vec<u32> = Vec::new();
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
         for step in 0..5000u32 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+            let x = rng.next();
             match x % 4 {
                 0 | 1 => {
                     few.push(step);

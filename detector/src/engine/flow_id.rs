@@ -80,16 +80,11 @@ mod tests {
         reason = "tests: a panic is the failure report"
     )]
     use super::*;
+    use crate::testutil::tuple;
 
     #[test]
     fn flow_ids_ignore_direction_and_add_the_dnat_form() {
-        let t = |s: &str, sp, d: &str, dp| FlowTuple {
-            proto: 6,
-            src: s.parse().unwrap(),
-            sport: sp,
-            dst: d.parse().unwrap(),
-            dport: dp,
-        };
+        let t = |s: &str, sp, d: &str, dp| tuple(6, s, sp, d, dp);
         let orig = t("10.0.0.5", 40000, "172.20.0.10", 80);
         assert_eq!(FlowId::of_tuple(&orig), FlowId::of_tuple(&orig.reversed()));
         let ((first, _), dnat) = FlowId::of_entry(&orig, &orig.reversed());
@@ -102,13 +97,7 @@ mod tests {
 
     #[test]
     fn a_flow_id_gives_each_orientation_of_its_tuple_back() {
-        let t = |s: &str, sp, d: &str, dp| FlowTuple {
-            proto: 17,
-            src: s.parse().unwrap(),
-            sport: sp,
-            dst: d.parse().unwrap(),
-            dport: dp,
-        };
+        let t = |s: &str, sp, d: &str, dp| tuple(17, s, sp, d, dp);
         for tuple in [
             t("10.0.0.5", 40000, "10.0.1.7", 53),
             t("10.0.1.7", 53, "10.0.0.5", 40000),

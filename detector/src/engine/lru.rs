@@ -191,6 +191,7 @@ mod tests {
         reason = "tests: a panic is the failure report"
     )]
     use super::*;
+    use crate::testutil::Rng;
 
     #[test]
     fn lru_evicts_least_recently_touched() {
@@ -213,11 +214,9 @@ mod tests {
         // the slab), recency and updates.
         let mut m: LruMap<u16, u32> = LruMap::new(8);
         let mut model: Vec<(u16, u32)> = Vec::new();
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         for step in 0..20_000u32 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+            let x = rng.next();
             let k = (x % 13) as u16;
             match (x >> 32) % 10 {
                 0..=4 => {

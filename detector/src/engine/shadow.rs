@@ -247,6 +247,7 @@ mod tests {
         reason = "tests: a panic is the failure report"
     )]
     use super::*;
+    use crate::testutil::tuple;
 
     #[test]
     fn agent_keys_match_exactly_the_npa_keys_they_were_made_from() {
@@ -337,13 +338,7 @@ mod tests {
 
     #[test]
     fn kernel_entries_give_both_tuples_back() {
-        let t = |s: &str, sp, d: &str, dp| FlowTuple {
-            proto: 17,
-            src: s.parse().unwrap(),
-            sport: sp,
-            dst: d.parse().unwrap(),
-            dport: dp,
-        };
+        let t = |s: &str, sp, d: &str, dp| tuple(17, s, sp, d, dp);
         let orig = t("10.0.0.5", 40000, "172.20.0.10", 53);
         for o in [
             orig,
