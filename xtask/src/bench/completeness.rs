@@ -45,6 +45,8 @@ impl Bench {
                 let before = topo.ct_stats()?;
                 let running = self.start(o, &ct, Path::new("/nonexistent"))?;
                 sys::nap(Duration::from_millis(500));
+                let pid = running.proc.as_ref().map(sys::Proc::pid);
+                let cpu0 = pid.map(sys::proc_cpu_ns).transpose()?;
                 let flows = udp.run(2, dur, target.map(|e| e / 2.0), None)?;
                 // Let every entry expire and be reaped (each one a DESTROY), then give the
                 // observer time to read the last records.
@@ -59,6 +61,7 @@ impl Bench {
                 // the gc reaps in bursts too, so the DESTROY side is bursty either way).
                 topo.flush()?;
                 sys::nap(Duration::from_millis(500));
+                let cpu1 = pid.map(sys::proc_cpu_ns).transpose()?;
                 let after = topo.ct_stats()?;
                 let (d, _) = self.stop(running)?;
                 let kernel_stats: std::collections::BTreeMap<String, u64> = after
@@ -71,6 +74,12 @@ impl Bench {
                     + kernel_stats.get("drop").copied().unwrap_or(0);
                 let expected = flows.ops.saturating_sub(not_created);
                 let missing = (2 * expected).saturating_sub(d.new + d.destroy);
+                // The observer's CPU per event it delivered: what one CPU of its own can
+                // sustain, whatever the generator leaves it here.
+                let observer_cpu_ns_per_event = cpu0.zip(cpu1).and_then(|(a, b)| {
+                    let events = d.new + d.destroy;
+                    (events > 0).then(|| b.saturating_sub(a) as f64 / events as f64)
+                });
                 let step = Step {
                     observer: name.clone(),
                     target_events_per_s: target,
@@ -85,6 +94,7 @@ impl Bench {
                     kernel_stats,
                     drain_s,
                     flushed,
+                    observer_cpu_ns_per_event,
                 };
                 eprintln!(
                     "bench: completeness {name} at {:.0} events/s: expected {} NEW + {} DESTROY, \

@@ -81,6 +81,9 @@ pub struct Step {
     pub drain_s: f64,
     /// Entries the gc had not reaped after 5 s, flushed (a burst of DESTROYs).
     pub flushed: u64,
+    /// The observer process's CPU time (user + system) per event it delivered, over the
+    /// step and its drain, ns.
+    pub observer_cpu_ns_per_event: Option<f64>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]

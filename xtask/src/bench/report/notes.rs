@@ -61,6 +61,9 @@ pub(super) fn notes(s: &mut String, r: &Results) {
             per_op.join("; ")
         ));
     }
+    if let Some(note) = loss_note(r, &default) {
+        n.push(note);
+    }
     if let Some(l) = &r.latency
         && l.p99_ns > 5_000_000
     {
@@ -182,4 +185,41 @@ pub fn dhat_top(v: &Value, flows: u64, n: usize) -> Vec<String> {
         )
     }));
     out
+}
+
+/// The ring's default size, `detector --ring-mib` (detector/src/cli/mod.rs).
+const DEFAULT_RING_MIB: u64 = 8;
+
+/// What bounds a lossless rate, when this run could not show one of 500k events/s: the
+/// consumer's CPU per event (one CPU of its own sustains its inverse) and how long the default
+/// ring rides out a consumer that gets no CPU at all.
+fn loss_note(r: &Results, default: &str) -> Option<String> {
+    let det = format!("detector trace ({default})");
+    let (clean, _) = thresholds(r, &det);
+    let clean = clean?;
+    if clean >= 500e3 {
+        return None;
+    }
+    let step = r
+        .completeness
+        .iter()
+        .filter(|s| s.observer == det && s.events_per_s <= clean)
+        .max_by(|a, b| a.events_per_s.total_cmp(&b.events_per_s))?;
+    let cpu = step.observer_cpu_ns_per_event?;
+    // A NEW or DESTROY record and the ring's 8-byte header per record.
+    let record = std::mem::size_of::<detector_common::CtEvent>() as u64 + 8;
+    let records = (DEFAULT_RING_MIB << 20) / record;
+    Some(format!(
+        "Loss: the generator reached {:.0}k events/s with `detector trace` running, both CPUs \
+         busy; that, not the ring, bounds the lossless rate this run shows. At that rate \
+         `detector trace` spent {:.2} us of CPU per event, so one CPU of its own keeps up with \
+         about {:.0}k events/s. The default ring ({DEFAULT_RING_MIB} MiB, `--ring-mib`) holds \
+         {records} records of {record} bytes: {:.0} ms of events at 500k/s while the consumer \
+         gets no CPU at all. Losses at a saturating rate come from a consumer starved of CPU \
+         for longer than that, and are counted (`lost` in the exit line and /metrics).",
+        step.events_per_s / 1e3,
+        cpu / 1e3,
+        1e6 / cpu,
+        records as f64 / 500e3 * 1e3,
+    ))
 }
