@@ -206,6 +206,26 @@ fn loss_note(r: &Results, default: &str) -> Option<String> {
         .filter(|s| s.observer == det && s.events_per_s <= clean)
         .max_by(|a, b| a.events_per_s.total_cmp(&b.events_per_s))?;
     let cpu = step.observer_cpu_ns_per_event?;
+    // `detector run` (the product) on the UDP workload: two records (NEW, DESTROY) per flow.
+    let run = r
+        .overhead
+        .iter()
+        .find(|w| w.name == "UDP new flows")
+        .and_then(|w| {
+            w.configs
+                .iter()
+                .find(|c| c.name == format!("detector run ({default})"))
+        })
+        .filter(|c| !c.observer_cpu_ns_per_op.is_empty())
+        .map(|c| median(&c.observer_cpu_ns_per_op) / 2.0)
+        .map_or(String::new(), |ns| {
+            format!(
+                " (`detector run`'s loop, engine included, spent {:.2} us per record on the UDP \
+                 workload: about {:.0}k records/s on one CPU)",
+                ns / 1e3,
+                1e6 / ns
+            )
+        });
     // A NEW or DESTROY record and the ring's 8-byte header per record.
     let record = std::mem::size_of::<detector_common::CtEvent>() as u64 + 8;
     let records = (DEFAULT_RING_MIB << 20) / record;
@@ -213,7 +233,8 @@ fn loss_note(r: &Results, default: &str) -> Option<String> {
         "Loss: the generator reached {:.0}k events/s with `detector trace` running, both CPUs \
          busy; that, not the ring, bounds the lossless rate this run shows. At that rate \
          `detector trace` spent {:.2} us of CPU per event, so one CPU of its own keeps up with \
-         about {:.0}k events/s. The default ring ({DEFAULT_RING_MIB} MiB, `--ring-mib`) holds \
+         about {:.0}k events/s{run}: the consumer's CPU per record, not the ring, is what \
+         bounds a lossless rate once it has a CPU to itself. The default ring ({DEFAULT_RING_MIB} MiB, `--ring-mib`) holds \
          {records} records of {record} bytes: {:.0} ms of events at 500k/s while the consumer \
          gets no CPU at all. Losses at a saturating rate come from a consumer starved of CPU \
          for longer than that, and are counted (`lost` in the exit line and /metrics).",
