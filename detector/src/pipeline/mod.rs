@@ -17,9 +17,9 @@ pub mod startup;
 /// Serves every large allocation (the engine's flow table, the start-up snapshots) from a
 /// mapping of its own, as musl (the image's libc) does: a growing table then moves by mremap
 /// instead of being copied within the heap, and a freed one goes back to the kernel at once.
-/// Left to itself, glibc raises that threshold as set-up frees the parsed BTF, and the flow
-/// table's old copy, left in the heap each time it doubles, stayed in the RSS until the trim:
-/// most of the start-up peak above the steady RSS.
+/// Left to itself, glibc raises that threshold as set-up frees the parsed BTF, and a table's
+/// old copy stays in the heap, in the RSS, until the trim (at 524288 flows the start-up peak
+/// measured 3 MiB lower with this).
 pub(crate) fn map_large_allocations() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only sets one of the allocator's tunables, under the allocator's lock.
