@@ -48,6 +48,24 @@ def entries(ns):
     return found
 
 
+def wait_subscribed(ns, events):
+    """Returns once `conntrack -E` writing to `events` reports events. It prints nothing until
+    one comes, and a fixed pause before the first connection was not always enough on a busy
+    machine (a cycle's NEW events went missing): marker entries (to port 2 from an address the
+    test never uses) are inserted until one shows up."""
+    # Read through a descriptor of our own: `events` shares its file offset with the writer.
+    with open(f"/proc/self/fd/{events.fileno()}") as seen:
+        for sport in range(1, 101):
+            netns.run_in(ns, "conntrack", "-I", "-p", "tcp", "-s", "10.79.0.9", "-d", SRV_IP,
+                         "--sport", str(sport), "--dport", "2", "--state", "ESTABLISHED",
+                         "-t", "30", check=False)
+            time.sleep(0.1)
+            seen.seek(0)
+            if f"sport={sport} " in seen.read():
+                return
+    raise AssertionError("conntrack -E reported none of 100 marker entries in 10 s")
+
+
 class Reproducer(unittest.TestCase):
     def setUp(self):
         # Cleanups run even when setUp fails half-way (tearDown does not).
@@ -79,7 +97,7 @@ class Reproducer(unittest.TestCase):
             stdout=events, stderr=subprocess.DEVNULL, text=True,
         )
         self.procs.append(ev)
-        time.sleep(0.3)  # let it subscribe before the first connection
+        wait_subscribed(self.srv, events)
         server = self.spawn(self.srv, "server", "--port", "8080", "--late-ms", "200",
                             stdout=subprocess.PIPE)
         self.assertIn('"listening"', server.stdout.readline())
