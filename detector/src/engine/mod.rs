@@ -47,10 +47,10 @@
 //! # Bounds
 //! Flows are kept in one table of at most `max_flows` flows, least recently touched first
 //! out; a flow holds its kernel entries and the agent-map keys that name it, so an evicted
-//! flow takes its keys along (counted as evicted keys); timelines come from one flight recorder of
-//! `recorder_len` events (all flows) and show at most `timeline_len` events per flow; pending
-//! traces are capped at `max_flows`; global markers (lost records, map re-creations) at
-//! `max_markers`. Every eviction is counted in [`Stats::evictions`].
+//! flow takes its keys along (counted as evicted keys); timelines come from one flight
+//! recorder of `recorder_len` events (all flows) and show at most `timeline_len` events per
+//! flow; pending traces are capped at `max_flows`; global markers (lost records, map
+//! re-creations) at `max_markers`. Every eviction is counted in [`Stats::evictions`].
 //!
 //! # Ordering
 //! Inputs should arrive in timestamp order (the caller's reorder buffer). A slightly late
