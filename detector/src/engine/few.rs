@@ -3,9 +3,9 @@
 use std::ops::{Deref, DerefMut};
 
 /// None, one or several values, as small as one value when `T` has spare bit patterns (a
-/// `bool` field, a `Box`): the two bytes it needs for its tag are taken from those. Every flow
-/// in the engine's table holds two (its live entries and its agent keys), almost always with
-/// one value each; a `SmallVec` would add a length word to each.
+/// `bool` field): the two tag values it needs are taken from those. Every flow in the engine's
+/// table holds two (its live entries and its agent keys), almost always with one value each;
+/// a `SmallVec` would add a length word to each. The size test in `shadow` holds it to that.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub(crate) enum Few<T> {
     #[default]
