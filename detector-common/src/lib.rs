@@ -104,6 +104,9 @@ pub mod bpf_cmd {
     pub const MAP_DELETE_BATCH: u32 = 27;
 }
 
+/// The ring buffer's default size in MiB (`--ring-mib`); the bench's loss note reads it too.
+pub const DEFAULT_RING_MIB: u32 = 8;
+
 /// Longest map key captured (NPA's largest, IPv6 with ifindex, is 60 bytes).
 pub const MAX_KEY: usize = 64;
 

@@ -33,7 +33,7 @@ pub struct ProbeArgs {
     #[arg(long, value_enum, default_value = "auto", env = "DETECTOR_WRITES_HOOK")]
     pub writes_hook: WritesHook,
     /// Ring buffer size in MiB (power of two).
-    #[arg(long, default_value_t = 8, value_name = "MIB", value_parser = parse_ring_mib)]
+    #[arg(long, default_value_t = detector_common::DEFAULT_RING_MIB, value_name = "MIB", value_parser = parse_ring_mib)]
     pub ring_mib: u32,
     /// Capacity of the in-kernel tables of live conntrack entries: `auto` sizes them to the
     /// node's nf_conntrack_max (262144 when conntrack is not loaded).

@@ -70,14 +70,9 @@ impl EmptyProgram {
     pub(super) fn runs(&self) -> Result<ProgRuns> {
         let path = format!("/proc/self/fdinfo/{}", self.prog.as_raw_fd());
         let s = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-        let get = |k: &str| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(k))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        };
-        match (get("run_time_ns:"), get("run_cnt:")) {
-            (Some(ns), Some(cnt)) => Ok(ProgRuns { ns, cnt }),
-            _ => bail!("{path} has no run_time_ns/run_cnt: is kernel.bpf_stats_enabled set?"),
+        match super::sys::prog_runs(&s) {
+            Some(runs) => Ok(runs),
+            None => bail!("{path} has no run_time_ns/run_cnt: is kernel.bpf_stats_enabled set?"),
         }
     }
 }

@@ -396,15 +396,10 @@ pub fn bpf_prog_stats(pid: u32) -> Result<std::collections::BTreeMap<String, Pro
         let Ok(s) = std::fs::read_to_string(e.path()) else {
             continue;
         };
-        let get = |k: &str| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(k))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        };
-        if let (Some(id), Some(ns), Some(cnt)) =
-            (get("prog_id:"), get("run_time_ns:"), get("run_cnt:"))
+        if let (Some(id), Some(runs)) = (fdinfo_field(&s, "prog_id:"), prog_runs(&s))
             && seen.insert(id)
         {
+            let ProgRuns { ns, cnt } = runs;
             let name =
                 testbed::bpfmap::prog_name(id as u32).unwrap_or_else(|_| format!("prog {id}"));
             let r: &mut ProgRuns = out.entry(name).or_default();
@@ -413,4 +408,20 @@ pub fn bpf_prog_stats(pid: u32) -> Result<std::collections::BTreeMap<String, Pro
         }
     }
     Ok(out)
+}
+
+/// A numeric field of a /proc/PID/fdinfo file.
+fn fdinfo_field(fdinfo: &str, key: &str) -> Option<u64> {
+    fdinfo
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// A BPF program's counters from its descriptor's fdinfo (kernel.bpf_stats_enabled=1).
+pub fn prog_runs(fdinfo: &str) -> Option<ProgRuns> {
+    Some(ProgRuns {
+        ns: fdinfo_field(fdinfo, "run_time_ns:")?,
+        cnt: fdinfo_field(fdinfo, "run_cnt:")?,
+    })
 }

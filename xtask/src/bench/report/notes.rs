@@ -187,9 +187,6 @@ pub fn dhat_top(v: &Value, flows: u64, n: usize) -> Vec<String> {
     out
 }
 
-/// The ring's default size, `detector --ring-mib` (detector/src/cli/mod.rs).
-const DEFAULT_RING_MIB: u64 = 8;
-
 /// What bounds a lossless rate, when this run could not show one of 500k events/s: the
 /// consumer's CPU per event (one CPU of its own sustains its inverse) and how long the default
 /// ring rides out a consumer that gets no CPU at all.
@@ -228,19 +225,20 @@ fn loss_note(r: &Results, default: &str) -> Option<String> {
         });
     // A NEW or DESTROY record and the ring's 8-byte header per record.
     let record = std::mem::size_of::<detector_common::CtEvent>() as u64 + 8;
-    let records = (DEFAULT_RING_MIB << 20) / record;
+    let records = (u64::from(detector_common::DEFAULT_RING_MIB) << 20) / record;
     Some(format!(
         "Loss: the generator reached {:.0}k events/s with `detector trace` running, both CPUs \
          busy; that, not the ring, bounds the lossless rate this run shows. At that rate \
          `detector trace` spent {:.2} us of CPU per event, so one CPU of its own keeps up with \
          about {:.0}k events/s{run}: the consumer's CPU per record, not the ring, is what \
-         bounds a lossless rate once it has a CPU to itself. The default ring ({DEFAULT_RING_MIB} MiB, `--ring-mib`) holds \
+         bounds a lossless rate once it has a CPU to itself. The default ring ({} MiB, `--ring-mib`) holds \
          {records} records of {record} bytes: {:.0} ms of events at 500k/s while the consumer \
          gets no CPU at all. Losses at a saturating rate come from a consumer starved of CPU \
          for longer than that, and are counted (`lost` in the exit line and /metrics).",
         step.events_per_s / 1e3,
         cpu / 1e3,
         1e6 / cpu,
+        detector_common::DEFAULT_RING_MIB,
         records as f64 / 500e3 * 1e3,
     ))
 }
